@@ -1,0 +1,92 @@
+"""Command line: `areal-py run [config.yaml] [key.sub=value ...] [--resume]` and `areal-py serve ROLE ...`.
+
+`serve` starts one role on its own (socket addresses from config), so the roles can run on
+different machines; `run` is the same three roles launched locally.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from areal_py.config import Config, ConfigError, load_config
+
+ROLES = ("controller", "trainer", "rollout")
+
+
+def _split(items: list[str]) -> tuple[str | None, list[str]]:
+    """The first argument without '=' is the config file; the rest are overrides."""
+    config, overrides = None, []
+    for item in items:
+        if "=" not in item and config is None:
+            config = item
+        else:
+            overrides.append(item)
+    return config, overrides
+
+
+def torch_threads(cfg: Config, role: str) -> int:
+    """Auto (0): in async mode trainer and servers run at once, so they share the cores; sync alternates."""
+    if cfg.run.torch_threads:
+        return cfg.run.torch_threads
+    cores = os.cpu_count() or 1
+    if role == "controller":
+        return 1
+    if cfg.run.mode == "sync":
+        return cores
+    return max(1, cores // (1 + cfg.rollout.num_servers))
+
+
+def serve(role: str, config: str | None, overrides: list[str], resume: bool) -> int:
+    cfg = load_config(config, overrides)
+    if not cfg.run.name:
+        raise ConfigError("run.name must be set when starting a role on its own (every role must agree on it)")
+    logging.basicConfig(level=cfg.run.log_level, format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run finally-blocks: sockets close cleanly
+    import torch
+
+    torch.set_num_threads(torch_threads(cfg, role))
+    torch.manual_seed(cfg.run.seed)
+    if role == "controller":
+        from controller.controller import Controller
+
+        Controller(cfg).serve()
+    elif role == "trainer":
+        from trainer.trainer import Trainer
+
+        Trainer(cfg, resume=resume).serve()
+    else:
+        from rollout_server.server import RolloutServer
+
+        RolloutServer(cfg).serve()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="areal-py", description="Asynchronous RL for language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run controller, trainer and rollout servers locally")
+    p_run.add_argument("args", nargs="*", help="[config.yaml] [key.sub=value ...]")
+    p_run.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")
+    p_run.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_serve = sub.add_parser("serve", help="start one role on its own")
+    p_serve.add_argument("role", choices=ROLES)
+    p_serve.add_argument("args", nargs="*", help="[config.yaml] [key.sub=value ...]")
+    p_serve.add_argument("--resume", action="store_true", help="trainer: continue from the latest checkpoint")
+    ns = parser.parse_args(argv)
+    config, overrides = _split(ns.args)
+    try:
+        if ns.command == "run":
+            from areal_py.launcher import run
+
+            return run(config, overrides, resume=ns.resume, quiet=ns.quiet)
+        return serve(ns.role, config, overrides, ns.resume)
+    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+        print(f"areal-py: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

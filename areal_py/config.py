@@ -1,0 +1,223 @@
+"""One pydantic config tree for every process, loaded from YAML and `key.sub=value` overrides.
+
+Every field has a default and a description; unknown keys and bad values are errors that name
+the key and what is allowed, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = Field("", description="Run name; empty means a timestamped name chosen at launch.")
+    output_dir: str = Field("runs", description="Directory holding one subdirectory per run.")
+    seed: int = Field(0, description="Seed for sampling, data order and initialisation.")
+    mode: Literal["async", "sync"] = Field(
+        "async", description="async: generation and training overlap within max_staleness; "
+        "sync: strictly alternate generate-a-batch / train (forces controller.max_staleness=0).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level of every process.")
+    torch_threads: int = Field(0, ge=0, description="torch threads per process; 0 = share the cores between "
+                               "trainer and servers in async mode, all cores per phase in sync mode.")
+
+
+class EmbeddedModelConfig(_Section):
+    hidden_size: int = Field(192, ge=8, description="Hidden size of the tiny Llama model.")
+    num_layers: int = Field(4, ge=1, description="Decoder layers of the tiny model.")
+    num_heads: int = Field(4, ge=1, description="Attention heads of the tiny model.")
+    intermediate_size: int = Field(512, ge=8, description="MLP width of the tiny model.")
+    max_position_embeddings: int = Field(64, ge=8, description="Longest sequence the tiny model handles.")
+
+
+class ModelConfig(_Section):
+    path: str = Field("", description="Hugging Face causal LM directory; empty builds the embedded tiny model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype.")
+    cache_dir: str = Field("~/.cache/areal-py", description="Where the embedded model is built and cached.")
+    embedded: EmbeddedModelConfig = Field(default_factory=EmbeddedModelConfig, description="Tiny model shape.")
+
+
+class ColdStartConfig(_Section):
+    steps: int = Field(60, ge=0, description="Supervised steps teaching the answer format to the embedded model.")
+    batch_size: int = Field(64, ge=1, description="Cold-start batch size.")
+    lr: float = Field(2e-3, gt=0, description="Cold-start learning rate.")
+    label_noise: float = Field(0.2, ge=0, le=1, description="Fraction of corrupted labels, so RL has room to improve.")
+
+
+class TaskConfig(_Section):
+    name: Literal["arith", "jsonl"] = Field("arith", description="arith: synthetic sums; jsonl: prompt file + math-verify reward.")
+    min_operand: int = Field(0, ge=0, description="arith: smallest operand.")
+    max_operand: int = Field(9, ge=0, description="arith: largest operand.")
+    path: str = Field("", description="jsonl: file with one {\"prompt\": ..., \"answer\": ...} object per line.")
+    prompt_key: str = Field("prompt", description="jsonl: key of the prompt text.")
+    answer_key: str = Field("answer", description="jsonl: key of the reference answer.")
+
+
+class RolloutConfig(_Section):
+    num_servers: int = Field(1, ge=1, description="Rollout server processes started by `areal-py run`.")
+    server_id: str = Field("rollout-0", description="Identity of a server started with `areal-py serve rollout`.")
+    max_running: int = Field(256, ge=1, description="Concurrent sequences per server (KV-cache slots).")
+    max_new_tokens: int = Field(5, ge=1, description="Longest response in tokens.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy); the trainer uses the same.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    heartbeat_s: float = Field(0.5, gt=0, description="Seconds between server heartbeats.")
+
+
+class ControllerConfig(_Section):
+    batch_size: int = Field(32, ge=1, description="Prompts (groups) per training step.")
+    group_size: int = Field(8, ge=1, description="Samples per prompt (GRPO group size n).")
+    max_staleness: int = Field(2, ge=0, description="Largest allowed trainer version - token version (0 = on-policy).")
+    server_timeout_s: float = Field(10.0, gt=0, description="A server silent this long is declared dead; its work is re-dispatched.")
+    weight_sync_timeout_s: float = Field(60.0, gt=0, description="Longest wait for every live server to load a new version.")
+    startup_timeout_s: float = Field(120.0, gt=0, description="Longest wait for the trainer and the first server to connect.")
+    reward_workers: int = Field(1, ge=1, description="Threads computing rewards off the generation path.")
+
+
+class TrainerConfig(_Section):
+    total_steps: int = Field(200, ge=1, description="Training steps (one optimizer update per batch per minibatch).")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    eps_clip: float = Field(0.2, gt=0, description="PPO clip epsilon (lower side, and upper when eps_clip_high is unset).")
+    eps_clip_high: float | None = Field(None, description="Upper clip epsilon (DAPO clip-higher); null = eps_clip.")
+    behav_cap: float | None = Field(5.0, description="Bound on the behaviour weight pi_prox/pi_behav; null = unbounded.")
+    behav_mode: Literal["cap", "mask", "none"] = Field("cap", description="cap: clamp the weight; mask: drop tokens over the bound; none: raw weight.")
+    adv_std_normalize: bool = Field(True, description="Divide group-centred rewards by the group std (GRPO) or not (Dr.GRPO).")
+    ppo_minibatches: int = Field(1, ge=1, description="Optimizer updates per batch (the proximal policy stays fixed across them).")
+    micro_batch_size: int = Field(128, ge=1, description="Sequences per forward pass (gradients accumulate over micro-batches).")
+    checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    batch_timeout_s: float = Field(300.0, gt=0, description="Longest wait for the controller to deliver a batch.")
+
+
+class WeightsConfig(_Section):
+    transfer: Literal["disk", "stream"] = Field("disk", description="disk: safetensors in a shared directory + ZeroMQ notice; stream: raw tensor frames over ZeroMQ.")
+    dir: str = Field("", description="Shared directory for disk transfer; empty = <run dir>/weights.")
+    keep: int = Field(3, ge=1, description="Weight files kept on disk (older ones are deleted).")
+
+
+class NetConfig(_Section):
+    bind_host: str = Field("127.0.0.1", description="Interface the controller binds to.")
+    controller_host: str = Field("127.0.0.1", description="Host the trainer and servers connect to.")
+    rollout_port: int = Field(45501, ge=1, le=65535, description="Controller ROUTER for rollout servers.")
+    weights_port: int = Field(45502, ge=1, le=65535, description="Controller PUB for weight-update broadcasts.")
+    trainer_port: int = Field(45503, ge=1, le=65535, description="Controller PULL for trainer messages.")
+    batch_port: int = Field(45504, ge=1, le=65535, description="Controller PUSH of ready batches to the trainer.")
+
+    def addr(self, port: int, *, bind: bool = False) -> str:
+        return f"tcp://{self.bind_host if bind else self.controller_host}:{port}"
+
+
+class Config(_Section):
+    run: RunConfig = Field(default_factory=RunConfig, description="Run identity and mode.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
+    cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig, description="Supervised warm-up of the embedded model.")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="Prompts and reward.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout servers.")
+    controller: ControllerConfig = Field(default_factory=ControllerConfig, description="Admission, dispatch, batching.")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Optimisation and checkpoints.")
+    weights: WeightsConfig = Field(default_factory=WeightsConfig, description="Weight transfer trainer -> servers.")
+    net: NetConfig = Field(default_factory=NetConfig, description="Socket addresses.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.task.min_operand > self.task.max_operand:
+            raise ValueError("task.min_operand must be <= task.max_operand")
+        if self.task.name == "jsonl" and not self.task.path:
+            raise ValueError("task.path is required when task.name=jsonl")
+        return self
+
+    @property
+    def effective_max_staleness(self) -> int:
+        """sync mode is the on-policy special case of the same pipeline: no sample may be stale."""
+        return 0 if self.run.mode == "sync" else self.controller.max_staleness
+
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir).expanduser() / self.run.name
+
+    def weights_dir(self) -> Path:
+        return Path(self.weights.dir).expanduser() if self.weights.dir else self.run_dir() / "weights"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'; allowed here: {_allowed_keys(e['loc'][:-1])}")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> str:
+    cls: type[BaseModel] = Config
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return "?"
+        cls = field.annotation
+    return ", ".join(cls.model_fields)
+
+
+def _parse_value(text: str) -> Any:
+    """Override values are YAML scalars: `3`, `1e-4`, `true`, `null`, `[1, 2]`, or plain strings."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{key}': '{p}' is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- overrides, validated as one tree."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data = loaded
+    apply_overrides(data, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def with_run_name(cfg: Config) -> Config:
+    """Fill an empty run.name with a timestamp, the launcher's job so all processes agree."""
+    if not cfg.run.name:
+        cfg.run.name = _dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    return cfg
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,163 @@
+"""`areal-py run`: the one place that knows all three roles, starting them as local processes.
+
+It resolves the config once (so every process agrees on the run name and ports), builds the
+embedded model once, starts controller, trainer and servers with their logs under the run
+directory, shows progress from `metrics.jsonl`, and on Ctrl-C or any process failing stops
+them all and says which one failed and why.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from areal_py.config import Config, dump_config, load_config, with_run_name
+from areal_py.metrics import read_jsonl
+
+STOP_GRACE_S = 5.0
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join("    " + x for x in text[-lines:])
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends SIGTERM to the child if the launcher dies, so nothing is orphaned."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def latest_run_name(output_dir: Path) -> str:
+    runs = [d for d in output_dir.glob("*") if (d / "checkpoints" / "latest").is_file()]
+    if not runs:
+        raise FileNotFoundError(f"--resume: no run with a checkpoint under {output_dir}; set run.name")
+    return max(runs, key=lambda d: (d / "checkpoints" / "latest").stat().st_mtime).name
+
+
+def prepare_run(config: str | None, overrides: list[str], resume: bool) -> Config:
+    cfg = load_config(config, overrides)
+    if resume and not cfg.run.name:
+        cfg.run.name = latest_run_name(Path(cfg.run.output_dir).expanduser())
+    with_run_name(cfg)
+    if not resume and (cfg.run_dir() / "metrics.jsonl").exists():
+        raise FileExistsError(f"{cfg.run_dir()} already holds a run; pass --resume or another run.name")
+    cfg.run_dir().mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, cfg.run_dir() / "config.yaml")
+    return cfg
+
+
+def start_children(cfg: Config, resume: bool) -> list[Child]:
+    cfg_file = str(cfg.run_dir() / "config.yaml")
+    logs = cfg.run_dir() / "logs"
+    logs.mkdir(exist_ok=True)
+    specs = [("controller", ["controller"]), ("trainer", ["trainer"] + (["--resume"] if resume else []))]
+    specs += [(f"rollout-{i}", ["rollout", f"rollout.server_id=rollout-{i}"]) for i in range(cfg.rollout.num_servers)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    children = []
+    for name, args in specs:
+        role, rest = args[0], args[1:]
+        log_path = logs / f"{name}.log"
+        f = log_path.open("a")
+        proc = subprocess.Popen([sys.executable, "-m", "areal_py.cli", "serve", role, cfg_file, *rest],
+                                stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+        f.close()
+        children.append(Child(name, proc, log_path))
+    return children
+
+
+def stop_children(children: list[Child]) -> None:
+    for c in children:
+        if c.proc.poll() is None:
+            c.proc.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for c in children:
+        try:
+            c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            c.proc.kill()
+            c.proc.wait()
+
+
+def _postfix(rec: dict) -> dict:
+    t = max(rec["wall_time_s"], 1e-6)
+    return {"reward": f"{rec['reward_mean']:.3f}", "stale": f"{rec['staleness_mean']:.2f}/{rec['staleness_max']}",
+            "gen tok/s": f"{rec['generated_tokens'] / t:.0f}", "train tok/s": f"{rec['trained_tokens_total'] / t:.0f}"}
+
+
+def monitor(cfg: Config, children: list[Child], quiet: bool = False) -> int:
+    """Wait for the run to finish; returns the exit code of the whole run."""
+    metrics_path = cfg.run_dir() / "metrics.jsonl"
+    seen = len(read_jsonl(metrics_path))
+    bar = tqdm(total=cfg.trainer.total_steps, initial=seen, desc="train steps", disable=quiet, unit="step")
+    try:
+        while True:
+            records = read_jsonl(metrics_path)
+            if len(records) > seen:
+                bar.update(len(records) - seen)
+                seen = len(records)
+                bar.set_postfix(_postfix(records[-1]))
+            codes = {c.name: c.proc.poll() for c in children}
+            failed = [c for c in children if codes[c.name] not in (None, 0)]
+            if failed:
+                bar.close()
+                c = failed[0]
+                print(f"\nareal-py: process '{c.name}' failed with exit code {codes[c.name]}; stopping the others."
+                      f"\n  log: {c.log_path}\n{c.tail()}", file=sys.stderr)
+                return 1
+            if codes["trainer"] == 0 and codes["controller"] == 0:
+                bar.close()
+                return 0
+            time.sleep(0.3)
+    except KeyboardInterrupt:
+        bar.close()
+        print("\nareal-py: interrupted; stopping all processes (resume with --resume)", file=sys.stderr)
+        return 130
+    finally:
+        stop_children(children)
+
+
+def summarize(cfg: Config) -> str:
+    recs = read_jsonl(cfg.run_dir() / "metrics.jsonl")
+    if not recs:
+        return "no training steps recorded"
+    k = min(10, len(recs))
+    first = sum(r["reward_mean"] for r in recs[:k]) / k
+    last = sum(r["reward_mean"] for r in recs[-k:]) / k
+    return (f"{len(recs)} steps in {recs[-1]['wall_time_s']:.0f}s; mean reward first {k} steps {first:.3f} -> "
+            f"last {k} steps {last:.3f}; max staleness seen {max(r['staleness_max'] for r in recs)}\n"
+            f"metrics: {cfg.run_dir() / 'metrics.jsonl'}\nfinal model: {cfg.run_dir() / 'final'}")
+
+
+def run(config: str | None, overrides: list[str], resume: bool = False, quiet: bool = False) -> int:
+    cfg = prepare_run(config, overrides, resume)
+    print(f"areal-py: run '{cfg.run.name}' in {cfg.run_dir()} (mode={cfg.run.mode}, "
+          f"max_staleness={cfg.effective_max_staleness}, servers={cfg.rollout.num_servers})")
+    from areal_py.prepare import model_path  # heavy imports only once the config is known good
+
+    t0 = time.monotonic()
+    path = model_path(cfg)
+    print(f"areal-py: model ready at {path} ({time.monotonic() - t0:.1f}s)")
+    children = start_children(cfg, resume)
+    code = monitor(cfg, children, quiet=quiet)
+    if code == 0:
+        print("areal-py: done. " + summarize(cfg))
+    return code

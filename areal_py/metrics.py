@@ -1,0 +1,51 @@
+"""Metrics shared by every role: Prometheus counters and the per-step JSONL log."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter
+
+REJECTED_MESSAGES = Counter(
+    "areal_rejected_messages_total",
+    "Messages rejected as malformed, unknown or unexpected, by receiving role and reason.",
+    ["role", "reason"],
+)
+
+
+def rejected_count(role: str, reason: str | None = None) -> float:
+    """Current rejected-message count for a role (all reasons when reason is None)."""
+    total = 0.0
+    for metric in REJECTED_MESSAGES.collect():
+        for s in metric.samples:
+            if s.name.endswith("_total") and s.labels.get("role") == role and reason in (None, s.labels.get("reason")):
+                total += s.value
+    return total
+
+
+class JsonlWriter:
+    """Appends one JSON object per line and flushes, so a crash loses at most the current line."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = path.open("a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being written right now
+                break
+    return out

@@ -1,0 +1,37 @@
+"""Turning config into the things every role needs: the model directory and the task."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from areal_py.config import Config
+from areal_py.tasks import ArithTask, Task, make_task
+
+
+def build_task(cfg: Config) -> Task:
+    t = cfg.task
+    if t.name == "arith":
+        return make_task("arith", min_operand=t.min_operand, max_operand=t.max_operand, seed=cfg.run.seed)
+    return make_task("jsonl", path=t.path, prompt_key=t.prompt_key, answer_key=t.answer_key, seed=cfg.run.seed)
+
+
+def model_path(cfg: Config) -> Path:
+    """A real checkpoint directory as given, or the embedded tiny model, built and cold-started once and cached."""
+    if cfg.model.path:
+        p = Path(cfg.model.path).expanduser()
+        if not p.is_dir():
+            raise FileNotFoundError(f"model.path {p} is not a directory")
+        return p
+    from areal_py.cold_start import prepare_embedded_model
+    from areal_py.models import EmbeddedModelSpec
+
+    e = cfg.model.embedded
+    spec = EmbeddedModelSpec(hidden_size=e.hidden_size, num_layers=e.num_layers, num_heads=e.num_heads,
+                             num_kv_heads=e.num_heads, intermediate_size=e.intermediate_size,
+                             max_position_embeddings=e.max_position_embeddings, seed=cfg.run.seed)
+    task = build_task(cfg)
+    if not isinstance(task, ArithTask):
+        raise ValueError("the embedded model is cold-started on task.name=arith; set model.path for other tasks")
+    cs = cfg.cold_start
+    return prepare_embedded_model(Path(cfg.model.cache_dir).expanduser(), spec, task_min=cfg.task.min_operand,
+                                  task_max=cfg.task.max_operand, steps=cs.steps, label_noise=cs.label_noise,
+                                  lr=cs.lr, batch_size=cs.batch_size, seed=cfg.run.seed)

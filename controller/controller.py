@@ -1,0 +1,333 @@
+"""The controller: admission under the staleness bound, dispatch, rewards, batches, weight sync.
+
+It is the only process that knows the global version and the staleness bound. One thread runs a
+poll loop; rewards are computed in a worker pool so scoring never delays dispatch or batching.
+
+Counters (in groups; one prompt's n samples are one group):
+  running  - admitted, not yet finished and scored (re-dispatch after a server death keeps it here)
+  accepted - finished and scored: waiting in the buffer or already sent to the trainer
+A group dropped as too stale leaves `accepted`, which frees capacity for a fresh one.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import zmq
+
+from areal_py import protocol as P
+from areal_py.config import Config
+from areal_py.models import load_tokenizer
+from areal_py.prepare import build_task, model_path
+from areal_py.tasks import Prompt, Task
+from areal_py.transport import WaitTimeout, make_socket, parse, recv, reject, send
+from controller.servers import ServerRegistry, ServerState
+from controller.staleness import admission_capacity, sample_staleness
+
+log = logging.getLogger("controller")
+ROLE = "controller"
+CATCH_UP_AFTER_S = 2.0  # resend weights directly to a server still behind after this long
+
+
+@dataclass
+class InflightGroup:
+    gid: int
+    prompt: Prompt
+    prompt_ids: list[int]
+    attempt: int = 0
+    server: str | None = None
+    results: dict[int, P.Result] = field(default_factory=dict)
+
+
+@dataclass
+class PublishedWeights:
+    version: int
+    path: str | None
+    tensors: dict
+    at: float = field(default_factory=time.monotonic)
+
+
+class Controller:
+    def __init__(self, cfg: Config, task: Task | None = None, tokenizer=None) -> None:
+        self.cfg = cfg
+        self.task = task or build_task(cfg)
+        self.tokenizer = tokenizer or load_tokenizer(model_path(cfg))
+        self.n = cfg.controller.group_size
+        self.batch_size = cfg.controller.batch_size
+        self.max_staleness = cfg.effective_max_staleness
+        self.total_steps = cfg.trainer.total_steps
+        self.registry = ServerRegistry(cfg.controller.server_timeout_s)
+        self.rewards = ThreadPoolExecutor(cfg.controller.reward_workers, thread_name_prefix="reward")
+
+        net, ctx = cfg.net, zmq.Context.instance()
+        self.router = make_socket(ctx, zmq.ROUTER, net.addr(net.rollout_port, bind=True), bind=True)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.pub = make_socket(ctx, zmq.PUB, net.addr(net.weights_port, bind=True), bind=True)
+        self.from_trainer = make_socket(ctx, zmq.PULL, net.addr(net.trainer_port, bind=True), bind=True)
+        self.to_trainer = make_socket(ctx, zmq.PUSH, net.addr(net.batch_port, bind=True), bind=True)
+        self.to_trainer.setsockopt(zmq.SNDTIMEO, int(cfg.trainer.batch_timeout_s * 1000))
+
+        # counters and positions (restored from the trainer's checkpoint on resume)
+        self.data_position = 0
+        self.accepted = 0
+        self.running = 0
+        self.dropped_stale = 0
+        self.generated_tokens = 0
+        self.next_gid = 0
+        self.next_batch_version = 0
+        self.base_version = 0
+        self.latest: PublishedWeights | None = None
+
+        self.inflight: dict[int, InflightGroup] = {}
+        self.undispatched: deque[int] = deque()
+        self.scoring: list[tuple[InflightGroup, Future]] = []
+        self.ready: deque[P.Group] = deque()
+        self.trainer_done = False
+        self.gen_tokens_by_server: dict[str, int] = {}
+
+    # --- the admission rule ------------------------------------------------------------------------
+    @property
+    def version(self) -> int | None:
+        """The version every live server runs: what admission may count on (None: not synced yet)."""
+        v = self.registry.min_version()
+        return v if v is not None and v >= self.base_version else None
+
+    def capacity(self) -> int:
+        v = self.version
+        if v is None:
+            return 0
+        cap = admission_capacity(v, self.max_staleness, self.batch_size, self.accepted, self.running)
+        needed = self.total_steps * self.batch_size - (self.accepted + self.running)  # no work past the last step
+        return max(0, min(cap, needed))
+
+    def admit(self) -> None:
+        for _ in range(self.capacity()):
+            prompt = self.task.prompt(self.data_position)
+            self.data_position += 1
+            ids = self.tokenizer(prompt.text).input_ids
+            g = InflightGroup(self.next_gid, prompt, list(ids))
+            self.next_gid += 1
+            self.inflight[g.gid] = g
+            self.running += 1
+            self.undispatched.append(g.gid)
+
+    def dispatch(self) -> None:
+        r = self.cfg.rollout
+        sampling = P.SamplingBody(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
+        while self.undispatched:
+            server = self.registry.least_loaded()
+            if server is None:
+                return
+            g = self.inflight[self.undispatched.popleft()]
+            g.server, g.results = server.server_id, {}
+            server.inflight[g.gid] = self.n
+            self._to_server(server, P.Generate(gid=g.gid, attempt=g.attempt, prompt_ids=g.prompt_ids, n=self.n,
+                                               sampling=sampling))
+
+    def _to_server(self, server: ServerState, body, tensors: dict | None = None) -> None:
+        try:
+            send(self.router, body, tensors, to=server.server_id.encode())
+        except zmq.ZMQError as e:  # unroutable: the server is gone; expiry will move its work
+            log.warning("cannot reach %s: %s", server.server_id, e)
+
+    # --- rollout side ------------------------------------------------------------------------------
+    def on_rollout(self, sender: bytes, msg: P.Message) -> None:
+        server_id = sender.decode(errors="replace")
+        body = msg.body
+        if isinstance(body, (P.Hello, P.Heartbeat, P.WeightsLoaded)):
+            server, fresh = self.registry.seen(server_id, body.version)
+            if fresh:
+                log.info("server %s joined at version %d", server_id, body.version)
+            if isinstance(body, P.Heartbeat):
+                self.gen_tokens_by_server[server_id] = body.generated_tokens
+            self._catch_up(server, force=fresh)
+        elif isinstance(body, P.Result):
+            self.registry.seen(server_id)
+            self.on_result(server_id, body)
+        else:
+            reject(ROLE, "unexpected_type", f"{msg.type} from {server_id} on the rollout socket")
+
+    def on_result(self, server_id: str, r: P.Result) -> None:
+        g = self.inflight.get(r.gid)
+        if g is None or g.attempt != r.attempt or g.server != server_id or r.idx >= self.n or r.idx in g.results:
+            reject(ROLE, "stale_result", f"result {r.gid}:{r.attempt}:{r.idx} from {server_id} is not awaited")
+            return
+        g.results[r.idx] = r
+        self.generated_tokens += len(r.output_ids)
+        server = self.registry.servers[server_id]
+        server.inflight[g.gid] -= 1
+        if server.inflight[g.gid] == 0:
+            del server.inflight[g.gid]
+        if len(g.results) == self.n:
+            del self.inflight[g.gid]
+            if any(x.finish_reason == "abort" for x in g.results.values()):
+                self.running -= 1  # refused by the server: forget it, capacity admits a fresh prompt
+                log.warning("group %d aborted by %s; dropped", g.gid, server_id)
+            else:
+                self.scoring.append((g, self.rewards.submit(self._score, g)))
+
+    def _score(self, g: InflightGroup) -> P.Group:
+        samples = []
+        for idx in range(self.n):
+            r = g.results[idx]
+            ids = [t for t in r.output_ids if t not in self.tokenizer.all_special_ids]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            reward = self.task.reward(g.prompt, text, r.finish_reason == "stop")
+            samples.append(P.Sample(output_ids=r.output_ids, logprobs=r.logprobs, versions=r.versions,
+                                    finish_reason=r.finish_reason, reward=reward))
+        return P.Group(gid=g.gid, prompt_index=g.prompt.index, prompt_ids=g.prompt_ids, samples=samples)
+
+    def harvest_rewards(self) -> None:
+        still = []
+        for g, fut in self.scoring:
+            if not fut.done():
+                still.append((g, fut))
+                continue
+            try:
+                self.ready.append(fut.result())
+                self.accepted += 1
+            except Exception:
+                log.exception("reward computation failed for group %d; dropped", g.gid)
+            self.running -= 1
+        self.scoring = still
+
+    def expire_servers(self) -> None:
+        for server in self.registry.expire():
+            moved = list(server.inflight)
+            log.error("server %s silent for %.0fs: declared dead, re-dispatching %d groups",
+                      server.server_id, self.registry.timeout_s, len(moved))
+            for gid in moved:
+                g = self.inflight[gid]
+                g.attempt += 1  # late results of the old attempt are rejected, nothing counts twice
+                g.server, g.results = None, {}
+                self.undispatched.appendleft(gid)
+            server.inflight.clear()
+
+    # --- weights -----------------------------------------------------------------------------------
+    def on_weights(self, w: P.WeightsReady, tensors: dict) -> None:
+        self.latest = PublishedWeights(w.version, w.path, tensors)
+        send(self.pub, P.UpdateWeights(version=w.version, path=w.path), tensors or None)
+        for s in self.registry.live():
+            s.last_weights_sent = time.monotonic()
+
+    def _catch_up(self, server: ServerState, force: bool = False) -> None:
+        w = self.latest
+        if w is None or server.version >= w.version:
+            return
+        if force or time.monotonic() - server.last_weights_sent > CATCH_UP_AFTER_S:
+            server.last_weights_sent = time.monotonic()
+            self._to_server(server, P.UpdateWeights(version=w.version, path=w.path), w.tensors or None)
+
+    def check_weight_sync(self) -> None:
+        w = self.latest
+        if w is None:
+            return
+        behind = [s.server_id for s in self.registry.live() if s.version < w.version]
+        if behind and time.monotonic() - w.at > self.cfg.controller.weight_sync_timeout_s:
+            raise WaitTimeout(f"controller: timed out after {self.cfg.controller.weight_sync_timeout_s:.0f}s "
+                              f"waiting for servers {behind} to load weight version {w.version}")
+
+    # --- batches -----------------------------------------------------------------------------------
+    def assemble_batches(self) -> None:
+        """Batch b is trained at trainer version b; a group whose oldest token is too old for it is dropped."""
+        while len(self.ready) >= self.batch_size and self.next_batch_version < self.total_steps:
+            b = self.next_batch_version
+            fresh = deque()
+            for grp in self.ready:
+                versions = [v for s in grp.samples for v in s.versions]
+                if sample_staleness(b, versions) > self.max_staleness:
+                    self.dropped_stale += 1
+                    self.accepted -= 1
+                else:
+                    fresh.append(grp)
+            self.ready = fresh
+            if len(self.ready) < self.batch_size:
+                return
+            groups = [self.ready.popleft() for _ in range(self.batch_size)]
+            state = {"data_position": self.data_position, "accepted": self.accepted, "running": self.running,
+                     "dropped_stale": self.dropped_stale, "generated_tokens": self.generated_tokens}
+            try:
+                send(self.to_trainer, P.Batch(version=b, groups=groups, state=state,
+                                              stats={"servers_live": len(self.registry.live())}))
+            except zmq.Again:
+                raise WaitTimeout(f"controller: timed out after {self.cfg.trainer.batch_timeout_s:.0f}s "
+                                  f"waiting for the trainer to take batch {b}") from None
+            self.next_batch_version += 1
+
+    # --- trainer side ------------------------------------------------------------------------------
+    def on_trainer(self, msg: P.Message) -> None:
+        body = msg.body
+        if isinstance(body, P.WeightsReady):
+            self.on_weights(body, msg.tensors)
+        elif isinstance(body, P.TrainerDone):
+            log.info("trainer finished at version %d", body.version)
+            self.trainer_done = True
+        elif isinstance(body, P.TrainerHello):
+            reject(ROLE, "unexpected_type", "a second trainer hello")
+        else:
+            reject(ROLE, "unexpected_type", f"{msg.type} on the trainer socket")
+
+    def start(self) -> None:
+        """Wait for the trainer's hello: it fixes the starting version and, on resume, the counters."""
+        _, msg = recv(self.from_trainer, ROLE, timeout_s=self.cfg.controller.startup_timeout_s,
+                      waiting_for=f"the trainer's hello on {self.cfg.net.addr(self.cfg.net.trainer_port, bind=True)}")
+        while not isinstance(msg.body, P.TrainerHello):
+            reject(ROLE, "unexpected_type", f"{msg.type} before the trainer's hello")
+            _, msg = recv(self.from_trainer, ROLE, timeout_s=self.cfg.controller.startup_timeout_s,
+                          waiting_for="the trainer's hello")
+        hello: P.TrainerHello = msg.body
+        self.base_version = self.next_batch_version = hello.version
+        if hello.resume_state:
+            self.data_position = hello.resume_state["data_position"]
+            self.dropped_stale = hello.resume_state.get("dropped_stale", 0)
+            self.generated_tokens = hello.resume_state.get("generated_tokens", 0)
+        self.accepted = hello.version * self.batch_size  # every trained group; nothing in flight survives a restart
+        log.info("trainer at version %d; data position %d, accepted %d, max_staleness %d", hello.version,
+                 self.data_position, self.accepted, self.max_staleness)
+
+    def step(self, timeout_ms: int = 10) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.from_trainer, zmq.POLLIN)
+        events = dict(poller.poll(timeout_ms))
+        while events:
+            if self.from_trainer in events:
+                _, msg = parse(self.from_trainer.recv_multipart(copy=False), ROLE)
+                if msg is not None:
+                    self.on_trainer(msg)
+            if self.router in events:
+                sender, msg = parse(self.router.recv_multipart(copy=False), ROLE, routed=True)
+                if msg is not None and sender is not None:
+                    self.on_rollout(sender, msg)
+            events = dict(poller.poll(0))
+        self.expire_servers()
+        for s in self.registry.live():
+            self._catch_up(s)
+        self.check_weight_sync()
+        self.harvest_rewards()
+        self.admit()
+        self.dispatch()
+        self.assemble_batches()
+
+    def serve(self) -> None:
+        self.start()
+        deadline = time.monotonic() + self.cfg.controller.startup_timeout_s
+        try:
+            while not self.trainer_done:
+                self.step()
+                if not self.registry.servers and time.monotonic() > deadline:
+                    raise WaitTimeout(f"controller: timed out after {self.cfg.controller.startup_timeout_s:.0f}s "
+                                      f"waiting for a rollout server to connect")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for s in self.registry.live():
+            self._to_server(s, P.Shutdown(reason="run finished"))
+        self.rewards.shutdown(wait=False, cancel_futures=True)
+        self.router.close(linger=1000)  # let the shutdown notices leave
+        for sock in (self.pub, self.from_trainer, self.to_trainer):
+            sock.close()

@@ -1,0 +1,80 @@
+"""Staleness control: how much work the controller may have in flight, and how old a sample is.
+
+AReaL bounds off-policyness at *submission* time rather than by throwing finished work away:
+a prompt group is admitted only while
+
+    accepted + running < (version + max_staleness + 1) * batch_size
+
+where ``version`` is the current global policy version (number of updates so far),
+``accepted`` counts the groups finished and kept over the whole run (including those already
+trained on), and ``running`` counts the groups in flight. Every count is in groups: one prompt's
+n samples are one unit, as ``batch_size`` is. Since the trainer consumes ``batch_size`` groups
+per version, anything admitted under this rule is trained on by version
+``version + max_staleness`` at the latest; ``max_staleness = 0`` is on-policy (exactly
+``batch_size`` groups per version). Groups that are dropped (filtered, failed) leave
+``accepted + running`` and so free their slot.
+
+A trajectory interrupted by a weight update carries tokens from several versions; its staleness
+is that of its oldest token, since that is the token furthest from the policy being trained.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Sequence
+
+__all__ = ["admission_capacity", "can_admit", "sample_staleness", "within_bound"]
+
+
+def _count(name: str, value: int, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``, or a ValueError naming the argument."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def admission_capacity(version: int, max_staleness: int, batch_size: int, accepted: int, running: int) -> int:
+    """Groups the controller may still admit: ``max(0, (version + max_staleness + 1) * batch_size - (accepted + running))``.
+
+    Never negative: if the version went backwards or counts overshoot (e.g. a re-dispatch raced
+    a completion) the answer is simply 0, "admit nothing".
+    """
+    version = _count("version", version, 0)
+    max_staleness = _count("max_staleness", max_staleness, 0)
+    batch_size = _count("batch_size", batch_size, 1)
+    accepted = _count("accepted", accepted, 0)
+    running = _count("running", running, 0)
+    return max(0, (version + max_staleness + 1) * batch_size - (accepted + running))
+
+
+def can_admit(version: int, max_staleness: int, batch_size: int, accepted: int, running: int) -> bool:
+    """True while ``accepted + running < (version + max_staleness + 1) * batch_size``."""
+    return admission_capacity(version, max_staleness, batch_size, accepted, running) > 0
+
+
+def sample_staleness(trainer_version: int, token_versions: Sequence[int]) -> int:
+    """Age of the oldest token: ``trainer_version - min(token_versions)``; 0 for no tokens.
+
+    A token version newer than ``trainer_version`` cannot happen (weights flow trainer ->
+    controller -> servers), so it is reported as a ValueError rather than as negative staleness.
+    """
+    trainer_version = _count("trainer_version", trainer_version, 0)
+    if len(token_versions) == 0:
+        return 0
+    oldest = _count("min(token_versions)", min(token_versions), 0)
+    newest = _count("max(token_versions)", max(token_versions), 0)
+    if newest > trainer_version:
+        raise ValueError(
+            f"token_versions contains version {newest}, newer than trainer_version {trainer_version}")
+    return trainer_version - oldest
+
+
+def within_bound(trainer_version: int, token_versions: Sequence[int], max_staleness: int) -> bool:
+    """True when ``sample_staleness(trainer_version, token_versions) <= max_staleness``."""
+    max_staleness = _count("max_staleness", max_staleness, 0)
+    return sample_staleness(trainer_version, token_versions) <= max_staleness

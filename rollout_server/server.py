@@ -1,0 +1,138 @@
+"""The rollout server: an engine loop that talks to the controller over ZeroMQ.
+
+One thread does everything, in order: drain incoming messages, run one engine step, stream the
+finished samples back. Weight updates are therefore applied between two engine steps, which is
+the "step boundary" at which in-flight requests are interrupted and resumed under new weights.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import zmq
+
+from areal_py import protocol as P
+from areal_py.config import Config
+from areal_py.models import eos_token_id, load_model_and_tokenizer
+from areal_py.prepare import model_path
+from areal_py.transport import make_socket, parse, reject, send
+from areal_py.weights import load_weights
+from rollout_server.engine import Engine, Finished, SamplingParams
+
+log = logging.getLogger("rollout")
+ROLE = "rollout"
+
+
+def request_id(gid: int, attempt: int, idx: int) -> str:
+    return f"{gid}:{attempt}:{idx}"
+
+
+def parse_request_id(rid: str) -> tuple[int, int, int]:
+    gid, attempt, idx = (int(x) for x in rid.split(":"))
+    return gid, attempt, idx
+
+
+class RolloutServer:
+    def __init__(self, cfg: Config, server_id: str | None = None, engine: Engine | None = None) -> None:
+        self.cfg = cfg
+        self.server_id = server_id or cfg.rollout.server_id
+        if engine is None:
+            model, tokenizer = load_model_and_tokenizer(model_path(cfg), dtype=cfg.model.dtype)
+            seed = cfg.run.seed * 1000 + sum(self.server_id.encode())
+            engine = Engine(model, eos_token_id(tokenizer), max_running=cfg.rollout.max_running, seed=seed)
+        self.engine = engine
+        self.ctx = zmq.Context.instance()
+        net = cfg.net
+        self.dealer = make_socket(self.ctx, zmq.DEALER, net.addr(net.rollout_port), bind=False, identity=self.server_id)
+        self.sub = make_socket(self.ctx, zmq.SUB, net.addr(net.weights_port), bind=False)
+        self.generated_tokens = 0
+        self.running = True
+        self._last_beat = 0.0
+
+    # --- messages ------------------------------------------------------------------------------
+    def _handle(self, msg: P.Message) -> None:
+        body = msg.body
+        if isinstance(body, P.Generate):
+            self._generate(body)
+        elif isinstance(body, P.UpdateWeights):
+            self._update_weights(body, msg.tensors)
+        elif isinstance(body, P.Shutdown):
+            log.info("%s: shutdown requested (%s)", self.server_id, body.reason)
+            self.running = False
+        else:
+            reject(ROLE, "unexpected_type", f"{msg.type} is not a message a rollout server accepts")
+
+    def _generate(self, g: P.Generate) -> None:
+        params = SamplingParams(max_new_tokens=g.sampling.max_new_tokens, temperature=g.sampling.temperature,
+                                top_p=g.sampling.top_p)
+        for idx in range(g.n):
+            rid = request_id(g.gid, g.attempt, idx)
+            try:
+                self.engine.add(rid, list(g.prompt_ids), params)
+            except ValueError as e:  # too long, duplicate...: answer so the controller never waits on it
+                reject(ROLE, "bad_request", f"request {rid}: {e}")
+                self._send_result(Finished(rid, list(g.prompt_ids), [], [], [], "abort"))
+
+    def _update_weights(self, u: P.UpdateWeights, tensors: dict[str, torch.Tensor]) -> None:
+        if u.version <= self.engine.version:
+            return  # a duplicate (broadcast and directed catch-up can both arrive)
+        start = time.perf_counter()
+        try:
+            named = load_weights(u.path) if u.path else tensors
+            if not named:
+                raise ValueError("update carries neither a path nor tensors")
+            self.engine.update_weights(named, u.version)
+        except (OSError, KeyError, ValueError) as e:
+            reject(ROLE, "bad_weights", f"cannot load version {u.version}: {e}")
+            return
+        seconds = time.perf_counter() - start
+        log.info("%s: now at version %d (swap %.3fs, %d in flight)", self.server_id, u.version, seconds,
+                 self.engine.num_running)
+        send(self.dealer, P.WeightsLoaded(server_id=self.server_id, version=u.version, seconds=seconds))
+
+    def _send_result(self, f: Finished) -> None:
+        gid, attempt, idx = parse_request_id(f.rid)
+        send(self.dealer, P.Result(gid=gid, attempt=attempt, idx=idx, output_ids=f.output_ids,
+                                   logprobs=f.logprobs, versions=f.versions, finish_reason=f.finish_reason))
+
+    def _heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_beat >= self.cfg.rollout.heartbeat_s:
+            self._last_beat = now
+            send(self.dealer, P.Heartbeat(server_id=self.server_id, version=self.engine.version,
+                                          running=self.engine.num_running, waiting=self.engine.num_waiting,
+                                          generated_tokens=self.generated_tokens))
+
+    # --- loop ----------------------------------------------------------------------------------
+    def poll_once(self, timeout_ms: int) -> None:
+        """Handle every message that is ready (waiting up to timeout_ms for the first)."""
+        poller = zmq.Poller()
+        poller.register(self.dealer, zmq.POLLIN)
+        poller.register(self.sub, zmq.POLLIN)
+        events = dict(poller.poll(timeout_ms))
+        while events:
+            for sock in (self.sub, self.dealer):  # weights first: a swap before more work joins
+                if sock in events:
+                    _, msg = parse(sock.recv_multipart(copy=False), ROLE)
+                    if msg is not None:
+                        self._handle(msg)
+            events = dict(poller.poll(0))
+
+    def serve(self) -> None:
+        send(self.dealer, P.Hello(server_id=self.server_id, version=self.engine.version))
+        log.info("%s: serving, connected to %s", self.server_id, self.cfg.net.addr(self.cfg.net.rollout_port))
+        try:
+            while self.running:
+                self.poll_once(0 if self.engine.has_work() else 20)
+                if self.engine.has_work():
+                    for f in self.engine.step():
+                        self.generated_tokens += len(f.output_ids)
+                        self._send_result(f)
+                self._heartbeat()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.dealer.close()
+        self.sub.close()

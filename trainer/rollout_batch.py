@@ -1,0 +1,66 @@
+"""Turning a batch of groups from the wire into padded training tensors.
+
+Row i holds prompt + response of one sample, right-padded. Token-level arrays are aligned with
+the *predicted* token: position t describes token t+1 (what the logits at t score), so the
+response of a sample with prompt length p and response length r occupies positions p-1 .. p+r-2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from areal_py import protocol as P
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: torch.Tensor        # [S, L] long
+    attention_mask: torch.Tensor   # [S, L] long
+    loss_mask: torch.Tensor        # [S, L-1] float, 1 on response tokens
+    behav_logprobs: torch.Tensor   # [S, L-1] float
+    token_versions: torch.Tensor   # [S, L-1] long (-1 outside the response)
+    rewards: torch.Tensor          # [G, n] float
+    group_size: int
+
+    @property
+    def num_samples(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, idx: torch.Tensor) -> "RolloutBatch":
+        """A subset of samples (rewards stay per group: advantages are computed before splitting)."""
+        return RolloutBatch(self.input_ids[idx], self.attention_mask[idx], self.loss_mask[idx],
+                            self.behav_logprobs[idx], self.token_versions[idx], self.rewards, self.group_size)
+
+
+def collate(groups: list[P.Group], pad_id: int) -> RolloutBatch:
+    n = len(groups[0].samples)
+    if any(len(g.samples) != n for g in groups):
+        raise ValueError("all groups of a batch must have the same number of samples")
+    seqs = [(g.prompt_ids, s) for g in groups for s in g.samples]
+    length = max(len(p) + len(s.output_ids) for p, s in seqs)
+    S = len(seqs)
+    input_ids = torch.full((S, length), pad_id, dtype=torch.long)
+    attn = torch.zeros((S, length), dtype=torch.long)
+    loss_mask = torch.zeros((S, length - 1))
+    behav = torch.zeros((S, length - 1))
+    versions = torch.full((S, length - 1), -1, dtype=torch.long)
+    for i, (prompt, s) in enumerate(seqs):
+        p, r = len(prompt), len(s.output_ids)
+        input_ids[i, : p + r] = torch.tensor(prompt + s.output_ids, dtype=torch.long)
+        attn[i, : p + r] = 1
+        if r:
+            loss_mask[i, p - 1 : p - 1 + r] = 1.0
+            behav[i, p - 1 : p - 1 + r] = torch.tensor(s.logprobs)
+            versions[i, p - 1 : p - 1 + r] = torch.tensor(s.versions)
+    rewards = torch.tensor([[s.reward for s in g.samples] for g in groups], dtype=torch.float32)
+    return RolloutBatch(input_ids, attn, loss_mask, behav, versions, rewards, n)
+
+
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+    """log pi(token_{t+1} | tokens_<=t) under softmax(logits / T): the quantity the engine records."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    if temperature > 0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)

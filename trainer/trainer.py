@@ -1,0 +1,204 @@
+"""The trainer: pull a batch, recompute proximal logprobs, GRPO advantages, decoupled PPO, publish.
+
+Version bookkeeping: the trainer holds version v, trains batch v (the controller numbers batches
+by the version that trains them), and publishes the result as v+1. Per-token staleness is
+v - (version that generated the token). Written for torch.distributed: the loss is normalised by
+the global token count, and with world size > 1 gradients would be averaged by DDP; world size 1
+is the default and the only one exercised so far.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq
+
+from areal_py import protocol as P
+from areal_py.config import Config
+from areal_py.metrics import JsonlWriter
+from areal_py.models import load_model_and_tokenizer
+from areal_py.prepare import model_path
+from areal_py.transport import make_socket, recv, reject, send
+from areal_py.weights import named_weights, save_weights
+from trainer.advantages import grpo_advantages
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.decoupled_ppo import decoupled_ppo_loss
+from trainer.rollout_batch import RolloutBatch, collate, token_logprobs
+
+log = logging.getLogger("trainer")
+ROLE = "trainer"
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False) -> None:
+        self.cfg = cfg
+        t = cfg.trainer
+        self.model, self.tokenizer = load_model_and_tokenizer(model_path(cfg), dtype=cfg.model.dtype)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.temperature = cfg.rollout.temperature
+        self.version = 0
+        self.resume_state: dict[str, int] | None = None
+        self.wall_offset = 0.0
+        self.trained_tokens_total = 0
+        self.ckpt_root = cfg.run_dir() / "checkpoints"
+        if resume:
+            self._resume()
+        self.metrics = JsonlWriter(cfg.run_dir() / "metrics.jsonl")
+        net, ctx = cfg.net, zmq.Context.instance()
+        self.to_ctrl = make_socket(ctx, zmq.PUSH, net.addr(net.trainer_port), bind=False)
+        self.batches = make_socket(ctx, zmq.PULL, net.addr(net.batch_port), bind=False)
+        self.start_time = time.monotonic()
+
+    def _resume(self) -> None:
+        d = latest_checkpoint(self.ckpt_root)
+        if d is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_root}")
+        state = load_checkpoint(d, self.model, self.optimizer)
+        self.version = state["version"]
+        self.resume_state = state["controller_state"]
+        self.wall_offset = state["wall_time_s"]
+        self.trained_tokens_total = state.get("trained_tokens_total", 0)
+        log.info("resumed from %s at version %d", d, self.version)
+
+    # --- one step ----------------------------------------------------------------------------------
+    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+        t = self.cfg.trainer
+        adv = grpo_advantages(batch.rewards, std_normalize=t.adv_std_normalize).reshape(-1)
+        informative = (adv != 0).reshape(batch.rewards.shape).any(dim=1)  # all-equal groups carry no signal
+        rows = torch.nonzero(informative.repeat_interleave(batch.group_size)).squeeze(-1)
+        stats: dict[str, float] = {"informative_groups": float(informative.sum()), "loss": 0.0,
+                                   "clip_fraction": 0.0, "grad_norm": 0.0, "approx_kl": 0.0}
+        if rows.numel() == 0:
+            return stats
+        sub, sub_adv = batch.rows(rows), adv[rows]
+        mb = t.micro_batch_size
+        t0 = time.perf_counter()
+        with torch.no_grad():  # proximal policy: the weights held before this update
+            prox = torch.cat([token_logprobs(self.model, sub.input_ids[i:i + mb], sub.attention_mask[i:i + mb],
+                                             self.temperature) for i in range(0, sub.num_samples, mb)])
+        stats["prox_time_s"] = time.perf_counter() - t0
+        perm = torch.arange(sub.num_samples)
+        n_stats = 0
+        for minibatch in perm.chunk(t.ppo_minibatches):
+            self.optimizer.zero_grad(set_to_none=True)
+            normalizer = float(sub.loss_mask[minibatch].sum().clamp(min=1.0))
+            for i in range(0, len(minibatch), mb):
+                idx = minibatch[i:i + mb]
+                logp = token_logprobs(self.model, sub.input_ids[idx], sub.attention_mask[idx], self.temperature)
+                mask = sub.loss_mask[idx]
+                loss, s = decoupled_ppo_loss(
+                    logp, prox[idx], sub.behav_logprobs[idx], sub_adv[idx, None] * mask, mask,
+                    eps_clip=t.eps_clip, eps_clip_high=t.eps_clip_high, behav_cap=t.behav_cap,
+                    behav_mode=t.behav_mode, normalizer=normalizer)
+                loss.backward()
+                stats["loss"] += float(loss)
+                share = float(mask.sum()) / normalizer
+                stats["clip_fraction"] += s["clip_fraction"] * share
+                stats["approx_kl"] += s["approx_kl"] * share
+                n_stats += 1
+            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            stats["grad_norm"] = float(gn)
+            self.optimizer.step()
+        k = t.ppo_minibatches
+        stats["loss"] /= k
+        stats["clip_fraction"] /= k
+        stats["approx_kl"] /= k
+        return stats
+
+    # --- loop --------------------------------------------------------------------------------------
+    def publish(self) -> None:
+        if self.cfg.weights.transfer == "disk":
+            path = save_weights(self.model, self.cfg.weights_dir(), self.version, keep=self.cfg.weights.keep)
+            send(self.to_ctrl, P.WeightsReady(version=self.version, path=str(path.resolve())))
+        else:
+            send(self.to_ctrl, P.WeightsReady(version=self.version, path=None), named_weights(self.model))
+
+    def next_batch(self) -> tuple[P.Batch, float]:
+        t0 = time.perf_counter()
+        while True:
+            _, msg = recv(self.batches, ROLE, timeout_s=self.cfg.trainer.batch_timeout_s,
+                          waiting_for=f"batch {self.version} from the controller at "
+                                      f"{self.cfg.net.addr(self.cfg.net.batch_port)}")
+            if isinstance(msg.body, P.Batch) and msg.body.version == self.version:
+                return msg.body, time.perf_counter() - t0
+            detail = f"batch for version {msg.body.version}" if isinstance(msg.body, P.Batch) else msg.type
+            reject(ROLE, "unexpected_type", f"{detail} while waiting for batch {self.version}")
+
+    def serve(self) -> None:
+        send(self.to_ctrl, P.TrainerHello(version=self.version, resume_state=self.resume_state))
+        if self.version > 0:
+            self.publish()  # servers start from the base model; give them the resumed weights
+        t = self.cfg.trainer
+        last_state = self.resume_state or {}
+        try:
+            while self.version < t.total_steps:
+                wire, wait_s = self.next_batch()
+                self._step(wire, wait_s)
+                last_state = wire.state
+                if t.checkpoint_every and self.version % t.checkpoint_every == 0 and self.version < t.total_steps:
+                    self.checkpoint(last_state)
+            self.checkpoint(last_state)
+            self.save_final()
+            send(self.to_ctrl, P.TrainerDone(version=self.version))
+        finally:
+            self.close()
+
+    def _step(self, wire: P.Batch, wait_s: float) -> None:
+        t0 = time.perf_counter()
+        batch = collate(wire.groups, self.tokenizer.pad_token_id)
+        mask = batch.loss_mask.bool()
+        token_stale = (self.version - batch.token_versions)[mask]
+        sample_oldest = torch.where(mask, batch.token_versions, torch.iinfo(torch.long).max).min(dim=1).values
+        has_tokens = mask.any(dim=1)
+        sample_stale = (self.version - sample_oldest[has_tokens]).tolist()
+        stats = self.train_step(batch)
+        train_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.version += 1
+        self.publish()
+        publish_s = time.perf_counter() - t1
+        trained = int(batch.attention_mask.sum())
+        self.trained_tokens_total += trained
+        hist: dict[str, int] = {}
+        for s in sample_stale:
+            hist[str(s)] = hist.get(str(s), 0) + 1
+        record: dict[str, Any] = {
+            "step": self.version, "version": self.version, "wall_time_s": round(self.wall_time(), 3),
+            "reward_mean": float(batch.rewards.mean()),
+            "staleness_mean": float(token_stale.float().mean()) if token_stale.numel() else 0.0,
+            "staleness_max": int(token_stale.max()) if token_stale.numel() else 0,
+            "sample_staleness_hist": hist, "max_staleness": self.cfg.effective_max_staleness,
+            "trained_tokens": trained, "trained_tokens_total": self.trained_tokens_total,
+            "response_tokens": int(mask.sum()), "samples": batch.num_samples,
+            "generated_tokens": wire.state.get("generated_tokens", 0),
+            "wait_s": round(wait_s, 4), "train_s": round(train_s, 4), "publish_s": round(publish_s, 4),
+            **{k: round(v, 6) for k, v in stats.items()}, **{f"ctrl_{k}": v for k, v in wire.state.items()},
+        }
+        self.metrics.write(record)
+        log.info("step %d reward %.3f staleness max %d loss %.4f", self.version, record["reward_mean"],
+                 record["staleness_max"], stats["loss"])
+
+    def wall_time(self) -> float:
+        return self.wall_offset + time.monotonic() - self.start_time
+
+    def checkpoint(self, controller_state: dict[str, int]) -> None:
+        state = {"version": self.version, "controller_state": controller_state, "wall_time_s": self.wall_time(),
+                 "trained_tokens_total": self.trained_tokens_total}
+        d = save_checkpoint(self.ckpt_root, self.model, self.optimizer, state)
+        log.info("checkpoint %s", d)
+
+    def save_final(self) -> Path:
+        out = self.cfg.run_dir() / "final"
+        self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        log.info("final model saved to %s", out)
+        return out
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.to_ctrl.close(linger=2000)  # let the last messages leave
+        self.batches.close()
