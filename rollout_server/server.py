@@ -49,6 +49,7 @@ class RolloutServer:
         self.generated_tokens = 0
         self.running = True
         self._last_beat = 0.0
+        send(self.dealer, P.Hello(server_id=self.server_id, version=self.engine.version))
 
     # --- messages ------------------------------------------------------------------------------
     def _handle(self, msg: P.Message) -> None:
@@ -120,7 +121,6 @@ class RolloutServer:
             events = dict(poller.poll(0))
 
     def serve(self) -> None:
-        send(self.dealer, P.Hello(server_id=self.server_id, version=self.engine.version))
         log.info("%s: serving, connected to %s", self.server_id, self.cfg.net.addr(self.cfg.net.rollout_port))
         try:
             while self.running:
