@@ -35,7 +35,7 @@ CACHE_VERSION = 1
 
 # Defaults measured on the 2-core machine (see the module's report): about 10-20 s of SFT,
 # sampled (T=1) accuracy on 0..9 sums in the 20-40% range, greedy clearly higher.
-DEFAULT_STEPS = 100
+DEFAULT_STEPS = 120
 DEFAULT_LABEL_NOISE = 0.2
 
 

@@ -45,7 +45,7 @@ class ModelConfig(_Section):
 
 
 class ColdStartConfig(_Section):
-    steps: int = Field(60, ge=0, description="Supervised steps teaching the answer format to the embedded model.")
+    steps: int = Field(120, ge=0, description="Supervised steps teaching the answer format to the embedded model.")
     batch_size: int = Field(64, ge=1, description="Cold-start batch size.")
     lr: float = Field(2e-3, gt=0, description="Cold-start learning rate.")
     label_noise: float = Field(0.2, ge=0, le=1, description="Fraction of corrupted labels, so RL has room to improve.")

@@ -131,6 +131,26 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
 
 
+def _check_model_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory does not exist: {path}")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"not a Hugging Face model directory (no config.json): {path}")
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a local model directory, offline; pad falls back to EOS.
+
+    For processes that only tokenize (the controller) and need not hold the weights.
+    """
+    path = Path(path)
+    _check_model_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model_and_tokenizer(
     path: str | Path, dtype: str = "float32", device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -139,15 +159,11 @@ def load_model_and_tokenizer(
     A missing pad token is set to EOS so batched, left-padded generation always works.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory does not exist: {path}")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"not a Hugging Face model directory (no config.json): {path}")
-    torch_dtype = _torch_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _check_model_dir(path)
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=_torch_dtype(dtype), local_files_only=True
+    )
     model.to(device)
     model.eval()
     return model, tokenizer
