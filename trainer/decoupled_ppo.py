@@ -1,0 +1,223 @@
+"""PPO losses for asynchronous RL: AReaL's decoupled objective and the standard clipped one.
+
+In asynchronous training each token has three policies: the behaviour policy ``pi_behav`` that
+sampled it (any recent version; an interrupted trajectory mixes several), the proximal policy
+``pi_prox`` (the trainer's weights before this update, logprobs recomputed), and the current
+policy ``pi_theta`` being optimised. The decoupled objective (AReaL, arXiv 2505.24298) clips
+the trust region around ``pi_prox`` instead of around the stale ``pi_behav``, and corrects for
+the off-policy sampling with an importance weight that carries no gradient:
+
+    r_t  = pi_theta(a_t) / pi_prox(a_t)
+    w_t  = pi_prox(a_t)  / pi_behav(a_t)             (bounded: capped or masked)
+    loss = -(1/N) sum_t w_t * min(r_t A_t, clip(r_t, 1 - eps, 1 + eps_high) A_t)
+
+When ``pi_prox == pi_behav`` (on-policy, no interruption) every ``w_t = 1`` and this is standard
+PPO, which ``ppo_clip_loss`` implements separately so the two can be checked against each other.
+
+Token-mean reduction: the sum runs over all valid tokens of the batch and N is their count. A
+trainer that splits a batch into micro-batches passes the whole batch's token count as
+``normalizer`` so the accumulated gradient equals the whole-batch token-mean.
+
+Masked positions (prompt, padding) never reach the loss, its gradient or the statistics, even
+when they hold -inf or NaN: they are replaced before any arithmetic, not multiplied by 0
+afterwards (0 * inf is NaN, in the forward and in the backward pass).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+__all__ = ["behaviour_weight", "decoupled_ppo_loss", "ppo_clip_loss", "BEHAV_MODES"]
+
+BehavMode = Literal["cap", "mask", "none"]
+BEHAV_MODES: tuple[str, ...] = ("cap", "mask", "none")
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _valid_mask(mask: torch.Tensor, shape: torch.Size, **tensors: torch.Tensor) -> torch.Tensor:
+    """The mask as bool after checking every tensor has the mask's shape."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    for name, t in {"mask": mask, **tensors}.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != shape:
+            raise ValueError(f"{name} must have shape {tuple(shape)} (same as logprobs), got {tuple(t.shape)}")
+    return mask.bool()
+
+
+def _clip_range(eps_clip: float, eps_clip_high: float | None) -> tuple[float, float]:
+    if not (isinstance(eps_clip, (int, float)) and 0 < eps_clip < 1):
+        raise ValueError(f"eps_clip must be a number in (0, 1), got {eps_clip!r}")
+    if eps_clip_high is None:
+        return float(eps_clip), float(eps_clip)
+    if not (isinstance(eps_clip_high, (int, float)) and math.isfinite(eps_clip_high) and eps_clip_high > 0):
+        raise ValueError(f"eps_clip_high must be None or a finite number > 0, got {eps_clip_high!r}")
+    return float(eps_clip), float(eps_clip_high)
+
+
+def _normalizer(normalizer: float | torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor | float:
+    """Default: the number of valid tokens (at least 1, so an all-masked batch gives 0, not NaN)."""
+    if normalizer is None:
+        return valid.sum().clamp(min=1)
+    try:
+        value = float(normalizer)
+    except (TypeError, ValueError):
+        raise ValueError(f"normalizer must be None or a finite number > 0, got {normalizer!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"normalizer must be None or a finite number > 0 (a token count), got {normalizer!r}")
+    return value
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """At least float32: exp of logprob differences in bf16 is too coarse for a ratio near 1."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> float:
+    """Mean of ``x`` over valid positions as a Python float; 0.0 when nothing is valid."""
+    count = int(valid.sum())
+    if count == 0:
+        return 0.0
+    return float(x.detach().to(torch.float64)[valid].sum()) / count
+
+
+# ----------------------------------------------------------------------------- behaviour weight
+
+def _behaviour_weight(proximal_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, valid: torch.Tensor,
+                      cap: float | None, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w, changed): the bounded weight and where the bound changed it (clamped or dropped)."""
+    if mode not in BEHAV_MODES:
+        raise ValueError(f"behav_mode must be one of {BEHAV_MODES}, got {mode!r}")
+    if cap is not None and not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
+        raise ValueError(f"behav_cap must be None (unbounded) or a finite number > 0, got {cap!r}")
+    dtype = _compute_dtype(proximal_logprobs)
+    with torch.no_grad():
+        log_w = torch.where(valid, proximal_logprobs.detach().to(dtype) - behaviour_logprobs.detach().to(dtype), 0.0)
+        w = torch.exp(log_w)                                     # w_t = pi_prox / pi_behav
+        over = (w > cap) & valid if cap is not None and mode != "none" else torch.zeros_like(valid)
+        if mode == "cap" and cap is not None:
+            w = w.clamp(max=cap)                                 # min(w_t, cap)
+        elif mode == "mask":
+            w = torch.where(over, 0.0, w)                        # token dropped when w_t > cap
+        w = torch.where(valid, w, 0.0)
+    return w, over
+
+
+def behaviour_weight(proximal_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor,
+                     cap: float | None, mode: BehavMode) -> torch.Tensor:
+    """Off-policy correction ``w_t = exp(log pi_prox - log pi_behav)``, bounded, without gradient.
+
+        "cap":  min(w_t, cap)                     keeps every token, bounds its influence
+        "mask": w_t if w_t <= cap else 0          drops tokens the stale policy liked far less
+        "none": w_t                               unbiased, unbounded variance
+
+    ``cap=None`` means unbounded (every mode returns the raw weight). Zero where ``mask`` is 0.
+    """
+    valid = _valid_mask(mask, proximal_logprobs.shape, proximal_logprobs=proximal_logprobs,
+                        behaviour_logprobs=behaviour_logprobs)
+    return _behaviour_weight(proximal_logprobs, behaviour_logprobs, valid, cap, mode)[0]
+
+
+# ----------------------------------------------------------------------------- losses
+
+def decoupled_ppo_loss(
+    logprobs: torch.Tensor,
+    proximal_logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_clip: float = 0.2,
+    eps_clip_high: float | None = None,
+    behav_cap: float | None = 5.0,
+    behav_mode: str = "cap",
+    normalizer: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """AReaL's decoupled PPO loss, token-mean over valid tokens. All inputs [B, T].
+
+        r_t  = exp(logprobs_t - proximal_t)
+        w_t  = behaviour_weight(proximal, behaviour, mask, behav_cap, behav_mode)
+        loss = -(1/N) sum_t mask_t * w_t * min(r_t A_t, clip(r_t, 1 - eps_clip, 1 + eps_high) A_t)
+
+    ``eps_high = eps_clip_high`` if given else ``eps_clip``. Only ``logprobs`` carries gradient;
+    the other tensors are treated as constants. ``N = normalizer`` if given, else the number of
+    valid tokens. Tokens dropped by ``behav_mode="mask"`` stay in N: they contribute 0, they do
+    not shrink the denominator, so the loss scale does not depend on how many were dropped and
+    N can be fixed before the weights are known (as micro-batch accumulation requires).
+
+    Stats (Python floats, means over valid tokens; 0.0 when there are none):
+    ``clip_fraction`` (clipped branch active, i.e. no gradient), ``behav_weight_mean`` (w after
+    the bound), ``behav_masked_fraction`` (w changed by the bound: clamped or dropped),
+    ``approx_kl`` (mean of proximal - logprobs), ``ratio_mean`` (mean r).
+    """
+    valid = _valid_mask(mask, logprobs.shape, logprobs=logprobs, proximal_logprobs=proximal_logprobs,
+                        behaviour_logprobs=behaviour_logprobs, advantages=advantages)
+    lo, hi = _clip_range(eps_clip, eps_clip_high)
+    n = _normalizer(normalizer, valid)
+    w, over = _behaviour_weight(proximal_logprobs, behaviour_logprobs, valid, behav_cap, behav_mode)
+
+    dtype = _compute_dtype(logprobs)
+    logprobs = torch.where(valid, logprobs.to(dtype), 0.0)
+    prox = torch.where(valid, proximal_logprobs.detach().to(dtype), 0.0)
+    adv = torch.where(valid, advantages.detach().to(dtype), 0.0)
+
+    ratio = torch.exp(logprobs - prox)                           # r_t = pi_theta / pi_prox
+    pg_loss1 = -adv * ratio
+    pg_loss2 = -adv * torch.clamp(ratio, 1.0 - lo, 1.0 + hi)
+    pg_loss = w * torch.max(pg_loss1, pg_loss2)                  # -w_t * min(r_t A_t, clip(r_t) A_t)
+    loss = torch.where(valid, pg_loss, 0.0).sum() / n
+
+    stats = {
+        "clip_fraction": _masked_mean(pg_loss2 > pg_loss1, valid),
+        "behav_weight_mean": _masked_mean(w, valid),
+        "behav_masked_fraction": _masked_mean(over, valid),
+        "approx_kl": _masked_mean(prox - logprobs, valid),
+        "ratio_mean": _masked_mean(ratio, valid),
+    }
+    return loss, stats
+
+
+def ppo_clip_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_clip: float = 0.2,
+    eps_clip_high: float | None = None,
+    normalizer: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Standard PPO clipped surrogate (old policy = behaviour policy), token-mean. All inputs [B, T].
+
+        r_t  = exp(logprobs_t - old_t)
+        loss = -(1/N) sum_t mask_t * min(r_t A_t, clip(r_t, 1 - eps_clip, 1 + eps_high) A_t)
+
+    Naive PPO for asynchronous data, and the reference the decoupled loss must reduce to when
+    proximal == behaviour. Stats: ``clip_fraction``, ``approx_kl`` (mean old - logprobs),
+    ``ratio_mean``.
+    """
+    valid = _valid_mask(mask, logprobs.shape, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
+    lo, hi = _clip_range(eps_clip, eps_clip_high)
+    n = _normalizer(normalizer, valid)
+
+    dtype = _compute_dtype(logprobs)
+    logprobs = torch.where(valid, logprobs.to(dtype), 0.0)
+    old = torch.where(valid, old_logprobs.detach().to(dtype), 0.0)
+    adv = torch.where(valid, advantages.detach().to(dtype), 0.0)
+
+    ratio = torch.exp(logprobs - old)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - lo, 1.0 + hi) * adv
+    per_token = -torch.min(unclipped, clipped)
+    loss = torch.where(valid, per_token, 0.0).sum() / n
+
+    stats = {
+        "clip_fraction": _masked_mean(clipped < unclipped, valid),
+        "approx_kl": _masked_mean(old - logprobs, valid),
+        "ratio_mean": _masked_mean(ratio, valid),
+    }
+    return loss, stats
