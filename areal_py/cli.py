@@ -65,6 +65,8 @@ def serve(role: str, config: str | None, overrides: list[str], resume: bool) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own progress bar is the one to watch
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = argparse.ArgumentParser(prog="areal-py", description="Asynchronous RL for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run controller, trainer and rollout servers locally")

@@ -117,6 +117,13 @@ def monitor(cfg: Config, children: list[Child], quiet: bool = False) -> int:
                 bar.set_postfix(_postfix(records[-1]))
             codes = {c.name: c.proc.poll() for c in children}
             failed = [c for c in children if codes[c.name] not in (None, 0)]
+            servers_left = [c for c in children if c.name.startswith("rollout") and codes[c.name] in (None, 0)]
+            for c in [c for c in failed if c.name.startswith("rollout")]:
+                if servers_left:  # the controller re-dispatches its work; the run goes on
+                    print(f"\nareal-py: process '{c.name}' died with exit code {codes[c.name]}; continuing with "
+                          f"{len(servers_left)} server(s)\n{c.tail(5)}", file=sys.stderr)
+                    children.remove(c)
+                    failed.remove(c)
             if failed:
                 bar.close()
                 c = failed[0]

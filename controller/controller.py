@@ -141,8 +141,6 @@ class Controller:
             server, fresh = self.registry.seen(server_id, body.version)
             if fresh:
                 log.info("server %s joined at version %d", server_id, body.version)
-            if isinstance(body, P.Heartbeat):
-                self.gen_tokens_by_server[server_id] = body.generated_tokens
             self._catch_up(server, force=fresh)
         elif isinstance(body, P.Result):
             self.registry.seen(server_id)
@@ -157,6 +155,7 @@ class Controller:
             return
         g.results[r.idx] = r
         self.generated_tokens += len(r.output_ids)
+        self.gen_tokens_by_server[server_id] = self.gen_tokens_by_server.get(server_id, 0) + len(r.output_ids)
         server = self.registry.servers[server_id]
         server.inflight[g.gid] -= 1
         if server.inflight[g.gid] == 0:
@@ -251,7 +250,8 @@ class Controller:
                      "dropped_stale": self.dropped_stale, "generated_tokens": self.generated_tokens}
             try:
                 send(self.to_trainer, P.Batch(version=b, groups=groups, state=state,
-                                              stats={"servers_live": len(self.registry.live())}))
+                                              stats={"servers_live": len(self.registry.live()),
+                                                     **{f"gen_tokens/{k}": v for k, v in self.gen_tokens_by_server.items()}}))
             except zmq.Again:
                 raise WaitTimeout(f"controller: timed out after {self.cfg.trainer.batch_timeout_s:.0f}s "
                                   f"waiting for the trainer to take batch {b}") from None

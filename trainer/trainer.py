@@ -95,7 +95,7 @@ class Trainer:
                     eps_clip=t.eps_clip, eps_clip_high=t.eps_clip_high, behav_cap=t.behav_cap,
                     behav_mode=t.behav_mode, normalizer=normalizer)
                 loss.backward()
-                stats["loss"] += float(loss)
+                stats["loss"] += float(loss.detach())
                 share = float(mask.sum()) / normalizer
                 stats["clip_fraction"] += s["clip_fraction"] * share
                 stats["approx_kl"] += s["approx_kl"] * share
@@ -175,6 +175,7 @@ class Trainer:
             "trained_tokens": trained, "trained_tokens_total": self.trained_tokens_total,
             "response_tokens": int(mask.sum()), "samples": batch.num_samples,
             "generated_tokens": wire.state.get("generated_tokens", 0),
+            "server_generated_tokens": {k.split("/", 1)[1]: int(v) for k, v in wire.stats.items() if k.startswith("gen_tokens/")},
             "wait_s": round(wait_s, 4), "train_s": round(train_s, 4), "publish_s": round(publish_s, 4),
             **{k: round(v, 6) for k, v in stats.items()}, **{f"ctrl_{k}": v for k, v in wire.state.items()},
         }

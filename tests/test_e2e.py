@@ -1,0 +1,148 @@
+"""End-to-end runs of `areal-py run` as separate processes over ZeroMQ, on a small config."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from areal_py.metrics import read_jsonl
+from conftest import ROOT, run_cli
+
+
+def metrics(tmp_path: Path) -> list[dict]:
+    return read_jsonl(tmp_path / "runs" / "t" / "metrics.jsonl")
+
+
+def assert_bound(recs: list[dict], bound: int) -> None:
+    """Every trained token, hence every sample, is at most `bound` versions old."""
+    for r in recs:
+        assert r["staleness_max"] <= bound, r
+        assert all(int(k) <= bound for k in r["sample_staleness_hist"]), r
+        assert sum(r["sample_staleness_hist"].values()) == r["samples"]
+
+
+@pytest.mark.parametrize("bound", [0, 1, 4])
+def test_staleness_bound_holds(tmp_path, small_cfg, bound):
+    steps = 8
+    res = run_cli(["run", "--quiet", *small_cfg, f"controller.max_staleness={bound}", f"trainer.total_steps={steps}"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    recs = metrics(tmp_path)
+    assert [r["step"] for r in recs] == list(range(1, steps + 1))
+    assert_bound(recs, bound)
+    if bound == 0:  # on-policy: every token comes from the version being trained
+        assert all(r["staleness_max"] == 0 for r in recs)
+    assert (tmp_path / "runs" / "t" / "final" / "config.json").is_file()
+
+
+def test_sync_mode_is_on_policy(tmp_path, small_cfg):
+    res = run_cli(["run", "--quiet", *small_cfg, "run.mode=sync", "controller.max_staleness=3", "trainer.total_steps=4"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    recs = metrics(tmp_path)
+    assert len(recs) == 4 and all(r["max_staleness"] == 0 and r["staleness_max"] == 0 for r in recs)
+
+
+def test_two_servers_and_stream_transfer(tmp_path, small_cfg):
+    res = run_cli(["run", "--quiet", *small_cfg, "rollout.num_servers=2", "weights.transfer=stream",
+                   "controller.max_staleness=1", "trainer.total_steps=6"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    recs = metrics(tmp_path)
+    assert len(recs) == 6
+    assert_bound(recs, 1)
+    per_server = recs[-1]["server_generated_tokens"]
+    assert set(per_server) == {"rollout-0", "rollout-1"}
+    assert all(v > 0 for v in per_server.values()), per_server
+    assert not (tmp_path / "runs" / "t" / "weights").exists()  # stream mode writes no weight files
+
+
+def test_resume_continues_where_it_stopped(tmp_path, small_cfg):
+    first = run_cli(["run", "--quiet", *small_cfg, "controller.max_staleness=1", "trainer.total_steps=4"])
+    assert first.returncode == 0, first.stdout + first.stderr
+    run_dir = tmp_path / "runs" / "t"
+    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["version"] == 4
+    before = metrics(tmp_path)
+    assert state["controller_state"] == {k[5:]: v for k, v in before[-1].items() if k.startswith("ctrl_")}
+
+    second = run_cli(["run", "--quiet", "--resume", *small_cfg, "controller.max_staleness=1", "trainer.total_steps=7"])
+    assert second.returncode == 0, second.stdout + second.stderr
+    after = metrics(tmp_path)[len(before):]
+    assert [r["step"] for r in after] == [5, 6, 7]
+    # data position and admission counters continue from the checkpoint, never restart at zero
+    assert after[0]["ctrl_data_position"] > state["controller_state"]["data_position"]
+    assert after[0]["ctrl_accepted"] >= 4 * 8
+    assert after[0]["wall_time_s"] >= state["wall_time_s"]
+    assert_bound(after, 1)
+    ctrl_log = (run_dir / "logs" / "controller.log").read_text()
+    assert f"data position {state['controller_state']['data_position']}, accepted 32" in ctrl_log
+
+
+def _wait_for(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _child_pids(parent: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return False
+
+
+def test_crash_in_one_process_stops_all(tmp_path, small_cfg):
+    proc = subprocess.Popen([sys.executable, "-m", "areal_py.cli", "run", "--quiet", *small_cfg,
+                             "trainer.total_steps=500"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        _wait_for(lambda: len(metrics(tmp_path)) >= 1, 180, "the first training step")
+        children = _child_pids(proc.pid)
+        trainer = [p for p in children if "trainer" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(children) == 3 and len(trainer) == 1
+        os.kill(trainer[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert "process 'trainer' failed" in err
+    _wait_for(lambda: not any(_alive(p) for p in children), 15, "all children to exit")
+
+
+def test_server_death_redispatches(tmp_path, small_cfg):
+    proc = subprocess.Popen([sys.executable, "-m", "areal_py.cli", "run", "--quiet", *small_cfg,
+                             "rollout.num_servers=2", "controller.server_timeout_s=3", "trainer.total_steps=10",
+                             "controller.max_staleness=2"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: len(metrics(tmp_path)) >= 2, 180, "two training steps")
+        victim = [p for p in _child_pids(proc.pid) if "rollout-1" in Path(f"/proc/{p}/cmdline").read_text()]
+        os.kill(victim[0], signal.SIGKILL)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    assert "rollout-1" in err and "continuing" in err
+    recs = metrics(tmp_path)
+    assert [r["step"] for r in recs] == list(range(1, 11))
+    assert_bound(recs, 2)
+    assert "declared dead" in (tmp_path / "runs" / "t" / "logs" / "controller.log").read_text()

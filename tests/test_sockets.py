@@ -1,0 +1,174 @@
+"""Each role's sockets, driven by a test playing its peer: malformed input is rejected, counted,
+and the role keeps serving; a weight update interrupts in-flight generation at a step boundary."""
+from __future__ import annotations
+
+import threading
+import time
+
+import msgpack
+import pytest
+import torch
+import zmq
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from areal_py import protocol as P
+from areal_py.config import load_config
+from areal_py.metrics import rejected_count
+from areal_py.models import build_char_tokenizer
+from areal_py.tasks import ArithTask
+from areal_py.transport import make_socket, recv, send
+from areal_py.weights import named_weights
+from conftest import net_overrides
+from controller.controller import Controller
+from rollout_server.engine import Engine
+from rollout_server.server import RolloutServer
+
+GARBAGE = [[b"\x00\x01not msgpack"], [msgpack.packb({"type": "generate", "schema": 1, "body": {"gid": -1}})],
+           [msgpack.packb({"type": "nope", "schema": 1, "body": {}})]]
+
+
+def tiny_model(seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_config(None, [f"run.output_dir={tmp_path}", "run.name=s", *net_overrides(),
+                              "controller.batch_size=2", "controller.group_size=2"])
+
+
+@pytest.fixture
+def ctx():
+    return zmq.Context.instance()
+
+
+def test_rollout_server_rejects_garbage_and_keeps_serving(cfg, ctx):
+    router = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.rollout_port, bind=True), bind=True)
+    pub = make_socket(ctx, zmq.PUB, cfg.net.addr(cfg.net.weights_port, bind=True), bind=True)
+    server = RolloutServer(cfg, "srv", engine=Engine(tiny_model(0), eos_token_id=47, max_running=8))
+    t = threading.Thread(target=server.serve, daemon=True)
+    t.start()
+    try:
+        sender, msg = recv(router, "test", timeout_s=10, waiting_for="hello", routed=True)
+        assert msg.type == "hello" and sender == b"srv"
+        before = rejected_count("rollout")
+        for frames in GARBAGE:
+            router.send_multipart([b"srv", *frames])
+        pub.send_multipart(GARBAGE[0])
+        send(router, P.Hello(server_id="x", version=0), to=b"srv")  # valid, but not for a server
+        send(router, P.Generate(gid=7, attempt=0, prompt_ids=[1, 2, 3], n=2,
+                                sampling=P.SamplingBody(max_new_tokens=4, temperature=1.0, top_p=1.0)), to=b"srv")
+        results = []
+        while len(results) < 2:
+            _, m = recv(router, "test", timeout_s=10, waiting_for="results", routed=True)
+            if m.type == "result":
+                results.append(m.body)
+        assert sorted(r.idx for r in results) == [0, 1] and all(r.gid == 7 for r in results)
+        assert rejected_count("rollout") - before == len(GARBAGE) + 2
+    finally:
+        server.running = False
+        t.join(5)
+        router.close()
+        pub.close()
+
+
+def test_interruption_through_the_wire(cfg, ctx):
+    """Tokens before the swap carry version 0, after it version 1, and their behaviour logprobs
+    equal a fresh forward pass of the new weights over the whole trajectory."""
+    router = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.rollout_port, bind=True), bind=True)
+    pub = make_socket(ctx, zmq.PUB, cfg.net.addr(cfg.net.weights_port, bind=True), bind=True)
+    old, new = tiny_model(0), tiny_model(1)
+    server = RolloutServer(cfg, "srv", engine=Engine(old, eos_token_id=10_000, max_running=8))
+    try:
+        recv(router, "test", timeout_s=10, waiting_for="hello", routed=True)
+        time.sleep(0.3)  # let the SUB subscription reach the PUB before the broadcast
+        send(router, P.Generate(gid=1, attempt=0, prompt_ids=[3, 4, 5], n=3,
+                                sampling=P.SamplingBody(max_new_tokens=12, temperature=1.0, top_p=1.0)), to=b"srv")
+        server.poll_once(2000)
+        for _ in range(4):  # four decode steps under version 0
+            assert not server.engine.step()
+        send(pub, P.UpdateWeights(version=1), named_weights(new))
+        server.poll_once(2000)  # the swap happens here, between two steps
+        assert server.engine.version == 1
+        finished = []
+        while server.engine.has_work():
+            finished += server.engine.step()
+    finally:
+        server.close()
+        router.close()
+        pub.close()
+    spanning = [f for f in finished if 0 in f.versions and 1 in f.versions]
+    assert spanning, [f.versions for f in finished]
+    for f in spanning:
+        ids = torch.tensor([f.prompt_ids + f.output_ids])
+        with torch.no_grad():
+            lp = torch.log_softmax(new(ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        p = len(f.prompt_ids)
+        for i, (v, got) in enumerate(zip(f.versions, f.logprobs)):
+            if v == 1:
+                assert abs(got - float(lp[p - 1 + i])) < 1e-4
+
+
+def test_controller_rejects_garbage_on_both_sockets(cfg, ctx):
+    ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
+    dealer = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.rollout_port), bind=False, identity="srv")
+    push = make_socket(ctx, zmq.PUSH, cfg.net.addr(cfg.net.trainer_port), bind=False)
+    try:
+        send(push, P.TrainerHello(version=0))
+        ctrl.start()
+        before = rejected_count("controller")
+        for frames in GARBAGE:
+            dealer.send_multipart(frames)
+            push.send_multipart(frames)
+        send(dealer, P.Batch(version=0, groups=[P.Group(gid=0, prompt_index=0, prompt_ids=[1], samples=[
+            P.Sample(output_ids=[], logprobs=[], versions=[], finish_reason="stop", reward=0.0)])], state={}))
+        send(dealer, P.Hello(server_id="srv", version=0))
+        deadline = time.monotonic() + 10
+        while rejected_count("controller") - before < 2 * len(GARBAGE) + 1 and time.monotonic() < deadline:
+            ctrl.step(50)
+        assert rejected_count("controller") - before == 2 * len(GARBAGE) + 1
+        assert "srv" in ctrl.registry.servers  # still serving: the valid hello registered the server
+        _, msg = recv(dealer, "test", timeout_s=10, waiting_for="work from the controller")
+        assert msg.type == "generate"  # and it admits and dispatches work to it
+    finally:
+        ctrl.close()
+        dealer.close()
+        push.close()
+
+
+def test_trainer_rejects_garbage_and_trains(tmp_path, model_cache, ctx):
+    from trainer.trainer import Trainer
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=s", *net_overrides(), f"model.cache_dir={model_cache}",
+                             "trainer.total_steps=1", "weights.transfer=stream"])
+    pull = make_socket(ctx, zmq.PULL, cfg.net.addr(cfg.net.trainer_port, bind=True), bind=True)
+    push = make_socket(ctx, zmq.PUSH, cfg.net.addr(cfg.net.batch_port, bind=True), bind=True)
+    trainer = Trainer(cfg)
+    ids = trainer.tokenizer("3+4=").input_ids
+    out = trainer.tokenizer("7", add_special_tokens=False).input_ids + [trainer.tokenizer.eos_token_id]
+    group = P.Group(gid=0, prompt_index=0, prompt_ids=ids, samples=[
+        P.Sample(output_ids=out, logprobs=[-1.0] * len(out), versions=[0] * len(out), finish_reason="stop", reward=r)
+        for r in (1.0, 0.0)])
+    t = threading.Thread(target=trainer.serve, daemon=True)
+    t.start()
+    try:
+        _, hello = recv(pull, "test", timeout_s=30, waiting_for="trainer hello")
+        assert hello.body == P.TrainerHello(version=0, resume_state=None)
+        before = rejected_count("trainer")
+        for frames in GARBAGE:
+            push.send_multipart(frames)
+        send(push, P.Batch(version=5, groups=[group], state={}))  # valid message, wrong version
+        send(push, P.Batch(version=0, groups=[group], state={"data_position": 1}))
+        _, w = recv(pull, "test", timeout_s=60, waiting_for="new weights")
+        assert w.type == "weights_ready" and w.body.version == 1 and w.tensors
+        _, done = recv(pull, "test", timeout_s=60, waiting_for="trainer done")
+        assert done.type == "trainer_done"
+        assert rejected_count("trainer") - before == len(GARBAGE) + 1
+        t.join(10)
+        assert not t.is_alive()
+    finally:
+        pull.close()
+        push.close()
