@@ -172,3 +172,56 @@ def test_trainer_rejects_garbage_and_trains(tmp_path, model_cache, ctx):
     finally:
         pull.close()
         push.close()
+
+
+def test_dead_server_work_is_redispatched_and_never_counted_twice(cfg, ctx):
+    cfg.controller.server_timeout_s = 0.5
+    ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
+    push = make_socket(ctx, zmq.PUSH, cfg.net.addr(cfg.net.trainer_port), bind=False)
+    a = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.rollout_port), bind=False, identity="a")
+    b = None
+    try:
+        send(push, P.TrainerHello(version=0))
+        ctrl.start()
+        send(a, P.Hello(server_id="a", version=0))
+        got = []
+        deadline = time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:  # capacity (0+2+1)*2 = 6; take two groups
+            ctrl.step(20)
+            if a.poll(0):
+                got.append(recv(a, "test", timeout_s=1, waiting_for="work")[1].body)
+        assert ctrl.running == 6 and ctrl.accepted == 0
+        first = got[0]
+        # server a answers one sample of its first group, then dies
+        send(a, P.Result(gid=first.gid, attempt=0, idx=0, output_ids=[2], logprobs=[-0.5], versions=[0],
+                         finish_reason="stop"))
+        b = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.rollout_port), bind=False, identity="b")
+        end = time.monotonic() + 3
+        redispatched = {}
+        while time.monotonic() < end:  # b keeps beating, a stays silent past the timeout
+            send(b, P.Heartbeat(server_id="b", version=0, running=0, waiting=0, generated_tokens=0))
+            ctrl.step(20)
+            while b.poll(0):
+                g = recv(b, "test", timeout_s=1, waiting_for="work")[1].body
+                redispatched[g.gid] = g
+        assert not ctrl.registry.servers["a"].alive
+        assert first.gid in redispatched and redispatched[first.gid].attempt == 1
+        assert ctrl.running == 6  # moved, not re-admitted
+        before = rejected_count("controller", "stale_result")
+        # a's late answer for the old attempt is ignored
+        send(a, P.Result(gid=first.gid, attempt=0, idx=1, output_ids=[2], logprobs=[-0.5], versions=[0],
+                         finish_reason="stop"))
+        for idx in range(cfg.controller.group_size):  # b completes the group
+            send(b, P.Result(gid=first.gid, attempt=1, idx=idx, output_ids=[2], logprobs=[-0.5], versions=[0],
+                             finish_reason="stop"))
+        end = time.monotonic() + 5
+        while ctrl.accepted + len(ctrl.ready) < 2 and time.monotonic() < end:
+            ctrl.step(20)
+        assert rejected_count("controller", "stale_result") - before == 1
+        assert ctrl.accepted == 1 and len(ctrl.ready) == 1 and ctrl.running == 5
+        assert [s.output_ids for s in ctrl.ready[0].samples] == [[2], [2]]
+    finally:
+        ctrl.close()
+        for s in (push, a, b):
+            if s is not None:
+                s.close()
