@@ -146,3 +146,19 @@ def test_server_death_redispatches(tmp_path, small_cfg):
     assert [r["step"] for r in recs] == list(range(1, 11))
     assert_bound(recs, 2)
     assert "declared dead" in (tmp_path / "runs" / "t" / "logs" / "controller.log").read_text()
+
+
+def test_ctrl_c_stops_everything(tmp_path, small_cfg):
+    proc = subprocess.Popen([sys.executable, "-m", "areal_py.cli", "run", "--quiet", *small_cfg,
+                             "trainer.total_steps=500"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        _wait_for(lambda: len(metrics(tmp_path)) >= 1, 180, "the first training step")
+        children = _child_pids(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err
+    _wait_for(lambda: not any(_alive(p) for p in children), 15, "all children to exit")
