@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from trainer.decoupled_ppo import behaviour_weight, decoupled_ppo_loss, ppo_clip_loss
+from trainer.decoupled_ppo import aggregate, behaviour_weight, decoupled_ppo_loss, gspo_loss, policy_loss, ppo_clip_loss
 
 F64 = torch.float64
 
@@ -355,3 +355,271 @@ def test_shape_mismatch_names_the_argument():
         behaviour_weight(PROX, PROX[:1], MASK, 5.0, "cap")
     with pytest.raises(ValueError, match="behav_mode"):
         behaviour_weight(PROX, PROX, MASK, 5.0, "drop")
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+NAN = float("nan")
+# per-token values on MASK: row 0 (1, 2, 3), row 1 (4, 5, padding)
+PER_TOKEN = t([[1.0, 2.0, 3.0], [4.0, 5.0, NAN]])
+
+
+@pytest.mark.parametrize("mode, const, expected", [
+    ("token_mean", None, 3.0),              # (1 + 2 + 3 + 4 + 5) / 5
+    ("seq_mean", None, 3.25),               # (mean(1, 2, 3) + mean(4, 5)) / 2 = (2 + 4.5) / 2
+    ("seq_sum_const", 10.0, 1.5),           # 15 / 10
+])
+def test_aggregate_by_hand(mode, const, expected):
+    torch.testing.assert_close(aggregate(PER_TOKEN, MASK, mode, const), torch.tensor(expected, dtype=F64))
+    # a zero-length response appended changes nothing (not counted as a sequence in seq_mean)
+    per_token = torch.cat([PER_TOKEN, t([[NAN, NAN, NAN]])])
+    mask = torch.cat([MASK, torch.zeros(1, 3, dtype=torch.bool)])
+    torch.testing.assert_close(aggregate(per_token, mask, mode, const), torch.tensor(expected, dtype=F64))
+
+
+def test_aggregate_gradients_by_hand():
+    # seq_mean: d/dx_bt = 1 / (n_b * S): row 0 -> 1/(3*2) = 1/6, row 1 -> 1/(2*2) = 1/4
+    x = PER_TOKEN.clone().requires_grad_(True)
+    aggregate(x, MASK, "seq_mean").backward()
+    torch.testing.assert_close(x.grad, t([[1 / 6, 1 / 6, 1 / 6], [0.25, 0.25, 0.0]]))
+    x = PER_TOKEN.clone().requires_grad_(True)
+    aggregate(x, MASK, "seq_sum_const", const=10.0).backward()
+    torch.testing.assert_close(x.grad, t([[0.1, 0.1, 0.1], [0.1, 0.1, 0.0]]))
+
+
+def test_aggregate_normalizer_for_micro_batches():
+    # seq_mean with the whole batch's sequence count 4: (2 + 4.5) / 4; token_mean with 10 tokens: 15 / 10
+    torch.testing.assert_close(aggregate(PER_TOKEN, MASK, "seq_mean", normalizer=4), torch.tensor(1.625, dtype=F64))
+    torch.testing.assert_close(aggregate(PER_TOKEN, MASK, "token_mean", normalizer=10), torch.tensor(1.5, dtype=F64))
+    # row by row with the global S = 2 adds up to the whole-batch seq_mean 3.25: 2/2 + 4.5/2
+    halves = [aggregate(PER_TOKEN[i:i + 1], MASK[i:i + 1], "seq_mean", normalizer=2) for i in range(2)]
+    torch.testing.assert_close(halves[0] + halves[1], torch.tensor(3.25, dtype=F64))
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"mode": "sum"}, "mode"),
+    ({"mode": "seq_sum_const"}, "const"),
+    ({"mode": "seq_sum_const", "const": 0.0}, "const"),
+    ({"mode": "token_mean", "const": 5.0}, "const"),
+    ({"mode": "seq_sum_const", "const": 5.0, "normalizer": 3}, "normalizer"),
+    ({"mode": "seq_mean", "normalizer": -1}, "normalizer"),
+])
+def test_aggregate_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        aggregate(PER_TOKEN, MASK, **kwargs)
+    with pytest.raises(ValueError, match="mask"):
+        aggregate(PER_TOKEN, MASK[:1])
+
+
+# ----------------------------------------------------------------------------- policy_loss: defaults, aggregation
+
+
+def test_policy_loss_defaults_match_decoupled_ppo_loss_by_hand():
+    # the capped 2x3 example from above: -0.49, gradient [[0, -0.88, 0], [0.18, -0.35, 0]]
+    lp = example_logprobs()
+    behav = PROX - torch.log(W_RAW)
+    loss, stats = policy_loss(lp, PROX, behav, ADV, MASK)
+    torch.testing.assert_close(loss, torch.tensor(-0.49, dtype=F64))
+    loss.backward()
+    torch.testing.assert_close(lp.grad, t([[0.0, -0.88, 0.0], [0.18, -0.35, 0.0]]))
+    assert stats["behav_weight_mean"] == pytest.approx(2.7)
+    assert stats["clip_fraction"] == pytest.approx(0.4)
+    assert stats["dual_clip_fraction"] == 0.0
+
+
+def test_policy_loss_without_behaviour_is_ppo_clip():
+    # behaviour None: w = 1, the plain 2x3 PPO example -0.65
+    lp = example_logprobs()
+    loss, stats = policy_loss(lp, PROX, None, ADV, MASK)
+    torch.testing.assert_close(loss, torch.tensor(-0.65, dtype=F64))
+    loss.backward()
+    torch.testing.assert_close(lp.grad, GRAD_W1)
+    assert stats["behav_weight_mean"] == 1.0
+
+
+def test_policy_loss_seq_mean_and_seq_sum_const_by_hand():
+    # per-token losses (w = 1): row 0 (-2.4, -2.2, 0.8), row 1 (0.9, -0.35)
+    # seq_mean: (-3.8/3 + 0.55/2) / 2 = (-1.266667 + 0.275) / 2 = -0.495833
+    #   gradient -r A / (n_b * 2): (0,1) -2.2/6, (1,0) 0.9/4, (1,1) -0.35/4
+    lp = example_logprobs()
+    loss, _ = policy_loss(lp, PROX, None, ADV, MASK, agg_mode="seq_mean")
+    torch.testing.assert_close(loss, torch.tensor((-3.8 / 3 + 0.55 / 2) / 2, dtype=F64))
+    loss.backward()
+    torch.testing.assert_close(lp.grad, t([[0.0, -2.2 / 6, 0.0], [0.9 / 4, -0.35 / 4, 0.0]]))
+    # seq_sum_const 10: -3.25 / 10; gradient -r A / 10
+    lp = example_logprobs()
+    loss, _ = policy_loss(lp, PROX, None, ADV, MASK, agg_mode="seq_sum_const", agg_const=10.0)
+    torch.testing.assert_close(loss, torch.tensor(-0.325, dtype=F64))
+    loss.backward()
+    torch.testing.assert_close(lp.grad, t([[0.0, -0.22, 0.0], [0.09, -0.035, 0.0]]))
+
+
+# ----------------------------------------------------------------------------- dual clip
+
+# one row, four tokens and a padding position; dual clip c = 3, eps 0.2
+#   token  A    r     -rA    -clip(r)A   PPO max   -cA (A<0)   dual   d/dlogprob (dual)
+#   0     -1    4.0   4.0    1.2         4.0       3.0         3.0    0 (capped)
+#   1     -1    2.5   2.5    1.2         2.5       3.0         2.5    -rA / 4 = 0.625
+#   2      2    4.0  -8.0   -2.4        -2.4       -          -2.4    0 (clipped, A > 0 never dual-clipped)
+#   3     -1    0.5   0.5    0.8         0.8       3.0         0.8    0 (clipped)
+#   dual sum 3.9 / 4 = 0.975; plain PPO sum 4.9 / 4 = 1.225 (token 0 then has gradient -rA/4 = 1.0)
+DC_PROX = t([[-1.0, -1.0, -2.0, -0.5, NAN]])
+DC_RATIO = t([[4.0, 2.5, 4.0, 0.5, 1.0]])
+DC_ADV = t([[-1.0, -1.0, 2.0, -1.0, NAN]])
+DC_MASK = torch.tensor([[1, 1, 1, 1, 0]], dtype=torch.bool)
+
+
+def dc_logprobs():
+    return leaf(torch.where(DC_MASK, DC_PROX + torch.log(DC_RATIO), 0.0))
+
+
+def test_dual_clip_by_hand():
+    lp = dc_logprobs()
+    loss, stats = policy_loss(lp, DC_PROX, None, DC_ADV, DC_MASK, dual_clip_c=3.0)
+    torch.testing.assert_close(loss, torch.tensor(0.975, dtype=F64))
+    loss.backward()
+    torch.testing.assert_close(lp.grad, t([[0.0, 0.625, 0.0, 0.0, 0.0]]))
+    assert stats["dual_clip_fraction"] == pytest.approx(1 / 4)
+    assert stats["clip_fraction"] == pytest.approx(2 / 4)
+    # without dual clip: plain PPO clip
+    lp = dc_logprobs()
+    loss, stats = policy_loss(lp, DC_PROX, None, DC_ADV, DC_MASK)
+    torch.testing.assert_close(loss, torch.tensor(1.225, dtype=F64))
+    loss.backward()
+    torch.testing.assert_close(lp.grad, t([[1.0, 0.625, 0.0, 0.0, 0.0]]))
+    assert stats["dual_clip_fraction"] == 0.0
+
+
+def test_dual_clip_scales_with_the_behaviour_weight():
+    # w = 2 on token 0 (behaviour logprob = prox - log 2): its capped loss 3.0 becomes 6.0;
+    # others w = 1 -> (6 + 2.5 - 2.4 + 0.8) / 4 = 1.725
+    behav = DC_PROX - torch.log(t([[2.0, 1.0, 1.0, 1.0, 1.0]]))
+    loss, _ = policy_loss(dc_logprobs(), DC_PROX, behav, DC_ADV, DC_MASK, dual_clip_c=3.0)
+    torch.testing.assert_close(loss, torch.tensor(1.725, dtype=F64))
+
+
+@pytest.mark.parametrize("eps_clip_high", [None, 0.28])
+def test_dual_clip_reduces_to_ppo_clip_when_not_active(eps_clip_high):
+    # on the 2x3 example the A < 0 tokens have PPO losses 0.8 and 0.9, far under -cA = 3: nothing capped
+    lp = example_logprobs()
+    loss, stats = policy_loss(lp, PROX, PROX, ADV, MASK, dual_clip_c=3.0)
+    torch.testing.assert_close(loss, torch.tensor(-0.65, dtype=F64))
+    loss.backward()
+    torch.testing.assert_close(lp.grad, GRAD_W1)
+    assert stats["dual_clip_fraction"] == 0.0
+    # and on random data with a cap no ratio reaches (r < e^2 < 10): same loss and gradient as ppo_clip_loss
+    gen = torch.Generator().manual_seed(1)
+    old = -torch.rand(4, 7, generator=gen, dtype=F64) * 3
+    lp_values = old + (0.4 * torch.randn(4, 7, generator=gen, dtype=F64)).clamp(-2, 2)
+    adv = torch.randn(4, 7, generator=gen, dtype=F64)
+    mask = torch.rand(4, 7, generator=gen) > 0.3
+    lp1, lp2 = leaf(lp_values), leaf(lp_values)
+    l1, s1 = ppo_clip_loss(lp1, old, adv, mask, eps_clip_high=eps_clip_high)
+    l2, s2 = policy_loss(lp2, old, old, adv, mask, eps_clip_high=eps_clip_high, dual_clip_c=10.0)
+    l1.backward()
+    l2.backward()
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(lp1.grad, lp2.grad)
+    assert s2["dual_clip_fraction"] == 0.0 and s1["clip_fraction"] == pytest.approx(s2["clip_fraction"])
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"dual_clip_c": 1.0}, "dual_clip_c"),
+    ({"dual_clip_c": 0.5}, "dual_clip_c"),
+    ({"agg_mode": "mean"}, "mode"),
+    ({"agg_mode": "seq_sum_const"}, "const"),
+    ({"behav_mode": "drop"}, "behav_mode"),
+    ({"eps_clip": 1.5}, "eps_clip"),
+])
+def test_policy_loss_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        policy_loss(example_logprobs(), PROX, PROX, ADV, MASK, **kwargs)
+
+
+# ----------------------------------------------------------------------------- GSPO
+
+# seq 0: 3 tokens, log-ratios (0.3, -0.1, 0.1), mean 0.1 -> s = e^0.1 = 1.105171, A = 1  (inside [0.8, 1.2])
+# seq 1: 2 tokens + padding, log-ratios (0.5, 0.3), mean 0.4 -> s = e^0.4 = 1.491825, A = 2 (clipped at 1.2)
+# eps 0.2: loss = -(1 * 1.105171 + 2 * 1.2) / 2 = -1.752585
+#   gradient: seq 0 tokens -A s / (|y| S) = -1.105171 / 6 = -0.184195; seq 1 clipped: 0
+GS_OLD = t([[-1.0, -2.0, -0.5], [-1.0, -0.7, NAN]])
+GS_LOG_RATIO = t([[0.3, -0.1, 0.1], [0.5, 0.3, 0.0]])
+GS_ADV = t([1.0, 2.0])
+
+
+def gs_logprobs():
+    return leaf(torch.where(MASK, GS_OLD, 0.0) + GS_LOG_RATIO)
+
+
+def test_gspo_by_hand():
+    lp = gs_logprobs()
+    loss, stats = gspo_loss(lp, GS_OLD, GS_ADV, MASK, eps_clip=0.2, eps_clip_high=None)
+    torch.testing.assert_close(loss, torch.tensor(-(1.105171 + 2.4) / 2, dtype=F64), atol=1e-6, rtol=0)
+    loss.backward()
+    g = -1.105171 / 6
+    torch.testing.assert_close(lp.grad, t([[g, g, g], [0.0, 0.0, 0.0]]), atol=1e-6, rtol=0)
+    assert stats["clip_fraction"] == 0.5
+    assert stats["seq_ratio_mean"] == pytest.approx((1.105171 + 1.491825) / 2, abs=1e-6)
+    assert stats["approx_kl"] == pytest.approx(-(0.3 - 0.1 + 0.1 + 0.5 + 0.3) / 5)
+
+
+def test_gspo_paper_clip_range_and_negative_advantage():
+    # the paper's (3e-4, 4e-4): both ratios are above 1.0004 with A > 0 -> -(1 + 2) * 1.0004 / 2, no gradient
+    lp = gs_logprobs()
+    loss, stats = gspo_loss(lp, GS_OLD, GS_ADV, MASK, eps_clip=3e-4, eps_clip_high=4e-4)
+    torch.testing.assert_close(loss, torch.tensor(-1.5006, dtype=F64))
+    loss.backward()
+    assert torch.equal(lp.grad, torch.zeros(2, 3, dtype=F64)) and stats["clip_fraction"] == 1.0
+    # A = -1 on both, eps 0.2: seq 0 s = 1.105171 inside [0.8, 1.2], r A = clip(r) A = -1.105171;
+    # seq 1 s = 1.491825 > 1.2 but A < 0: min(-1.491825, -1.2) = -1.491825, the unclipped branch
+    # loss = (1.105171 + 1.491825) / 2 = 1.298498
+    loss, stats = gspo_loss(gs_logprobs(), GS_OLD, t([-1.0, -1.0]), MASK, eps_clip=0.2)
+    torch.testing.assert_close(loss, torch.tensor(1.298498, dtype=F64), atol=1e-6, rtol=0)
+    assert stats["clip_fraction"] == 0.0
+
+
+def test_gspo_zero_length_sequence_and_normalizer():
+    mask = torch.cat([MASK, torch.zeros(1, 3, dtype=torch.bool)])
+    old = torch.cat([GS_OLD, t([[NAN, NAN, NAN]])])
+    lp = leaf(torch.cat([gs_logprobs().detach(), t([[5.0, 5.0, 5.0]])]))
+    loss, stats = gspo_loss(lp, old, t([1.0, 2.0, 7.0]), mask, eps_clip=0.2)
+    torch.testing.assert_close(loss, torch.tensor(-(1.105171 + 2.4) / 2, dtype=F64), atol=1e-6, rtol=0)
+    loss.backward()
+    assert torch.equal(lp.grad[2], torch.zeros(3, dtype=F64)) and stats["clip_fraction"] == 0.5
+    # global sequence count 4 (micro-batching): -(1.105171 + 2.4) / 4
+    loss, _ = gspo_loss(gs_logprobs(), GS_OLD, GS_ADV, MASK, eps_clip=0.2, normalizer=4)
+    torch.testing.assert_close(loss, torch.tensor(-(1.105171 + 2.4) / 4, dtype=F64), atol=1e-6, rtol=0)
+
+
+def test_gspo_on_one_token_sequences_equals_token_level_ppo_clip():
+    # the five valid tokens of the 2x3 example as five one-token sequences at varying positions:
+    # s_i = r_i, so the loss is the token-level PPO value -3.25 / 5 = -0.65
+    ratio = t([1.5, 1.1, 0.5, 0.9, 0.7])
+    adv = t([2.0, 2.0, -1.0, -1.0, 0.5])
+    mask = torch.zeros(5, 3, dtype=torch.bool)
+    for i, pos in enumerate([0, 2, 1, 0, 2]):
+        mask[i, pos] = True
+    old = torch.full((5, 3), -1.3, dtype=F64)
+    lp_values = torch.where(mask, old + torch.log(ratio)[:, None], 0.0)
+    lp1, lp2 = leaf(lp_values), leaf(lp_values)
+    l_gspo, s_gspo = gspo_loss(lp1, old, adv, mask, eps_clip=0.2, eps_clip_high=None)
+    l_ppo, s_ppo = ppo_clip_loss(lp2, old, adv[:, None] * mask, mask)
+    torch.testing.assert_close(l_gspo, torch.tensor(-0.65, dtype=F64))
+    torch.testing.assert_close(l_gspo, l_ppo)
+    l_gspo.backward()
+    l_ppo.backward()
+    torch.testing.assert_close(lp1.grad, lp2.grad)
+    # the hand gradient: -r A / 5 on unclipped tokens (1.1 * 2, 0.9 * -1, 0.7 * 0.5), 0 on clipped ones
+    expected = torch.zeros(5, 3, dtype=F64)
+    expected[1, 2], expected[3, 0], expected[4, 2] = -0.44, 0.18, -0.07
+    torch.testing.assert_close(lp1.grad, expected)
+    assert s_gspo["clip_fraction"] == pytest.approx(s_ppo["clip_fraction"]) == pytest.approx(0.4)
+
+
+def test_gspo_bad_arguments():
+    with pytest.raises(ValueError, match="advantages"):
+        gspo_loss(gs_logprobs(), GS_OLD, GS_ADV[:, None] * MASK, MASK)
+    with pytest.raises(ValueError, match="old_logprobs"):
+        gspo_loss(gs_logprobs(), GS_OLD[:1], GS_ADV, MASK)
+    with pytest.raises(ValueError, match="eps_clip"):
+        gspo_loss(gs_logprobs(), GS_OLD, GS_ADV, MASK, eps_clip=0.0)

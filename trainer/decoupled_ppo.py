@@ -21,6 +21,12 @@ trainer that splits a batch into micro-batches passes the whole batch's token co
 Masked positions (prompt, padding) never reach the loss, its gradient or the statistics, even
 when they hold -inf or NaN: they are replaced before any arithmetic, not multiplied by 0
 afterwards (0 * inf is NaN, in the forward and in the backward pass).
+
+Variants (``decoupled_ppo_loss`` and ``ppo_clip_loss`` above keep their behaviour; these are new):
+
+    policy_loss   the decoupled loss plus dual clip (Ye et al. 2020) and a choice of aggregation
+    aggregate     token_mean | seq_mean | seq_sum_const (Dr.GRPO) reduction of a per-token loss
+    gspo_loss     GSPO (Zheng et al. 2025): one length-normalised importance ratio per sequence
 """
 from __future__ import annotations
 
@@ -29,10 +35,13 @@ from typing import Literal
 
 import torch
 
-__all__ = ["behaviour_weight", "decoupled_ppo_loss", "ppo_clip_loss", "BEHAV_MODES"]
+__all__ = ["behaviour_weight", "decoupled_ppo_loss", "ppo_clip_loss", "policy_loss", "gspo_loss", "aggregate",
+           "BEHAV_MODES", "AGG_MODES"]
 
 BehavMode = Literal["cap", "mask", "none"]
 BEHAV_MODES: tuple[str, ...] = ("cap", "mask", "none")
+AggMode = Literal["token_mean", "seq_mean", "seq_sum_const"]
+AGG_MODES: tuple[str, ...] = ("token_mean", "seq_mean", "seq_sum_const")
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -219,5 +228,196 @@ def ppo_clip_loss(
         "clip_fraction": _masked_mean(clipped < unclipped, valid),
         "approx_kl": _masked_mean(old - logprobs, valid),
         "ratio_mean": _masked_mean(ratio, valid),
+    }
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: AggMode = "token_mean", const: float | None = None,
+              normalizer: float | None = None) -> torch.Tensor:
+    """Reduce a per-token loss [B, T] to a scalar. ``n_b`` is the number of valid tokens of row b.
+
+        "token_mean":    sum_{b,t} m_bt x_bt / N           N = normalizer or sum_b n_b
+        "seq_mean":      sum_b (sum_t m_bt x_bt / n_b) / S  S = normalizer or #rows with n_b > 0
+        "seq_sum_const": sum_{b,t} m_bt x_bt / const        (Dr.GRPO: a constant, no length bias)
+
+    token_mean weighs every token equally (long responses weigh more); seq_mean weighs every
+    response equally (its tokens share 1/S, so long responses get smaller per-token weight, the
+    length bias Dr.GRPO points out); seq_sum_const divides by a constant fixed for the whole
+    run, e.g. ``batch_size * max_new_tokens`` to match the token_mean scale of full-length
+    responses (Dr.GRPO writes it per sequence as sum_t x / L_max, averaged over the G samples:
+    that is this with const = G * L_max). Rows with no valid token (a zero-length response) add
+    nothing and are not counted in S. When micro-batching, pass the whole batch's N or S as
+    ``normalizer`` so the micro-batch losses sum to the whole-batch loss; seq_sum_const needs no
+    normalizer (its constant already is one) and rejects it.
+    """
+    if not isinstance(per_token, torch.Tensor) or per_token.dim() != 2:
+        shape = tuple(per_token.shape) if isinstance(per_token, torch.Tensor) else type(per_token).__name__
+        raise ValueError(f"per_token must be a torch.Tensor of shape [B, T], got {shape}")
+    if not isinstance(mask, torch.Tensor) or mask.shape != per_token.shape:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must have shape {tuple(per_token.shape)} (same as per_token), got {shape}")
+    valid = mask.bool()
+    if mode not in AGG_MODES:
+        raise ValueError(f"mode must be one of {AGG_MODES}, got {mode!r}")
+    if mode == "seq_sum_const":
+        if not (isinstance(const, (int, float)) and math.isfinite(const) and const > 0):
+            raise ValueError(f"const must be a finite number > 0 for mode 'seq_sum_const', got {const!r}")
+        if normalizer is not None:
+            raise ValueError("normalizer must be None for mode 'seq_sum_const' (const is the normalizer)")
+    elif const is not None:
+        raise ValueError(f"const is only used by mode 'seq_sum_const', got const={const!r} with mode {mode!r}")
+
+    x = torch.where(valid, per_token, 0.0)
+    if mode == "token_mean":
+        return x.sum() / _normalizer(normalizer, valid)
+    if mode == "seq_sum_const":
+        return x.sum() / float(const)
+    tokens_per_seq = valid.sum(dim=1)
+    nonempty = tokens_per_seq > 0
+    seq_means = x.sum(dim=1) / tokens_per_seq.clamp(min=1)        # 0 for an empty row
+    n_seqs = _normalizer(normalizer, nonempty)
+    return seq_means.sum() / n_seqs
+
+
+# ----------------------------------------------------------------------------- policy loss with options
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    proximal_logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_clip: float = 0.2,
+    eps_clip_high: float | None = None,
+    dual_clip_c: float | None = None,
+    behav_cap: float | None = 5.0,
+    behav_mode: str = "cap",
+    agg_mode: AggMode = "token_mean",
+    agg_const: float | None = None,
+    normalizer: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Decoupled PPO with dual clip and a choice of aggregation. All tensors [B, T].
+
+        r_t  = exp(logprobs_t - proximal_t)
+        w_t  = behaviour_weight(proximal, behaviour, mask, behav_cap, behav_mode)  (1 if behaviour is None)
+        l_t  = max(-r_t A_t, -clip(r_t, 1 - eps_clip, 1 + eps_high) A_t)            (PPO clip)
+        l_t  = min(l_t, -c A_t)                  if A_t < 0 and dual_clip_c = c    (dual clip)
+        loss = aggregate(w_t * l_t, mask, agg_mode, agg_const, normalizer)
+
+    Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games"): with A < 0 and a
+    ratio far above 1 (the current policy now much prefers an action that was bad), the PPO
+    loss -r A grows without bound; dual clip caps it at -c A (c > 1), with zero gradient there.
+    It never changes tokens with A >= 0, nor tokens with r <= c, so with ``dual_clip_c=None``
+    or when no token exceeds the cap this is exactly ``decoupled_ppo_loss`` (token_mean) and,
+    with ``behaviour_logprobs=None`` or equal to ``proximal_logprobs``, ``ppo_clip_loss``.
+
+    Stats as ``decoupled_ppo_loss`` plus ``dual_clip_fraction`` (valid tokens capped at -c A).
+    """
+    tensors = {"logprobs": logprobs, "proximal_logprobs": proximal_logprobs, "advantages": advantages}
+    if behaviour_logprobs is not None:
+        tensors["behaviour_logprobs"] = behaviour_logprobs
+    valid = _valid_mask(mask, logprobs.shape, **tensors)
+    lo, hi = _clip_range(eps_clip, eps_clip_high)
+    if dual_clip_c is not None and not (isinstance(dual_clip_c, (int, float)) and math.isfinite(dual_clip_c)
+                                        and dual_clip_c > 1):
+        raise ValueError(f"dual_clip_c must be None or a finite number > 1, got {dual_clip_c!r}")
+    if behaviour_logprobs is None:
+        w, over = torch.where(valid, 1.0, 0.0).to(_compute_dtype(logprobs)), torch.zeros_like(valid)
+    else:
+        w, over = _behaviour_weight(proximal_logprobs, behaviour_logprobs, valid, behav_cap, behav_mode)
+
+    dtype = _compute_dtype(logprobs)
+    logprobs = torch.where(valid, logprobs.to(dtype), 0.0)
+    prox = torch.where(valid, proximal_logprobs.detach().to(dtype), 0.0)
+    adv = torch.where(valid, advantages.detach().to(dtype), 0.0)
+
+    ratio = torch.exp(logprobs - prox)                           # r_t = pi_theta / pi_prox
+    pg_loss1 = -adv * ratio
+    pg_loss2 = -adv * torch.clamp(ratio, 1.0 - lo, 1.0 + hi)
+    pg_loss = torch.max(pg_loss1, pg_loss2)                      # -min(r A, clip(r) A)
+    if dual_clip_c is not None:
+        pg_loss3 = -adv * dual_clip_c                            # the cap, only for A < 0
+        dual_clipped = (adv < 0) & (pg_loss3 < pg_loss)
+        pg_loss = torch.where(adv < 0, torch.min(pg_loss, pg_loss3), pg_loss)
+    else:
+        dual_clipped = torch.zeros_like(valid)
+    loss = aggregate(w * pg_loss, valid, agg_mode, agg_const, normalizer)
+
+    stats = {
+        "clip_fraction": _masked_mean(pg_loss2 > pg_loss1, valid),
+        "dual_clip_fraction": _masked_mean(dual_clipped, valid),
+        "behav_weight_mean": _masked_mean(w, valid),
+        "behav_masked_fraction": _masked_mean(over, valid),
+        "approx_kl": _masked_mean(prox - logprobs, valid),
+        "ratio_mean": _masked_mean(ratio, valid),
+    }
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- GSPO
+
+def gspo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_clip: float = 3e-4,
+    eps_clip_high: float | None = None,
+    normalizer: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GSPO (Group Sequence Policy Optimization, Zheng et al. 2025, arXiv 2507.18071).
+
+    ``logprobs``, ``old_logprobs``, ``mask``: [B, T]; ``advantages``: [B], one per sequence.
+
+        s_i  = exp((1/|y_i|) sum_t (logprobs_it - old_it))     = (pi_theta(y_i) / pi_old(y_i))^(1/|y_i|)
+        loss = -(1/S) sum_i min(s_i A_i, clip(s_i, 1 - eps_clip, 1 + eps_high) A_i)
+
+    The ratio, and so the clip, is per sequence: one response is kept or clipped as a whole.
+    The length normalisation keeps s_i on the scale of one token's ratio. ``eps_high`` is
+    ``eps_clip_high`` if given, else ``eps_clip`` (as in the token-level losses). The paper
+    clips at (3e-4, 4e-4), far tighter than token-level PPO's 0.2 because s_i averages out
+    per-token noise: the default ``eps_clip`` is 3e-4, pass ``eps_clip_high=4e-4`` for its
+    upper side. S = ``normalizer`` if given (the whole batch's count when
+    micro-batching) else the number of sequences with at least one valid token; a zero-length
+    sequence has no ratio and contributes nothing. The gradient flows through every token of
+    s_i. In asynchronous training pass the proximal logprobs as ``old_logprobs``; no
+    behaviour-policy weight is applied here. For one-token sequences s_i is the token ratio and
+    this equals ``ppo_clip_loss``.
+
+    Stats: ``clip_fraction`` (fraction of non-empty sequences clipped), ``seq_ratio_mean``,
+    ``approx_kl`` (token mean of old - logprobs).
+    """
+    valid = _valid_mask(mask, logprobs.shape, logprobs=logprobs, old_logprobs=old_logprobs)
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must have shape [B, T], got {tuple(logprobs.shape)}")
+    if not isinstance(advantages, torch.Tensor) or advantages.shape != logprobs.shape[:1]:
+        shape = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
+        raise ValueError(f"advantages must have shape [B] = {tuple(logprobs.shape[:1])} (one per sequence), "
+                         f"got {shape}")
+    lo, hi = _clip_range(eps_clip, eps_clip_high)
+
+    dtype = _compute_dtype(logprobs)
+    logprobs = torch.where(valid, logprobs.to(dtype), 0.0)
+    old = torch.where(valid, old_logprobs.detach().to(dtype), 0.0)
+    tokens_per_seq = valid.sum(dim=1)
+    nonempty = tokens_per_seq > 0
+    adv = torch.where(nonempty, advantages.detach().to(dtype), 0.0)
+    n = _normalizer(normalizer, nonempty)
+
+    log_seq_ratio = (logprobs - old).sum(dim=1) / tokens_per_seq.clamp(min=1)   # mean over the response
+    seq_ratio = torch.exp(log_seq_ratio)                                        # s_i (1 for an empty row)
+    pg_loss1 = -adv * seq_ratio
+    pg_loss2 = -adv * torch.clamp(seq_ratio, 1.0 - lo, 1.0 + hi)
+    per_seq = torch.max(pg_loss1, pg_loss2)
+    loss = torch.where(nonempty, per_seq, 0.0).sum() / n
+
+    stats = {
+        "clip_fraction": _masked_mean(pg_loss2 > pg_loss1, nonempty),
+        "seq_ratio_mean": _masked_mean(seq_ratio, nonempty),
+        "approx_kl": _masked_mean(old - logprobs, valid),
     }
     return loss, stats

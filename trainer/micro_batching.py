@@ -1,0 +1,52 @@
+"""Dynamic micro-batching: pack sequences into micro-batches by a token budget, not a fixed count.
+
+With long-tailed response lengths a fixed number of sequences per forward pass either wastes
+memory on short ones or runs out of it on long ones. Packing by tokens keeps every micro-batch
+under one budget. First-fit-decreasing (FFD): take the sequences longest first and put each into
+the first micro-batch that still has room, opening a new one when none has. FFD uses at most
+11/9 OPT + 6/9 bins (Dosa 2007), and in practice almost always the minimum.
+
+Gradient accumulation stays exact when every micro-batch loss is divided by the *whole batch's*
+token count (``decoupled_ppo_loss(..., normalizer=total_valid_tokens)``): the micro-batch losses
+then add up to the whole-batch token mean, whatever the packing. ``tests/test_micro_batching.py``
+checks this to 1e-5 on a small model.
+"""
+from __future__ import annotations
+
+__all__ = ["pack_by_tokens"]
+
+
+def pack_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into micro-batches whose summed length is <= ``max_tokens``.
+
+    First-fit-decreasing: sequences in order of decreasing length (ties: lower index first), each
+    into the first micro-batch with ``total + length <= max_tokens``, else into a new one. A
+    sequence longer than ``max_tokens`` cannot share and gets a micro-batch of its own.
+    Zero-length sequences fit anywhere (into the first micro-batch).
+
+    Returns micro-batches in the order they were opened (the first holds the longest sequence),
+    each a list of indices in ascending order; every index appears exactly once. The budget
+    counts tokens as given (e.g. prompt + response); with padded micro-batches the memory is
+    ``len(mb) * max(lengths in mb)``, which FFD keeps close because it packs similar lengths
+    together.
+    """
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+        raise ValueError(f"max_tokens must be an int > 0, got {max_tokens!r}")
+    lengths = list(lengths)
+    for i, n in enumerate(lengths):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"lengths must be ints >= 0, got lengths[{i}] = {n!r}")
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    totals: list[int] = []
+    for i in order:
+        for b, total in enumerate(totals):
+            if total + lengths[i] <= max_tokens:
+                bins[b].append(i)
+                totals[b] += lengths[i]
+                break
+        else:
+            bins.append([i])
+            totals.append(lengths[i])
+    return [sorted(b) for b in bins]
