@@ -68,6 +68,13 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy); the trainer uses the same.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     heartbeat_s: float = Field(0.5, gt=0, description="Seconds between server heartbeats.")
+    backend: Literal["torch", "sglang"] = Field(
+        "torch", description="torch: the built-in continuous-batching engine (CPU/GPU); sglang: an SGLang server "
+        "(GPU, optional extra, not yet run on a GPU).")
+    sglang_url: str = Field("", description="sglang backend: URL of a running SGLang server; empty = launch one.")
+    interrupt_mode: Literal["recompute", "keep"] = Field(
+        "recompute", description="On a weight update: recompute the KV cache of in-flight requests under the new "
+        "weights (AReaL), or keep decoding on the old cache (PipelineRL, prime-rl).")
 
 
 class ControllerConfig(_Section):

@@ -14,7 +14,7 @@ import zmq
 
 from areal_py import protocol as P
 from areal_py.config import Config
-from areal_py.models import eos_token_id, load_model_and_tokenizer
+from areal_py.models import eos_token_id, load_model_and_tokenizer, load_tokenizer
 from areal_py.prepare import model_path
 from areal_py.transport import make_socket, parse, reject, send
 from areal_py.weights import load_weights
@@ -33,15 +33,24 @@ def parse_request_id(rid: str) -> tuple[int, int, int]:
     return gid, attempt, idx
 
 
+def build_engine(cfg: Config, seed: int):
+    """The generation backend the config asks for; both speak the same Engine interface."""
+    path = model_path(cfg)
+    if cfg.rollout.backend == "sglang":
+        from rollout_server.sglang_engine import SGLangEngine  # lazy: sglang is an optional GPU extra
+
+        return SGLangEngine(str(path), eos_token_id=eos_token_id(load_tokenizer(path)),
+                            max_running=cfg.rollout.max_running, seed=seed, base_url=cfg.rollout.sglang_url or None)
+    model, tokenizer = load_model_and_tokenizer(path, dtype=cfg.model.dtype)
+    return Engine(model, eos_token_id(tokenizer), max_running=cfg.rollout.max_running, seed=seed,
+                  interrupt_mode=cfg.rollout.interrupt_mode)
+
+
 class RolloutServer:
     def __init__(self, cfg: Config, server_id: str | None = None, engine: Engine | None = None) -> None:
         self.cfg = cfg
         self.server_id = server_id or cfg.rollout.server_id
-        if engine is None:
-            model, tokenizer = load_model_and_tokenizer(model_path(cfg), dtype=cfg.model.dtype)
-            seed = cfg.run.seed * 1000 + sum(self.server_id.encode())
-            engine = Engine(model, eos_token_id(tokenizer), max_running=cfg.rollout.max_running, seed=seed)
-        self.engine = engine
+        self.engine = engine or build_engine(cfg, seed=cfg.run.seed * 1000 + sum(self.server_id.encode()))
         self.ctx = zmq.Context.instance()
         net = cfg.net
         self.dealer = make_socket(self.ctx, zmq.DEALER, net.addr(net.rollout_port), bind=False, identity=self.server_id)
@@ -80,10 +89,12 @@ class RolloutServer:
             return  # a duplicate (broadcast and directed catch-up can both arrive)
         start = time.perf_counter()
         try:
-            named = load_weights(u.path) if u.path else tensors
-            if not named:
+            if not u.path and not tensors:
                 raise ValueError("update carries neither a path nor tensors")
-            self.engine.update_weights(named, u.version)
+            if isinstance(self.engine, Engine):
+                self.engine.update_weights(load_weights(u.path) if u.path else tensors, u.version)
+            else:  # the SGLang backend loads from a file itself
+                self.engine.update_weights(u.path or tensors, u.version)
         except (OSError, KeyError, ValueError) as e:
             reject(ROLE, "bad_weights", f"cannot load version {u.version}: {e}")
             return
@@ -134,5 +145,7 @@ class RolloutServer:
             self.close()
 
     def close(self) -> None:
+        if hasattr(self.engine, "close"):
+            self.engine.close()
         self.dealer.close()
         self.sub.close()
