@@ -85,6 +85,8 @@ class ControllerConfig(_Section):
     weight_sync_timeout_s: float = Field(60.0, gt=0, description="Longest wait for every live server to load a new version.")
     startup_timeout_s: float = Field(120.0, gt=0, description="Longest wait for the trainer and the first server to connect.")
     reward_workers: int = Field(1, ge=1, description="Threads computing rewards off the generation path.")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and keep "
+                                   "admitting (within the staleness bound) until the batch is full.")
 
 
 class TrainerConfig(_Section):
@@ -96,11 +98,57 @@ class TrainerConfig(_Section):
     eps_clip_high: float | None = Field(None, description="Upper clip epsilon (DAPO clip-higher); null = eps_clip.")
     behav_cap: float | None = Field(5.0, description="Bound on the behaviour weight pi_prox/pi_behav; null = unbounded.")
     behav_mode: Literal["cap", "mask", "none"] = Field("cap", description="cap: clamp the weight; mask: drop tokens over the bound; none: raw weight.")
-    adv_std_normalize: bool = Field(True, description="Divide group-centred rewards by the group std (GRPO) or not (Dr.GRPO).")
     ppo_minibatches: int = Field(1, ge=1, description="Optimizer updates per batch (the proximal policy stays fixed across them).")
     micro_batch_size: int = Field(128, ge=1, description="Sequences per forward pass (gradients accumulate over micro-batches).")
+    max_tokens_per_micro_batch: int = Field(0, ge=0, description="Pack micro-batches by a token budget "
+                                            "(first-fit-decreasing) instead of micro_batch_size; 0 = off.")
     checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     batch_timeout_s: float = Field(300.0, gt=0, description="Longest wait for the controller to deliver a batch.")
+
+
+class AlgoConfig(_Section):
+    adv_estimator: Literal["grpo", "rloo", "reinforce", "reinforce_pp", "gae"] = Field(
+        "grpo", description="grpo: group mean/std; rloo: leave-one-out; reinforce: batch-mean baseline; "
+        "reinforce_pp: batch-normalised returns with KL in the reward; gae: critic + GAE (PPO).")
+    std_normalize: bool = Field(True, description="grpo: divide by the group std (false = Dr.GRPO).")
+    whiten_advantages: bool = Field(False, description="Normalise advantages over the batch's valid tokens (usual for gae).")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount for gae and reinforce_pp.")
+    lam: float = Field(1.0, ge=0, le=1, description="GAE lambda.")
+    loss: Literal["decoupled", "ppo", "gspo"] = Field(
+        "decoupled", description="decoupled: AReaL's decoupled PPO (proximal + behaviour weight); ppo: naive PPO with "
+        "the behaviour policy as the old policy; gspo: sequence-level ratio against the proximal policy.")
+    dual_clip_c: float | None = Field(None, description="Dual clip bound c > 1 for negative advantages; null = off.")
+    loss_agg: Literal["token_mean", "seq_mean", "seq_sum_const"] = Field(
+        "token_mean", description="Loss aggregation; seq_sum_const divides by loss_agg_const (Dr.GRPO).")
+    loss_agg_const: float | None = Field(None, description="seq_sum_const divisor; null = samples x rollout.max_new_tokens.")
+    prox_method: Literal["recompute", "loglinear"] = Field(
+        "recompute", description="Proximal logprobs by an extra forward pass, or AReaL's log-linear interpolation.")
+    kl_coef: float = Field(0.0, ge=0, description="KL penalty to the frozen initial policy (0 = no reference model).")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator.")
+    kl_in: Literal["reward", "loss"] = Field("loss", description="Apply the KL as a reward penalty or as a loss term.")
+    kl_target: float | None = Field(None, description="Adaptive KL: target per-token KL; null = fixed coefficient.")
+    kl_horizon: float = Field(10000.0, gt=0, description="Adaptive KL horizon in samples.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
+    drop_uniform_groups: bool = Field(True, description="Leave groups whose rewards are all equal out of the loss "
+                                      "(group estimators give them zero advantage; they only dilute the mean).")
+    critic_lr: float = Field(1e-3, gt=0, description="gae: critic learning rate.")
+    value_clip: float | None = Field(0.2, description="gae: value clip epsilon; null = unclipped.")
+
+
+class RewardConfig(_Section):
+    functions: dict[str, float] = Field(default_factory=lambda: {"accuracy": 1.0},
+                                        description="Weighted reward functions: accuracy, math_accuracy, "
+                                        "think_answer_format, reward_model, or module:function.")
+    reward_model_path: str = Field("", description="Directory of a sequence-classification reward model.")
+    workers: int = Field(0, ge=0, description="Reward worker processes (0 = threads, no timeout enforcement).")
+    timeout_s: float = Field(10.0, gt=0, description="Per-sample verifier timeout (worker processes only).")
+    scale: float = Field(1.0, description="Multiply rewards by this.")
+    clip_low: float | None = Field(None, description="Lower reward clip; null = none.")
+    clip_high: float | None = Field(None, description="Upper reward clip; null = none.")
+    normalize: Literal["none", "batch", "group"] = Field("none", description="Reward normalisation before the estimator.")
+    overlong_cache_len: int = Field(0, ge=0, description="DAPO overlong penalty window in tokens (0 = off).")
+    overlong_factor: float = Field(1.0, ge=0, description="DAPO overlong penalty at the length limit.")
+    zero_truncated: bool = Field(False, description="Reward 0 for responses cut at the length limit.")
 
 
 class WeightsConfig(_Section):
@@ -129,6 +177,8 @@ class Config(_Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout servers.")
     controller: ControllerConfig = Field(default_factory=ControllerConfig, description="Admission, dispatch, batching.")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Optimisation and checkpoints.")
+    algo: AlgoConfig = Field(default_factory=AlgoConfig, description="Advantage estimator, policy loss, KL, entropy.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward functions and shaping.")
     weights: WeightsConfig = Field(default_factory=WeightsConfig, description="Weight transfer trainer -> servers.")
     net: NetConfig = Field(default_factory=NetConfig, description="Socket addresses.")
 

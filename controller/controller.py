@@ -75,6 +75,7 @@ class Controller:
         self.accepted = 0
         self.running = 0
         self.dropped_stale = 0
+        self.dropped_uniform = 0
         self.generated_tokens = 0
         self.next_gid = 0
         self.next_batch_version = 0
@@ -185,12 +186,17 @@ class Controller:
             if not fut.done():
                 still.append((g, fut))
                 continue
+            self.running -= 1
             try:
-                self.ready.append(fut.result())
-                self.accepted += 1
+                group = fut.result()
             except Exception:
                 log.exception("reward computation failed for group %d; dropped", g.gid)
-            self.running -= 1
+                continue
+            if self.cfg.controller.dynamic_sampling and len({s.reward for s in group.samples}) == 1:
+                self.dropped_uniform += 1  # DAPO: no signal in it; capacity frees and a fresh prompt is admitted
+                continue
+            self.ready.append(group)
+            self.accepted += 1
         self.scoring = still
 
     def expire_servers(self) -> None:
@@ -247,7 +253,7 @@ class Controller:
                 return
             groups = [self.ready.popleft() for _ in range(self.batch_size)]
             state = {"data_position": self.data_position, "accepted": self.accepted, "running": self.running,
-                     "dropped_stale": self.dropped_stale, "generated_tokens": self.generated_tokens}
+                     "dropped_stale": self.dropped_stale, "dropped_uniform": self.dropped_uniform, "generated_tokens": self.generated_tokens}
             try:
                 send(self.to_trainer, P.Batch(version=b, groups=groups, state=state,
                                               stats={"servers_live": len(self.registry.live()),
@@ -283,6 +289,7 @@ class Controller:
         if hello.resume_state:
             self.data_position = hello.resume_state["data_position"]
             self.dropped_stale = hello.resume_state.get("dropped_stale", 0)
+            self.dropped_uniform = hello.resume_state.get("dropped_uniform", 0)
             self.generated_tokens = hello.resume_state.get("generated_tokens", 0)
         self.accepted = hello.version * self.batch_size  # every trained group; nothing in flight survives a restart
         log.info("trainer at version %d; data position %d, accepted %d, max_staleness %d", hello.version,

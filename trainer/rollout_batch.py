@@ -6,7 +6,7 @@ response of a sample with prompt length p and response length r occupies positio
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -20,17 +20,27 @@ class RolloutBatch:
     loss_mask: torch.Tensor        # [S, L-1] float, 1 on response tokens
     behav_logprobs: torch.Tensor   # [S, L-1] float
     token_versions: torch.Tensor   # [S, L-1] long (-1 outside the response)
-    rewards: torch.Tensor          # [G, n] float
-    group_size: int
+    response_lengths: torch.Tensor  # [S] long
+    truncated: torch.Tensor        # [S] bool: stopped by the length limit, not by EOS
+    rewards: torch.Tensor          # [S] float
+    group_size: int = 1            # samples per prompt; rows s*n .. s*n+n-1 are one group
 
     @property
     def num_samples(self) -> int:
         return self.input_ids.shape[0]
 
-    def rows(self, idx: torch.Tensor) -> "RolloutBatch":
-        """A subset of samples (rewards stay per group: advantages are computed before splitting)."""
-        return RolloutBatch(self.input_ids[idx], self.attention_mask[idx], self.loss_mask[idx],
-                            self.behav_logprobs[idx], self.token_versions[idx], self.rewards, self.group_size)
+    def rows(self, idx: torch.Tensor, trim: bool = False) -> "RolloutBatch":
+        """A subset of samples; with trim, columns past the subset's longest sequence are cut."""
+        width = int(self.attention_mask[idx].sum(dim=1).max()) if trim and len(idx) else self.input_ids.shape[1]
+        out: dict = {"group_size": self.group_size}
+        for f in fields(self):
+            if f.name == "group_size":
+                continue
+            t = getattr(self, f.name)[idx]
+            if t.dim() == 2:
+                t = t[:, : width if f.name in ("input_ids", "attention_mask") else width - 1]
+            out[f.name] = t
+        return RolloutBatch(**out)
 
 
 def collate(groups: list[P.Group], pad_id: int) -> RolloutBatch:
@@ -53,14 +63,21 @@ def collate(groups: list[P.Group], pad_id: int) -> RolloutBatch:
             loss_mask[i, p - 1 : p - 1 + r] = 1.0
             behav[i, p - 1 : p - 1 + r] = torch.tensor(s.logprobs)
             versions[i, p - 1 : p - 1 + r] = torch.tensor(s.versions)
-    rewards = torch.tensor([[s.reward for s in g.samples] for g in groups], dtype=torch.float32)
-    return RolloutBatch(input_ids, attn, loss_mask, behav, versions, rewards, n)
+    return RolloutBatch(
+        input_ids, attn, loss_mask, behav, versions,
+        response_lengths=torch.tensor([len(s.output_ids) for _, s in seqs]),
+        truncated=torch.tensor([s.finish_reason == "length" for _, s in seqs]),
+        rewards=torch.tensor([s.reward for _, s in seqs], dtype=torch.float32), group_size=n)
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   temperature: float) -> torch.Tensor:
-    """log pi(token_{t+1} | tokens_<=t) under softmax(logits / T): the quantity the engine records."""
+                   temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(token_{t+1} | tokens_<=t) under softmax(logits / T), the quantity the engine records,
+    and optionally the entropy of that distribution at each position."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     if temperature > 0:
         logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logp, entropy

@@ -23,10 +23,9 @@ from areal_py.models import load_model_and_tokenizer
 from areal_py.prepare import model_path
 from areal_py.transport import make_socket, recv, reject, send
 from areal_py.weights import named_weights, save_weights
-from trainer.advantages import grpo_advantages
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from trainer.decoupled_ppo import decoupled_ppo_loss
-from trainer.rollout_batch import RolloutBatch, collate, token_logprobs
+from trainer.learner import Learner
+from trainer.rollout_batch import collate
 
 log = logging.getLogger("trainer")
 ROLE = "trainer"
@@ -35,11 +34,9 @@ ROLE = "trainer"
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False) -> None:
         self.cfg = cfg
-        t = cfg.trainer
-        self.model, self.tokenizer = load_model_and_tokenizer(model_path(cfg), dtype=cfg.model.dtype)
-        self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        self.temperature = cfg.rollout.temperature
+        path = model_path(cfg)
+        self.model, self.tokenizer = load_model_and_tokenizer(path, dtype=cfg.model.dtype)
+        self.learner = Learner(cfg, self.model, path)
         self.version = 0
         self.resume_state: dict[str, int] | None = None
         self.wall_offset = 0.0
@@ -57,57 +54,12 @@ class Trainer:
         d = latest_checkpoint(self.ckpt_root)
         if d is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_root}")
-        state = load_checkpoint(d, self.model, self.optimizer)
+        state = load_checkpoint(d, self.learner.modules(), self.learner.optimizers())
         self.version = state["version"]
         self.resume_state = state["controller_state"]
         self.wall_offset = state["wall_time_s"]
         self.trained_tokens_total = state.get("trained_tokens_total", 0)
         log.info("resumed from %s at version %d", d, self.version)
-
-    # --- one step ----------------------------------------------------------------------------------
-    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
-        t = self.cfg.trainer
-        adv = grpo_advantages(batch.rewards, std_normalize=t.adv_std_normalize).reshape(-1)
-        informative = (adv != 0).reshape(batch.rewards.shape).any(dim=1)  # all-equal groups carry no signal
-        rows = torch.nonzero(informative.repeat_interleave(batch.group_size)).squeeze(-1)
-        stats: dict[str, float] = {"informative_groups": float(informative.sum()), "loss": 0.0,
-                                   "clip_fraction": 0.0, "grad_norm": 0.0, "approx_kl": 0.0}
-        if rows.numel() == 0:
-            return stats
-        sub, sub_adv = batch.rows(rows), adv[rows]
-        mb = t.micro_batch_size
-        t0 = time.perf_counter()
-        with torch.no_grad():  # proximal policy: the weights held before this update
-            prox = torch.cat([token_logprobs(self.model, sub.input_ids[i:i + mb], sub.attention_mask[i:i + mb],
-                                             self.temperature) for i in range(0, sub.num_samples, mb)])
-        stats["prox_time_s"] = time.perf_counter() - t0
-        perm = torch.arange(sub.num_samples)
-        n_stats = 0
-        for minibatch in perm.chunk(t.ppo_minibatches):
-            self.optimizer.zero_grad(set_to_none=True)
-            normalizer = float(sub.loss_mask[minibatch].sum().clamp(min=1.0))
-            for i in range(0, len(minibatch), mb):
-                idx = minibatch[i:i + mb]
-                logp = token_logprobs(self.model, sub.input_ids[idx], sub.attention_mask[idx], self.temperature)
-                mask = sub.loss_mask[idx]
-                loss, s = decoupled_ppo_loss(
-                    logp, prox[idx], sub.behav_logprobs[idx], sub_adv[idx, None] * mask, mask,
-                    eps_clip=t.eps_clip, eps_clip_high=t.eps_clip_high, behav_cap=t.behav_cap,
-                    behav_mode=t.behav_mode, normalizer=normalizer)
-                loss.backward()
-                stats["loss"] += float(loss.detach())
-                share = float(mask.sum()) / normalizer
-                stats["clip_fraction"] += s["clip_fraction"] * share
-                stats["approx_kl"] += s["approx_kl"] * share
-                n_stats += 1
-            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-            stats["grad_norm"] = float(gn)
-            self.optimizer.step()
-        k = t.ppo_minibatches
-        stats["loss"] /= k
-        stats["clip_fraction"] /= k
-        stats["approx_kl"] /= k
-        return stats
 
     # --- loop --------------------------------------------------------------------------------------
     def publish(self) -> None:
@@ -155,7 +107,7 @@ class Trainer:
         sample_oldest = torch.where(mask, batch.token_versions, torch.iinfo(torch.long).max).min(dim=1).values
         has_tokens = mask.any(dim=1)
         sample_stale = (self.version - sample_oldest[has_tokens]).tolist()
-        stats = self.train_step(batch)
+        stats = self.learner.train_step(batch, self.version)
         train_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         self.version += 1
@@ -168,7 +120,7 @@ class Trainer:
             hist[str(s)] = hist.get(str(s), 0) + 1
         record: dict[str, Any] = {
             "step": self.version, "version": self.version, "wall_time_s": round(self.wall_time(), 3),
-            "reward_mean": float(batch.rewards.mean()),
+            "reward_mean": float(batch.rewards.mean()), "response_len_mean": float(batch.response_lengths.float().mean()),
             "staleness_mean": float(token_stale.float().mean()) if token_stale.numel() else 0.0,
             "staleness_max": int(token_stale.max()) if token_stale.numel() else 0,
             "sample_staleness_hist": hist, "max_staleness": self.cfg.effective_max_staleness,
@@ -189,7 +141,7 @@ class Trainer:
     def checkpoint(self, controller_state: dict[str, int]) -> None:
         state = {"version": self.version, "controller_state": controller_state, "wall_time_s": self.wall_time(),
                  "trained_tokens_total": self.trained_tokens_total}
-        d = save_checkpoint(self.ckpt_root, self.model, self.optimizer, state)
+        d = save_checkpoint(self.ckpt_root, self.learner.modules(), self.learner.optimizers(), state)
         log.info("checkpoint %s", d)
 
     def save_final(self) -> Path:

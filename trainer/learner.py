@@ -1,0 +1,134 @@
+"""The learner: the models and optimizers the trainer owns, and one training step over a batch.
+
+Holds the policy (+ AdamW), and when the recipe needs them a critic (+ its own AdamW) and a
+frozen reference model. `train_step` is: fix the targets with the weights held before the
+update (proximal and reference logprobs, old values, advantages), then for each minibatch
+accumulate gradients over micro-batches and take one optimizer step.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from areal_py.config import Config
+from trainer import algorithm as A
+from trainer.critic import ValueModel
+from trainer.kl import AdaptiveKLController, FixedKLController
+from trainer.micro_batching import pack_by_tokens
+from trainer.rollout_batch import RolloutBatch, token_logprobs
+
+STAT_KEYS = ("loss", "clip_fraction", "approx_kl", "behav_weight_mean", "kl_loss", "entropy", "value_loss")
+
+
+class Learner:
+    def __init__(self, cfg: Config, model: torch.nn.Module, model_dir) -> None:
+        self.cfg = cfg
+        self.algo = cfg.algo
+        t = cfg.trainer
+        self.model = model
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.temperature = cfg.rollout.temperature
+        self.ref = copy.deepcopy(model).eval().requires_grad_(False) if self.algo.kl_coef > 0 else None
+        self.kl_ctl = (AdaptiveKLController(self.algo.kl_coef, self.algo.kl_target, self.algo.kl_horizon)
+                       if self.algo.kl_target is not None else FixedKLController(self.algo.kl_coef))
+        self.critic = self.critic_opt = None
+        if self.algo.adv_estimator == "gae":
+            self.critic = ValueModel(model_dir, dtype=next(model.parameters()).dtype)
+            self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=self.algo.critic_lr)
+        self.loss_settings = A.LossSettings(t.eps_clip, t.eps_clip_high, t.behav_cap, t.behav_mode, None)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """What a checkpoint must hold (the reference is the initial policy: rebuilt, not saved)."""
+        return {"model": self.model, **({"critic": self.critic} if self.critic is not None else {})}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"optimizer": self.optimizer, **({"critic_optimizer": self.critic_opt} if self.critic_opt else {})}
+
+    def micro_batches(self, batch: RolloutBatch, rows: torch.Tensor) -> list[torch.Tensor]:
+        t = self.cfg.trainer
+        if t.max_tokens_per_micro_batch:
+            lengths = batch.attention_mask[rows].sum(dim=1).tolist()
+            return [rows[torch.tensor(mb)] for mb in pack_by_tokens(lengths, t.max_tokens_per_micro_batch)]
+        return list(rows.split(t.micro_batch_size))
+
+    @torch.no_grad()
+    def _fixed(self, sub: RolloutBatch, need_prox: bool) -> tuple[torch.Tensor | None, ...]:
+        """Proximal logprobs, reference logprobs and old values under the weights held now."""
+        prox, ref, values = [], [], []
+        mbs = self.micro_batches(sub, torch.arange(sub.num_samples))
+        for idx in mbs:
+            mb = sub.rows(idx)
+            if need_prox:
+                prox.append(token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature)[0])
+            if self.ref is not None:
+                ref.append(token_logprobs(self.ref, mb.input_ids, mb.attention_mask, self.temperature)[0])
+            if self.critic is not None:
+                values.append(self.critic(mb.input_ids, mb.attention_mask))
+        order = torch.cat(mbs)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        return tuple(torch.cat(x)[inverse] if x else None for x in (prox, ref, values))
+
+    def train_step(self, batch: RolloutBatch, version: int) -> dict[str, float]:
+        algo, t, cfg = self.algo, self.cfg.trainer, self.cfg
+        n = batch.group_size
+        rewards = A.shaped_rewards(batch, cfg.reward, n, cfg.rollout.max_new_tokens)
+        rows = A.informative_rows(rewards, n, algo)
+        stats: dict[str, float] = {k: 0.0 for k in STAT_KEYS} | {"grad_norm": 0.0, "kl_coef": self.kl_ctl.coef,
+                                                                "informative_samples": float(rows.numel())}
+        if rows.numel() == 0:
+            return stats
+        sub = batch.rows(rows)
+        t0 = time.perf_counter()
+        need_prox = algo.loss != "ppo" and algo.prox_method == "recompute"
+        prox, ref, old_values = self._fixed(sub, need_prox)
+        stats["prox_time_s"] = time.perf_counter() - t0
+        adv, returns = A.advantages(sub, rewards[rows], n, algo, self.kl_ctl.coef, ref, old_values)
+        targets = A.Targets(adv, prox, ref, old_values, returns)
+        if algo.loss_agg == "seq_sum_const":
+            self.loss_settings.agg_const = algo.loss_agg_const or float(sub.num_samples * cfg.rollout.max_new_tokens)
+        for minibatch in torch.arange(sub.num_samples).chunk(t.ppo_minibatches):
+            self._update(sub, minibatch, targets, version, stats)
+        for k in STAT_KEYS:
+            stats[k] /= t.ppo_minibatches
+        if ref is not None:  # observed KL(pi_behav || pi_ref) per token, what the adaptive controller targets
+            valid = sub.loss_mask.bool()
+            stats["ref_kl"] = float((sub.behav_logprobs - ref)[valid].mean()) if valid.any() else 0.0
+            self.kl_ctl.update(stats["ref_kl"], sub.num_samples)
+        return stats
+
+    def _update(self, sub: RolloutBatch, minibatch: torch.Tensor, tg: A.Targets, version: int,
+                stats: dict[str, float]) -> None:
+        algo, t = self.algo, self.cfg.trainer
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.critic_opt is not None:
+            self.critic_opt.zero_grad(set_to_none=True)
+        norms = A.Norms.of(sub.loss_mask[minibatch])
+        for idx in self.micro_batches(sub, minibatch):
+            mb = sub.rows(idx, trim=True)
+            width = mb.loss_mask.shape[1]
+            tmb = A.Targets(*(None if x is None else x[idx, :width] for x in
+                              (tg.advantages, tg.prox, tg.ref, tg.old_values, tg.returns)))
+            logp, entropy = token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature,
+                                           with_entropy=algo.entropy_coef > 0)
+            loss, s = A.micro_batch_loss(logp, entropy, mb, tmb, version, algo, self.loss_settings,
+                                         self.kl_ctl.coef, norms)
+            loss.backward()
+            share = float(mb.loss_mask.sum()) / norms.tokens  # token-weighted stats
+            stats["loss"] += float(loss.detach())
+            for k in ("clip_fraction", "approx_kl", "behav_weight_mean"):  # per-micro-batch means
+                stats[k] += s.get(k, 0.0) * share
+            for k in ("kl_loss", "entropy"):  # already divided by the whole minibatch's normaliser
+                stats[k] += s.get(k, 0.0)
+            if self.critic is not None:
+                vloss, _ = A.critic_loss(self.critic(mb.input_ids, mb.attention_mask), mb, tmb, algo, norms.tokens)
+                vloss.backward()
+                stats["value_loss"] += float(vloss.detach())
+        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip))
+        self.optimizer.step()
+        if self.critic_opt is not None:
+            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), t.grad_clip)
+            self.critic_opt.step()
