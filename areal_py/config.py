@@ -84,7 +84,6 @@ class ControllerConfig(_Section):
     server_timeout_s: float = Field(10.0, gt=0, description="A server silent this long is declared dead; its work is re-dispatched.")
     weight_sync_timeout_s: float = Field(60.0, gt=0, description="Longest wait for every live server to load a new version.")
     startup_timeout_s: float = Field(120.0, gt=0, description="Longest wait for the trainer and the first server to connect.")
-    reward_workers: int = Field(1, ge=1, description="Threads computing rewards off the generation path.")
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and keep "
                                    "admitting (within the staleness bound) until the batch is full.")
 
@@ -140,7 +139,8 @@ class RewardConfig(_Section):
                                         description="Weighted reward functions: accuracy, math_accuracy, "
                                         "think_answer_format, reward_model, or module:function.")
     reward_model_path: str = Field("", description="Directory of a sequence-classification reward model.")
-    workers: int = Field(0, ge=0, description="Reward worker processes (0 = threads, no timeout enforcement).")
+    workers: int = Field(1, ge=0, description="Reward worker processes (0 = score in the controller's thread, "
+                         "no timeout enforcement).")
     timeout_s: float = Field(10.0, gt=0, description="Per-sample verifier timeout (worker processes only).")
     scale: float = Field(1.0, description="Multiply rewards by this.")
     clip_low: float | None = Field(None, description="Lower reward clip; null = none.")

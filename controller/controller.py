@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import zmq
@@ -22,6 +21,7 @@ from areal_py import protocol as P
 from areal_py.config import Config
 from areal_py.models import load_tokenizer
 from areal_py.prepare import build_task, model_path
+from areal_py.rewards import RewardHandle, RewardPool
 from areal_py.tasks import Prompt, Task
 from areal_py.transport import WaitTimeout, make_socket, parse, recv, reject, send
 from controller.servers import ServerRegistry, ServerState
@@ -60,7 +60,9 @@ class Controller:
         self.max_staleness = cfg.effective_max_staleness
         self.total_steps = cfg.trainer.total_steps
         self.registry = ServerRegistry(cfg.controller.server_timeout_s)
-        self.rewards = ThreadPoolExecutor(cfg.controller.reward_workers, thread_name_prefix="reward")
+        rc = cfg.reward
+        self.rewards = RewardPool(rc.functions, self.task, workers=rc.workers, timeout_s=rc.timeout_s,
+                                  reward_model={"path": rc.reward_model_path} if rc.reward_model_path else None)
 
         net, ctx = cfg.net, zmq.Context.instance()
         self.router = make_socket(ctx, zmq.ROUTER, net.addr(net.rollout_port, bind=True), bind=True)
@@ -84,7 +86,7 @@ class Controller:
 
         self.inflight: dict[int, InflightGroup] = {}
         self.undispatched: deque[int] = deque()
-        self.scoring: list[tuple[InflightGroup, Future]] = []
+        self.scoring: list[tuple[InflightGroup, RewardHandle]] = []
         self.ready: deque[P.Group] = deque()
         self.trainer_done = False
         self.gen_tokens_by_server: dict[str, int] = {}
@@ -167,31 +169,28 @@ class Controller:
                 self.running -= 1  # refused by the server: forget it, capacity admits a fresh prompt
                 log.warning("group %d aborted by %s; dropped", g.gid, server_id)
             else:
-                self.scoring.append((g, self.rewards.submit(self._score, g)))
+                self.scoring.append((g, self.rewards.submit([self._scoring_item(g.prompt, g.results[i])
+                                                             for i in range(self.n)])))
 
-    def _score(self, g: InflightGroup) -> P.Group:
-        samples = []
-        for idx in range(self.n):
-            r = g.results[idx]
-            ids = [t for t in r.output_ids if t not in self.tokenizer.all_special_ids]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            reward = self.task.reward(g.prompt, text, r.finish_reason == "stop")
-            samples.append(P.Sample(output_ids=r.output_ids, logprobs=r.logprobs, versions=r.versions,
-                                    finish_reason=r.finish_reason, reward=reward))
+    def _scoring_item(self, prompt: Prompt, r: P.Result) -> tuple[Prompt, str, bool]:
+        ids = [t for t in r.output_ids if t not in self.tokenizer.all_special_ids]
+        return prompt, self.tokenizer.decode(ids, skip_special_tokens=True), r.finish_reason == "stop"
+
+    def _group(self, g: InflightGroup, rewards: list[float]) -> P.Group:
+        samples = [P.Sample(output_ids=r.output_ids, logprobs=r.logprobs, versions=r.versions,
+                            finish_reason=r.finish_reason, reward=reward)
+                   for r, reward in zip((g.results[i] for i in range(self.n)), rewards)]
         return P.Group(gid=g.gid, prompt_index=g.prompt.index, prompt_ids=g.prompt_ids, samples=samples)
 
     def harvest_rewards(self) -> None:
+        """Collect scored groups; a verifier that hangs or raises scores 0 (counted by the pool), never stalls."""
         still = []
-        for g, fut in self.scoring:
-            if not fut.done():
-                still.append((g, fut))
+        for g, handle in self.scoring:
+            if not handle.done():
+                still.append((g, handle))
                 continue
             self.running -= 1
-            try:
-                group = fut.result()
-            except Exception:
-                log.exception("reward computation failed for group %d; dropped", g.gid)
-                continue
+            group = self._group(g, handle.result())
             if self.cfg.controller.dynamic_sampling and len({s.reward for s in group.samples}) == 1:
                 self.dropped_uniform += 1  # DAPO: no signal in it; capacity frees and a fresh prompt is admitted
                 continue
@@ -253,7 +252,8 @@ class Controller:
                 return
             groups = [self.ready.popleft() for _ in range(self.batch_size)]
             state = {"data_position": self.data_position, "accepted": self.accepted, "running": self.running,
-                     "dropped_stale": self.dropped_stale, "dropped_uniform": self.dropped_uniform, "generated_tokens": self.generated_tokens}
+                     "dropped_stale": self.dropped_stale, "dropped_uniform": self.dropped_uniform,
+                     "reward_timeouts": self.rewards.timeouts, "reward_errors": self.rewards.errors, "generated_tokens": self.generated_tokens}
             try:
                 send(self.to_trainer, P.Batch(version=b, groups=groups, state=state,
                                               stats={"servers_live": len(self.registry.live()),
@@ -334,7 +334,7 @@ class Controller:
     def close(self) -> None:
         for s in self.registry.live():
             self._to_server(s, P.Shutdown(reason="run finished"))
-        self.rewards.shutdown(wait=False, cancel_futures=True)
+        self.rewards.close()
         self.router.close(linger=1000)  # let the shutdown notices leave
         for sock in (self.pub, self.from_trainer, self.to_trainer):
             sock.close()

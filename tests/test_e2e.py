@@ -162,3 +162,15 @@ def test_ctrl_c_stops_everything(tmp_path, small_cfg):
             proc.kill()
     assert proc.returncode == 130 and "interrupted" in err
     _wait_for(lambda: not any(_alive(p) for p in children), 15, "all children to exit")
+
+
+def test_slow_or_crashing_verifiers_do_not_stop_the_run(tmp_path, small_cfg):
+    spec = ('reward.functions={accuracy: 1.0, "tests.reward_fixtures:sometimes_slow": 0.0, '
+            '"tests.reward_fixtures:sometimes_raises": 0.0}')
+    res = run_cli(["run", "--quiet", *small_cfg, spec, "reward.workers=2", "reward.timeout_s=1",
+                   "controller.max_staleness=1", "trainer.total_steps=4"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    last = metrics(tmp_path)[-1]
+    assert last["ctrl_reward_timeouts"] > 0 and last["ctrl_reward_errors"] > 0
+    log = (tmp_path / "runs" / "t" / "logs" / "controller.log").read_text()
+    assert "verifier bug on" in log

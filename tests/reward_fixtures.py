@@ -1,0 +1,16 @@
+"""Verifiers that misbehave on purpose, loaded by import path into reward worker processes."""
+import time
+
+from areal_py.tasks import Prompt
+
+
+def sometimes_slow(prompt: Prompt, response_text: str, stopped: bool) -> float:
+    if prompt.index % 5 == 0:
+        time.sleep(30)  # far past the test's timeout: the pool must kill this worker and go on
+    return 0.0
+
+
+def sometimes_raises(prompt: Prompt, response_text: str, stopped: bool) -> float:
+    if prompt.index % 4 == 1:
+        raise RuntimeError(f"verifier bug on {prompt.text!r}")
+    return 0.0
