@@ -165,6 +165,10 @@ def run(config: str | None, overrides: list[str], resume: bool = False, quiet: b
     print(f"areal-py: model ready at {path} ({time.monotonic() - t0:.1f}s)")
     children = start_children(cfg, resume)
     code = monitor(cfg, children, quiet=quiet)
+    from areal_py.report import write_report
+
+    report = write_report(cfg.run_dir())  # also for a failed or interrupted run: what happened so far
     if code == 0:
         print("areal-py: done. " + summarize(cfg))
+    print(f"areal-py: report {report}")
     return code

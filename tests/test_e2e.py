@@ -38,6 +38,7 @@ def test_staleness_bound_holds(tmp_path, small_cfg, bound):
     if bound == 0:  # on-policy: every token comes from the version being trained
         assert all(r["staleness_max"] == 0 for r in recs)
     assert (tmp_path / "runs" / "t" / "final" / "config.json").is_file()
+    assert 'data-chart="reward"' in (tmp_path / "runs" / "t" / "report.html").read_text()
 
 
 def test_sync_mode_is_on_policy(tmp_path, small_cfg):

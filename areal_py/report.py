@@ -1,0 +1,330 @@
+"""End-of-run report: ``<run_dir>/metrics.jsonl`` (+ ``config.yaml``) -> ``<run_dir>/report.html``.
+
+One self-contained page (inline CSS and SVG, no scripts, no network). The series derivation
+(``chart_sections``) is separate from the page so a live dashboard can redraw the same charts
+from the same records. Command line: ``python -m areal_py.report <run_dir>``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from areal_py.charts import PALETTE, Segment, Series, bar_chart, line_chart, timeline_chart
+from areal_py.metrics import read_jsonl
+
+__all__ = ["Section", "load_records", "cumulative_rate", "busy_fraction", "staleness_histogram", "step_series",
+           "timeline_lanes", "chart_sections", "summary", "render_html", "write_report", "main"]
+
+Record = dict[str, Any]
+ZOOM_STEPS = 12  # steps in the zoomed-in timeline
+RATE_WINDOW = 3  # rates are taken over this many step intervals: light smoothing that keeps units exact
+PHASE_COLORS = {"wait": "#cfcfcf", "proximal": "#9467bd", "train": "#1f77b4", "publish": "#d62728",
+                "generating": "#2ca02c"}
+TRAIN_STATS = [("loss", "loss"), ("clip_fraction", "clip fraction"), ("grad_norm", "grad norm"),
+               ("approx_kl", "approx KL"), ("entropy", "entropy"), ("value_loss", "value loss")]
+
+
+@dataclass(frozen=True)
+class Section:
+    chart_id: str
+    title: str
+    caption: str
+    svg: str
+    wide: bool = False
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def load_records(path: Path) -> list[Record]:
+    """The step records of a metrics file, in file order; anything that is not a step object is skipped."""
+    return [r for r in read_jsonl(path) if isinstance(r, dict) and _num(r.get("step")) is not None]
+
+
+def step_series(records: Sequence[Record], key: str) -> list[tuple[float, float]]:
+    """(step, value) for every record that has a finite number under ``key``."""
+    out = []
+    for r in records:
+        v = _num(r.get(key))
+        if v is not None:
+            out.append((float(r["step"]), v))
+    return out
+
+
+def _timed(records: Sequence[Record], key: str) -> list[tuple[float, float]]:
+    out = []
+    for r in records:
+        t, c = _num(r.get("wall_time_s")), _num(r.get(key))
+        if t is not None and c is not None:
+            out.append((t, c))
+    return out
+
+
+def cumulative_rate(records: Sequence[Record], key: str, window: int = RATE_WINDOW) -> list[tuple[float, float]]:
+    """Per-second rate of a cumulative counter: at each step i >= 1, (c_i - c_j) / (t_i - t_j) with
+    j = max(0, i - window). Points where time does not advance or the counter went back
+    (a restart that reset it) are left out."""
+    pts = _timed(records, key)
+    out = []
+    for i in range(1, len(pts)):
+        (t0, c0), (t1, c1) = pts[max(0, i - window)], pts[i]
+        if t1 > t0 and c1 >= c0:
+            out.append((t1, (c1 - c0) / (t1 - t0)))
+    return out
+
+
+def busy_fraction(records: Sequence[Record]) -> list[tuple[float, float]]:
+    """Trainer busy fraction per step: train_s / (time since the previous step), clipped to [0, 1].
+    The first step's interval is its own wait + train + publish."""
+    out, prev = [], None
+    for r in records:
+        t, train = _num(r.get("wall_time_s")), _num(r.get("train_s"))
+        if t is None or train is None:
+            continue
+        if prev is None:
+            interval = sum(_num(r.get(k)) or 0.0 for k in ("wait_s", "train_s", "publish_s"))
+        else:
+            interval = t - prev
+        prev = t
+        if interval > 0:
+            out.append((t, min(1.0, max(0.0, train / interval))))
+    return out
+
+
+def staleness_histogram(records: Sequence[Record]) -> dict[int, int]:
+    """Sample staleness (in policy versions) summed over all steps: {staleness: samples}."""
+    total: dict[int, int] = {}
+    for r in records:
+        hist = r.get("sample_staleness_hist")
+        if not isinstance(hist, dict):
+            continue
+        for k, v in hist.items():
+            try:
+                total[int(k)] = total.get(int(k), 0) + int(v)
+            except (TypeError, ValueError):
+                continue
+    return dict(sorted(total.items()))
+
+
+def _rollout_counters(records: Sequence[Record]) -> dict[str, list[tuple[float, float]]]:
+    """Cumulative generated tokens per server (``server_generated_tokens``), or the run total."""
+    servers = sorted({s for r in records if isinstance(r.get("server_generated_tokens"), dict)
+                      for s in r["server_generated_tokens"]})
+    if not servers:
+        return {"rollout": _timed(records, "generated_tokens")}
+    out: dict[str, list[tuple[float, float]]] = {}
+    for s in servers:
+        pts = []
+        for r in records:
+            t, c = _num(r.get("wall_time_s")), _num((r.get("server_generated_tokens") or {}).get(s))
+            if t is not None and c is not None:
+                pts.append((t, c))
+        out[s if s.startswith("rollout") else f"rollout {s}"] = pts
+    return out
+
+
+def timeline_lanes(records: Sequence[Record], last: int | None = None) -> list[tuple[str, list[Segment]]]:
+    """A trainer lane (wait, proximal recompute, rest of training, publish, laid back from each
+    step's end time) and one lane per rollout server whose bars span each step interval, shaded by
+    the generation rate in it (value = tokens generated in the interval). ``last``: only the
+    segments of the last that many steps."""
+    trainer: list[Segment] = []
+    for r in records:
+        end = _num(r.get("wall_time_s"))
+        if end is None:
+            continue
+        wait, train, pub = (_num(r.get(k)) or 0.0 for k in ("wait_s", "train_s", "publish_s"))
+        prox = min(train, _num(r.get("prox_time_s")) or 0.0)
+        t_pub = end - pub
+        t_train = t_pub - train
+        trainer.append(Segment(t_train - wait, t_train, "wait", wait))
+        if prox > 0:
+            trainer.append(Segment(t_train, t_train + prox, "proximal", prox))
+        trainer.append(Segment(t_train + prox, t_pub, "train", train - prox))
+        trainer.append(Segment(t_pub, end, "publish", pub))
+    lanes: list[tuple[str, list[Segment]]] = [("trainer", trainer)]
+    start = min((s.start for s in trainer), default=0.0)
+    for name, pts in _rollout_counters(records).items():
+        raw = []
+        for i, (t1, c1) in enumerate(pts):
+            t0, c0 = pts[i - 1] if i else (min(start, t1), 0.0)
+            if t1 > t0 and c1 > c0:
+                raw.append((t0, t1, c1 - c0))
+        peak = max(((n / (b - a)) for a, b, n in raw), default=1.0) or 1.0
+        lanes.append((name, [Segment(a, b, "generating", n, (n / (b - a)) / peak) for a, b, n in raw]))
+    if last is not None and len(records) > last:
+        cut = _num(records[-last - 1].get("wall_time_s"))
+        if cut is not None:
+            lanes = [(name, [s for s in segs if s.end > cut]) for name, segs in lanes]
+    return lanes
+
+
+def chart_sections(records: Sequence[Record]) -> list[Section]:
+    """Every chart of the report, drawn from step records (also usable by a live dashboard)."""
+    secs: list[Section] = []
+    gen, trained = cumulative_rate(records, "generated_tokens"), cumulative_rate(records, "trained_tokens_total")
+    secs.append(Section("throughput", "Generated vs trained tokens/s", (
+        f"Rates from the cumulative counters over {RATE_WINDOW} step intervals. Generated counts response "
+        "tokens; trained counts every token of a trained batch (prompt + response)."),
+        line_chart([Series("generated", gen, PALETTE[2]), Series("trained", trained, PALETTE[0])],
+                   chart_id="throughput", title="tokens / s", x_label="wall time (s)", y_label="tokens/s", y_min=0.0)))
+    busy = busy_fraction(records)
+    secs.append(Section("busy", "Trainer busy fraction", "train_s / time since the previous step.",
+                        line_chart([Series("busy", busy)], chart_id="busy", title="trainer busy fraction",
+                                   x_label="wall time (s)", y_label="fraction", y_min=0.0, y_max=1.0)))
+    secs.append(Section("timeline", "Timeline: trainer phases and generation", (
+        "Trainer lane: each step's wait for data, proximal recompute, training and weight publish, laid back "
+        "from its end time. Rollout lanes: tokens generated between consecutive steps, shaded by rate "
+        "(step-interval resolution: metrics.jsonl has no finer generation timestamps)."),
+        timeline_chart(timeline_lanes(records), PHASE_COLORS, chart_id="timeline", title="whole run"), wide=True))
+    if len(records) > 2 * ZOOM_STEPS:
+        secs.append(Section("timeline_zoom", f"Timeline: last {ZOOM_STEPS} steps", "The same, zoomed in.",
+                            timeline_chart(timeline_lanes(records, last=ZOOM_STEPS), PHASE_COLORS,
+                                           chart_id="timeline_zoom", title=f"last {ZOOM_STEPS} steps"), wide=True))
+    hist = staleness_histogram(records)
+    secs.append(Section("staleness_hist", "Sample staleness distribution",
+                        "Samples by staleness (policy versions between a sample's oldest token and the trained "
+                        "policy), summed over all steps.",
+                        bar_chart(list(hist.items()), chart_id="staleness_hist", title="sample staleness",
+                                  x_label="staleness (versions)", y_label="samples", series="samples")))
+    secs.append(Section("staleness", "Token staleness over steps", "Mean and max over each batch's trained tokens.",
+                        line_chart([Series("mean", step_series(records, "staleness_mean")),
+                                    Series("max", step_series(records, "staleness_max"))],
+                                   chart_id="staleness", title="token staleness", x_label="step",
+                                   y_label="versions", y_min=0.0)))
+    secs.append(Section("reward", "Reward", "Mean reward of each step's batch.",
+                        line_chart([Series("reward_mean", step_series(records, "reward_mean"))], chart_id="reward",
+                                   title="reward mean", x_label="step", y_label="reward")))
+    for key, label in TRAIN_STATS:
+        pts = step_series(records, key)
+        if pts or key in ("loss", "clip_fraction", "grad_norm"):
+            secs.append(Section(key, label.capitalize(), f"`{key}` per step.",
+                                line_chart([Series(key, pts)], chart_id=key, title=label, x_label="step",
+                                           y_label=label)))
+    secs.append(Section("publish", "Weight publish latency", "publish_s: time for the trainer to publish new weights.",
+                        line_chart([Series("publish_s", step_series(records, "publish_s"), PALETTE[1])],
+                                   chart_id="publish", title="weight publish latency", x_label="step",
+                                   y_label="seconds", y_min=0.0)))
+    return secs
+
+
+def _mean(vals: Iterable[float]) -> float | None:
+    vals = list(vals)
+    return sum(vals) / len(vals) if vals else None
+
+
+def summary(records: Sequence[Record]) -> list[tuple[str, str]]:
+    """Headline numbers as (label, text) rows."""
+    rewards = [v for _, v in step_series(records, "reward_mean")]
+    walls = [v for _, v in _timed(records, "wall_time_s")] if records else []
+    wall = walls[-1] if walls else None
+    train_total = sum(v for _, v in step_series(records, "train_s"))
+    first, last = _mean(rewards[:10]), _mean(rewards[-10:])
+    stale = [v for _, v in step_series(records, "staleness_max")]
+    rows = [("steps", f"{len(records)} (last step {int(records[-1]['step'])})" if records else "0"),
+            ("wall time", f"{wall:.1f} s" if wall is not None else "-"),
+            ("reward, first 10 → last 10 steps",
+             f"{first:.3f} → {last:.3f}" if first is not None and last is not None else "-"),
+            ("trainer busy (train_s / wall time)", f"{train_total / wall:.0%}" if wall else "-"),
+            ("max token staleness seen", f"{int(max(stale))}" if stale else "-")]
+    if records:
+        lr = records[-1]
+        for key in ("generated_tokens", "trained_tokens_total"):
+            if _num(lr.get(key)) is not None:
+                rows.append((key, f"{int(lr[key]):,}"))
+    return rows
+
+
+def _flatten(d: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(d, dict) and d:
+        out = []
+        for k, v in d.items():
+            out.extend(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return [(prefix or "(config)", "null" if d is None else str(d))]
+
+
+def _table(rows: Sequence[tuple[str, str]], cls: str) -> str:
+    body = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows)
+    return f'<table class="{cls}">{body}</table>'
+
+
+def _load_config(path: Path) -> list[tuple[str, str]] | None:
+    if not path.exists():
+        return None
+    try:
+        return _flatten(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, OSError) as e:
+        return [("(unreadable)", str(e))]
+
+
+CSS = """
+body{font-family:sans-serif;margin:20px;color:#222;max-width:1180px}
+h1{font-size:20px;margin:0 0 8px} h2{font-size:15px;margin:0 0 2px}
+table{border-collapse:collapse;font-size:12px;margin:6px 0 14px}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#f4f4f4;font-weight:normal}
+.grid{display:flex;flex-wrap:wrap;gap:16px}
+.sec{border:1px solid #e4e4e4;padding:8px;border-radius:4px}
+.sec p{font-size:11px;color:#666;margin:0 0 4px;max-width:560px}
+.sec.wide p{max-width:none}
+.empty{font-size:16px;color:#a33;padding:20px 0}
+details{margin-top:12px}
+"""
+
+
+def render_html(run_name: str, records: Sequence[Record], config_rows: Sequence[tuple[str, str]] | None) -> str:
+    parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+             f"<title>areal-py run {escape(run_name)}</title><style>{CSS}</style></head><body>",
+             f"<h1>Run <span id=\"run-name\">{escape(run_name)}</span></h1>",
+             _table(summary(records), "summary")]
+    ctrl = [(k, str(v)) for k, v in (records[-1] if records else {}).items() if k.startswith("ctrl_")]
+    if ctrl:
+        parts.append("<details><summary>controller counters at the last step</summary>" + _table(ctrl, "ctrl")
+                     + "</details>")
+    if not records:
+        parts.append('<p class="empty" id="no-steps">no steps yet: metrics.jsonl has no complete step record.</p>')
+    else:
+        parts.append('<div class="grid">')
+        for s in chart_sections(records):
+            parts.append(f'<section class="sec{" wide" if s.wide else ""}" id="sec-{escape(s.chart_id)}">'
+                         f"<h2>{escape(s.title)}</h2><p>{escape(s.caption)}</p>{s.svg}</section>")
+        parts.append("</div>")
+    if config_rows is not None:
+        parts.append("<details open><summary>config.yaml</summary>" + _table(config_rows, "config") + "</details>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``<run_dir>/report.html`` from the run's metrics.jsonl and config.yaml; return its path."""
+    run_dir = Path(run_dir)
+    records = load_records(run_dir / "metrics.jsonl")
+    out = run_dir / "report.html"
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(render_html(run_dir.name, records, _load_config(run_dir / "config.yaml")), encoding="utf-8")
+    tmp.replace(out)  # never leave a half-written report for a browser to open
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m areal_py.report", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path, help="a run directory holding metrics.jsonl")
+    args = ap.parse_args(argv)
+    if not args.run_dir.is_dir():
+        ap.error(f"{args.run_dir} is not a directory")
+    print(write_report(args.run_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
