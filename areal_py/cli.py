@@ -48,6 +48,15 @@ def serve(role: str, config: str | None, overrides: list[str], resume: bool) -> 
     import torch
 
     torch.set_num_threads(torch_threads(cfg, role))
+    if cfg.run.metrics_port:
+        from areal_py.prom import start_metrics_server
+
+        offset = {"controller": 0, "trainer": 1}.get(role)
+        if offset is None:  # rollout-<i>
+            tail = cfg.rollout.server_id.rsplit("-", 1)[-1]
+            offset = 2 + (int(tail) if tail.isdigit() else 0)
+        port = start_metrics_server(cfg.run.metrics_port + offset, host=cfg.net.bind_host, role=role)
+        logging.getLogger(role).info("Prometheus metrics on http://%s:%d/metrics", cfg.net.bind_host, port)
     torch.manual_seed(cfg.run.seed)
     if role == "controller":
         from controller.controller import Controller

@@ -25,6 +25,8 @@ class RunConfig(_Section):
         "async", description="async: generation and training overlap within max_staleness; "
         "sync: strictly alternate generate-a-batch / train (forces controller.max_staleness=0).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level of every process.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics base port: controller on it, "
+                              "trainer +1, rollout server i +2+i (0 = off).")
     torch_threads: int = Field(0, ge=0, description="torch threads per process; 0 = share the cores between "
                                "trainer and servers in async mode, all cores per phase in sync mode.")
 

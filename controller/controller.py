@@ -21,6 +21,7 @@ from areal_py import protocol as P
 from areal_py.config import Config
 from areal_py.models import load_tokenizer
 from areal_py.prepare import build_task, model_path
+from areal_py.prom import CONTROLLER as M
 from areal_py.rewards import RewardHandle, RewardPool
 from areal_py.tasks import Prompt, Task
 from areal_py.transport import WaitTimeout, make_socket, parse, recv, reject, send
@@ -251,6 +252,9 @@ class Controller:
             if len(self.ready) < self.batch_size:
                 return
             groups = [self.ready.popleft() for _ in range(self.batch_size)]
+            for grp in groups:
+                M.sample_staleness.observe(sample_staleness(b, [v for s in grp.samples for v in s.versions]))
+            M.reward_mean.set(sum(s.reward for g in groups for s in g.samples) / (self.batch_size * self.n))
             state = {"data_position": self.data_position, "accepted": self.accepted, "running": self.running,
                      "dropped_stale": self.dropped_stale, "dropped_uniform": self.dropped_uniform,
                      "reward_timeouts": self.rewards.timeouts, "reward_errors": self.rewards.errors, "generated_tokens": self.generated_tokens}
@@ -318,6 +322,20 @@ class Controller:
         self.admit()
         self.dispatch()
         self.assemble_batches()
+        self.export_gauges()
+
+    def export_gauges(self) -> None:
+        M.admitted_groups.set(self.next_gid)
+        M.running_groups.set(self.running)
+        M.accepted_groups.set(self.accepted)
+        M.staleness_capacity_groups.set(self.capacity())
+        M.queue_depth.labels(queue="undispatched").set(len(self.undispatched))
+        M.queue_depth.labels(queue="scoring").set(len(self.scoring))
+        M.queue_depth.labels(queue="ready").set(len(self.ready))
+        for s in self.registry.live():
+            M.server_policy_version.labels(server=s.server_id).set(s.version)
+        if self.version is not None:
+            M.policy_version.set(self.version)
 
     def serve(self) -> None:
         self.start()

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 import torch
 import zmq
 
 from areal_py import protocol as P
 from areal_py.config import Config
+from areal_py.prom import ROLLOUT as M
 from areal_py.models import eos_token_id, load_model_and_tokenizer, load_tokenizer
 from areal_py.prepare import model_path
 from areal_py.transport import make_socket, parse, reject, send
@@ -99,6 +101,9 @@ class RolloutServer:
             reject(ROLE, "bad_weights", f"cannot load version {u.version}: {e}")
             return
         seconds = time.perf_counter() - start
+        M.weight_swap_seconds.observe(seconds)
+        M.interrupted_requests.inc(self.engine.num_running)
+        M.policy_version.set(u.version)
         log.info("%s: now at version %d (swap %.3fs, %d in flight)", self.server_id, u.version, seconds,
                  self.engine.num_running)
         send(self.dealer, P.WeightsLoaded(server_id=self.server_id, version=u.version, seconds=seconds))
@@ -107,6 +112,12 @@ class RolloutServer:
         gid, attempt, idx = parse_request_id(f.rid)
         send(self.dealer, P.Result(gid=gid, attempt=attempt, idx=idx, output_ids=f.output_ids,
                                    logprobs=f.logprobs, versions=f.versions, finish_reason=f.finish_reason))
+
+    @staticmethod
+    def _count(f: Finished) -> None:
+        M.generated_tokens.inc(len(f.output_ids))
+        for version, n in Counter(f.versions).items():
+            M.version_tokens.labels(version=str(version)).inc(n)
 
     def _heartbeat(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -139,7 +150,11 @@ class RolloutServer:
                 if self.engine.has_work():
                     for f in self.engine.step():
                         self.generated_tokens += len(f.output_ids)
+                        self._count(f)
                         self._send_result(f)
+                    M.active_requests.set(self.engine.num_running)
+                    M.queued_requests.set(self.engine.num_waiting)
+                    M.kv_cache_occupancy.set(self.engine.kv_usage())
                 self._heartbeat()
         finally:
             self.close()

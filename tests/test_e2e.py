@@ -175,3 +175,35 @@ def test_slow_or_crashing_verifiers_do_not_stop_the_run(tmp_path, small_cfg):
     assert last["ctrl_reward_timeouts"] > 0 and last["ctrl_reward_errors"] > 0
     log = (tmp_path / "runs" / "t" / "logs" / "controller.log").read_text()
     assert "verifier bug on" in log
+
+
+def _scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("areal_"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+def test_every_process_serves_prometheus_metrics(tmp_path, small_cfg):
+    from conftest import free_ports
+
+    base = free_ports(1)[0]
+    proc = subprocess.Popen([sys.executable, "-m", "areal_py.cli", "run", "--quiet", *small_cfg,
+                             f"run.metrics_port={base}", "trainer.total_steps=500"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: len(metrics(tmp_path)) >= 3, 180, "three training steps")
+        ctrl, trainer, rollout = _scrape(base), _scrape(base + 1), _scrape(base + 2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert ctrl["areal_controller_accepted_groups"] > 0
+    assert ctrl["areal_controller_sample_staleness_versions_count"] > 0
+    assert trainer["areal_trainer_steps_total"] >= 3 and trainer["areal_trainer_trained_tokens_total"] > 0
+    assert rollout["areal_rollout_generated_tokens_total"] > 0
+    assert not any(k.startswith("areal_rollout") for k in trainer)  # each process exports its own role

@@ -21,6 +21,7 @@ from areal_py.config import Config
 from areal_py.metrics import JsonlWriter
 from areal_py.models import load_model_and_tokenizer
 from areal_py.prepare import model_path
+from areal_py.prom import TRAINER as M
 from areal_py.transport import make_socket, recv, reject, send
 from areal_py.weights import named_weights, save_weights
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -132,8 +133,23 @@ class Trainer:
             **{k: round(v, 6) for k, v in stats.items()}, **{f"ctrl_{k}": v for k, v in wire.state.items()},
         }
         self.metrics.write(record)
+        self._export(record, stats, wait_s, train_s, publish_s, trained)
         log.info("step %d reward %.3f staleness max %d loss %.4f", self.version, record["reward_mean"],
                  record["staleness_max"], stats["loss"])
+
+    @staticmethod
+    def _export(record: dict, stats: dict, wait_s: float, train_s: float, publish_s: float, trained: int) -> None:
+        prox = stats.get("prox_time_s", 0.0)
+        for phase, secs in (("wait", wait_s), ("proximal", prox), ("forward_backward", max(0.0, train_s - prox)),
+                            ("publish", publish_s)):
+            M.step_phase_seconds.labels(phase=phase).observe(secs)
+        M.busy.set(train_s / max(wait_s + train_s + publish_s, 1e-9))
+        M.trained_tokens.inc(trained)
+        M.steps.inc()
+        M.policy_version.set(record["version"])
+        for gauge, key in ((M.loss, "loss"), (M.clip, "clip_fraction"), (M.approx_kl, "approx_kl"),
+                           (M.entropy, "entropy"), (M.grad_norm, "grad_norm")):
+            gauge.set(stats.get(key, 0.0))
 
     def wall_time(self) -> float:
         return self.wall_offset + time.monotonic() - self.start_time
