@@ -25,6 +25,8 @@ class RunConfig(_Section):
         "async", description="async: generation and training overlap within max_staleness; "
         "sync: strictly alternate generate-a-batch / train (forces controller.max_staleness=0).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level of every process.")
+    dashboard_port: int = Field(8787, ge=0, le=65535, description="Live dashboard served by the controller on "
+                                "http://<net.bind_host>:<port>/ (0 = off).")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics base port: controller on it, "
                               "trainer +1, rollout server i +2+i (0 = off).")
     torch_threads: int = Field(0, ge=0, description="torch threads per process; 0 = share the cores between "

@@ -164,6 +164,9 @@ def run(config: str | None, overrides: list[str], resume: bool = False, quiet: b
     path = model_path(cfg)
     print(f"areal-py: model ready at {path} ({time.monotonic() - t0:.1f}s)")
     children = start_children(cfg, resume)
+    if cfg.run.dashboard_port:
+        print(f"areal-py: live dashboard http://{cfg.net.bind_host}:{cfg.run.dashboard_port}/ "
+              f"(report at the end: {cfg.run_dir() / 'report.html'})")
     code = monitor(cfg, children, quiet=quiet)
     from areal_py.report import write_report
 

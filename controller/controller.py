@@ -19,6 +19,7 @@ import zmq
 
 from areal_py import protocol as P
 from areal_py.config import Config
+from areal_py.dashboard import start_dashboard, stop_dashboard
 from areal_py.models import load_tokenizer
 from areal_py.prepare import build_task, model_path
 from areal_py.prom import CONTROLLER as M
@@ -338,6 +339,26 @@ class Controller:
             M.policy_version.set(self.version)
 
     def serve(self) -> None:
+        dash = self._start_dashboard()
+        try:
+            self._serve()
+        finally:
+            if dash is not None:
+                stop_dashboard(dash)
+
+    def _start_dashboard(self):
+        port = self.cfg.run.dashboard_port
+        if not port:
+            return None
+        try:
+            dash, port = start_dashboard(self.cfg.run_dir(), port, host=self.cfg.net.bind_host)
+        except OSError as e:  # a busy port must not stop a training run
+            log.warning("live dashboard not started on port %d: %s", port, e)
+            return None
+        log.info("live dashboard on http://%s:%d/", self.cfg.net.bind_host, port)
+        return dash
+
+    def _serve(self) -> None:
         self.start()
         deadline = time.monotonic() + self.cfg.controller.startup_timeout_s
         try:

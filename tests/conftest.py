@@ -36,7 +36,7 @@ def model_cache(tmp_path_factory) -> Path:
 
 
 # Small enough for seconds per step on 2 cores, large enough to exercise batching and staleness.
-SMALL_RUN = ["controller.batch_size=8", "controller.group_size=4", "trainer.checkpoint_every=0",
+SMALL_RUN = ["run.dashboard_port=0", "controller.batch_size=8", "controller.group_size=4", "trainer.checkpoint_every=0",
              "controller.startup_timeout_s=120", "trainer.batch_timeout_s=120"]
 
 
