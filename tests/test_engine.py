@@ -158,11 +158,23 @@ def test_update_to_same_weights_is_exact() -> None:
 
 
 # 4. continuous batching is real ----------------------------------------------------------------
+def record_forwards(engine: Engine) -> list[list[tuple[int, int]]]:
+    """Record every model pass of the engine as [(start position, tokens fed) per row]."""
+    calls: list[list[tuple[int, int]]] = []
+    inner = engine.runner.forward
+
+    def spy(slots, starts, chunks):
+        calls.append([(s, len(c)) for s, c in zip(starts, chunks)])
+        return inner(slots, starts, chunks)
+
+    engine.runner.forward = spy
+    return calls
+
+
 def test_short_request_overtakes_long_and_slots_are_reused() -> None:
     model = make_model("llama")
-    calls: list[tuple[int, int]] = []
-    model.register_forward_pre_hook(lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
     engine = Engine(model, EOS, max_running=3)
+    calls = record_forwards(engine)
     engine.add("long", PROMPTS[1], SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True))
     engine.step()
     engine.step()
@@ -171,17 +183,19 @@ def test_short_request_overtakes_long_and_slots_are_reused() -> None:
     finished_at: dict[str, int] = {}
     for step in range(100):
         out = engine.step()
-        if step == 0:  # joiner prefilled (batch 1, 3 tokens) + the long one decoded (batch 1, 1 token)
-            assert calls == [(1, 3), (1, 1)]
+        if step == 0:  # ONE forward: the long one decodes (1 token at position 8), the joiner prefills 3
+            assert calls == [[(8, 1), (0, 3)]]
         for f in out:
             finished_at[f.rid] = step
             assert f.rid not in engine._running  # leaves the moment it finishes
         if not engine.has_work():
             break
     assert finished_at["short"] == 2 < finished_at["long"]
+    assert all(n == 1 for c in calls[1:] for _, n in c)  # afterwards: decode rows feed one token each
 
     # Many requests, few slots: never over max_running; waiting ones join as slots free up.
     engine = Engine(model, EOS, max_running=3)
+    calls = record_forwards(engine)
     for i in range(8):
         engine.add(str(i), PROMPTS[i % 5], SamplingParams(max_new_tokens=2 + i, temperature=0.0, ignore_eos=True))
     assert engine.num_waiting == 8 and engine.num_running == 0
@@ -190,8 +204,9 @@ def test_short_request_overtakes_long_and_slots_are_reused() -> None:
         calls.clear()
         freed = len(engine.step())
         order += [rid for rid in map(str, range(8)) if rid not in engine._waiting and rid not in order]
-        assert engine.num_running <= 3 and len(calls) <= 2
+        assert engine.num_running <= 3 and len(calls) == 1
         assert engine.kv_usage() == engine.num_running / 3
+        assert [s.slot for s in engine._rows] == list(range(engine.num_running))  # rows stay compact
         if engine.num_waiting:
             assert engine.num_running == 3 - freed  # the freed slots are refilled at the next step
     assert order == [str(i) for i in range(8)]  # FIFO admission
@@ -217,20 +232,31 @@ def test_abort_waiting_and_running() -> None:
     assert len(run(engine)["a"].output_ids) == 3
 
 
+def _rss_kb() -> int:
+    import re
+    from pathlib import Path
+    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
 def test_thousand_requests_leave_no_residue() -> None:
     engine = Engine(make_model("llama"), EOS, max_running=16)
     done: dict[str, Finished] = {}
+    rss: list[int] = []
     for i in range(1000):
         engine.add(f"r{i}", PROMPTS[i % 5][:3], SamplingParams(max_new_tokens=1 + i % 2, temperature=1.0))
         if i % 40 == 39:
             done.update({f.rid: f for f in engine.step()})
             assert engine.num_running <= 16
+        if i % 200 == 199:
+            done.update(run(engine))
+            rss.append(_rss_kb())
     done.update(run(engine))
     assert len(done) == 1000 and all(f.finish_reason in ("stop", "length") for f in done.values())
     assert engine.num_running == engine.num_waiting == 0 and engine.kv_usage() == 0.0
-    assert not engine._running and not engine._waiting
-    assert sorted(engine.cache._free) == list(range(16))
+    assert not engine._running and not engine._waiting and not engine._rows
+    assert engine.cache.num_used == 0
     assert engine.cache.alloc_slots <= 16 and engine.cache.alloc_len == 64
+    assert rss[-1] - rss[1] < 8 * 1024, rss  # KB: no growth once warmed up
 
 
 # 6. bad input --------------------------------------------------------------------------------
@@ -265,3 +291,151 @@ def test_bad_input_is_rejected_and_engine_keeps_working() -> None:
     edge = run(engine)["edge"]
     assert len(edge.output_ids) == 1 and edge.finish_reason == "length"
     assert engine.num_running == engine.num_waiting == 0
+
+
+# 7. interruption modes, HF parity across an interruption --------------------------------------
+@pytest.mark.parametrize("kind,fast", [("llama", None), ("llama", False), ("qwen2-sliding", None)])
+def test_greedy_matches_generate_across_recompute_interruption(kind: str, fast: bool | None) -> None:
+    """Greedy tokens == HF generate even when weights are swapped (to the same values) mid-generation."""
+    model = make_model(kind)
+    engine = Engine(model, EOS, max_running=4, fast_runner=fast)  # 6 prompts, 4 slots: some wait
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add(str(i), prompt, params)
+    done: dict[str, Finished] = {}
+    for step in range(200):
+        if step in (2, 5):
+            engine.update_weights({k: v.detach().clone() for k, v in model.named_parameters()}, engine.version + 1)
+        done.update({f.rid: f for f in engine.step()})
+        if not engine.has_work():
+            break
+    for i, prompt in enumerate(PROMPTS):
+        f = done[str(i)]
+        assert f.output_ids == greedy_reference(model, prompt, 10), (kind, i)
+        assert torch.allclose(torch.tensor(f.logprobs), reference_logprobs(model, prompt, f.output_ids, 0.0),
+                              atol=ATOL)
+    assert done["0"].versions[:4] == [0, 0, 1, 1]  # tagged by the version that sampled each token
+
+
+def test_keep_mode_continues_on_old_cache() -> None:
+    from transformers import DynamicCache
+
+    model_a, model_b = make_model("llama", seed=0), make_model("llama", seed=1)
+    engine = Engine(make_model("llama", seed=0), EOS, max_running=4, interrupt_mode="keep")
+    calls = record_forwards(engine)
+    for i in range(3):
+        engine.add(str(i), PROMPTS[i], SamplingParams(max_new_tokens=10, temperature=1.0, ignore_eos=True))
+    for _ in range(4):
+        assert not engine.step()
+    prefilled = engine.prefill_tokens
+    engine.update_weights(dict(model_b.named_parameters()), version=1)
+    calls.clear()
+    done = run(engine)
+    assert engine.prefill_tokens == prefilled  # no re-prefill
+    assert all(n == 1 for c in calls for _, n in c) and len(calls) == 6  # decode only, one pass per step
+    for i in range(3):
+        f, prompt = done[str(i)], PROMPTS[i]
+        assert f.versions == [0] * 4 + [1] * 6 and f.finish_reason == "length"
+        lps = torch.tensor(f.logprobs)
+        assert torch.allclose(lps[:4], reference_logprobs(model_a, prompt, f.output_ids, 1.0)[:4], atol=ATOL)
+        # Reference for keep: K/V of prompt + first 3 outputs from A, then B decodes over that cache.
+        with torch.no_grad():
+            cache = DynamicCache(config=model_a.config)
+            model_a(input_ids=torch.tensor([prompt + f.output_ids[:3]]), past_key_values=cache, use_cache=True)
+            ref = []
+            for j in range(3, 9):
+                logits = model_b(input_ids=torch.tensor([[f.output_ids[j]]]), past_key_values=cache,
+                                 use_cache=True).logits[0, -1].float()
+                ref.append(torch.log_softmax(logits, -1)[f.output_ids[j + 1]])
+        assert torch.allclose(lps[4:], torch.stack(ref), atol=ATOL)
+        # ...which is not what a full recompute under B would give
+        assert not torch.allclose(lps[4:], reference_logprobs(model_b, prompt, f.output_ids, 1.0)[4:], atol=ATOL)
+
+
+def test_keep_mode_with_same_weights_is_exact_and_bad_mode_rejected() -> None:
+    model = make_model("qwen2")
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    results = []
+    for mode, swap in (("recompute", False), ("keep", True), ("recompute", True)):
+        engine = Engine(model, EOS, max_running=4, interrupt_mode=mode)
+        for i, prompt in enumerate(PROMPTS[:4]):
+            engine.add(str(i), prompt, params)
+        engine.step()
+        engine.step()
+        if swap:
+            engine.update_weights({k: v.detach().clone() for k, v in model.named_parameters()}, 1)
+        results.append(run(engine))
+    for k in results[0]:
+        assert results[1][k].output_ids == results[2][k].output_ids == results[0][k].output_ids
+        assert torch.allclose(torch.tensor(results[1][k].logprobs), torch.tensor(results[0][k].logprobs), atol=ATOL)
+        assert results[1][k].versions == [0, 0] + [1] * 6
+    with pytest.raises(ValueError, match="interrupt_mode"):
+        Engine(model, EOS, interrupt_mode="drop")  # type: ignore[arg-type]
+
+
+# 8. prompt sharing for GRPO groups -------------------------------------------------------------
+@pytest.mark.parametrize("fast", [None, False])
+def test_prompt_sharing_matches_separate_prefills(fast: bool | None) -> None:
+    model = make_model("llama")
+    prompt = PROMPTS[5]  # 73 tokens: sharing saves 3 * 73 prefill tokens
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=6, temperature=1.0, ignore_eos=True)
+
+    def go(sharing: bool) -> tuple[dict[str, Finished], int]:
+        engine = Engine(model, EOS, max_running=8, prompt_sharing=sharing, fast_runner=fast, seed=3)
+        engine.add_group([f"g{i}" for i in range(4)], prompt, greedy)
+        engine.add_group([f"s{i}" for i in range(4)], prompt, sampled)
+        return run(engine), engine.prefill_tokens
+
+    shared, n_shared = go(True)
+    separate, n_separate = go(False)
+    assert n_shared == len(prompt) and n_separate == 8 * len(prompt)  # one prefill for all 8
+    ref = greedy_reference(model, prompt, 6)
+    for rid, f in shared.items():
+        assert torch.allclose(torch.tensor(f.logprobs), reference_logprobs(model, prompt, f.output_ids,
+                                                                           0.0 if rid[0] == "g" else 1.0), atol=ATOL)
+    for i in range(4):
+        g, s = shared[f"g{i}"], separate[f"g{i}"]
+        assert g.output_ids == s.output_ids == ref
+        assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(s.logprobs), atol=ATOL)
+    assert len({tuple(shared[f"s{i}"].output_ids) for i in range(4)}) > 1  # forked rows sample independently
+    with pytest.raises(ValueError, match="duplicate"):
+        Engine(model, EOS).add_group(["a", "a"], prompt, greedy)
+
+
+def test_group_re_prefill_after_weight_update_shares_the_prompt() -> None:
+    """Recompute mode: each group's prompt is re-prefilled once, each member then feeds its own outputs."""
+    model = make_model("qwen2")
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, ignore_eos=True)
+
+    def go(swap: bool) -> tuple[dict[str, Finished], Engine]:
+        engine = Engine(model, EOS, max_running=8, seed=5)
+        engine.add_group([f"a{i}" for i in range(3)], PROMPTS[1], params)
+        engine.add_group([f"b{i}" for i in range(3)], PROMPTS[3], params)
+        for _ in range(3):
+            engine.step()
+        if swap:
+            engine.update_weights({k: v.detach().clone() for k, v in model.named_parameters()}, 1)
+        return run(engine), engine
+
+    plain, _ = go(False)
+    swapped, engine = go(True)
+    # prefill: 2 prompts at start; after the swap 2 prompts again + 6 members x 3 outputs each
+    assert engine.prefill_tokens == 2 * (len(PROMPTS[1]) + len(PROMPTS[3])) + 6 * 3
+    for k, f in plain.items():
+        assert swapped[k].output_ids == f.output_ids  # same seed, same weights: same draws
+        assert torch.allclose(torch.tensor(swapped[k].logprobs), torch.tensor(f.logprobs), atol=ATOL)
+        assert swapped[k].versions == [0] * 3 + [1] * 5
+
+
+def test_fast_runner_is_selected_and_verified() -> None:
+    from rollout_server.model_runner import FastLlamaRunner, HFRunner
+
+    for kind in ("llama", "qwen2"):
+        assert isinstance(Engine(make_model(kind), EOS).runner, FastLlamaRunner)
+    assert isinstance(Engine(make_model("qwen2-sliding"), EOS).runner, HFRunner)  # sliding window: generic path
+    assert isinstance(Engine(make_model("llama"), EOS, fast_runner=False).runner, HFRunner)
+    # the embedded default's shape (head_dim 48, 4 layers), where a start-up check once failed
+    cfg = dict(vocab_size=56, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+               max_position_embeddings=600)
+    assert isinstance(Engine(LlamaForCausalLM(LlamaConfig(**cfg)).eval(), EOS).runner, FastLlamaRunner)

@@ -1,0 +1,72 @@
+"""Cost of observability: trained tokens/s with Prometheus metrics + live dashboard on vs off.
+
+Runs the embedded default with the same seed, alternating off/on (ABAB...) so drift on this
+noisy machine hits both sides alike, and reports the ratio of medians.
+
+    python -m benchmarks.metrics_overhead            # 3 pairs x 150 steps, writes results/metrics_overhead.json
+    python -m benchmarks.metrics_overhead --quick    # 1 pair x 8 small steps, no result file
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from areal_py.metrics import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results" / "metrics_overhead.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_run(out: Path, name: str, steps: int, observe: bool, extra: list[str]) -> float:
+    """Trained tokens per second of wall time, skipping the first steps (start-up)."""
+    ports = [f"net.{k}_port={free_port()}" for k in ("rollout", "weights", "trainer", "batch")]
+    obs = [f"run.metrics_port={free_port()}", f"run.dashboard_port={free_port()}"] if observe else \
+        ["run.metrics_port=0", "run.dashboard_port=0"]
+    cmd = [sys.executable, "-m", "areal_py.cli", "run", "--quiet", f"run.output_dir={out}", f"run.name={name}",
+           f"trainer.total_steps={steps}", *ports, *obs, *extra]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    if res.returncode:
+        raise RuntimeError(f"run {name} failed:\n{res.stderr[-2000:]}")
+    recs = read_jsonl(out / name / "metrics.jsonl")
+    skip = max(1, len(recs) // 10)
+    a, b = recs[skip - 1], recs[-1]
+    return (b["trained_tokens_total"] - a["trained_tokens_total"]) / (b["wall_time_s"] - a["wall_time_s"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=150)
+    args = ap.parse_args()
+    pairs, steps = (1, 8) if args.quick else (args.pairs, args.steps)
+    extra = ["controller.batch_size=8", "controller.group_size=4"] if args.quick else []
+    off, on = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(pairs):
+            off.append(one_run(Path(tmp), f"off{i}", steps, False, extra))
+            on.append(one_run(Path(tmp), f"on{i}", steps, True, extra))
+            print(f"pair {i}: off {off[-1]:.0f} tok/s, on {on[-1]:.0f} tok/s")
+    ratio = statistics.median(on) / statistics.median(off)
+    print(f"metrics on / off = {ratio:.3f}")
+    if not args.quick:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps({"command": "python -m benchmarks.metrics_overhead", "steps": steps,
+                                       "trained_tokens_per_s_off": off, "trained_tokens_per_s_on": on,
+                                       "ratio_on_over_off": round(ratio, 4)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
