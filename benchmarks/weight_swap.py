@@ -5,7 +5,8 @@ interruption mode (recompute, keep) and transfer path (disk: safetensors file + 
 stream: raw tensor frames over ZeroMQ) the clock starts when the trainer side begins publishing
 and stops when the engine emits its first token tagged with the new version. The floor is what
 no implementation can avoid: the in-memory copy of the state dict into the live parameters plus
-one prefill of the in-flight tokens (the KV recompute). Everything runs in one process over real
+one prefill of the in-flight tokens (the KV recompute), both timed through the same engine with
+no transport. `keep` mode skips the prefill, so its ratio can fall below 1. Everything runs in one process over real
 loopback sockets, so the numbers are comparable side by side.
 
     python -m benchmarks.weight_swap            # full: 7 repeats, writes benchmarks/results/weight_swap.json
@@ -67,24 +68,20 @@ def first_new_token(eng: Engine, version: int) -> None:
             return
 
 
-def floor(eng: Engine, new_weights: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """(copy seconds, prefill seconds): in-memory copy into live params, one forward over all in-flight tokens."""
+def floor(eng: Engine, new_weights: dict[str, torch.Tensor], version: int) -> tuple[float, float]:
+    """(copy seconds, prefill seconds) with no transport at all: the in-memory copy into the live
+    parameters, then the engine's own re-prefill of every in-flight token (one step)."""
     params = dict(eng.model.named_parameters())
-    t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad():  # warm-up copy, then the timed one
+        for k, v in new_weights.items():
+            params[k].copy_(v)
+        t0 = time.perf_counter()
         for k, v in new_weights.items():
             params[k].copy_(v)
     copy_s = time.perf_counter() - t0
-    seqs = list(eng._running.values())
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    attn = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s.tokens)
-        attn[i, width - len(s):] = 1
+    eng.update_weights({}, version)  # an empty update only invalidates the KV: next step re-prefills
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        eng.model(input_ids=ids, attention_mask=attn, logits_to_keep=1)
+    first_new_token(eng, version)
     return copy_s, time.perf_counter() - t0
 
 
@@ -118,14 +115,16 @@ def run(size: str, repeats: int, in_flight: int, prompt_len: int, warm_tokens: i
                  "prompt_len": prompt_len, "tokens_generated_before_swap": warm_tokens, "repeats": repeats,
                  "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        version = 0  # strictly increasing across configurations: old weight files are pruned by version
         for mode in ("recompute", "keep"):
             for path in ("disk", "stream"):
                 lat, floors = [], []
                 for r in range(repeats):
                     eng = make_engine(build_model(size, seed=0), mode, in_flight, prompt_len, warm_tokens)
-                    lat.append(swap_once(eng, trainer, path, pub, sub, Path(tmp), version=r + 1))
+                    version += 1
+                    lat.append(swap_once(eng, trainer, path, pub, sub, Path(tmp), version=version))
                     copy_s, prefill_s = floor(make_engine(build_model(size, seed=0), "recompute", in_flight,
-                                                          prompt_len, warm_tokens), named_weights(trainer))
+                                                          prompt_len, warm_tokens), named_weights(trainer), 1)
                     floors.append(copy_s + prefill_s)
                 med, fl = statistics.median(lat), statistics.median(floors)
                 out["results"][f"{mode}/{path}"] = {"latency_s": round(med, 4), "floor_s": round(fl, 4),
