@@ -1,31 +1,44 @@
 """Continuous-batching generation engine over a Hugging Face causal LM, interruptible for weights.
 
 Shape follows nano-vllm, kept small: a `Sequence` per request, a FIFO of waiting requests, a
-slot-based KV cache (`kv_cache.SlotKVCache`), a model runner (`_forward`) and the loop (`step`).
+slot KV cache (`kv_cache.SlotKVCache`, running rows kept compact), a model runner
+(`model_runner`: a packed fast path for Llama-family models, the HF forward otherwise) and the
+loop (`step`).
 
-One `step` = admit waiting requests into free slots, one batched prefill of every running
-sequence without cached KV (new joiners, plus everyone after a weight update), one batched
-decode over the sequences that were already running. A finished sequence leaves at once and
-its slot is reused by the next step's joiners.
+One `step` = admit waiting requests into free rows, then ONE forward over every running sequence:
+decode rows feed their last sampled token, joining rows feed their whole prompt (batched prefill).
+Requests added in the same step with the same prompt (a GRPO group) prefill that prompt once and
+fork its K/V into their rows (`prompt_sharing`). Every running sequence gains one token per step;
+a finished sequence (EOS unless `ignore_eos`, or its token budget) leaves at once, the last row
+moves into its hole, and the freed row is refilled by the next step's joiners.
 
-Weight updates happen between steps (the server loop is single-threaded). They copy tensors into
-the live parameters and drop every running sequence's KV: the next step re-prefills prompt +
-tokens so far under the new weights, so a trajectory can span versions, each token tagged with
-the version that sampled it, and its logprob is exactly what that version computes.
+Weight updates happen between steps (the server loop is single-threaded) and copy tensors into the
+live parameters in place. What happens to sequences in flight is `interrupt_mode`:
+- "recompute" (default, AReaL): their K/V is dropped and the next step re-prefills prompt + tokens
+  so far under the new weights (the prompt once per group), so every logprob is exactly what the
+  version that sampled the token computes over the whole sequence.
+- "keep" (PipelineRL / prime-rl): decoding continues on the K/V computed by the old weights; no
+  re-prefill. New tokens are tagged with the new version and their logprobs come from the new
+  weights' forward over the (partly old) cache.
+Either way a trajectory can span versions, each token tagged with the version that sampled it.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import transformers
 
 from rollout_server.kv_cache import SlotKVCache
+from rollout_server.model_runner import make_runner
 from rollout_server.sampling import SamplingParams, sample
 
 __all__ = ["Engine", "Finished", "SamplingParams"]
+
+InterruptMode = Literal["recompute", "keep"]
 
 
 @dataclass
@@ -50,6 +63,7 @@ class Sequence:
     # Tokens whose K/V sit in the slot. 0 means "needs a (re-)prefill"; a sequence is ready to
     # decode when everything but its last (just sampled) token is cached.
     num_cached: int = 0
+    done: str | None = None  # finish reason, set when it finishes inside a step
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
@@ -63,18 +77,6 @@ class Sequence:
                         list(self.versions), reason)
 
 
-def _attention_layout(config: transformers.PretrainedConfig) -> tuple[tuple[str, ...], int | None]:
-    """Return (layer types, sliding window) so `_mask` can build the masks the model expects."""
-    layer_types = tuple(getattr(config, "layer_types", None) or ())
-    window = getattr(config, "sliding_window", None)
-    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
-    if unknown:
-        raise ValueError(f"unsupported attention layer types {sorted(unknown)} (only full/sliding attention)")
-    if "sliding_attention" in layer_types and not window:
-        raise ValueError("config has sliding_attention layers but no sliding_window")
-    return layer_types, window
-
-
 class Engine:
     def __init__(
         self,
@@ -85,19 +87,27 @@ class Engine:
         max_seq_len: int | None = None,
         seed: int = 0,
         version: int = 0,
+        interrupt_mode: InterruptMode = "recompute",
+        prompt_sharing: bool = True,
+        fast_runner: bool | None = None,
     ) -> None:
+        """`fast_runner`: None = use the packed fast path when the architecture supports it (checked
+        numerically against the HF forward at start), False = always the generic HF forward."""
         if max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {max_running}")
+        if interrupt_mode not in ("recompute", "keep"):
+            raise ValueError(f"interrupt_mode must be 'recompute' or 'keep', got {interrupt_mode!r}")
         self.model = model.eval()
         self.eos_token_id = int(eos_token_id)
         self.max_running = max_running
         self.version = version
+        self.interrupt_mode: InterruptMode = interrupt_mode
+        self.prompt_sharing = prompt_sharing
         cfg = model.config.get_text_config()
         self.vocab_size: int = cfg.vocab_size
         self.max_seq_len: int = max_seq_len or cfg.max_position_embeddings
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
-        self._layer_types, self._window = _attention_layout(cfg)
         num_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
         param = next(model.parameters())
@@ -111,9 +121,13 @@ class Engine:
             dtype=self.dtype,
             device=self.device,
         )
+        self.runner = make_runner(model, self.cache, fast_runner)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._waiting: OrderedDict[str, Sequence] = OrderedDict()  # FIFO, O(1) abort
-        self._running: dict[str, Sequence] = {}  # insertion order = admission order
+        self._running: dict[str, Sequence] = {}
+        self._rows: list[Sequence] = []  # running sequences by slot: self._rows[i].slot == i
+        self.prefill_tokens = 0  # tokens fed through the model for prefill / re-prefill (stats)
+        self.decode_tokens = 0  # one-token decode rows fed (stats)
 
     # --- public API ------------------------------------------------------------------------
     @property
@@ -147,6 +161,18 @@ class Engine:
         params.validate()
         self._waiting[rid] = Sequence(rid, prompt, params)
 
+    def add_group(self, rids: list[str], prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue n samples of one prompt (a GRPO group). Validated as a whole before any is queued;
+        members admitted in the same step prefill the prompt once and fork its K/V."""
+        if len(set(rids)) != len(rids):
+            raise ValueError("duplicate request ids in group")
+        for rid in rids:
+            if rid in self._waiting or rid in self._running:
+                raise ValueError(f"duplicate request id {rid!r}")
+        self.add(rids[0], prompt_ids, params)
+        for rid in rids[1:]:
+            self._waiting[rid] = Sequence(rid, list(self._waiting[rids[0]].prompt_ids), params)
+
     def abort(self, rid: str) -> Finished | None:
         """Drop a waiting or running request (freeing its slot); None if it is unknown."""
         seq = self._waiting.pop(rid, None)
@@ -154,11 +180,11 @@ class Engine:
             seq = self._running.get(rid)
             if seq is None:
                 return None
-            self._release(seq)
+            self._release([seq])
         return seq.result("abort")
 
     def update_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> None:
-        """Copy new weights into the live model in place and invalidate all cached KV.
+        """Copy new weights into the live model in place; in "recompute" mode invalidate all cached KV.
 
         Everything is validated before the first copy, so a bad update leaves the model untouched.
         Tied aliases (e.g. `lm_head.weight` tied to the embeddings) are accepted by either name.
@@ -176,91 +202,94 @@ class Engine:
             for name, tensor in named_tensors.items():
                 params[name].data.copy_(tensor)
         self.version = int(version)
-        for seq in self._running.values():
-            seq.num_cached = 0  # re-prefill under the new weights at the next step
+        if self.interrupt_mode == "recompute":
+            for seq in self._rows:
+                seq.num_cached = 0  # re-prefill under the new weights at the next step
 
     def step(self) -> list[Finished]:
-        """One scheduler iteration: admit, prefill joiners/invalidated, decode the rest."""
-        while self._waiting and len(self._running) < self.max_running:
+        """One scheduler iteration: admit joiners, one forward for everyone, sample, retire finished."""
+        while self._waiting and len(self._rows) < self.max_running:
             _, seq = self._waiting.popitem(last=False)
             seq.slot = self.cache.allocate()
             self._running[seq.rid] = seq
-        to_prefill = [s for s in self._running.values() if s.num_cached == 0]
-        to_decode = [s for s in self._running.values() if s.num_cached > 0]
-        finished: list[Finished] = []
+            self._rows.append(seq)
+        if not self._rows:
+            return []
         with torch.inference_mode():
-            for batch, prefill in ((to_prefill, True), (to_decode, False)):
-                if batch:
-                    logits = self._forward(batch, prefill)
-                    finished.extend(self._sample(batch, logits))
-        return finished
+            sampled = self._run()
+            self._sample(sampled)
+        done = [s for s in self._rows if s.done is not None]
+        if done:
+            self._release(done)
+        return [s.result(s.done) for s in done]  # type: ignore[arg-type]
 
-    # --- model runner ----------------------------------------------------------------------
-    def _forward(self, batch: list[Sequence], prefill: bool) -> torch.Tensor:
-        """Run one batched forward and return the last-position logits [B, V] in float32.
+    # --- scheduling --------------------------------------------------------------------------
+    def _run(self) -> list[tuple[Sequence, torch.Tensor]]:
+        """Feed every running sequence's uncached tokens; return (sequence, next-token logits) pairs.
 
-        Prefill is left-padded so every row's last token is the last column (logits_to_keep=1);
-        pad columns get position 0, write nothing to the cache, and their outputs are ignored.
+        Rows with nothing cached are grouped by prompt: a group's first member prefills the prompt
+        only and the others get a copy of its K/V. Members with no output yet sample from that
+        prompt's logits; members that already have outputs (a re-prefill after a weight update)
+        feed those in a second forward, so everyone still gains exactly one token this step.
         """
-        if prefill:
-            width = max(len(s) for s in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            pos = torch.zeros(len(batch), width, dtype=torch.long)
-            valid = torch.zeros(len(batch), width, dtype=torch.bool)
-            for i, s in enumerate(batch):
-                n = len(s)
-                ids[i, width - n:] = torch.tensor(s.tokens)
-                pos[i, width - n:] = torch.arange(n)
-                valid[i, width - n:] = True
-            kv_len = width
-        else:
-            ids = torch.tensor([[s.output_ids[-1]] for s in batch])
-            pos = torch.tensor([[s.num_cached] for s in batch])
-            valid = torch.ones(len(batch), 1, dtype=torch.bool)
-            kv_len = max(s.num_cached for s in batch) + 1
-        ids, pos, valid = ids.to(self.device), pos.to(self.device), valid.to(self.device)
-        slots = torch.tensor([s.slot for s in batch], device=self.device)
-        self.cache.begin(slots, pos, valid, kv_len)
-        try:
-            out = self.model(input_ids=ids, position_ids=pos, attention_mask=self._mask(pos, kv_len),
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        finally:
-            self.cache.end()
-        return out.logits[:, -1].float()
+        groups: dict[tuple[int, ...], list[Sequence]] = {}
+        rows: list[tuple[Sequence, int, list[int]]] = []  # (seq, start, tokens) fed in forward 1
+        for seq in self._rows:
+            if seq.num_cached == 0 and self.prompt_sharing and len(seq.prompt_ids) > 1:
+                groups.setdefault(tuple(seq.prompt_ids), []).append(seq)
+            else:
+                rows.append((seq, seq.num_cached, seq.tokens[seq.num_cached:]))
+        shared = []
+        for members in groups.values():
+            if len(members) == 1:
+                seq = members[0]
+                rows.append((seq, 0, seq.tokens))
+            else:
+                rows.append((members[0], 0, members[0].prompt_ids))
+                shared.append(members)
+        logits = self._forward(rows)
+        reps = {id(members[0]) for members in shared}
+        out = [(seq, logits[i]) for i, (seq, _, toks) in enumerate(rows)
+               if id(seq) not in reps and seq.num_cached + len(toks) == len(seq)]
+        for seq, _, toks in rows:
+            seq.num_cached += len(toks)
+        extend: list[tuple[Sequence, int, list[int]]] = []
+        row_of = {id(seq): i for i, (seq, _, _) in enumerate(rows)}
+        for members in shared:
+            rep, n = members[0], len(members[0].prompt_ids)
+            self.cache.fork(rep.slot, [m.slot for m in members[1:]], n)
+            for m in members:
+                m.num_cached = n
+                if len(m) == n:
+                    out.append((m, logits[row_of[id(rep)]]))
+                else:
+                    extend.append((m, n, m.output_ids))
+        if extend:
+            logits = self._forward(extend)
+            out += [(seq, logits[i]) for i, (seq, _, _) in enumerate(extend)]
+            for seq, _, toks in extend:
+                seq.num_cached += len(toks)
+        return out
 
-    def _mask(self, pos: torch.Tensor, kv_len: int) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Additive 4D mask [B, 1, q, kv]: a query at position p sees cached positions <= p."""
-        key_pos = torch.arange(kv_len, device=self.device)[None, None, :]
-        query_pos = pos[:, :, None]
-        allowed = key_pos <= query_pos
+    def _forward(self, rows: list[tuple[Sequence, int, list[int]]]) -> torch.Tensor:
+        for _, _, toks in rows:
+            if len(toks) == 1:
+                self.decode_tokens += 1
+            else:
+                self.prefill_tokens += len(toks)
+        return self.runner.forward([s.slot for s, _, _ in rows], [st for _, st, _ in rows], [t for _, _, t in rows])
 
-        def additive(ok: torch.Tensor) -> torch.Tensor:
-            m = torch.zeros(ok.shape, dtype=self.dtype, device=self.device)
-            return m.masked_fill(~ok, torch.finfo(self.dtype).min)[:, None]
-
-        if "sliding_attention" in self._layer_types:  # hybrid models take a per-layer-type mapping
-            sliding = allowed & (key_pos > query_pos - self._window)
-            return {"full_attention": additive(allowed), "sliding_attention": additive(sliding)}
-        if self._window and not self._layer_types:  # Mistral-style: one window for every layer
-            allowed &= key_pos > query_pos - self._window
-        return additive(allowed)
-
-    # --- sampling / bookkeeping -------------------------------------------------------------
-    def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> list[Finished]:
+    def _sample(self, pairs: list[tuple[Sequence, torch.Tensor]]) -> None:
+        batch = [s for s, _ in pairs]
+        logits = torch.stack([lg for _, lg in pairs])
         temps = torch.tensor([s.params.temperature for s in batch], dtype=torch.float32, device=logits.device)
         top_ps = torch.tensor([s.params.top_p for s in batch], dtype=torch.float32, device=logits.device)
         tokens, logps = sample(logits, temps, top_ps, self.generator)
-        finished = []
         for seq, tok, lp in zip(batch, tokens.tolist(), logps.tolist()):
-            seq.num_cached = len(seq)  # everything before the new token now has K/V in the slot
             seq.output_ids.append(tok)
             seq.logprobs.append(lp)
             seq.versions.append(self.version)
-            reason = self._finish_reason(seq, tok)
-            if reason is not None:
-                self._release(seq)
-                finished.append(seq.result(reason))
-        return finished
+            seq.done = self._finish_reason(seq, tok)
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
         if tok == self.eos_token_id and not seq.params.ignore_eos:
@@ -269,7 +298,19 @@ class Engine:
             return "length"
         return None
 
-    def _release(self, seq: Sequence) -> None:
-        del self._running[seq.rid]
-        self.cache.release(seq.slot)
-        seq.slot = -1
+    def _release(self, leaving: list[Sequence]) -> None:
+        """Remove sequences and keep the rows compact: live rows past the new end move into holes."""
+        gone = {id(s) for s in leaving}
+        for seq in leaving:
+            del self._running[seq.rid]
+            seq.slot = -1
+        n = len(self._rows) - len(leaving)
+        holes = [i for i in range(n) if id(self._rows[i]) in gone]
+        movers = [s for s in self._rows[n:] if id(s) not in gone]
+        moves = []
+        for hole, seq in zip(holes, movers):
+            moves.append((seq.slot, hole, seq.num_cached))
+            self._rows[hole] = seq
+            seq.slot = hole
+        del self._rows[n:]
+        self.cache.compact([m for m in moves if m[2] > 0], n)

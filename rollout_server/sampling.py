@@ -48,14 +48,22 @@ def sample(
     stochastic = (~greedy).nonzero(as_tuple=True)[0]
     if stochastic.numel() > 0:
         probs = logp[stochastic].exp()
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
-        mass_before = sorted_p.cumsum(dim=-1) - sorted_p
         rows_top_p = top_ps[stochastic]
-        drop = (mass_before >= rows_top_p[:, None]) & (rows_top_p < 1.0)[:, None]
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_p, 1, generator=generator)
-        tokens[stochastic] = order.gather(1, choice).squeeze(1)
+        nucleus = (rows_top_p < 1.0).nonzero(as_tuple=True)[0]
+        if nucleus.numel() > 0:  # only top-p rows pay for a sort over the vocabulary
+            sorted_p, order = probs[nucleus].sort(dim=-1, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
+            mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+            sorted_p = sorted_p.masked_fill(mass_before >= rows_top_p[nucleus, None], 0.0)
+            # Scatter the truncated distribution back to vocabulary order: one draw for all rows.
+            probs[nucleus] = torch.zeros_like(sorted_p).scatter_(1, order, sorted_p)
+        # Inverse-CDF draw (one uniform per row; much cheaper on CPU than torch.multinomial, whose
+        # exponential draws cost one random number per vocabulary entry). u is in (0, 1], so the
+        # first index whose CDF reaches u * total always has positive probability.
+        cdf = probs.cumsum(dim=-1)
+        u = 1.0 - torch.rand(len(stochastic), 1, generator=generator, device=probs.device)
+        choice = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+        tokens[stochastic] = choice
 
     token_logp = logp.gather(1, tokens[:, None]).squeeze(1)
     return tokens, token_logp
