@@ -78,12 +78,17 @@ class RolloutServer:
     def _generate(self, g: P.Generate) -> None:
         params = SamplingParams(max_new_tokens=g.sampling.max_new_tokens, temperature=g.sampling.temperature,
                                 top_p=g.sampling.top_p)
-        for idx in range(g.n):
-            rid = request_id(g.gid, g.attempt, idx)
-            try:
-                self.engine.add(rid, list(g.prompt_ids), params)
-            except ValueError as e:  # too long, duplicate...: answer so the controller never waits on it
-                reject(ROLE, "bad_request", f"request {rid}: {e}")
+        rids = [request_id(g.gid, g.attempt, idx) for idx in range(g.n)]
+        try:
+            if hasattr(self.engine, "add_group"):  # one prefill of the prompt, forked into n slots
+                self.engine.add_group(rids, list(g.prompt_ids), params)
+            else:
+                for rid in rids:
+                    self.engine.add(rid, list(g.prompt_ids), params)
+        except ValueError as e:  # too long, duplicate...: answer so the controller never waits on it
+            reject(ROLE, "bad_request", f"group {g.gid}: {e}")
+            for rid in rids:
+                self.engine.abort(rid)
                 self._send_result(Finished(rid, list(g.prompt_ids), [], [], [], "abort"))
 
     def _update_weights(self, u: P.UpdateWeights, tensors: dict[str, torch.Tensor]) -> None:
