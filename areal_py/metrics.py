@@ -13,6 +13,10 @@ REJECTED_MESSAGES = Counter(
     ["role", "reason"],
 )
 
+REWARD_TIMEOUTS = Counter("areal_reward_timeouts_total", "Samples whose reward computation ran past its timeout (scored 0).")
+REWARD_ERRORS = Counter("areal_reward_errors_total", "Reward functions that raised or returned a non-finite value "
+                        "(that term scored 0), or reward workers that died mid-sample (sample scored 0).")
+
 
 def rejected_count(role: str, reason: str | None = None) -> float:
     """Current rejected-message count for a role (all reasons when reason is None)."""

@@ -25,7 +25,7 @@ from typing import Any
 from prometheus_client import (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, REGISTRY, CollectorRegistry, Counter,
                                Gauge, Histogram, start_http_server)
 
-from areal_py.metrics import REJECTED_MESSAGES
+from areal_py.metrics import REJECTED_MESSAGES, REWARD_ERRORS, REWARD_TIMEOUTS
 
 __all__ = ["ROLLOUT", "CONTROLLER", "TRAINER", "ROLES", "ALL_METRIC_NAMES", "TRAINER_PHASES",
            "role_registry", "start_metrics_server", "stop_metrics_server"]
@@ -151,12 +151,16 @@ def _sample_names(metric: Any) -> set[str]:
 
 ROLES = {"rollout": ROLLOUT, "controller": CONTROLLER, "trainer": TRAINER}
 _METRICS = [m for group in ROLES.values() for m in vars(group).values()]
-ALL_METRIC_NAMES: frozenset[str] = frozenset().union(*(_sample_names(m) for m in _METRICS + [REJECTED_MESSAGES]))
+ALL_METRIC_NAMES: frozenset[str] = frozenset().union(*(_sample_names(m) for m in _METRICS + [REJECTED_MESSAGES, REWARD_TIMEOUTS,
+                                                                                         REWARD_ERRORS]))
 
 
 def _build_role_registry(group: Any) -> CollectorRegistry:
     reg = CollectorRegistry()
-    for c in [*vars(group).values(), REJECTED_MESSAGES, PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR]:
+    shared = [REJECTED_MESSAGES, PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR]
+    if group is CONTROLLER:  # the controller owns the reward pool
+        shared += [REWARD_TIMEOUTS, REWARD_ERRORS]
+    for c in [*vars(group).values(), *shared]:
         reg.register(c)
     return reg
 

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import Counter
+from areal_py.metrics import REWARD_ERRORS, REWARD_TIMEOUTS
 
 from areal_py.tasks import ArithTask, JsonlTask, Prompt, Task, make_task, math_reward
 
@@ -48,9 +48,6 @@ log = logging.getLogger(__name__)
 
 RewardFn = Callable[[Prompt, str, bool], float]
 
-REWARD_TIMEOUTS = Counter("areal_reward_timeouts_total", "Samples whose reward computation ran past its timeout (scored 0).")
-REWARD_ERRORS = Counter("areal_reward_errors_total", "Reward functions that raised or returned a non-finite value "
-                        "(that term scored 0), or reward workers that died mid-sample (sample scored 0).")
 
 # ---------------------------------------------------------------------------------------------
 # Reward functions
