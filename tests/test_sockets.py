@@ -54,6 +54,7 @@ def test_rollout_server_rejects_garbage_and_keeps_serving(cfg, ctx):
     try:
         sender, msg = recv(router, "test", timeout_s=10, waiting_for="hello", routed=True)
         assert msg.type == "hello" and sender == b"srv"
+        time.sleep(0.3)  # PUB drops messages until the server's SUB subscription has arrived
         before = rejected_count("rollout")
         for frames in GARBAGE:
             router.send_multipart([b"srv", *frames])
