@@ -28,7 +28,7 @@ from areal_py.models import (
     eos_token_id,
     load_model_and_tokenizer,
 )
-from areal_py.tasks import ArithTask, Task
+from areal_py.tasks import ArithTask, SftTask, Task
 
 # Bump when the cold-start recipe changes so stale cached models are not reused.
 CACHE_VERSION = 1
@@ -39,40 +39,26 @@ DEFAULT_STEPS = 120
 DEFAULT_LABEL_NOISE = 0.2
 
 
-def _noisy_answer(rng: random.Random, answer: int, lo: int, hi: int, label_noise: float) -> int:
-    """With prob. `label_noise`: half the time answer +-1..9 (kept >= 0), else uniform in [lo, hi]."""
-    if rng.random() >= label_noise:
-        return answer
-    if rng.random() < 0.5:
-        delta = rng.randint(1, 9)
-        down = answer - delta
-        return down if rng.random() < 0.5 and down >= 0 else answer + delta
-    return rng.randint(lo, hi)
-
-
-def _sft_batch(
-    tokenizer: PreTrainedTokenizerBase,
-    task: ArithTask,
-    rng: random.Random,
-    batch_size: int,
-    label_noise: float,
-) -> dict[str, torch.Tensor]:
-    """Right-padded `prompt + answer + eos` sequences with labels only on answer and EOS."""
+def _sft_rows(
+    tokenizer: PreTrainedTokenizerBase, task: SftTask, rng: random.Random, batch_size: int, label_noise: float
+) -> list[tuple[list[int], list[int]]]:
+    """`prompt + target + eos` token ids with labels only on the target and EOS."""
     eos = eos_token_id(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    lo, hi = 2 * task.min_operand, 2 * task.max_operand
     rows: list[tuple[list[int], list[int]]] = []
     for _ in range(batch_size):
-        # Any index works: the task is synthetic, so SFT and RL prompts share a distribution.
-        p = task.prompt(rng.randrange(1 << 31))
-        answer = _noisy_answer(rng, int(p.answer), lo, hi, label_noise)
-        prompt_ids = tokenizer(p.text, add_special_tokens=True).input_ids
-        answer_ids = tokenizer(str(answer), add_special_tokens=False).input_ids + [eos]
-        rows.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
+        prompt, target = task.sft_example(rng, label_noise)
+        prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids
+        target_ids = tokenizer(target, add_special_tokens=False).input_ids + [eos]
+        rows.append((prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids))
+    return rows
+
+
+def _padded(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors for one micro-batch, as wide as its longest row."""
     width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((batch_size, width), pad, dtype=torch.long)
-    labels = torch.full((batch_size, width), -100, dtype=torch.long)
-    mask = torch.zeros((batch_size, width), dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (ids, lab) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
@@ -80,10 +66,24 @@ def _sft_batch(
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def _micro_batches(rows: list[tuple[list[int], list[int]]], max_tokens: int) -> list[list[tuple[list[int], list[int]]]]:
+    """Rows sorted by length and cut so each padded micro-batch holds at most `max_tokens`.
+
+    Long-tailed tasks (sum_cot) would otherwise pad a whole batch to its one 500-token member.
+    """
+    rows = sorted(rows, key=lambda r: len(r[0]))
+    out: list[list[tuple[list[int], list[int]]]] = [[]]
+    for r in rows:
+        if out[-1] and len(r[0]) * (len(out[-1]) + 1) > max_tokens:
+            out.append([])
+        out[-1].append(r)
+    return out
+
+
 def cold_start(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    task: ArithTask,
+    task: SftTask,
     *,
     steps: int,
     batch_size: int = 64,
@@ -92,13 +92,20 @@ def cold_start(
     warmup_steps: int = 30,
     label_noise: float = DEFAULT_LABEL_NOISE,
     seed: int = 0,
+    max_tokens_per_micro_batch: int = 8192,
 ) -> dict:
-    """SFT in place with AdamW and linear warm-up; returns {steps, seconds, first/final loss}."""
+    """SFT in place with AdamW and linear warm-up; returns {steps, seconds, first/final loss}.
+
+    The loss is the mean over every target token of the batch, accumulated over length-sorted
+    micro-batches so padding stays small.
+    """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if not 0.0 <= label_noise <= 1.0:
         raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
     rng = random.Random(f"cold_start:{seed}")
+    eos = eos_token_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -108,15 +115,20 @@ def cold_start(
     losses: list[float] = []
     start = time.perf_counter()
     for _ in range(steps):
-        batch = _sft_batch(tokenizer, task, rng, batch_size, label_noise)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch).loss  # mean over answer + EOS tokens only
+        rows = _sft_rows(tokenizer, task, rng, batch_size, label_noise)
+        n_targets = sum(sum(1 for x in lab if x != -100) for _, lab in rows)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_sum = 0.0
+        for mb in _micro_batches(rows, max_tokens_per_micro_batch):
+            batch = {k: v.to(device) for k, v in _padded(mb, pad).items()}
+            mb_targets = int((batch["labels"][:, 1:] != -100).sum())
+            loss = model(**batch).loss * (mb_targets / n_targets)  # HF mean -> share of the batch mean
+            loss.backward()
+            loss_sum += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        losses.append(loss.item())
+        losses.append(loss_sum)
     model.eval()
     tail = losses[-10:]
     return {
@@ -188,8 +200,7 @@ def evaluate(
 @dataclass(frozen=True)
 class _Settings:
     spec: dict
-    task_min: int
-    task_max: int
+    task: dict
     steps: int
     label_noise: float
     lr: float
@@ -204,12 +215,16 @@ class _Settings:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def task_identity(task: SftTask) -> dict:
+    """What makes a task's SFT data distinct: its name and public settings (part of the cache key)."""
+    return {"name": task.name, **{k: v for k, v in vars(task).items() if not k.startswith("_")}}
+
+
 def prepare_embedded_model(
     cache_dir: Path,
     spec: EmbeddedModelSpec | None = None,
     *,
-    task_min: int = 0,
-    task_max: int = 9,
+    task: SftTask | None = None,
     steps: int = DEFAULT_STEPS,
     label_noise: float = DEFAULT_LABEL_NOISE,
     lr: float = 2e-3,
@@ -224,10 +239,10 @@ def prepare_embedded_model(
     concurrent callers either see a complete model or build their own copy and discard it.
     """
     spec = spec or EmbeddedModelSpec()
+    task = task or ArithTask(seed=seed)
     settings = _Settings(
         spec=spec.to_dict(),
-        task_min=task_min,
-        task_max=task_max,
+        task=task_identity(task),
         steps=steps,
         label_noise=label_noise,
         lr=lr,
@@ -245,7 +260,6 @@ def prepare_embedded_model(
     try:
         create_embedded_model(tmp, spec)
         model, tokenizer = load_model_and_tokenizer(tmp)
-        task = ArithTask(task_min, task_max, seed=seed)
         stats = cold_start(
             model,
             tokenizer,

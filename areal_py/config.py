@@ -56,9 +56,15 @@ class ColdStartConfig(_Section):
 
 
 class TaskConfig(_Section):
-    name: Literal["arith", "jsonl"] = Field("arith", description="arith: synthetic sums; jsonl: prompt file + math-verify reward.")
+    name: Literal["arith", "sum_cot", "jsonl"] = Field(
+        "arith", description="arith: synthetic a+b sums; sum_cot: long-tailed chain-of-thought sums (partial sums, "
+        "then the answer); jsonl: prompt file + math-verify reward.")
     min_operand: int = Field(0, ge=0, description="arith: smallest operand.")
     max_operand: int = Field(9, ge=0, description="arith: largest operand.")
+    min_terms: int = Field(3, ge=1, description="sum_cot: fewest numbers to add.")
+    max_terms: int = Field(120, ge=1, description="sum_cot: most numbers to add (the long tail is cut here).")
+    tail_alpha: float = Field(1.1, gt=0, description="sum_cot: Pareto exponent of the number of terms "
+                              "(smaller = heavier tail of long responses).")
     path: str = Field("", description="jsonl: file with one {\"prompt\": ..., \"answer\": ...} object per line.")
     prompt_key: str = Field("prompt", description="jsonl: key of the prompt text.")
     answer_key: str = Field("answer", description="jsonl: key of the reference answer.")
@@ -192,7 +198,25 @@ class Config(_Section):
             raise ValueError("task.min_operand must be <= task.max_operand")
         if self.task.name == "jsonl" and not self.task.path:
             raise ValueError("task.path is required when task.name=jsonl")
+        if self.task.name == "sum_cot":
+            self._check_sum_cot_lengths()
         return self
+
+    def _check_sum_cot_lengths(self) -> None:
+        """A response cut short or a context too small for the longest sum would silently score 0."""
+        from areal_py.sum_cot import max_response_chars
+
+        t = self.task
+        if t.min_terms > t.max_terms:
+            raise ValueError("task.min_terms must be <= task.max_terms")
+        need_new = max_response_chars(t.max_terms) + 1  # + EOS
+        if self.rollout.max_new_tokens < need_new:
+            raise ValueError(f"rollout.max_new_tokens={self.rollout.max_new_tokens} is too small for "
+                             f"task.max_terms={t.max_terms}: the longest answer needs {need_new}")
+        need_ctx = 1 + 2 * t.max_terms + need_new
+        if not self.model.path and self.model.embedded.max_position_embeddings < need_ctx:
+            raise ValueError(f"model.embedded.max_position_embeddings={self.model.embedded.max_position_embeddings} "
+                             f"is too small for task.max_terms={t.max_terms}: need {need_ctx}")
 
     @property
     def effective_max_staleness(self) -> int:
@@ -216,6 +240,8 @@ def _format_validation_error(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'; allowed here: {_allowed_keys(e['loc'][:-1])}")
+        elif not e["loc"]:  # a cross-field check: its message names the keys; the input is the whole tree
+            lines.append(e["msg"].removeprefix("Value error, "))
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return "invalid config:\n  " + "\n  ".join(lines)

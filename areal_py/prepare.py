@@ -4,13 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from areal_py.config import Config
-from areal_py.tasks import ArithTask, Task, make_task
+from areal_py.tasks import SftTask, Task, make_task
 
 
 def build_task(cfg: Config) -> Task:
     t = cfg.task
     if t.name == "arith":
         return make_task("arith", min_operand=t.min_operand, max_operand=t.max_operand, seed=cfg.run.seed)
+    if t.name == "sum_cot":
+        return make_task("sum_cot", min_terms=t.min_terms, max_terms=t.max_terms, alpha=t.tail_alpha,
+                         seed=cfg.run.seed)
     return make_task("jsonl", path=t.path, prompt_key=t.prompt_key, answer_key=t.answer_key, seed=cfg.run.seed)
 
 
@@ -29,9 +32,9 @@ def model_path(cfg: Config) -> Path:
                              num_kv_heads=e.num_heads, intermediate_size=e.intermediate_size,
                              max_position_embeddings=e.max_position_embeddings, seed=cfg.run.seed)
     task = build_task(cfg)
-    if not isinstance(task, ArithTask):
-        raise ValueError("the embedded model is cold-started on task.name=arith; set model.path for other tasks")
+    if not isinstance(task, SftTask):
+        raise ValueError(f"the embedded model is cold-started on a synthetic task (arith, sum_cot); "
+                         f"task.name={cfg.task.name} needs model.path")  # noqa: TRY004 - a config error
     cs = cfg.cold_start
-    return prepare_embedded_model(Path(cfg.model.cache_dir).expanduser(), spec, task_min=cfg.task.min_operand,
-                                  task_max=cfg.task.max_operand, steps=cs.steps, label_noise=cs.label_noise,
-                                  lr=cs.lr, batch_size=cs.batch_size, seed=cfg.run.seed)
+    return prepare_embedded_model(Path(cfg.model.cache_dir).expanduser(), spec, task=task, steps=cs.steps,
+                                  label_noise=cs.label_noise, lr=cs.lr, batch_size=cs.batch_size, seed=cfg.run.seed)

@@ -42,6 +42,15 @@ class Task(Protocol):
         ...
 
 
+@runtime_checkable
+class SftTask(Task, Protocol):
+    """A synthetic task that can also teach its format: the embedded model's cold start needs one."""
+
+    def sft_example(self, rng: random.Random, label_noise: float) -> tuple[str, str]:
+        """A (prompt text, target response) pair; a `label_noise` fraction of targets is wrong."""
+        ...
+
+
 class ArithTask:
     """"a+b=" with operands in [min_operand, max_operand]; reward is exact match plus EOS."""
 
@@ -70,6 +79,23 @@ class ArithTask:
 
     def reward(self, prompt: Prompt, response_text: str, stopped: bool) -> float:
         return 1.0 if stopped and response_text == prompt.answer else 0.0
+
+    def sft_example(self, rng: random.Random, label_noise: float) -> tuple[str, str]:
+        """Any index works: the task is synthetic, so SFT and RL prompts share a distribution.
+
+        With prob. `label_noise` the answer is wrong: half the time off by 1..9 (kept >= 0),
+        otherwise uniform over the possible sums.
+        """
+        p = self.prompt(rng.randrange(1 << 31))
+        answer = int(p.answer)
+        if rng.random() < label_noise:
+            if rng.random() < 0.5:
+                delta = rng.randint(1, 9)
+                down = answer - delta
+                answer = down if rng.random() < 0.5 and down >= 0 else answer + delta
+            else:
+                answer = rng.randint(2 * self.min_operand, 2 * self.max_operand)
+        return p.text, str(answer)
 
 
 class JsonlTask:
@@ -165,13 +191,18 @@ def math_reward(gold: str, response_text: str) -> float:
         return 0.0
 
 
-_TASKS: dict[str, type] = {"arith": ArithTask, "jsonl": JsonlTask}
+def _task_classes() -> dict[str, type]:
+    # sum_cot imports Prompt from this module, so it is resolved late.
+    from areal_py.sum_cot import SumCotTask
+
+    return {"arith": ArithTask, "jsonl": JsonlTask, "sum_cot": SumCotTask}
 
 
 def make_task(name: str, **kwargs: Any) -> Task:
-    """Instantiate a task by name ("arith" or "jsonl")."""
+    """Instantiate a task by name ("arith", "sum_cot" or "jsonl")."""
+    classes = _task_classes()
     try:
-        cls = _TASKS[name]
+        cls = classes[name]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; allowed: {sorted(_TASKS)}") from None
+        raise ValueError(f"unknown task {name!r}; allowed: {sorted(classes)}") from None
     return cls(**kwargs)

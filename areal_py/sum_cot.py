@@ -1,0 +1,89 @@
+"""`sum_cot`: a long-tailed chain-of-thought workload for the asynchronous-vs-synchronous benchmarks.
+
+Prompt ``3+5+2+7=``; the response writes every partial sum, then the answer after ``;``:
+``3,8,10,17;17``. The number of terms k follows a truncated discrete Pareto law,
+
+    k = min(max_terms, floor(min_terms / U ** (1 / alpha))),   U ~ Uniform(0, 1],
+
+so most responses are short (median ~16 tokens with the defaults) and a few run to ~470 tokens,
+the shape of real reasoning-length distributions. A synchronous batch has to wait for its
+longest member; an asynchronous system keeps its slots full. Reward: 1 for the right final
+answer followed by EOS, else 0 (the partial sums are not graded; they are the model's scratchpad).
+"""
+
+from __future__ import annotations
+
+import random
+
+from areal_py.tasks import Prompt
+
+ANSWER_SEP = ";"
+
+
+def response_for(terms: list[int]) -> str:
+    """The reference response: comma-separated partial sums, then ``;`` and the total."""
+    sums, total = [], 0
+    for t in terms:
+        total += t
+        sums.append(str(total))
+    return ",".join(sums) + ANSWER_SEP + str(total)
+
+
+def max_response_chars(max_terms: int, max_digit: int = 9) -> int:
+    """Longest possible reference response for `max_terms` terms (all terms = max_digit)."""
+    return len(response_for([max_digit] * max_terms))
+
+
+class SumCotTask:
+    """Sums of k single digits with k long-tailed; see the module docstring for the format."""
+
+    name = "sum_cot"
+
+    def __init__(self, min_terms: int = 3, max_terms: int = 120, alpha: float = 1.1, seed: int = 0) -> None:
+        if not 1 <= min_terms <= max_terms:
+            raise ValueError(f"need 1 <= min_terms <= max_terms, got {min_terms}..{max_terms}")
+        if alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        self.min_terms = min_terms
+        self.max_terms = max_terms
+        self.alpha = alpha
+        self.seed = seed
+
+    def num_terms(self, rng: random.Random) -> int:
+        u = 1.0 - rng.random()  # in (0, 1]
+        return min(self.max_terms, int(self.min_terms / u ** (1.0 / self.alpha)))
+
+    def terms(self, index: int) -> list[int]:
+        rng = random.Random(f"sum_cot:{self.seed}:{index}")
+        return [rng.randint(0, 9) for _ in range(self.num_terms(rng))]
+
+    def prompt(self, index: int) -> Prompt:
+        terms = self.terms(index)
+        return Prompt(index=index, text="+".join(map(str, terms)) + "=", answer=str(sum(terms)))
+
+    def reward(self, prompt: Prompt, response_text: str, stopped: bool) -> float:
+        if not stopped or ANSWER_SEP not in response_text:
+            return 0.0
+        return 1.0 if response_text.rsplit(ANSWER_SEP, 1)[1] == prompt.answer else 0.0
+
+    def sft_example(self, rng: random.Random, label_noise: float) -> tuple[str, str]:
+        """A (prompt, target) pair for the cold start, drawn from the RL distribution.
+
+        With probability `label_noise` one term is silently changed in the worked solution, so the
+        partial sums from there on and the answer are wrong but consistent: the format is taught
+        perfectly while accuracy stays below 100%, leaving room for RL.
+        """
+        terms = [rng.randint(0, 9) for _ in range(self.num_terms(rng))]
+        prompt = "+".join(map(str, terms)) + "="
+        worked = list(terms)
+        if rng.random() < label_noise:
+            i = rng.randrange(len(worked))
+            worked[i] = (worked[i] + rng.randint(1, 9)) % 10
+        return prompt, response_for(worked)
+
+    def max_response_tokens(self) -> int:
+        """Characters (= tokens for the character tokenizer) of the longest possible response."""
+        return max_response_chars(self.max_terms)
+
+    def max_prompt_tokens(self) -> int:
+        return 2 * self.max_terms
