@@ -43,6 +43,7 @@ from typing import Any
 from areal_py.metrics import REWARD_ERRORS, REWARD_TIMEOUTS
 
 from areal_py.tasks import ArithTask, JsonlTask, Prompt, Task, make_task, math_reward
+from areal_py.sum_cot import SumCotTask
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,9 @@ def task_config(task: Task | dict[str, Any] | None) -> dict[str, Any] | None:
     if isinstance(task, JsonlTask):
         return {"name": "jsonl", "path": str(task.path), "prompt_key": task.prompt_key,
                 "answer_key": task.answer_key, "seed": task.seed}
+    if isinstance(task, SumCotTask):
+        return {"name": "sum_cot", "min_terms": task.min_terms, "max_terms": task.max_terms, "alpha": task.alpha,
+                "seed": task.seed}
     raise TypeError(f"cannot describe task {type(task).__name__} as plain data; pass a task config dict")
 
 
