@@ -29,6 +29,7 @@ from areal_py.models import (
     load_model_and_tokenizer,
 )
 from areal_py.tasks import ArithTask, SftTask, Task
+from trainer.micro_batching import pack_by_padded_tokens
 
 # Bump when the cold-start recipe changes so stale cached models are not reused.
 CACHE_VERSION = 1
@@ -66,20 +67,6 @@ def _padded(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torc
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def _micro_batches(rows: list[tuple[list[int], list[int]]], max_tokens: int) -> list[list[tuple[list[int], list[int]]]]:
-    """Rows sorted by length and cut so each padded micro-batch holds at most `max_tokens`.
-
-    Long-tailed tasks (sum_cot) would otherwise pad a whole batch to its one 500-token member.
-    """
-    rows = sorted(rows, key=lambda r: len(r[0]))
-    out: list[list[tuple[list[int], list[int]]]] = [[]]
-    for r in rows:
-        if out[-1] and len(r[0]) * (len(out[-1]) + 1) > max_tokens:
-            out.append([])
-        out[-1].append(r)
-    return out
-
-
 def cold_start(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -97,7 +84,7 @@ def cold_start(
     """SFT in place with AdamW and linear warm-up; returns {steps, seconds, first/final loss}.
 
     The loss is the mean over every target token of the batch, accumulated over length-sorted
-    micro-batches so padding stays small.
+    micro-batches (`pack_by_padded_tokens`) so a long-tailed task is not padded to its longest.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -119,8 +106,8 @@ def cold_start(
         n_targets = sum(sum(1 for x in lab if x != -100) for _, lab in rows)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for mb in _micro_batches(rows, max_tokens_per_micro_batch):
-            batch = {k: v.to(device) for k, v in _padded(mb, pad).items()}
+        for idx in pack_by_padded_tokens([len(ids) for ids, _ in rows], max_tokens_per_micro_batch):
+            batch = {k: v.to(device) for k, v in _padded([rows[i] for i in idx], pad).items()}
             mb_targets = int((batch["labels"][:, 1:] != -100).sum())
             loss = model(**batch).loss * (mb_targets / n_targets)  # HF mean -> share of the batch mean
             loss.backward()

@@ -110,7 +110,10 @@ class TrainerConfig(_Section):
     ppo_minibatches: int = Field(1, ge=1, description="Optimizer updates per batch (the proximal policy stays fixed across them).")
     micro_batch_size: int = Field(128, ge=1, description="Sequences per forward pass (gradients accumulate over micro-batches).")
     max_tokens_per_micro_batch: int = Field(0, ge=0, description="Pack micro-batches by a token budget "
-                                            "(first-fit-decreasing) instead of micro_batch_size; 0 = off.")
+                                            "instead of micro_batch_size; 0 = off.")
+    micro_batch_packing: Literal["padded", "ffd"] = Field(
+        "padded", description="padded: length-sorted runs with rows x longest <= the budget (padded tensors; "
+        "right for long-tailed lengths); ffd: first-fit-decreasing on summed lengths.")
     checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     batch_timeout_s: float = Field(300.0, gt=0, description="Longest wait for the controller to deliver a batch.")
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from trainer.decoupled_ppo import decoupled_ppo_loss, gspo_loss, policy_loss
-from trainer.micro_batching import pack_by_tokens
+from trainer.micro_batching import pack_by_padded_tokens, pack_by_tokens
 
 
 # ----------------------------------------------------------------------------- packing by hand
@@ -126,8 +126,9 @@ def gradients(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters()]
 
 
+@pytest.mark.parametrize("packer", ["ffd", "padded"])
 @pytest.mark.parametrize("kind", list(GLOBAL_NORMALIZER))
-def test_micro_batched_gradient_equals_big_batch(kind):
+def test_micro_batched_gradient_equals_big_batch(kind, packer):
     torch.manual_seed(0)
     model = TinyLM()
     ids, mask, noise, seq_adv = make_batch()
@@ -142,8 +143,12 @@ def test_micro_batched_gradient_equals_big_batch(kind):
     big_grads = gradients(model)
 
     # packed micro-batches, each padded only to its own longest sequence, global normaliser
-    micro_batches = pack_by_tokens(LENGTHS, BUDGET)
-    assert micro_batches == PACKED
+    if packer == "ffd":
+        micro_batches = pack_by_tokens(LENGTHS, BUDGET)
+        assert micro_batches == PACKED
+    else:
+        micro_batches = pack_by_padded_tokens(LENGTHS, BUDGET)
+        assert len(micro_batches) > 1
     model.zero_grad()
     total = 0.0
     for idx in micro_batches:
@@ -178,3 +183,25 @@ def test_per_micro_batch_normaliser_would_be_wrong():
         (loss / len(micro_batches)).backward()
     diff = max(float((a - b).abs().max()) for a, b in zip(gradients(model), big_grads))
     assert diff > 1e-3
+
+
+def test_padded_packing_by_hand():
+    """Sorted shortest first: 1,2,3 (3 rows x 3 = 9 <= 10), then 5 alone would make 4 x 5 = 20 > 10."""
+    assert pack_by_padded_tokens([5, 3, 8, 1, 9, 2], 10) == [[1, 3, 5], [0], [2], [4]]
+    assert pack_by_padded_tokens([2, 2, 2, 2], 4) == [[0, 1], [2, 3]]
+    assert pack_by_padded_tokens([15, 4, 3], 10) == [[1, 2], [0]]  # oversized: alone
+    assert pack_by_padded_tokens([0, 0, 7], 7) == [[0, 1], [2]]  # 3 rows x 7 = 21 > 7
+    assert pack_by_padded_tokens([], 8) == []
+
+
+def test_padded_packing_beats_ffd_on_a_long_tail():
+    """FFD puts the 500-token sequence with many short ones; padded packing keeps padding small."""
+    lengths = [20] * 60 + [500]
+    def padded(bins):
+        return sum(len(b) * max(lengths[i] for i in b) for b in bins)
+    ffd, pad = pack_by_tokens(lengths, 1024), pack_by_padded_tokens(lengths, 1024)
+    assert padded(pad) == 60 * 20 + 500
+    assert padded(ffd) > 5 * padded(pad)
+    for bins in (ffd, pad):
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(len(b) * max(lengths[i] for i in b) <= 1024 for b in pad)

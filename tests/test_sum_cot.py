@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from areal_py.cold_start import _micro_batches, _padded, _sft_rows, cold_start
+from areal_py.cold_start import _padded, _sft_rows, cold_start
 from areal_py.config import ConfigError, load_config
 from areal_py.models import EmbeddedModelSpec, create_embedded_model, load_model_and_tokenizer
 from areal_py.sum_cot import SumCotTask, max_response_chars, response_for
 from areal_py.tasks import SftTask, make_task
+from trainer.micro_batching import pack_by_padded_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +111,7 @@ def test_length_sorted_micro_batches_give_the_full_batch_loss(small_model) -> No
     rows = _sft_rows(tok, SumCotTask(max_terms=15), random.Random(0), 12, 0.0)
     full = model(**_padded(rows, tok.pad_token_id)).loss
     n = sum(sum(1 for x in lab if x != -100) for _, lab in rows)
-    parts = _micro_batches(rows, max_tokens=100)
+    parts = [[rows[i] for i in idx] for idx in pack_by_padded_tokens([len(r[0]) for r in rows], 100)]
     assert len(parts) > 2 and sorted(map(len, [r[0] for mb in parts for r in mb])) == sorted(len(r[0]) for r in rows)
     assert all(len(mb) * max(len(r[0]) for r in mb) <= 100 or len(mb) == 1 for mb in parts)
     acc = sum(model(**_padded(mb, tok.pad_token_id)).loss * sum(sum(1 for x in lab if x != -100) for _, lab in mb) / n

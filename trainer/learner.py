@@ -16,7 +16,7 @@ from areal_py.config import Config
 from trainer import algorithm as A
 from trainer.critic import ValueModel
 from trainer.kl import AdaptiveKLController, FixedKLController
-from trainer.micro_batching import pack_by_tokens
+from trainer.micro_batching import pack_by_padded_tokens, pack_by_tokens
 from trainer.rollout_batch import RolloutBatch, token_logprobs
 
 STAT_KEYS = ("loss", "clip_fraction", "approx_kl", "behav_weight_mean", "kl_loss", "entropy", "value_loss")
@@ -51,7 +51,8 @@ class Learner:
         t = self.cfg.trainer
         if t.max_tokens_per_micro_batch:
             lengths = batch.attention_mask[rows].sum(dim=1).tolist()
-            return [rows[torch.tensor(mb)] for mb in pack_by_tokens(lengths, t.max_tokens_per_micro_batch)]
+            pack = pack_by_padded_tokens if t.micro_batch_packing == "padded" else pack_by_tokens
+            return [rows[torch.tensor(mb)] for mb in pack(lengths, t.max_tokens_per_micro_batch)]
         return list(rows.split(t.micro_batch_size))
 
     @torch.no_grad()

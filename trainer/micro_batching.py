@@ -1,5 +1,12 @@
 """Dynamic micro-batching: pack sequences into micro-batches by a token budget, not a fixed count.
 
+Two packers. `pack_by_padded_tokens` (the trainer's default) sorts by length and cuts runs whose
+*padded* size ``rows x longest`` stays within the budget: a micro-batch is a padded tensor, so
+that is what costs memory and compute, and with long-tailed lengths (a few 500-token responses
+among many 20-token ones) it keeps the long ones together instead of padding short ones to 500.
+`pack_by_tokens` (first-fit-decreasing, below) bounds the *summed* lengths instead: the right
+packer for padding-free (varlen) kernels, where it uses the fewest micro-batches.
+
 With long-tailed response lengths a fixed number of sequences per forward pass either wastes
 memory on short ones or runs out of it on long ones. Packing by tokens keeps every micro-batch
 under one budget. First-fit-decreasing (FFD): take the sequences longest first and put each into
@@ -13,7 +20,7 @@ checks this to 1e-5 on a small model.
 """
 from __future__ import annotations
 
-__all__ = ["pack_by_tokens"]
+__all__ = ["pack_by_padded_tokens", "pack_by_tokens"]
 
 
 def pack_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -27,16 +34,12 @@ def pack_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
     Returns micro-batches in the order they were opened (the first holds the longest sequence),
     each a list of indices in ascending order; every index appears exactly once. The budget
     counts tokens as given (e.g. prompt + response); with padded micro-batches the memory is
-    ``len(mb) * max(lengths in mb)``, which FFD keeps close because it packs similar lengths
-    together.
+    ``len(mb) * max(lengths in mb)``, which FFD does NOT keep small when lengths are long-tailed
+    (the first micro-batch gets the longest sequence plus many short ones): use
+    `pack_by_padded_tokens` for padded micro-batches.
     """
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
-        raise ValueError(f"max_tokens must be an int > 0, got {max_tokens!r}")
     lengths = list(lengths)
-    for i, n in enumerate(lengths):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"lengths must be ints >= 0, got lengths[{i}] = {n!r}")
-
+    _check(lengths, max_tokens)
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     totals: list[int] = []
@@ -50,3 +53,31 @@ def pack_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
             bins.append([i])
             totals.append(lengths[i])
     return [sorted(b) for b in bins]
+
+
+def pack_by_padded_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped so each micro-batch's padded size ``len(mb) * max(lengths in mb) <= max_tokens``.
+
+    Sequences are taken shortest first (ties: lower index first) and a new micro-batch is opened
+    when adding the next one would exceed the budget; since lengths only grow along the way the
+    newcomer is the micro-batch's longest. Contiguous runs of the sorted order minimise padding
+    for a given number of micro-batches. A sequence longer than the budget gets one of its own.
+    Returns micro-batches shortest first, each a list of indices in ascending order.
+    """
+    _check(lengths, max_tokens)
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    bins: list[list[int]] = []
+    for i in order:
+        if bins and (len(bins[-1]) + 1) * lengths[i] <= max_tokens:
+            bins[-1].append(i)
+        else:
+            bins.append([i])
+    return [sorted(b) for b in bins]
+
+
+def _check(lengths: list[int], max_tokens: int) -> None:
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+        raise ValueError(f"max_tokens must be an int > 0, got {max_tokens!r}")
+    for i, n in enumerate(lengths):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"lengths must be ints >= 0, got lengths[{i}] = {n!r}")
