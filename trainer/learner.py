@@ -59,15 +59,20 @@ class Learner:
     def _fixed(self, sub: RolloutBatch, need_prox: bool) -> tuple[torch.Tensor | None, ...]:
         """Proximal logprobs, reference logprobs and old values under the weights held now."""
         prox, ref, values = [], [], []
+        full = sub.loss_mask.shape[1]
+
+        def widen(x: torch.Tensor) -> torch.Tensor:  # trimmed micro-batch columns back to the batch's width
+            return torch.nn.functional.pad(x, (0, full - x.shape[1]))
+
         mbs = self.micro_batches(sub, torch.arange(sub.num_samples))
         for idx in mbs:
-            mb = sub.rows(idx)
+            mb = sub.rows(idx, trim=True)  # not padded to the batch's longest: long tails make that costly
             if need_prox:
-                prox.append(token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature)[0])
+                prox.append(widen(token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature)[0]))
             if self.ref is not None:
-                ref.append(token_logprobs(self.ref, mb.input_ids, mb.attention_mask, self.temperature)[0])
+                ref.append(widen(token_logprobs(self.ref, mb.input_ids, mb.attention_mask, self.temperature)[0]))
             if self.critic is not None:
-                values.append(self.critic(mb.input_ids, mb.attention_mask))
+                values.append(widen(self.critic(mb.input_ids, mb.attention_mask)))
         order = torch.cat(mbs)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order))
@@ -85,7 +90,13 @@ class Learner:
         sub = batch.rows(rows)
         t0 = time.perf_counter()
         need_prox = algo.loss != "ppo" and algo.prox_method == "recompute"
-        prox, ref, old_values = self._fixed(sub, need_prox)
+        # Every token from the version being trained (sync mode, or max_staleness=0): the behaviour
+        # policy IS the proximal policy, so the recompute forward is skipped (AReaL does the same).
+        on_policy = not bool((sub.token_versions[sub.loss_mask.bool()] != version).any())
+        prox, ref, old_values = self._fixed(sub, need_prox and not on_policy)
+        if need_prox and on_policy:
+            prox = sub.behav_logprobs
+        stats["prox_skipped"] = float(need_prox and on_policy)
         stats["prox_time_s"] = time.perf_counter() - t0
         adv, returns = A.advantages(sub, rewards[rows], n, algo, self.kl_ctl.coef, ref, old_values)
         targets = A.Targets(adv, prox, ref, old_values, returns)
