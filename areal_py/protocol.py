@@ -73,7 +73,8 @@ class Result(_Body):
     output_ids: list[int]
     logprobs: list[float]
     versions: list[int]
-    finish_reason: Literal["stop", "length", "abort"]
+    # "stale": aborted because its oldest token became too old for any batch still to come
+    finish_reason: Literal["stop", "length", "abort", "stale"]
 
     @model_validator(mode="after")
     def _same_lengths(self) -> "Result":
@@ -83,9 +84,14 @@ class Result(_Body):
 
 
 class UpdateWeights(_Body):
-    """New weights: `path` to a safetensors file (disk transfer) or the tensors in the frames (stream)."""
+    """New weights: `path` to a safetensors file (disk transfer) or the tensors in the frames (stream).
+
+    `min_token_version`: tokens older than this can no longer be trained (every batch still to come
+    would drop them), so servers abort sequences holding them instead of finishing doomed work.
+    """
     version: int = Field(ge=0)
     path: str | None = None
+    min_token_version: int = Field(0, ge=0)
 
 
 class WeightsLoaded(_Body):

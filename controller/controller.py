@@ -167,7 +167,10 @@ class Controller:
             del server.inflight[g.gid]
         if len(g.results) == self.n:
             del self.inflight[g.gid]
-            if any(x.finish_reason == "abort" for x in g.results.values()):
+            if any(x.finish_reason == "stale" for x in g.results.values()):
+                self.running -= 1  # aborted by the server as too stale for any batch to come
+                self.dropped_stale += 1
+            elif any(x.finish_reason == "abort" for x in g.results.values()):
                 self.running -= 1  # refused by the server: forget it, capacity admits a fresh prompt
                 log.warning("group %d aborted by %s; dropped", g.gid, server_id)
             else:
@@ -215,7 +218,7 @@ class Controller:
     # --- weights -----------------------------------------------------------------------------------
     def on_weights(self, w: P.WeightsReady, tensors: dict) -> None:
         self.latest = PublishedWeights(w.version, w.path, tensors)
-        send(self.pub, P.UpdateWeights(version=w.version, path=w.path), tensors or None)
+        send(self.pub, self._update_message(w.version, w.path), tensors or None)
         for s in self.registry.live():
             s.last_weights_sent = time.monotonic()
 
@@ -225,7 +228,12 @@ class Controller:
             return
         if force or time.monotonic() - server.last_weights_sent > CATCH_UP_AFTER_S:
             server.last_weights_sent = time.monotonic()
-            self._to_server(server, P.UpdateWeights(version=w.version, path=w.path), w.tensors or None)
+            self._to_server(server, self._update_message(w.version, w.path), w.tensors or None)
+
+    def _update_message(self, version: int, path: str | None) -> P.UpdateWeights:
+        """Weights plus the oldest token version a batch still to come can take (older work is doomed)."""
+        floor = max(0, self.next_batch_version - self.max_staleness)
+        return P.UpdateWeights(version=version, path=path, min_token_version=floor)
 
     def check_weight_sync(self) -> None:
         w = self.latest

@@ -183,6 +183,10 @@ class Engine:
             self._release([seq])
         return seq.result("abort")
 
+    def requests_older_than(self, min_version: int) -> list[str]:
+        """Running requests holding a token generated before `min_version` (too stale to train on)."""
+        return [s.rid for s in self._running.values() if s.versions and s.versions[0] < min_version]
+
     def update_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> None:
         """Copy new weights into the live model in place; in "recompute" mode invalidate all cached KV.
 

@@ -112,6 +112,20 @@ class RolloutServer:
         log.info("%s: now at version %d (swap %.3fs, %d in flight)", self.server_id, u.version, seconds,
                  self.engine.num_running)
         send(self.dealer, P.WeightsLoaded(server_id=self.server_id, version=u.version, seconds=seconds))
+        self._abort_stale(u.min_token_version)
+
+    def _abort_stale(self, min_version: int) -> None:
+        """Stop sequences the controller can no longer use, so long stragglers do not burn slots."""
+        if not min_version or not hasattr(self.engine, "requests_older_than"):
+            return
+        stale = self.engine.requests_older_than(min_version)
+        for rid in stale:
+            f = self.engine.abort(rid)
+            if f is not None:
+                self._send_result(Finished(f.rid, f.prompt_ids, f.output_ids, f.logprobs, f.versions, "stale"))
+        if stale:
+            log.info("%s: aborted %d sequences with tokens older than version %d", self.server_id, len(stale),
+                     min_version)
 
     def _send_result(self, f: Finished) -> None:
         gid, attempt, idx = parse_request_id(f.rid)

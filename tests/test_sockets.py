@@ -226,3 +226,71 @@ def test_dead_server_work_is_redispatched_and_never_counted_twice(cfg, ctx):
         for s in (push, a, b):
             if s is not None:
                 s.close()
+
+
+def test_server_aborts_sequences_too_stale_for_any_batch(cfg, ctx):
+    """An update saying "tokens older than version 1 are useless" stops the in-flight group (started at
+    version 0) and returns it as `stale`; a fresh group started after the update keeps going."""
+    router = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.rollout_port, bind=True), bind=True)
+    pub = make_socket(ctx, zmq.PUB, cfg.net.addr(cfg.net.weights_port, bind=True), bind=True)
+    server = RolloutServer(cfg, "srv", engine=Engine(tiny_model(0), eos_token_id=10_000, max_running=8,
+                                                     interrupt_mode="keep"))
+    sampling = P.SamplingBody(max_new_tokens=40, temperature=1.0, top_p=1.0)
+    try:
+        recv(router, "test", timeout_s=10, waiting_for="hello", routed=True)
+        time.sleep(0.3)  # let the SUB subscription reach the PUB before the broadcast
+        send(router, P.Generate(gid=1, attempt=0, prompt_ids=[3, 4, 5], n=2, sampling=sampling), to=b"srv")
+        server.poll_once(2000)
+        for _ in range(3):
+            assert not server.engine.step()
+        send(pub, P.UpdateWeights(version=1, min_token_version=1), named_weights(tiny_model(1)))
+        server.poll_once(2000)
+        assert server.engine.version == 1 and server.engine.num_running == 0
+        results = []
+        while len(results) < 2:
+            _, msg = recv(router, "test", timeout_s=5, waiting_for="stale results", routed=True)
+            if isinstance(msg.body, P.Result):
+                results.append(msg.body)
+        assert {r.finish_reason for r in results} == {"stale"} and all(r.versions[0] == 0 for r in results)
+        send(router, P.Generate(gid=2, attempt=0, prompt_ids=[3, 4], n=1, sampling=sampling), to=b"srv")
+        server.poll_once(2000)
+        server.engine.step()
+        assert server.engine.requests_older_than(1) == [] and server.engine.num_running == 1
+    finally:
+        server.close()
+        router.close()
+        pub.close()
+
+
+def test_controller_counts_stale_aborts_and_tells_servers_the_floor(cfg, ctx):
+    ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
+    push = make_socket(ctx, zmq.PUSH, cfg.net.addr(cfg.net.trainer_port), bind=False)
+    a = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.rollout_port), bind=False, identity="a")
+    try:
+        send(push, P.TrainerHello(version=0))
+        ctrl.start()
+        send(a, P.Hello(server_id="a", version=0))
+        work = None
+        deadline = time.monotonic() + 10
+        while work is None and time.monotonic() < deadline:
+            ctrl.step(20)
+            if a.poll(0):
+                work = recv(a, "test", timeout_s=1, waiting_for="work")[1].body
+        running, admitted = ctrl.running, ctrl.next_gid
+        for idx in range(cfg.controller.group_size):
+            send(a, P.Result(gid=work.gid, attempt=0, idx=idx, output_ids=[2, 3], logprobs=[-0.5, -0.5],
+                             versions=[0, 0], finish_reason="stale"))
+        end = time.monotonic() + 5
+        while ctrl.dropped_stale == 0 and time.monotonic() < end:
+            ctrl.step(20)
+        # the doomed group leaves `running`, and the capacity it held admits a fresh prompt at once
+        assert ctrl.dropped_stale == 1 and ctrl.accepted == 0
+        assert ctrl.running == running and ctrl.next_gid == admitted + 1
+        ctrl.next_batch_version = 5  # five batches assembled: with max_staleness 2, tokens < 3 are doomed
+        assert ctrl._update_message(5, None).min_token_version == 3
+        ctrl.next_batch_version = 1
+        assert ctrl._update_message(1, None).min_token_version == 0
+    finally:
+        ctrl.close()
+        push.close()
+        a.close()
