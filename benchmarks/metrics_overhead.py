@@ -10,36 +10,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from areal_py.metrics import read_jsonl
+from benchmarks.common import RESULTS_DIR, free_port, run_areal
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results" / "metrics_overhead.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+RESULTS = RESULTS_DIR / "metrics_overhead.json"
 
 
 def one_run(out: Path, name: str, steps: int, observe: bool, extra: list[str]) -> float:
     """Trained tokens per second of wall time, skipping the first steps (start-up)."""
-    ports = [f"net.{k}_port={free_port()}" for k in ("rollout", "weights", "trainer", "batch")]
     obs = [f"run.metrics_port={free_port()}", f"run.dashboard_port={free_port()}"] if observe else \
         ["run.metrics_port=0", "run.dashboard_port=0"]
-    cmd = [sys.executable, "-m", "areal_py.cli", "run", "--quiet", f"run.output_dir={out}", f"run.name={name}",
-           f"trainer.total_steps={steps}", *ports, *obs, *extra]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
-    if res.returncode:
-        raise RuntimeError(f"run {name} failed:\n{res.stderr[-2000:]}")
-    recs = read_jsonl(out / name / "metrics.jsonl")
+    run_dir = run_areal(out, name, [f"trainer.total_steps={steps}", *obs, *extra], timeout_s=1200)
+    recs = read_jsonl(run_dir / "metrics.jsonl")
     skip = max(1, len(recs) // 10)
     a, b = recs[skip - 1], recs[-1]
     return (b["trained_tokens_total"] - a["trained_tokens_total"]) / (b["wall_time_s"] - a["wall_time_s"])

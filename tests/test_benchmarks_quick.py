@@ -14,3 +14,39 @@ def test_quick_mode_runs(module, expect):
                          timeout=400)
     assert res.returncode == 0, res.stdout + res.stderr
     assert expect in res.stdout
+
+
+def _quick(module: str, out) -> dict:
+    import json
+
+    res = subprocess.run([sys.executable, "-m", module, "--quick", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return json.loads((out / f"{module.rsplit('.', 1)[1]}.json").read_text())
+
+
+def test_async_vs_sync_quick(tmp_path):
+    """Every mode runs; the report's speedup is the best async samples/s over sync; staleness bounds hold."""
+    from areal_py.metrics import read_jsonl
+
+    rep = _quick("benchmarks.async_vs_sync", tmp_path)
+    modes = rep["modes"]
+    assert set(modes) == {"sync", "async_s1", "async_s2", "async_s4"}
+    best = max((m for m in modes if m != "sync"), key=lambda m: modes[m]["samples_per_s"]["mean"])
+    assert rep["best_async"] == best
+    assert rep["speedup"] == modes[best]["samples_per_s"]["mean"] / modes["sync"]["samples_per_s"]["mean"]
+    for name, bound in (("sync", 0), ("async_s1", 1), ("async_s2", 2), ("async_s4", 4)):
+        recs = read_jsonl(tmp_path / f"{name}-seed0" / "metrics.jsonl")
+        assert len(recs) == 6 and max(r["staleness_max"] for r in recs) <= bound
+        assert 0.0 <= modes[name]["reward_final"]["mean"] <= 1.0
+        assert 0.0 < modes[name]["trainer_busy"]["mean"] <= 1.0
+
+
+def test_staleness_ablation_quick(tmp_path):
+    rep = _quick("benchmarks.staleness_ablation", tmp_path)
+    assert [r["max_staleness"] for r in rep["rows"]] == [0, 4]
+    for row in rep["rows"]:
+        for loss in ("decoupled", "ppo"):
+            assert row[loss]["staleness_max"] <= row["max_staleness"]
+            assert row[loss]["samples_per_s"] > 0
+    assert "| 4 |" in rep["table"]
