@@ -7,6 +7,9 @@ model with the same seeds; we report trained samples per second of RL wall time,
 fraction, rollout slot occupancy, time to a reward threshold and the final reward.
 
     python -m benchmarks.async_vs_sync            # configs/sum_cot.yaml, seeds 0,1 -> results/async_vs_sync.{json,png}
+
+Every mode uses the config's hardware layout (two rollout servers and the trainer, one thread each);
+only run.mode and controller.max_staleness change.
     python -m benchmarks.async_vs_sync --quick    # tiny sums, a few steps, one seed, no result files
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ MODES: dict[str, list[str]] = {
     "async_s1": ["run.mode=async", "controller.max_staleness=1"],
     "async_s2": ["run.mode=async", "controller.max_staleness=2"],
     "async_s4": ["run.mode=async", "controller.max_staleness=4"],
+    "async_s8": ["run.mode=async", "controller.max_staleness=8"],
 }
 # Small enough for the test suite: sums of 3..12 digits (responses up to ~40 tokens).
 QUICK = ["task.max_terms=12", "rollout.max_new_tokens=48", "model.embedded.max_position_embeddings=96",
@@ -44,8 +48,8 @@ def mode_summary(runs: list[RunSummary]) -> dict:
         return [getattr(r, attr) for r in runs if getattr(r, attr) is not None]
 
     out = {"runs": [r.to_dict() for r in runs]}
-    for attr in ("samples_per_s", "trainer_busy", "slot_occupancy", "reward_final", "time_to_threshold_s",
-                 "wall_time_s"):
+    for attr in ("samples_per_s", "trained_tokens_per_s", "trainer_busy", "slot_occupancy", "reward_final",
+                 "time_to_threshold_s", "wall_time_s", "response_len_mean", "dropped_stale"):
         vals = col(attr)
         out[attr] = _spread(vals) if vals else None
     out["reached_threshold"] = f"{len(col('time_to_threshold_s'))}/{len(runs)}"
@@ -131,13 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         "final_reward": {m: r["reward_final"]["mean"] for m, r in results.items()},
         "benchmark_wall_s": round(time.time() - start, 1),
     }
-    print(f"\n{'mode':10} {'samples/s':>10} {'busy':>6} {'slots':>6} {'final reward':>18} {'to threshold':>14}")
+    print(f"\n{'mode':10} {'samples/s':>10} {'tokens/s':>9} {'busy':>6} {'slots':>6} {'resp len':>8} "
+          f"{'dropped':>7} {'final reward':>20} {'to threshold':>14}")
     for m, r in results.items():
         occ = r["slot_occupancy"]["mean"] if r["slot_occupancy"] else float("nan")
         ttt = r["time_to_threshold_s"]["mean"] if r["time_to_threshold_s"] else float("nan")
         rf = r["reward_final"]
-        print(f"{m:10} {r['samples_per_s']['mean']:10.1f} {r['trainer_busy']['mean']:6.2f} {occ:6.2f} "
-              f"{rf['mean']:6.3f} [{rf['min']:.3f},{rf['max']:.3f}] {ttt:12.0f} s  ({r['reached_threshold']})")
+        print(f"{m:10} {r['samples_per_s']['mean']:10.1f} {r['trained_tokens_per_s']['mean']:9.0f} "
+              f"{r['trainer_busy']['mean']:6.2f} {occ:6.2f} {r['response_len_mean']['mean']:8.1f} "
+              f"{r['dropped_stale']['mean']:7.1f} {rf['mean']:6.3f} [{rf['min']:.3f},{rf['max']:.3f}] "
+              f"{ttt:10.0f} s ({r['reached_threshold']})")
     if best:
         print(f"speedup (best async = {best}, samples/s over sync): {report['speedup']:.2f}x")
     # Full runs are the committed results; a quick run writes only into --out, if given.

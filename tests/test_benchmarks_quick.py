@@ -31,7 +31,7 @@ def test_async_vs_sync_quick(tmp_path):
 
     rep = _quick("benchmarks.async_vs_sync", tmp_path)
     modes = rep["modes"]
-    assert set(modes) == {"sync", "async_s1", "async_s2", "async_s4"}
+    assert set(modes) == {"sync", "async_s1", "async_s2", "async_s4", "async_s8"}
     best = max((m for m in modes if m != "sync"), key=lambda m: modes[m]["samples_per_s"]["mean"])
     assert rep["best_async"] == best
     assert rep["speedup"] == modes[best]["samples_per_s"]["mean"] / modes["sync"]["samples_per_s"]["mean"]
