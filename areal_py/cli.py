@@ -1,4 +1,5 @@
-"""Command line: `areal-py run [config.yaml] [key.sub=value ...] [--resume]` and `areal-py serve ROLE ...`.
+"""Command line: `areal-py run [config.yaml] [key.sub=value ...] [--resume]`, `areal-py serve ROLE ...` and
+`areal-py sweep KEY=v1,v2,... [config.yaml] [key.sub=value ...]`.
 
 `serve` starts one role on its own (socket addresses from config), so the roles can run on
 different machines; `run` is the same three roles launched locally.
@@ -17,10 +18,10 @@ ROLES = ("controller", "trainer", "rollout")
 
 
 def _split(items: list[str]) -> tuple[str | None, list[str]]:
-    """The first argument without '=' is the config file; the rest are overrides."""
+    """The first argument without '=' (or ending in .yaml/.yml) is the config file; the rest are overrides."""
     config, overrides = None, []
     for item in items:
-        if "=" not in item and config is None:
+        if config is None and ("=" not in item or item.endswith((".yaml", ".yml"))):
             config = item
         else:
             overrides.append(item)
@@ -86,9 +87,25 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("role", choices=ROLES)
     p_serve.add_argument("args", nargs="*", help="[config.yaml] [key.sub=value ...]")
     p_serve.add_argument("--resume", action="store_true", help="trainer: continue from the latest checkpoint")
-    ns = parser.parse_args(argv)
-    config, overrides = _split(ns.args)
+    p_sweep = sub.add_parser("sweep", help="run a grid over one config key, compare, recommend a value")
+    p_sweep.add_argument("grid", help="KEY=v1,v2,... e.g. max_staleness=0,1,2,4,8 (a unique leaf name is enough)")
+    p_sweep.add_argument("args", nargs="*", help="[config.yaml] [key.sub=value ...] for every run")
+    p_sweep.add_argument("--quick", action="store_true", help="short runs (30 steps, 16 prompts per batch)")
+    p_sweep.add_argument("--tolerance", type=float, default=0.05, help="final-reward tolerance vs the baseline")
+    p_sweep.add_argument("--threshold", type=float, default=None, help="reward for the time-to-threshold column")
+    p_sweep.add_argument("--name", default="", help="sweep directory under run.output_dir (default: timestamp)")
+    # Overrides may follow options (`sweep k=0,1 --quick trainer.lr=1e-4`): argparse leaves them over.
+    ns, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    config, overrides = _split([*ns.args, *extra])
     try:
+        if ns.command == "sweep":
+            from areal_py.sweep import run_sweep
+
+            return run_sweep(ns.grid, config, overrides, quick=ns.quick, tolerance=ns.tolerance,
+                             threshold=ns.threshold, name=ns.name)
         if ns.command == "run":
             from areal_py.launcher import run
 
