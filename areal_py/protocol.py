@@ -55,6 +55,12 @@ class Heartbeat(_Body):
     running: int = Field(ge=0)
     waiting: int = Field(ge=0)
     generated_tokens: int = Field(ge=0)
+    # activity (areal_py.gen_activity): cumulative busy seconds and slot-seconds, slot count, and the
+    # wall-clock busy spans since the previous heartbeat
+    busy_s: float = Field(0.0, ge=0)
+    slot_seconds: float = Field(0.0, ge=0)
+    max_running: int = Field(0, ge=0)
+    spans: list[tuple[float, float]] = Field(default_factory=list, max_length=256)
 
 
 class Generate(_Body):
@@ -139,6 +145,7 @@ class Batch(_Body):
     groups: list[Group] = Field(min_length=1)
     state: dict[str, int]
     stats: dict[str, float] = Field(default_factory=dict)
+    gen_spans: list[tuple[float, float]] = Field(default_factory=list)  # wall-clock generation since the last batch
 
 
 BODIES: dict[str, type[_Body]] = {

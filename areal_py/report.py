@@ -16,6 +16,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from areal_py.charts import PALETTE, Segment, Series, bar_chart, line_chart, timeline_chart
+from areal_py.gen_activity import merge_spans
 from areal_py.metrics import read_jsonl
 
 __all__ = ["Section", "load_records", "cumulative_rate", "busy_fraction", "staleness_histogram", "step_series",
@@ -152,6 +153,10 @@ def timeline_lanes(records: Sequence[Record], last: int | None = None) -> list[t
         trainer.append(Segment(t_train + prox, t_pub, "train", train - prox))
         trainer.append(Segment(t_pub, end, "publish", pub))
     lanes: list[tuple[str, list[Segment]]] = [("trainer", trainer)]
+    spans = [(a, b) for r in records for a, b in (r.get("gen_spans") or [])]
+    if any("gen_spans" in r for r in records):  # measured by the servers: draw what really happened
+        lanes.append(("generation", [Segment(a, b, "generating", b - a) for a, b in merge_spans(spans, max_spans=10**6)]))
+        return _cut(lanes, records, last)
     start = min((s.start for s in trainer), default=0.0)
     for name, pts in _rollout_counters(records).items():
         raw = []
@@ -161,6 +166,12 @@ def timeline_lanes(records: Sequence[Record], last: int | None = None) -> list[t
                 raw.append((t0, t1, c1 - c0))
         peak = max(((n / (b - a)) for a, b, n in raw), default=1.0) or 1.0
         lanes.append((name, [Segment(a, b, "generating", n, (n / (b - a)) / peak) for a, b, n in raw]))
+    return _cut(lanes, records, last)
+
+
+def _cut(lanes: list[tuple[str, list[Segment]]], records: Sequence[Record],
+         last: int | None) -> list[tuple[str, list[Segment]]]:
+    """Only the segments of the last `last` steps (None: all)."""
     if last is not None and len(records) > last:
         cut = _num(records[-last - 1].get("wall_time_s"))
         if cut is not None:
@@ -183,13 +194,20 @@ def chart_sections(records: Sequence[Record]) -> list[Section]:
                                    x_label="wall time (s)", y_label="fraction", y_min=0.0, y_max=1.0)))
     secs.append(Section("timeline", "Timeline: trainer phases and generation", (
         "Trainer lane: each step's wait for data, proximal recompute, training and weight publish, laid back "
-        "from its end time. Rollout lanes: tokens generated between consecutive steps, shaded by rate "
-        "(step-interval resolution: metrics.jsonl has no finer generation timestamps)."),
+        "from its end time. Generation lane: the periods in which any rollout server had requests running, "
+        "as the servers measured them (runs recorded before gen_spans existed show tokens generated between "
+        "steps instead, at step resolution)."),
         timeline_chart(timeline_lanes(records), PHASE_COLORS, chart_id="timeline", title="whole run"), wide=True))
     if len(records) > 2 * ZOOM_STEPS:
         secs.append(Section("timeline_zoom", f"Timeline: last {ZOOM_STEPS} steps", "The same, zoomed in.",
                             timeline_chart(timeline_lanes(records, last=ZOOM_STEPS), PHASE_COLORS,
                                            chart_id="timeline_zoom", title=f"last {ZOOM_STEPS} steps"), wide=True))
+    occ = step_series(records, "rollout_slot_occupancy")
+    if occ:
+        secs.append(Section("slots", "Rollout slot occupancy", (
+            "Mean fraction of the servers' KV-cache slots holding a running request since the previous step."),
+            line_chart([Series("occupancy", occ, PALETTE[2])], chart_id="slots", title="slot occupancy",
+                       x_label="step", y_label="fraction", y_min=0.0, y_max=1.0)))
     hist = staleness_histogram(records)
     secs.append(Section("staleness_hist", "Sample staleness distribution",
                         "Samples by staleness (policy versions between a sample's oldest token and the trained "

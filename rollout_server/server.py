@@ -15,6 +15,7 @@ import zmq
 
 from areal_py import protocol as P
 from areal_py.config import Config
+from areal_py.gen_activity import BusyMeter
 from areal_py.prom import ROLLOUT as M
 from areal_py.models import eos_token_id, load_model_and_tokenizer, load_tokenizer
 from areal_py.prepare import model_path
@@ -60,6 +61,7 @@ class RolloutServer:
         self.generated_tokens = 0
         self.running = True
         self._last_beat = 0.0
+        self.meter = BusyMeter(time.time())
         send(self.dealer, P.Hello(server_id=self.server_id, version=self.engine.version))
 
     # --- messages ------------------------------------------------------------------------------
@@ -144,7 +146,10 @@ class RolloutServer:
             self._last_beat = now
             send(self.dealer, P.Heartbeat(server_id=self.server_id, version=self.engine.version,
                                           running=self.engine.num_running, waiting=self.engine.num_waiting,
-                                          generated_tokens=self.generated_tokens))
+                                          generated_tokens=self.generated_tokens, busy_s=self.meter.busy_s,
+                                          slot_seconds=self.meter.slot_seconds,
+                                          max_running=getattr(self.engine, "max_running", 0),
+                                          spans=self.meter.drain_spans(time.time())))
 
     # --- loop ----------------------------------------------------------------------------------
     def poll_once(self, timeout_ms: int) -> None:
@@ -166,6 +171,7 @@ class RolloutServer:
         try:
             while self.running:
                 self.poll_once(0 if self.engine.has_work() else 20)
+                self.meter.tick(time.time(), self.engine.num_running, self.engine.has_work())
                 if self.engine.has_work():
                     for f in self.engine.step():
                         self.generated_tokens += len(f.output_ids)
@@ -174,7 +180,9 @@ class RolloutServer:
                     M.active_requests.set(self.engine.num_running)
                     M.queued_requests.set(self.engine.num_waiting)
                     M.kv_cache_occupancy.set(self.engine.kv_usage())
-                self._heartbeat()
+                # going idle is reported at once, so the controller sees a batch's generation with the batch
+                went_idle = self.meter.tick(time.time(), self.engine.num_running, self.engine.has_work())
+                self._heartbeat(force=went_idle)
         finally:
             self.close()
 

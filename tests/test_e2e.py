@@ -46,6 +46,16 @@ def test_sync_mode_is_on_policy(tmp_path, small_cfg):
     assert res.returncode == 0, res.stdout + res.stderr
     recs = metrics(tmp_path)
     assert len(recs) == 4 and all(r["max_staleness"] == 0 and r["staleness_max"] == 0 for r in recs)
+    # the servers' measured activity: slots were used, and in sync mode nothing is generated while the
+    # trainer trains (the span end is seen at the server's next idle poll, 20 ms later at most)
+    occ = [r["rollout_slot_occupancy"] for r in recs if "rollout_slot_occupancy" in r]
+    assert occ and all(0.0 <= o <= 1.0 for o in occ) and max(occ) > 0.0
+    assert sum(bool(r["gen_spans"]) for r in recs) >= len(recs) - 1  # a late heartbeat may slip to the next step
+    for r in recs:
+        train_end = r["wall_time_s"] - r["publish_s"]
+        train_start = train_end - r["train_s"]
+        for a, b in r["gen_spans"]:
+            assert b <= train_start + 0.1 or a >= train_end - 0.1, (r["gen_spans"], train_start, train_end)
 
 
 def test_two_servers_and_stream_transfer(tmp_path, small_cfg):

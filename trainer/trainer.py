@@ -130,6 +130,7 @@ class Trainer:
             "generated_tokens": wire.state.get("generated_tokens", 0),
             "server_generated_tokens": {k.split("/", 1)[1]: int(v) for k, v in wire.stats.items() if k.startswith("gen_tokens/")},
             "wait_s": round(wait_s, 4), "train_s": round(train_s, 4), "publish_s": round(publish_s, 4),
+            **self._activity(wire),
             **{k: round(v, 6) for k, v in stats.items()}, **{f"ctrl_{k}": v for k, v in wire.state.items()},
         }
         self.metrics.write(record)
@@ -150,6 +151,15 @@ class Trainer:
         for gauge, key in ((M.loss, "loss"), (M.clip, "clip_fraction"), (M.approx_kl, "approx_kl"),
                            (M.entropy, "entropy"), (M.grad_norm, "grad_norm")):
             gauge.set(stats.get(key, 0.0))
+
+    def _activity(self, wire: P.Batch) -> dict[str, Any]:
+        """Rollout activity for this step: generation spans moved from wall-clock to this run's time base."""
+        epoch0 = time.time() - self.wall_time()  # the wall-clock instant of wall_time_s == 0
+        out: dict[str, Any] = {"gen_spans": [[round(a - epoch0, 3), round(b - epoch0, 3)] for a, b in wire.gen_spans]}
+        for key in ("rollout_slot_occupancy", "gen_busy_s"):
+            if key in wire.stats:
+                out[key] = round(wire.stats[key], 4)
+        return out
 
     def wall_time(self) -> float:
         return self.wall_offset + time.monotonic() - self.start_time
