@@ -29,6 +29,8 @@ class RunConfig(_Section):
                                 "http://<net.bind_host>:<port>/ (0 = off).")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics base port: controller on it, "
                               "trainer +1, rollout server i +2+i (0 = off).")
+    tensorboard: bool = Field(False, description="Also write each step's metrics as TensorBoard event files in "
+                              "<run dir>/tensorboard/ (needs the tensorboard extra).")
     torch_threads: int = Field(0, ge=0, description="torch threads per process; 0 = share the cores between "
                                "trainer and servers in async mode, all cores per phase in sync mode.")
 

@@ -42,7 +42,8 @@ def test_staleness_bound_holds(tmp_path, small_cfg, bound):
 
 
 def test_sync_mode_is_on_policy(tmp_path, small_cfg):
-    res = run_cli(["run", "--quiet", *small_cfg, "run.mode=sync", "controller.max_staleness=3", "trainer.total_steps=4"])
+    res = run_cli(["run", "--quiet", *small_cfg, "run.mode=sync", "controller.max_staleness=3", "trainer.total_steps=4",
+                   "run.tensorboard=true"])
     assert res.returncode == 0, res.stdout + res.stderr
     recs = metrics(tmp_path)
     assert len(recs) == 4 and all(r["max_staleness"] == 0 and r["staleness_max"] == 0 for r in recs)
@@ -51,6 +52,7 @@ def test_sync_mode_is_on_policy(tmp_path, small_cfg):
     occ = [r["rollout_slot_occupancy"] for r in recs if "rollout_slot_occupancy" in r]
     assert occ and all(0.0 <= o <= 1.0 for o in occ) and max(occ) > 0.0
     assert sum(bool(r["gen_spans"]) for r in recs) >= len(recs) - 1  # a late heartbeat may slip to the next step
+    assert list((tmp_path / "runs" / "t" / "tensorboard").glob("events.out.tfevents.*"))  # run.tensorboard=true
     for r in recs:
         train_end = r["wall_time_s"] - r["publish_s"]
         train_start = train_end - r["train_s"]

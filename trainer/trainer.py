@@ -22,6 +22,7 @@ from areal_py.metrics import JsonlWriter
 from areal_py.models import load_model_and_tokenizer
 from areal_py.prepare import model_path
 from areal_py.prom import TRAINER as M
+from areal_py.tensorboard_log import TensorBoardLog
 from areal_py.transport import make_socket, recv, reject, send
 from areal_py.weights import named_weights, save_weights
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -46,6 +47,7 @@ class Trainer:
         if resume:
             self._resume()
         self.metrics = JsonlWriter(cfg.run_dir() / "metrics.jsonl")
+        self.tb = TensorBoardLog(cfg.run_dir() / "tensorboard") if cfg.run.tensorboard else None
         net, ctx = cfg.net, zmq.Context.instance()
         self.to_ctrl = make_socket(ctx, zmq.PUSH, net.addr(net.trainer_port), bind=False)
         self.batches = make_socket(ctx, zmq.PULL, net.addr(net.batch_port), bind=False)
@@ -134,6 +136,8 @@ class Trainer:
             **{k: round(v, 6) for k, v in stats.items()}, **{f"ctrl_{k}": v for k, v in wire.state.items()},
         }
         self.metrics.write(record)
+        if self.tb is not None:
+            self.tb.write(record)
         self._export(record, stats, wait_s, train_s, publish_s, trained)
         log.info("step %d reward %.3f staleness max %d loss %.4f", self.version, record["reward_mean"],
                  record["staleness_max"], stats["loss"])
@@ -179,5 +183,7 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        if self.tb is not None:
+            self.tb.close()
         self.to_ctrl.close(linger=2000)  # let the last messages leave
         self.batches.close()
