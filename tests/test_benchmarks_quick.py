@@ -31,11 +31,11 @@ def test_async_vs_sync_quick(tmp_path):
 
     rep = _quick("benchmarks.async_vs_sync", tmp_path)
     modes = rep["modes"]
-    assert set(modes) == {"sync", "async_s1", "async_s2", "async_s4", "async_s8"}
+    assert set(modes) == {"sync", "async_s2"}
     best = max((m for m in modes if m != "sync"), key=lambda m: modes[m]["samples_per_s"]["mean"])
     assert rep["best_async"] == best
     assert rep["speedup"] == modes[best]["samples_per_s"]["mean"] / modes["sync"]["samples_per_s"]["mean"]
-    for name, bound in (("sync", 0), ("async_s1", 1), ("async_s2", 2), ("async_s4", 4)):
+    for name, bound in (("sync", 0), ("async_s2", 2)):
         recs = read_jsonl(tmp_path / f"{name}-seed0" / "metrics.jsonl")
         assert len(recs) == 6 and max(r["staleness_max"] for r in recs) <= bound
         assert 0.0 <= modes[name]["reward_final"]["mean"] <= 1.0
