@@ -274,11 +274,15 @@ class Controller:
 
     # --- batches -----------------------------------------------------------------------------------
     def assemble_batches(self) -> None:
-        """Batch b is trained at trainer version b; a group whose oldest token is too old for it is dropped."""
+        """Batch b is trained at trainer version b; a group whose oldest token is too old for it is dropped.
+
+        Oldest first (earliest deadline first): a long response finishes late but old, and would miss
+        its last admissible batch behind fresh short ones if batches were filled in completion order.
+        """
         while len(self.ready) >= self.batch_size and self.next_batch_version < self.total_steps:
             b = self.next_batch_version
             fresh = deque()
-            for grp in self.ready:
+            for grp in sorted(self.ready, key=lambda g: min((v for s in g.samples for v in s.versions), default=b)):
                 versions = [v for s in grp.samples for v in s.versions]
                 if sample_staleness(b, versions) > self.max_staleness:
                     self.dropped_stale += 1

@@ -294,3 +294,26 @@ def test_controller_counts_stale_aborts_and_tells_servers_the_floor(cfg, ctx):
         ctrl.close()
         push.close()
         a.close()
+
+
+def test_batches_take_the_oldest_groups_first(cfg, monkeypatch):
+    """A long response finishes late but old: it must get the next batch before fresh short ones, or it
+    would miss its last admissible batch (max_staleness 2 here) and be wasted."""
+    import controller.controller as ctrl_mod
+
+    ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
+    sent = []
+    monkeypatch.setattr(ctrl_mod, "send", lambda sock, body, *a, **k: sent.append(body))
+    try:
+        def group(gid: int, version: int) -> P.Group:
+            s = P.Sample(output_ids=[2], logprobs=[-0.1], versions=[version], finish_reason="stop", reward=1.0)
+            return P.Group(gid=gid, prompt_index=gid, prompt_ids=[1, 2], samples=[s, s])
+
+        ctrl.next_batch_version = 3
+        ctrl.ready.extend([group(1, 3), group(2, 1), group(3, 2)])  # completion order: fresh one first
+        ctrl.accepted = 3
+        ctrl.assemble_batches()
+        assert [g.gid for g in sent[0].groups] == [2, 3] and sent[0].version == 3
+        assert [g.gid for g in ctrl.ready] == [1] and ctrl.dropped_stale == 0
+    finally:
+        ctrl.close()
