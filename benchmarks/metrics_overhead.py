@@ -49,7 +49,7 @@ def main() -> None:
     print(f"metrics on / off = {ratio:.3f}")
     if not args.quick:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({"command": "python -m benchmarks.metrics_overhead", "steps": steps,
+        RESULTS.write_text(json.dumps({"command": f"python -m benchmarks.metrics_overhead --steps {steps}", "steps": steps,
                                        "trained_tokens_per_s_off": off, "trained_tokens_per_s_on": on,
                                        "ratio_on_over_off": round(ratio, 4)}, indent=1))
 

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     dest = RESULTS_DIR if not args.quick else Path(args.out) if args.out else None
     if dest is not None:
         dest.mkdir(parents=True, exist_ok=True)
-        cmd = "python -m benchmarks.staleness_ablation" + (" --quick" if args.quick else "")
+        cmd = "python -m benchmarks.staleness_ablation" + (" --quick" if args.quick else f" --steps {args.steps}")
         (dest / "staleness_ablation.json").write_text(json.dumps(
             {"command": cmd, "task": "arith (embedded default)", "seeds": seeds, "extra_overrides": extra,
              "rows": rows, "table": md, "benchmark_wall_s": round(time.time() - start, 1)}, indent=1))
