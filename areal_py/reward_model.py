@@ -3,7 +3,7 @@
 :class:`RewardModelScorer` loads any Hugging Face ``AutoModelForSequenceClassification``
 directory with ``num_labels=1`` (local files only) and scores texts in batches.
 :class:`RewardModelReward` adapts it to the reward-function signature (with a batched path that
-:class:`areal_py.rewards.RewardPool` workers use), and :func:`train_reward_model` fits one to
+:class:`areal_py.reward_pool.RewardPool` workers use), and :func:`train_reward_model` fits one to
 preference pairs with the Bradley-Terry loss.
 """
 from __future__ import annotations

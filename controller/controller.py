@@ -24,7 +24,7 @@ from areal_py.gen_activity import MAX_SPANS, merge_spans, slot_occupancy
 from areal_py.models import load_tokenizer
 from areal_py.prepare import build_task, model_path
 from areal_py.prom import CONTROLLER as M
-from areal_py.rewards import RewardHandle, RewardPool
+from areal_py.reward_pool import RewardHandle, RewardPool
 from areal_py.tasks import Prompt, Task
 from areal_py.transport import WaitTimeout, make_socket, parse, recv, reject, send
 from controller.servers import ServerRegistry, ServerState

@@ -15,7 +15,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from areal_py.reward_model import RewardModelScorer, bradley_terry_loss, train_reward_model
-from areal_py.rewards import RewardPool
+from areal_py.reward_pool import RewardPool
 from areal_py.tasks import Prompt
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"0123456789+=?.", *(f"##{d}" for d in range(10)), "what", "is"]

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from areal_py.rewards import (REWARD_FUNCTIONS, RewardPool, accuracy, build_reward_fn, math_accuracy,
-                              task_config, think_answer_format)
+from areal_py.reward_functions import (REWARD_FUNCTIONS, accuracy, build_reward_fn, math_accuracy, task_config,
+                                       think_answer_format)
+from areal_py.reward_pool import RewardPool
 from areal_py.tasks import ArithTask, Prompt
 
 P = Prompt(index=0, text="7+5=", answer="12")
@@ -120,7 +121,7 @@ def test_task_config_round_trip() -> None:
 def test_in_thread_pool_scores_and_reports_errors(caplog: pytest.LogCaptureFixture) -> None:
     errors_before = metric("areal_reward_errors_total")
     pool = RewardPool({"accuracy": 1.0, SCRIPTED: 0.5}, ArithTask(), workers=0)
-    with caplog.at_level(logging.WARNING, logger="areal_py.rewards"):
+    with caplog.at_level(logging.WARNING, logger="areal_py.reward_pool"):
         h = pool.submit([(P, "12", True), (P, "RAISE", True), (P, "3", False)])
     assert h.done() and pool.poll() == [h]
     assert h.result() == [1.5, 0.0, 0.0]  # "RAISE": accuracy 0 + the raising term 0
@@ -152,7 +153,7 @@ def test_timeout_scores_zero_and_later_work_is_prompt(pool: RewardPool, caplog: 
     old_pids = set(pool.worker_pids())
     items = [(P, "SLEEP", True)] + [(P, "12", True)] * 5
     start = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="areal_py.rewards"):
+    with caplog.at_level(logging.WARNING, logger="areal_py.reward_pool"):
         h = pool.submit(items)
         rewards = h.result(timeout=30)
     elapsed = time.monotonic() - start
@@ -170,7 +171,7 @@ def test_timeout_scores_zero_and_later_work_is_prompt(pool: RewardPool, caplog: 
 
 def test_raising_verifier_is_logged_with_the_sample(pool: RewardPool, caplog: pytest.LogCaptureFixture) -> None:
     errors, counter = pool.errors, metric("areal_reward_errors_total")
-    with caplog.at_level(logging.WARNING, logger="areal_py.rewards"):
+    with caplog.at_level(logging.WARNING, logger="areal_py.reward_pool"):
         h = pool.submit([(P, "RAISE", True), (P, "12", True)])
         assert h.result(timeout=30) == [0.0, 1.0]
     assert h.status == ["error", "ok"]
@@ -217,7 +218,7 @@ def test_workers_die_with_their_process(tmp_path) -> None:
     script = (
         "import os, sys, time\n"
         f"sys.path[:0] = [{str(tests_dir.parent)!r}, {str(tests_dir)!r}]\n"
-        "from areal_py.rewards import RewardPool\n"
+        "from areal_py.reward_pool import RewardPool\n"
         "from test_rewards import P, SCRIPTED\n"
         "pool = RewardPool({SCRIPTED: 1.0}, None, workers=1, timeout_s=60)\n"
         "h = pool.submit([(P, 'SLEEP', True)])\n"

@@ -14,7 +14,8 @@ from areal_py.config import AlgoConfig, RewardConfig
 from trainer import reward_shaping as rs
 from trainer.advantages import (expand_to_tokens, gae_advantages, grpo_advantages, reinforce_baseline_advantages,
                                 reinforce_pp_advantages, rloo_advantages, value_loss)
-from trainer.decoupled_ppo import aggregate, gspo_loss, policy_loss
+from trainer.decoupled_ppo import gspo_loss, policy_loss
+from trainer.loss_aggregation import aggregate
 from trainer.kl import kl_estimate, kl_penalised_token_rewards
 from trainer.proximal import loglinear_proximal
 from trainer.rollout_batch import RolloutBatch

@@ -22,11 +22,13 @@ Masked positions (prompt, padding) never reach the loss, its gradient or the sta
 when they hold -inf or NaN: they are replaced before any arithmetic, not multiplied by 0
 afterwards (0 * inf is NaN, in the forward and in the backward pass).
 
-Variants (``decoupled_ppo_loss`` and ``ppo_clip_loss`` above keep their behaviour; these are new):
+Functions:
 
-    policy_loss   the decoupled loss plus dual clip (Ye et al. 2020) and a choice of aggregation
-    aggregate     token_mean | seq_mean | seq_sum_const (Dr.GRPO) reduction of a per-token loss
-    gspo_loss     GSPO (Zheng et al. 2025): one length-normalised importance ratio per sequence
+    policy_loss         the decoupled loss plus dual clip (Ye et al. 2020) and a choice of aggregation
+                        (trainer/loss_aggregation.py); the one implementation of the clipped surrogate
+    decoupled_ppo_loss  policy_loss with token-mean aggregation and no dual clip: the paper's formula
+    ppo_clip_loss       standard PPO, written out separately as the reference the others reduce to
+    gspo_loss           GSPO (Zheng et al. 2025): one length-normalised importance ratio per sequence
 """
 from __future__ import annotations
 
@@ -35,13 +37,13 @@ from typing import Literal
 
 import torch
 
+from trainer.loss_aggregation import AGG_MODES, AggMode, aggregate, normalizer_or_count
+
 __all__ = ["behaviour_weight", "decoupled_ppo_loss", "ppo_clip_loss", "policy_loss", "gspo_loss", "aggregate",
            "BEHAV_MODES", "AGG_MODES"]
 
 BehavMode = Literal["cap", "mask", "none"]
 BEHAV_MODES: tuple[str, ...] = ("cap", "mask", "none")
-AggMode = Literal["token_mean", "seq_mean", "seq_sum_const"]
-AGG_MODES: tuple[str, ...] = ("token_mean", "seq_mean", "seq_sum_const")
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -66,19 +68,6 @@ def _clip_range(eps_clip: float, eps_clip_high: float | None) -> tuple[float, fl
     if not (isinstance(eps_clip_high, (int, float)) and math.isfinite(eps_clip_high) and eps_clip_high > 0):
         raise ValueError(f"eps_clip_high must be None or a finite number > 0, got {eps_clip_high!r}")
     return float(eps_clip), float(eps_clip_high)
-
-
-def _normalizer(normalizer: float | torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor | float:
-    """Default: the number of valid tokens (at least 1, so an all-masked batch gives 0, not NaN)."""
-    if normalizer is None:
-        return valid.sum().clamp(min=1)
-    try:
-        value = float(normalizer)
-    except (TypeError, ValueError):
-        raise ValueError(f"normalizer must be None or a finite number > 0, got {normalizer!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"normalizer must be None or a finite number > 0 (a token count), got {normalizer!r}")
-    return value
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -163,30 +152,10 @@ def decoupled_ppo_loss(
     the bound), ``behav_masked_fraction`` (w changed by the bound: clamped or dropped),
     ``approx_kl`` (mean of proximal - logprobs), ``ratio_mean`` (mean r).
     """
-    valid = _valid_mask(mask, logprobs.shape, logprobs=logprobs, proximal_logprobs=proximal_logprobs,
-                        behaviour_logprobs=behaviour_logprobs, advantages=advantages)
-    lo, hi = _clip_range(eps_clip, eps_clip_high)
-    n = _normalizer(normalizer, valid)
-    w, over = _behaviour_weight(proximal_logprobs, behaviour_logprobs, valid, behav_cap, behav_mode)
-
-    dtype = _compute_dtype(logprobs)
-    logprobs = torch.where(valid, logprobs.to(dtype), 0.0)
-    prox = torch.where(valid, proximal_logprobs.detach().to(dtype), 0.0)
-    adv = torch.where(valid, advantages.detach().to(dtype), 0.0)
-
-    ratio = torch.exp(logprobs - prox)                           # r_t = pi_theta / pi_prox
-    pg_loss1 = -adv * ratio
-    pg_loss2 = -adv * torch.clamp(ratio, 1.0 - lo, 1.0 + hi)
-    pg_loss = w * torch.max(pg_loss1, pg_loss2)                  # -w_t * min(r_t A_t, clip(r_t) A_t)
-    loss = torch.where(valid, pg_loss, 0.0).sum() / n
-
-    stats = {
-        "clip_fraction": _masked_mean(pg_loss2 > pg_loss1, valid),
-        "behav_weight_mean": _masked_mean(w, valid),
-        "behav_masked_fraction": _masked_mean(over, valid),
-        "approx_kl": _masked_mean(prox - logprobs, valid),
-        "ratio_mean": _masked_mean(ratio, valid),
-    }
+    loss, stats = policy_loss(logprobs, proximal_logprobs, behaviour_logprobs, advantages, mask,
+                              eps_clip=eps_clip, eps_clip_high=eps_clip_high, behav_cap=behav_cap,
+                              behav_mode=behav_mode, normalizer=normalizer)
+    stats.pop("dual_clip_fraction")  # always 0 here: no dual clip
     return loss, stats
 
 
@@ -211,7 +180,7 @@ def ppo_clip_loss(
     """
     valid = _valid_mask(mask, logprobs.shape, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
     lo, hi = _clip_range(eps_clip, eps_clip_high)
-    n = _normalizer(normalizer, valid)
+    n = normalizer_or_count(normalizer, valid)
 
     dtype = _compute_dtype(logprobs)
     logprobs = torch.where(valid, logprobs.to(dtype), 0.0)
@@ -230,55 +199,6 @@ def ppo_clip_loss(
         "ratio_mean": _masked_mean(ratio, valid),
     }
     return loss, stats
-
-
-# ----------------------------------------------------------------------------- aggregation
-
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: AggMode = "token_mean", const: float | None = None,
-              normalizer: float | None = None) -> torch.Tensor:
-    """Reduce a per-token loss [B, T] to a scalar. ``n_b`` is the number of valid tokens of row b.
-
-        "token_mean":    sum_{b,t} m_bt x_bt / N           N = normalizer or sum_b n_b
-        "seq_mean":      sum_b (sum_t m_bt x_bt / n_b) / S  S = normalizer or #rows with n_b > 0
-        "seq_sum_const": sum_{b,t} m_bt x_bt / const        (Dr.GRPO: a constant, no length bias)
-
-    token_mean weighs every token equally (long responses weigh more); seq_mean weighs every
-    response equally (its tokens share 1/S, so long responses get smaller per-token weight, the
-    length bias Dr.GRPO points out); seq_sum_const divides by a constant fixed for the whole
-    run, e.g. ``batch_size * max_new_tokens`` to match the token_mean scale of full-length
-    responses (Dr.GRPO writes it per sequence as sum_t x / L_max, averaged over the G samples:
-    that is this with const = G * L_max). Rows with no valid token (a zero-length response) add
-    nothing and are not counted in S. When micro-batching, pass the whole batch's N or S as
-    ``normalizer`` so the micro-batch losses sum to the whole-batch loss; seq_sum_const needs no
-    normalizer (its constant already is one) and rejects it.
-    """
-    if not isinstance(per_token, torch.Tensor) or per_token.dim() != 2:
-        shape = tuple(per_token.shape) if isinstance(per_token, torch.Tensor) else type(per_token).__name__
-        raise ValueError(f"per_token must be a torch.Tensor of shape [B, T], got {shape}")
-    if not isinstance(mask, torch.Tensor) or mask.shape != per_token.shape:
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask must have shape {tuple(per_token.shape)} (same as per_token), got {shape}")
-    valid = mask.bool()
-    if mode not in AGG_MODES:
-        raise ValueError(f"mode must be one of {AGG_MODES}, got {mode!r}")
-    if mode == "seq_sum_const":
-        if not (isinstance(const, (int, float)) and math.isfinite(const) and const > 0):
-            raise ValueError(f"const must be a finite number > 0 for mode 'seq_sum_const', got {const!r}")
-        if normalizer is not None:
-            raise ValueError("normalizer must be None for mode 'seq_sum_const' (const is the normalizer)")
-    elif const is not None:
-        raise ValueError(f"const is only used by mode 'seq_sum_const', got const={const!r} with mode {mode!r}")
-
-    x = torch.where(valid, per_token, 0.0)
-    if mode == "token_mean":
-        return x.sum() / _normalizer(normalizer, valid)
-    if mode == "seq_sum_const":
-        return x.sum() / float(const)
-    tokens_per_seq = valid.sum(dim=1)
-    nonempty = tokens_per_seq > 0
-    seq_means = x.sum(dim=1) / tokens_per_seq.clamp(min=1)        # 0 for an empty row
-    n_seqs = _normalizer(normalizer, nonempty)
-    return seq_means.sum() / n_seqs
 
 
 # ----------------------------------------------------------------------------- policy loss with options
@@ -406,7 +326,7 @@ def gspo_loss(
     tokens_per_seq = valid.sum(dim=1)
     nonempty = tokens_per_seq > 0
     adv = torch.where(nonempty, advantages.detach().to(dtype), 0.0)
-    n = _normalizer(normalizer, nonempty)
+    n = normalizer_or_count(normalizer, nonempty)
 
     log_seq_ratio = (logprobs - old).sum(dim=1) / tokens_per_seq.clamp(min=1)   # mean over the response
     seq_ratio = torch.exp(log_seq_ratio)                                        # s_i (1 for an empty row)
