@@ -121,10 +121,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_crash_in_one_process_stops_all(tmp_path, small_cfg):
-    proc = subprocess.Popen([sys.executable, "-m", "areal_py.cli", "run", "--quiet", *small_cfg,
+def _long_run(small_cfg: list[str]) -> subprocess.Popen:
+    """A run far longer than any test waits: the test stops it (or one of its processes) itself."""
+    return subprocess.Popen([sys.executable, "-m", "areal_py.cli", "run", "--quiet", *small_cfg,
                              "trainer.total_steps=500"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+
+
+def test_crash_in_one_process_stops_all(tmp_path, small_cfg):
+    proc = _long_run(small_cfg)
     try:
         _wait_for(lambda: len(metrics(tmp_path)) >= 1, 180, "the first training step")
         children = _child_pids(proc.pid)
@@ -162,9 +167,7 @@ def test_server_death_redispatches(tmp_path, small_cfg):
 
 
 def test_ctrl_c_stops_everything(tmp_path, small_cfg):
-    proc = subprocess.Popen([sys.executable, "-m", "areal_py.cli", "run", "--quiet", *small_cfg,
-                             "trainer.total_steps=500"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = _long_run(small_cfg)
     try:
         _wait_for(lambda: len(metrics(tmp_path)) >= 1, 180, "the first training step")
         children = _child_pids(proc.pid)
