@@ -1,19 +1,25 @@
 """When rollout servers were generating, and how full their slots were.
 
-A server's `BusyMeter` is ticked once per loop iteration. It integrates busy time and slot-seconds
+A server's `BusyMeter` is ticked at every loop iteration. It integrates busy time and slot-seconds
 (running requests x seconds) and records busy spans in wall-clock time (`time.time()`, comparable
-across processes on one machine or NTP-synced machines). Heartbeats carry the cumulative numbers and
-the spans since the previous heartbeat; the controller turns them into each batch's mean slot
-occupancy and generation spans, and the trainer writes them to `metrics.jsonl` so the report's
-timeline shows real generation, not a guess at step resolution.
+across processes on one machine or NTP-synced machines). Heartbeats carry the cumulative numbers,
+the instant they were taken and the spans since the previous heartbeat; the controller
+(`controller/activity.py`) turns them into each batch's mean slot occupancy and generation spans.
+
+Time base: spans travel as absolute epoch seconds, so no process needs another's clock origin. The
+trainer, which owns `wall_time_s` (seconds since the run started, continued across resumes),
+converts them once with `to_run_time` when it writes `metrics.jsonl`, so `gen_spans` and
+`wall_time_s` share one axis.
 """
 from __future__ import annotations
 
-MERGE_GAP_S = 0.05  # busy periods closer than this are one span (a poll between two steps is not idleness)
-MAX_SPANS = 64      # per message: spans past this are coalesced across their smallest gaps
+from collections.abc import Iterable
+
+MERGE_GAP_S = 0.005  # busy periods this close are one span: a few ms between two requests is not idleness
+MAX_SPANS = 64       # per message and per step record: past this the smallest gaps are closed
 
 
-def merge_spans(spans: list[tuple[float, float]], gap: float = MERGE_GAP_S,
+def merge_spans(spans: Iterable[tuple[float, float]], gap: float = MERGE_GAP_S,
                 max_spans: int = MAX_SPANS) -> list[tuple[float, float]]:
     """Union of [start, end] intervals, joining those separated by less than `gap`; at most `max_spans`
     (the smallest gaps are closed first, so the picture keeps its largest idle periods)."""
@@ -30,10 +36,17 @@ def merge_spans(spans: list[tuple[float, float]], gap: float = MERGE_GAP_S,
     return [(a, b) for a, b in out]
 
 
+def to_run_time(spans: Iterable[tuple[float, float]], epoch0: float, ndigits: int = 3) -> list[list[float]]:
+    """Epoch-second spans as seconds since `epoch0` (the wall-clock instant of `wall_time_s == 0`),
+    rounded to keep step records small."""
+    return [[round(a - epoch0, ndigits), round(b - epoch0, ndigits)] for a, b in spans]
+
+
 class BusyMeter:
     """Integrates one server's activity; `tick` at every loop iteration with the time and running count."""
 
     def __init__(self, now: float) -> None:
+        self.started = now  # identifies this meter: counters restart from 0 with a new one
         self.last = now
         self.busy_s = 0.0
         self.slot_seconds = 0.0
@@ -58,11 +71,11 @@ class BusyMeter:
         elif busy:
             self._open = now
         self._running = running
-        self.last = now
+        self.last = max(self.last, now)
         return closed
 
     def drain_spans(self, now: float) -> list[tuple[float, float]]:
-        """Busy spans since the last drain; an open span is cut at `now` and continues from there."""
+        """Busy spans since the last drain, bounded; an open span is cut at `now` and continues from there."""
         spans = self._closed
         if self._open is not None and now > self._open:
             spans.append((self._open, now))

@@ -55,11 +55,14 @@ class Heartbeat(_Body):
     running: int = Field(ge=0)
     waiting: int = Field(ge=0)
     generated_tokens: int = Field(ge=0)
-    # activity (areal_py.gen_activity): cumulative busy seconds and slot-seconds, slot count, and the
-    # wall-clock busy spans since the previous heartbeat
+    # activity (areal_py.gen_activity), defaulted so older senders still validate: cumulative busy seconds
+    # and slot-seconds since `started` (epoch seconds; a new value = counters restarted), taken at `at`,
+    # the slot count, and the wall-clock busy spans since the previous heartbeat
     busy_s: float = Field(0.0, ge=0)
     slot_seconds: float = Field(0.0, ge=0)
     max_running: int = Field(0, ge=0)
+    started: float = Field(0.0, ge=0)
+    at: float = Field(0.0, ge=0)
     spans: list[tuple[float, float]] = Field(default_factory=list, max_length=256)
 
 
@@ -83,7 +86,7 @@ class Result(_Body):
     finish_reason: Literal["stop", "length", "abort", "stale"]
 
     @model_validator(mode="after")
-    def _same_lengths(self) -> "Result":
+    def _same_lengths(self) -> Result:
         if not (len(self.output_ids) == len(self.logprobs) == len(self.versions)):
             raise ValueError("output_ids, logprobs and versions must have the same length")
         return self
@@ -145,7 +148,8 @@ class Batch(_Body):
     groups: list[Group] = Field(min_length=1)
     state: dict[str, int]
     stats: dict[str, float] = Field(default_factory=dict)
-    gen_spans: list[tuple[float, float]] = Field(default_factory=list)  # wall-clock generation since the last batch
+    # when any server was generating since the previous batch: [start, end] in epoch seconds
+    gen_spans: list[tuple[float, float]] = Field(default_factory=list, max_length=256)
 
 
 BODIES: dict[str, type[_Body]] = {
@@ -183,7 +187,7 @@ def decode(frames: list[Any]) -> Message:
         raise ProtocolError("empty", "no frames")
     try:
         header = msgpack.unpackb(bytes(frames[0]), raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises several unrelated types on garbage
+    except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types on garbage
         raise ProtocolError("bad_msgpack", str(e)[:200]) from None
     if not isinstance(header, dict):
         raise ProtocolError("bad_header", "header is not a map")
@@ -208,7 +212,7 @@ def _decode_tensors(metas: list, frames: list[Any]) -> dict[str, torch.Tensor]:
     for meta, frame in zip(metas, frames):
         try:
             name, dtype, shape = meta["name"], _DTYPES[meta["dtype"]], [int(s) for s in meta["shape"]]
-        except Exception:
+        except Exception:  # noqa: BLE001 - any malformed description is one protocol error
             raise ProtocolError("bad_tensors", f"bad tensor description {meta!r}") from None
         buf = frame.buffer if hasattr(frame, "buffer") else frame
         numel = 1

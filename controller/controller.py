@@ -20,13 +20,13 @@ import zmq
 from areal_py import protocol as P
 from areal_py.config import Config
 from areal_py.dashboard import start_dashboard, stop_dashboard
-from areal_py.gen_activity import MAX_SPANS, merge_spans, slot_occupancy
 from areal_py.models import load_tokenizer
 from areal_py.prepare import build_task, model_path
 from areal_py.prom import CONTROLLER as M
 from areal_py.reward_pool import RewardHandle, RewardPool
 from areal_py.tasks import Prompt, Task
 from areal_py.transport import WaitTimeout, make_socket, parse, recv, reject, send
+from controller.activity import ActivityTracker
 from controller.servers import ServerRegistry, ServerState
 from controller.staleness import admission_capacity, sample_staleness
 
@@ -93,11 +93,7 @@ class Controller:
         self.ready: deque[P.Group] = deque()
         self.trainer_done = False
         self.gen_tokens_by_server: dict[str, int] = {}
-        # server activity since the last batch: slot-seconds, busy seconds, wall-clock busy spans
-        self.activity_since = time.monotonic()
-        self.slot_seconds_acc = 0.0
-        self.busy_s_acc = 0.0
-        self.gen_spans: list[tuple[float, float]] = []
+        self.activity = ActivityTracker()  # servers' generation spans and slot use since the last batch
 
     # --- the admission rule ------------------------------------------------------------------------
     @property
@@ -153,7 +149,7 @@ class Controller:
             if fresh:
                 log.info("server %s joined at version %d", server_id, body.version)
             if isinstance(body, P.Heartbeat):
-                self.on_activity(server, body)
+                self.activity.add(server_id, body, received=time.time())
             self._catch_up(server, force=fresh)
         elif isinstance(body, P.Result):
             self.registry.seen(server_id)
@@ -184,26 +180,6 @@ class Controller:
             else:
                 self.scoring.append((g, self.rewards.submit([self._scoring_item(g.prompt, g.results[i])
                                                              for i in range(self.n)])))
-
-    def on_activity(self, server: ServerState, hb: P.Heartbeat) -> None:
-        """Add a heartbeat's activity since the previous one (a restarted server's counters start over)."""
-        self.slot_seconds_acc += hb.slot_seconds - server.slot_seconds if hb.slot_seconds >= server.slot_seconds \
-            else hb.slot_seconds
-        self.busy_s_acc += hb.busy_s - server.busy_s if hb.busy_s >= server.busy_s else hb.busy_s
-        server.slot_seconds, server.busy_s, server.max_running = hb.slot_seconds, hb.busy_s, hb.max_running
-        self.gen_spans.extend(hb.spans)
-        if len(self.gen_spans) > 4 * MAX_SPANS:
-            self.gen_spans = merge_spans(self.gen_spans)
-
-    def take_activity(self) -> tuple[dict[str, float], list[tuple[float, float]]]:
-        """Slot occupancy, busy seconds and generation spans since the previous batch; starts a new interval."""
-        now = time.monotonic()
-        slots = sum(s.max_running for s in self.registry.live())
-        occ = slot_occupancy(self.slot_seconds_acc, now - self.activity_since, slots)
-        stats = {"gen_busy_s": self.busy_s_acc, **({"rollout_slot_occupancy": occ} if occ is not None else {})}
-        spans = merge_spans(self.gen_spans)
-        self.activity_since, self.slot_seconds_acc, self.busy_s_acc, self.gen_spans = now, 0.0, 0.0, []
-        return stats, spans
 
     def _scoring_item(self, prompt: Prompt, r: P.Result) -> tuple[Prompt, str, bool]:
         ids = [t for t in r.output_ids if t not in self.tokenizer.all_special_ids]
@@ -299,7 +275,7 @@ class Controller:
             state = {"data_position": self.data_position, "accepted": self.accepted, "running": self.running,
                      "dropped_stale": self.dropped_stale, "dropped_uniform": self.dropped_uniform,
                      "reward_timeouts": self.rewards.timeouts, "reward_errors": self.rewards.errors, "generated_tokens": self.generated_tokens}
-            activity, spans = self.take_activity()
+            activity, spans = self.activity.take(s.server_id for s in self.registry.live())
             try:
                 send(self.to_trainer, P.Batch(version=b, groups=groups, state=state, gen_spans=spans,
                                               stats={"servers_live": len(self.registry.live()), **activity,

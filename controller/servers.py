@@ -13,9 +13,6 @@ class ServerState:
     inflight: dict[int, int] = field(default_factory=dict)  # gid -> samples still outstanding
     alive: bool = True
     last_weights_sent: float = 0.0
-    busy_s: float = 0.0        # cumulative counters from its last heartbeat (areal_py.gen_activity)
-    slot_seconds: float = 0.0
-    max_running: int = 0
 
     @property
     def load(self) -> int:

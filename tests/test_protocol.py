@@ -58,3 +58,14 @@ def test_result_lengths_must_agree():
         "finish_reason": "stop"}})
     with pytest.raises(P.ProtocolError, match="same length"):
         P.decode([bad])
+
+
+def test_heartbeat_activity_fields_are_optional_and_bounded():
+    old = {"server_id": "s", "version": 1, "running": 0, "waiting": 0, "generated_tokens": 5}  # older sender
+    m = P.decode([header(type="heartbeat", body=old)])
+    assert m.body.spans == [] and m.body.slot_seconds == 0.0 and m.body.started == m.body.at == 0.0
+    new = P.Heartbeat(**old, busy_s=1.5, slot_seconds=3.0, max_running=8, started=10.0, at=12.0, spans=[(10.5, 12.0)])
+    assert roundtrip(new).body == new
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode([header(type="heartbeat", body={**old, "spans": [[i, i + 0.5] for i in range(257)]})])
+    assert e.value.reason == "invalid_body"
