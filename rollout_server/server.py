@@ -16,9 +16,9 @@ import zmq
 from areal_py import protocol as P
 from areal_py.config import Config
 from areal_py.gen_activity import BusyMeter
-from areal_py.prom import ROLLOUT as M
 from areal_py.models import eos_token_id, load_model_and_tokenizer, load_tokenizer
 from areal_py.prepare import model_path
+from areal_py.prom import ROLLOUT as M
 from areal_py.transport import make_socket, parse, reject, send
 from areal_py.weights import load_weights
 from rollout_server.engine import Engine, Finished, SamplingParams
@@ -40,7 +40,8 @@ def build_engine(cfg: Config, seed: int):
     """The generation backend the config asks for; both speak the same Engine interface."""
     path = model_path(cfg)
     if cfg.rollout.backend == "sglang":
-        from rollout_server.sglang_engine import SGLangEngine  # lazy: sglang is an optional GPU extra
+        # lazy: sglang is an optional GPU extra
+        from rollout_server.sglang_engine import SGLangEngine
 
         return SGLangEngine(str(path), eos_token_id=eos_token_id(load_tokenizer(path)),
                             max_running=cfg.rollout.max_running, seed=seed, base_url=cfg.rollout.sglang_url or None)
@@ -144,12 +145,21 @@ class RolloutServer:
         now = time.monotonic()
         if force or now - self._last_beat >= self.cfg.rollout.heartbeat_s:
             self._last_beat = now
+            m = self.meter  # counters as of its last tick, which the loop has just made
             send(self.dealer, P.Heartbeat(server_id=self.server_id, version=self.engine.version,
                                           running=self.engine.num_running, waiting=self.engine.num_waiting,
-                                          generated_tokens=self.generated_tokens, busy_s=self.meter.busy_s,
-                                          slot_seconds=self.meter.slot_seconds,
-                                          max_running=getattr(self.engine, "max_running", 0),
-                                          spans=self.meter.drain_spans(time.time())))
+                                          generated_tokens=self.generated_tokens, busy_s=m.busy_s,
+                                          slot_seconds=m.slot_seconds, max_running=self._max_running(),
+                                          started=m.started, at=m.last, spans=m.drain_spans(m.last)))
+
+    def _max_running(self) -> int:
+        return int(getattr(self.engine, "max_running", 0))
+
+    def _slots_next_step(self) -> int:
+        """Requests that will hold a slot during the coming step: the running ones plus the waiting ones
+        it admits (up to max_running), so a step that starts with a prefill is not counted as empty."""
+        n = self.engine.num_running + self.engine.num_waiting
+        return min(n, self._max_running()) if self._max_running() else self.engine.num_running
 
     # --- loop ----------------------------------------------------------------------------------
     def poll_once(self, timeout_ms: int) -> None:
@@ -171,18 +181,22 @@ class RolloutServer:
         try:
             while self.running:
                 self.poll_once(0 if self.engine.has_work() else 20)
-                self.meter.tick(time.time(), self.engine.num_running, self.engine.has_work())
-                if self.engine.has_work():
-                    for f in self.engine.step():
-                        self.generated_tokens += len(f.output_ids)
-                        self._count(f)
-                        self._send_result(f)
+                worked = self.engine.has_work()
+                self.meter.tick(time.time(), self._slots_next_step(), worked)
+                finished = self.engine.step() if worked else []
+                went_idle = self.meter.tick(time.time(), self.engine.num_running, self.engine.has_work())
+                # going idle is reported before the results that leave the server idle: the batch they
+                # complete then always carries the generation that produced them
+                for f in finished:
+                    self.generated_tokens += len(f.output_ids)
+                    self._count(f)
+                self._heartbeat(force=went_idle)
+                for f in finished:
+                    self._send_result(f)
+                if worked:
                     M.active_requests.set(self.engine.num_running)
                     M.queued_requests.set(self.engine.num_waiting)
                     M.kv_cache_occupancy.set(self.engine.kv_usage())
-                # going idle is reported at once, so the controller sees a batch's generation with the batch
-                went_idle = self.meter.tick(time.time(), self.engine.num_running, self.engine.has_work())
-                self._heartbeat(force=went_idle)
         finally:
             self.close()
 

@@ -9,6 +9,7 @@ import msgpack
 import pytest
 import torch
 import zmq
+from conftest import net_overrides
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from areal_py import protocol as P
@@ -18,7 +19,6 @@ from areal_py.models import build_char_tokenizer
 from areal_py.tasks import ArithTask
 from areal_py.transport import make_socket, recv, send
 from areal_py.weights import named_weights
-from conftest import net_overrides
 from controller.controller import Controller
 from rollout_server.engine import Engine
 from rollout_server.server import RolloutServer
@@ -74,6 +74,33 @@ def test_rollout_server_rejects_garbage_and_keeps_serving(cfg, ctx):
         t.join(5)
         router.close()
         pub.close()
+
+
+def test_server_reports_going_idle_before_the_results_that_idle_it(cfg, ctx):
+    """The heartbeat that closes a busy span leaves before the group's last result, so the controller
+    always has a batch's generation when the batch completes."""
+    router = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.rollout_port, bind=True), bind=True)
+    server = RolloutServer(cfg, "srv", engine=Engine(tiny_model(0), eos_token_id=10_000, max_running=8))
+    t = threading.Thread(target=server.serve, daemon=True)
+    t.start()
+    try:
+        recv(router, "test", timeout_s=10, waiting_for="hello", routed=True)
+        send(router, P.Generate(gid=3, attempt=0, prompt_ids=[1, 2, 3], n=3,
+                                sampling=P.SamplingBody(max_new_tokens=6, temperature=1.0, top_p=1.0)), to=b"srv")
+        seen: list[P.Heartbeat | P.Result] = []
+        while sum(isinstance(b, P.Result) for b in seen) < 3:
+            _, m = recv(router, "test", timeout_s=10, waiting_for="results", routed=True)
+            seen.append(m.body)
+    finally:
+        server.running = False
+        t.join(5)
+        router.close()
+    last = max(i for i, b in enumerate(seen) if isinstance(b, P.Result))
+    beat = [b for b in seen[:last] if isinstance(b, P.Heartbeat)][-1]
+    assert beat.running == 0 and beat.waiting == 0 and beat.spans, seen
+    assert beat.spans[-1][1] == beat.at and beat.started <= beat.spans[0][0]  # the span closed when it went idle
+    assert beat.max_running == 8 and beat.busy_s > 0
+    assert 0 < beat.slot_seconds <= 3 * beat.busy_s  # three requests at most held a slot while busy
 
 
 def test_interruption_through_the_wire(cfg, ctx):
