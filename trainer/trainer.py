@@ -18,6 +18,7 @@ import zmq
 
 from areal_py import protocol as P
 from areal_py.config import Config
+from areal_py.gen_activity import to_run_time
 from areal_py.metrics import JsonlWriter
 from areal_py.models import load_model_and_tokenizer
 from areal_py.prepare import model_path
@@ -157,9 +158,10 @@ class Trainer:
             gauge.set(stats.get(key, 0.0))
 
     def _activity(self, wire: P.Batch) -> dict[str, Any]:
-        """Rollout activity for this step: generation spans moved from wall-clock to this run's time base."""
+        """Rollout activity for this step, its generation spans moved from epoch seconds to the time base
+        of `wall_time_s` (see areal_py.gen_activity)."""
         epoch0 = time.time() - self.wall_time()  # the wall-clock instant of wall_time_s == 0
-        out: dict[str, Any] = {"gen_spans": [[round(a - epoch0, 3), round(b - epoch0, 3)] for a, b in wire.gen_spans]}
+        out: dict[str, Any] = {"gen_spans": to_run_time(wire.gen_spans, epoch0)}
         for key in ("rollout_slot_occupancy", "gen_busy_s"):
             if key in wire.stats:
                 out[key] = round(wire.stats[key], 4)
