@@ -8,19 +8,39 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import yaml
 
-from areal_py.charts import PALETTE, Segment, Series, bar_chart, line_chart, timeline_chart
+from areal_py.charts import (
+    PALETTE,
+    Segment,
+    Series,
+    bar_chart,
+    line_chart,
+    timeline_chart,
+)
 from areal_py.gen_activity import merge_spans
 from areal_py.metrics import read_jsonl
 
-__all__ = ["Section", "load_records", "cumulative_rate", "busy_fraction", "staleness_histogram", "step_series",
-           "timeline_lanes", "chart_sections", "summary", "render_html", "write_report", "main"]
+__all__ = [
+    "Section",
+    "busy_fraction",
+    "chart_sections",
+    "cumulative_rate",
+    "load_records",
+    "main",
+    "render_html",
+    "staleness_histogram",
+    "step_series",
+    "summary",
+    "timeline_lanes",
+    "write_report",
+]
 
 Record = dict[str, Any]
 ZOOM_STEPS = 12  # steps in the zoomed-in timeline
@@ -135,9 +155,10 @@ def _rollout_counters(records: Sequence[Record]) -> dict[str, list[tuple[float, 
 
 def timeline_lanes(records: Sequence[Record], last: int | None = None) -> list[tuple[str, list[Segment]]]:
     """A trainer lane (wait, proximal recompute, rest of training, publish, laid back from each
-    step's end time) and one lane per rollout server whose bars span each step interval, shaded by
-    the generation rate in it (value = tokens generated in the interval). ``last``: only the
-    segments of the last that many steps."""
+    step's end time) and the generation: one lane of the servers' measured busy spans (``gen_spans``)
+    when the records have them; for older metrics files, one lane per rollout server whose bars span
+    each step interval, shaded by the generation rate in it (value = tokens generated in the
+    interval). ``last``: only the segments of the last that many steps."""
     trainer: list[Segment] = []
     for r in records:
         end = _num(r.get("wall_time_s"))
@@ -153,9 +174,9 @@ def timeline_lanes(records: Sequence[Record], last: int | None = None) -> list[t
         trainer.append(Segment(t_train + prox, t_pub, "train", train - prox))
         trainer.append(Segment(t_pub, end, "publish", pub))
     lanes: list[tuple[str, list[Segment]]] = [("trainer", trainer)]
-    spans = [(a, b) for r in records for a, b in (r.get("gen_spans") or [])]
     if any("gen_spans" in r for r in records):  # measured by the servers: draw what really happened
-        lanes.append(("generation", [Segment(a, b, "generating", b - a) for a, b in merge_spans(spans, max_spans=10**6)]))
+        spans = merge_spans(((a, b) for r in records for a, b in (r.get("gen_spans") or [])), max_spans=10**6)
+        lanes.append(("generation", [Segment(a, b, "generating", b - a) for a, b in spans]))
         return _cut(lanes, records, last)
     start = min((s.start for s in trainer), default=0.0)
     for name, pts in _rollout_counters(records).items():
@@ -254,6 +275,9 @@ def summary(records: Sequence[Record]) -> list[tuple[str, str]]:
              f"{first:.3f} → {last:.3f}" if first is not None and last is not None else "-"),
             ("trainer busy (train_s / wall time)", f"{train_total / wall:.0%}" if wall else "-"),
             ("max token staleness seen", f"{int(max(stale))}" if stale else "-")]
+    occ = [v for _, v in step_series(records, "rollout_slot_occupancy")]
+    if occ:  # runs recorded before the servers measured it have none
+        rows.append(("rollout slot occupancy, mean over steps", f"{sum(occ) / len(occ):.0%}"))
     if records:
         lr = records[-1]
         for key in ("generated_tokens", "trained_tokens_total"):

@@ -47,7 +47,7 @@ class Points(HTMLParser):
         self.tags: set[str] = set()
 
     def handle_starttag(self, tag, attrs):
-        a = dict((k, v or "") for k, v in attrs)
+        a = {k: v or "" for k, v in attrs}
         self.tags.add(tag)
         if tag == "svg" and "data-chart" in a:
             self.current = a["data-chart"]
@@ -108,7 +108,7 @@ def test_report_charts_hold_the_input(run_dir: Path) -> None:
         got = series(p, chart)
         assert len(got) == N, chart
         assert all(close(x, r["step"]) and close(y, r[key]) for (x, y), r in zip(got, recs)), chart
-    assert "value_loss" not in p.charts  # absent from the input, so no empty chart for it
+    assert "value_loss" not in p.charts and "slots" not in p.charts  # absent from the input: no empty chart
 
     # token rates: cumulative counters differenced over RATE_WINDOW intervals
     for name, key in (("generated", "generated_tokens"), ("trained", "trained_tokens_total")):
@@ -146,6 +146,30 @@ def test_report_charts_hold_the_input(run_dir: Path) -> None:
     assert any(float(g["data-x"]) < float(t["data-x"]) < float(g["data-x2"]) for g in gen for t in train)
 
 
+def test_measured_generation_in_sync_mode(tmp_path: Path) -> None:
+    """Records with the servers' spans (generation only while the trainer waits, as in sync mode): the
+    timeline draws those spans, apart from training, and slot occupancy gets its chart and summary row."""
+    recs = synthetic_records()
+    for r in recs:  # generate during the middle of each step's wait
+        t_train = r["wall_time_s"] - r["publish_s"] - r["train_s"]
+        r["gen_spans"] = [[round(t_train - r["wait_s"] + 0.01, 3), round(t_train - 0.01, 3)]]
+        r["gen_busy_s"] = round(r["wait_s"] - 0.02, 4)
+        r["rollout_slot_occupancy"] = round(0.1 + 0.01 * r["step"], 4)
+    d = tmp_path / "sync"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    p = parse(write_report(d))
+    tl = p.charts["timeline"]
+    gen = [(float(a["data-x"]), float(a["data-x2"])) for a in tl if a["data-lane"] == "generation"]
+    train = [(float(a["data-x"]), float(a["data-x2"])) for a in tl if a["data-series"] in ("train", "proximal")]
+    assert gen == [tuple(r["gen_spans"][0]) for r in recs] and len(train) == 2 * N
+    assert not any(a < d and c < b for a, b in gen for c, d in train)
+    assert not [a for a in tl if a["data-lane"].startswith("rollout")]  # the step-resolution guess is gone
+    assert [y for _, y in series(p, "slots")] == [r["rollout_slot_occupancy"] for r in recs]
+    mean = sum(r["rollout_slot_occupancy"] for r in recs) / N
+    assert f"{mean:.0%}" in " ".join(p.text) and "rollout slot occupancy" in " ".join(p.text)
+
+
 def test_empty_and_partial_metrics(tmp_path: Path) -> None:
     d = tmp_path / "fresh"
     d.mkdir()
@@ -164,7 +188,7 @@ def test_empty_and_partial_metrics(tmp_path: Path) -> None:
 def test_cli(run_dir: Path) -> None:
     (run_dir / "report.html").unlink(missing_ok=True)
     r = subprocess.run([sys.executable, "-m", "areal_py.report", str(run_dir)], capture_output=True, text=True,
-                       timeout=60)
+                       timeout=60, check=False)
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()) == run_dir / "report.html" and (run_dir / "report.html").exists()
 
@@ -187,6 +211,6 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
     cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
            f"--screenshot={png}", "--window-size=1200,2000", report.resolve().as_uri()]
-    subprocess.run(cmd, capture_output=True, timeout=60)
+    subprocess.run(cmd, capture_output=True, timeout=60, check=False)
     assert png.exists() and png.stat().st_size > 20_000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
