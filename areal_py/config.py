@@ -29,8 +29,9 @@ class RunConfig(_Section):
                                 "http://<net.bind_host>:<port>/ (0 = off).")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics base port: controller on it, "
                               "trainer +1, rollout server i +2+i (0 = off).")
-    tensorboard: bool = Field(False, description="Also write each step's metrics as TensorBoard event files in "
-                              "<run dir>/tensorboard/ (needs the tensorboard extra).")
+    tensorboard: bool = Field(False, description="Also write every numeric field of each step's metrics record "
+                              "as a TensorBoard scalar, in <run.output_dir>/<run.name>/tensorboard/ (runs/<name>/"
+                              "tensorboard/ by default); needs `pip install 'areal-py[tensorboard]'`.")
     torch_threads: int = Field(0, ge=0, description="torch threads per process; 0 = share the cores between "
                                "trainer and servers in async mode, all cores per phase in sync mode.")
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from areal_py.config import Config, dump_config, load_config, with_run_name
+from areal_py.config import Config, ConfigError, dump_config, load_config, with_run_name
 from areal_py.metrics import read_jsonl
+from areal_py.tensorboard_log import require_tensorboard
 
 STOP_GRACE_S = 5.0
 
@@ -55,6 +56,11 @@ def latest_run_name(output_dir: Path) -> str:
 
 def prepare_run(config: str | None, overrides: list[str], resume: bool) -> Config:
     cfg = load_config(config, overrides)
+    if cfg.run.tensorboard:  # fail before any process starts, not in the trainer's log
+        try:
+            require_tensorboard()
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
     if resume and not cfg.run.name:
         cfg.run.name = latest_run_name(Path(cfg.run.output_dir).expanduser())
     with_run_name(cfg)
@@ -78,7 +84,8 @@ def start_children(cfg: Config, resume: bool) -> list[Child]:
         log_path = logs / f"{name}.log"
         f = log_path.open("a")
         proc = subprocess.Popen([sys.executable, "-m", "areal_py.cli", "serve", role, cfg_file, *rest],
-                                stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+                                stdout=f, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_die_with_parent)  # noqa: PLW1509 - prctl only, before exec
         f.close()
         children.append(Child(name, proc, log_path))
     return children
@@ -158,7 +165,8 @@ def run(config: str | None, overrides: list[str], resume: bool = False, quiet: b
     cfg = prepare_run(config, overrides, resume)
     print(f"areal-py: run '{cfg.run.name}' in {cfg.run_dir()} (mode={cfg.run.mode}, "
           f"max_staleness={cfg.effective_max_staleness}, servers={cfg.rollout.num_servers})")
-    from areal_py.prepare import model_path  # heavy imports only once the config is known good
+    # heavy imports only once the config is known good
+    from areal_py.prepare import model_path
 
     t0 = time.monotonic()
     path = model_path(cfg)

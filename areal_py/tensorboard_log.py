@@ -1,7 +1,8 @@
 """Optional TensorBoard event files (`run.tensorboard=true`): every numeric field of each step record.
 
 `metrics.jsonl` stays the source of truth; this mirrors it for people whose tooling is TensorBoard.
-The `tensorboard` package is an optional extra, imported only when the option is on.
+The `tensorboard` package is an optional extra, imported only when the option is on; the launcher
+calls `require_tensorboard` before starting any process, so a missing package fails the run at once.
 """
 from __future__ import annotations
 
@@ -11,23 +12,31 @@ from typing import Any
 INSTALL_HINT = "pip install 'areal-py[tensorboard]' (or: pip install tensorboard)"
 
 
-def scalars(record: dict[str, Any]) -> dict[str, float]:
-    """Numeric top-level fields (bools, lists and dicts are not scalars), plus the counts of
-    `sample_staleness_hist` as `sample_staleness/<k>`."""
-    out = {k: float(v) for k, v in record.items()
-           if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
-    for k, v in (record.get("sample_staleness_hist") or {}).items():
-        out[f"sample_staleness/{k}"] = float(v)
+def require_tensorboard() -> type:
+    """torch's SummaryWriter, or a RuntimeError naming the option and the install command."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # torch's writer needs the tensorboard package
+        raise RuntimeError(f"run.tensorboard=true needs the tensorboard package: {INSTALL_HINT} ({e})") from None
+    return SummaryWriter
+
+
+def scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Every number in a record, nested dicts as `outer/inner` (e.g. `sample_staleness_hist/2`); `step`
+    is the x axis, and bools and lists (`gen_spans`) are not scalars."""
+    out: dict[str, float] = {}
+    for k, v in record.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(scalars(v, f"{key}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and key != "step":
+            out[key] = float(v)
     return out
 
 
 class TensorBoardLog:
     def __init__(self, log_dir: Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:  # torch's writer needs the tensorboard package
-            raise RuntimeError(f"run.tensorboard=true needs the tensorboard package: {INSTALL_HINT} ({e})") from None
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.writer = require_tensorboard()(log_dir=str(log_dir))
 
     def write(self, record: dict[str, Any]) -> None:
         step = int(record["step"])
