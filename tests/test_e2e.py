@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, run_cli
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from areal_py.metrics import read_jsonl
-from conftest import ROOT, run_cli
+from areal_py.report import timeline_lanes
 
 
 def metrics(tmp_path: Path) -> list[dict]:
@@ -47,17 +49,19 @@ def test_sync_mode_is_on_policy(tmp_path, small_cfg):
     assert res.returncode == 0, res.stdout + res.stderr
     recs = metrics(tmp_path)
     assert len(recs) == 4 and all(r["max_staleness"] == 0 and r["staleness_max"] == 0 for r in recs)
-    # the servers' measured activity: slots were used, and in sync mode nothing is generated while the
-    # trainer trains (the span end is seen at the server's next idle poll, 20 ms later at most)
-    occ = [r["rollout_slot_occupancy"] for r in recs if "rollout_slot_occupancy" in r]
-    assert occ and all(0.0 <= o <= 1.0 for o in occ) and max(occ) > 0.0
-    assert sum(bool(r["gen_spans"]) for r in recs) >= len(recs) - 1  # a late heartbeat may slip to the next step
-    assert list((tmp_path / "runs" / "t" / "tensorboard").glob("events.out.tfevents.*"))  # run.tensorboard=true
-    for r in recs:
-        train_end = r["wall_time_s"] - r["publish_s"]
-        train_start = train_end - r["train_s"]
-        for a, b in r["gen_spans"]:
-            assert b <= train_start + 0.1 or a >= train_end - 0.1, (r["gen_spans"], train_start, train_end)
+    # the servers' measured activity: every step generated (a server reports going idle before the results
+    # that complete a batch), and in sync mode no generation overlaps training in the report's timeline
+    # (the tolerance only absorbs the ms rounding of the records)
+    assert all(r["gen_spans"] and r["gen_busy_s"] > 0 and 0 < r["rollout_slot_occupancy"] <= 1 for r in recs), recs
+    lanes = dict(timeline_lanes(recs))
+    gen = [(s.start, s.end) for s in lanes["generation"]]
+    train = [(s.start, s.end) for s in lanes["trainer"] if s.kind in ("proximal", "train")]
+    assert not [(g, t) for g in gen for t in train if min(g[1], t[1]) - max(g[0], t[0]) > 0.01], (gen, train)
+    # run.tensorboard=true: the event files hold the records' scalars
+    acc = EventAccumulator(str(tmp_path / "runs" / "t" / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, round(e.value, 4)) for e in acc.Scalars("rollout_slot_occupancy")] == \
+        [(r["step"], round(r["rollout_slot_occupancy"], 4)) for r in recs]
 
 
 def test_two_servers_and_stream_transfer(tmp_path, small_cfg):
@@ -106,7 +110,8 @@ def _wait_for(pred, timeout: float, what: str) -> None:
 
 
 def _child_pids(parent: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True,
+                         check=False).stdout
     return [int(x) for x in out.split()]
 
 
