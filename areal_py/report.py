@@ -226,7 +226,8 @@ def chart_sections(records: Sequence[Record]) -> list[Section]:
     occ = step_series(records, "rollout_slot_occupancy")
     if occ:
         secs.append(Section("slots", "Rollout slot occupancy", (
-            "Mean fraction of the servers' KV-cache slots holding a running request since the previous step."),
+            "Fraction of each live server's slots (rollout.max_running) holding a request since the previous "
+            "step, averaged over servers; a step with no server heartbeat since the previous one has no point."),
             line_chart([Series("occupancy", occ, PALETTE[2])], chart_id="slots", title="slot occupancy",
                        x_label="step", y_label="fraction", y_min=0.0, y_max=1.0)))
     hist = staleness_histogram(records)
