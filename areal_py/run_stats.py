@@ -15,6 +15,8 @@ from areal_py.metrics import read_jsonl
 
 @dataclass(frozen=True)
 class RunSummary:
+    """One run in numbers. Rewards are window means (window = max(5, steps // 10)): single steps are too noisy
+    to compare runs by, and a tenth of the run still tracks where it ended up."""
     steps: int
     wall_time_s: float            # RL wall time: the last record's wall_time_s (trainer start -> last step)
     trained_samples: int
@@ -30,6 +32,7 @@ class RunSummary:
     staleness_max: int
     dropped_stale: int            # groups dropped (or aborted) as too stale
     response_len_mean: float      # mean response length of trained samples
+    reward_final_sem: float = 0.0  # standard error of reward_final (stdev of the window / sqrt(window)): its noise
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,7 +44,8 @@ def window_for(steps: int) -> int:
 
 
 def time_to_threshold(records: list[dict], threshold: float, window: int) -> float | None:
-    """First wall time at which the mean reward of the trailing `window` steps is >= threshold."""
+    """First wall time at which the mean reward of the trailing `window` steps is >= threshold; None if it never
+    is (including runs shorter than `window`): one lucky step must not count as reaching it."""
     for i in range(window - 1, len(records)):
         tail = records[i - window + 1: i + 1]
         if statistics.fmean(r["reward_mean"] for r in tail) >= threshold:
@@ -63,6 +67,7 @@ def _occupancy(records: list[dict]) -> float | None:
 
 
 def summarize_records(records: list[dict], reward_threshold: float | None = None) -> RunSummary:
+    """Summary of per-step records in step order (the lines of a metrics.jsonl)."""
     if not records:
         raise ValueError("no training steps recorded: nothing to summarise")
     steps = len(records)
@@ -73,6 +78,7 @@ def summarize_records(records: list[dict], reward_threshold: float | None = None
     samples = sum(int(r.get("samples", 0)) for r in records)
     rewards = [float(r["reward_mean"]) for r in records]
     resp = [float(r["response_len_mean"]) for r in records if "response_len_mean" in r]
+    tail = rewards[-w:]
     return RunSummary(
         steps=steps,
         wall_time_s=wall,
@@ -89,6 +95,7 @@ def summarize_records(records: list[dict], reward_threshold: float | None = None
         staleness_max=max(int(r.get("staleness_max", 0)) for r in records),
         dropped_stale=int(records[-1].get("ctrl_dropped_stale", 0)),
         response_len_mean=statistics.fmean(resp) if resp else 0.0,
+        reward_final_sem=statistics.stdev(tail) / len(tail) ** 0.5 if len(tail) > 1 else 0.0,
     )
 
 
@@ -97,4 +104,7 @@ def summarize_run(run_dir: Path, reward_threshold: float | None = None) -> RunSu
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: did the run start?")
-    return summarize_records(read_jsonl(path), reward_threshold)
+    records = read_jsonl(path)
+    if not records:
+        raise ValueError(f"{path} holds no training steps: the run stopped before its first step finished")
+    return summarize_records(records, reward_threshold)

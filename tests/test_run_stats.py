@@ -3,7 +3,12 @@ import json
 
 import pytest
 
-from areal_py.run_stats import summarize_records, summarize_run, time_to_threshold, window_for
+from areal_py.run_stats import (
+    summarize_records,
+    summarize_run,
+    time_to_threshold,
+    window_for,
+)
 
 
 def rec(step: int, t: float, reward: float, **kw) -> dict:
@@ -47,3 +52,19 @@ def test_window_and_errors(tmp_path):
         summarize_run(tmp_path)
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(rec(i, i + 1.0, 0.5)) + "\n" for i in range(3)))
     assert summarize_run(tmp_path).steps == 3
+
+
+def test_empty_metrics_file_is_a_clear_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="metrics.jsonl holds no training steps"):
+        summarize_run(tmp_path)
+
+
+def test_a_run_that_never_reaches_the_threshold_and_the_final_reward_noise():
+    recs = [rec(i + 1, float(i + 1), r) for i, r in enumerate([0.2, 0.4, 0.6, 0.2, 0.4, 0.6, 0.2, 0.4])]
+    s = summarize_records(recs, reward_threshold=0.5)  # window 5: trailing means 0.36, 0.44, 0.36, 0.36
+    assert s.time_to_threshold_s is None
+    assert s.reward_final == pytest.approx(0.36)  # (0.2 + 0.4 + 0.6 + 0.2 + 0.4) / 5
+    # sample stdev of the last five: deviations -.16 .04 .24 -.16 .04 -> sum sq .112 / 4 = .028; se = sqrt(.028 / 5)
+    assert s.reward_final_sem == pytest.approx((0.028 / 5) ** 0.5)
+    assert summarize_records(recs[:3], reward_threshold=0.0).time_to_threshold_s is None  # shorter than the window
