@@ -2,30 +2,38 @@
 
 Made for the staleness bound (`areal-py sweep max_staleness=0,1,2,4,8`), usable for any config key.
 Every run gets the same config and overrides except the swept key; each is summarised by
-`areal_py.run_stats`, then a table, `sweep.json` and `sweep.html` (throughput and final reward per
-value) are written next to the runs, and a value is recommended:
+`areal_py.run_stats`, then a table, `sweep.json` and `sweep.html` (+ `sweep.png` if matplotlib is
+installed) are written next to the runs, and a value is recommended:
 
     the largest value whose final reward is within `tolerance` of the baseline run's,
 
-where the baseline is the value 0 for `controller.max_staleness` (on-policy) and otherwise the
-first value listed. For staleness that is the loosest bound that does not cost reward.
+where the baseline is the value 0 for `controller.max_staleness` (on-policy) and otherwise the first
+value listed. For staleness that is the loosest bound that does not cost reward. Non-numeric values
+have no "largest", so there the fastest value within tolerance is recommended.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
-from dataclasses import dataclass
-from html import escape
+import re
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from areal_py.charts import Series, line_chart
 from areal_py.config import Config, ConfigError, load_config
 from areal_py.run_stats import RunSummary, summarize_run
+from areal_py.sweep_report import (
+    number,
+    render_html,
+    render_table,
+    table_rows,
+    write_png,
+)
 
 QUICK = ["trainer.total_steps=30", "controller.batch_size=16", "trainer.checkpoint_every=0"]
+RESERVED = ("run.name", "run.output_dir")  # the sweep sets these per run
 
 
 def leaf_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
@@ -53,142 +61,197 @@ def resolve_key(key: str) -> str:
     raise ConfigError(f"unknown sweep key '{key}'; valid keys: {', '.join(keys)}")
 
 
+def split_values(text: str) -> list[str]:
+    """Comma-separated values; commas inside [...] or {...} belong to a YAML list/mapping value."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [v.strip() for v in [*out, cur] if v.strip()]
+
+
 def parse_grid(spec: str) -> tuple[str, list[str]]:
     """'max_staleness=0,1,2' -> ('controller.max_staleness', ['0', '1', '2'])."""
     if "=" not in spec:
         raise ConfigError(f"sweep grid '{spec}' is not of the form key=v1,v2,...")
     key, values = spec.split("=", 1)
-    vals = [v.strip() for v in values.split(",") if v.strip()]
+    vals = split_values(values)
     if len(vals) < 2:
         raise ConfigError(f"sweep grid '{spec}' needs at least two values")
     if len(set(vals)) != len(vals):
         raise ConfigError(f"sweep grid '{spec}' repeats a value")
-    return resolve_key(key.strip()), vals
+    key = resolve_key(key.strip())
+    if key in RESERVED:
+        raise ConfigError(f"cannot sweep {key}: the sweep sets it for each run (use --name for the sweep directory)")
+    return key, vals
+
+
+def sweep_overrides(key: str, overrides: list[str], quick: bool) -> list[str]:
+    """Overrides every run shares: --quick's first (the user's win), never the swept key (it would be ambiguous)."""
+    def k(o: str) -> str:
+        return o.split("=", 1)[0].strip()
+    clash = [o for o in overrides if k(o) == key]
+    if clash:
+        raise ConfigError(f"{key} is swept and also set by the override '{clash[0]}'; drop one")
+    return [*(o for o in (QUICK if quick else []) if k(o) != key), *overrides]
 
 
 def validate_grid(config: str | None, overrides: list[str], key: str, values: list[str]) -> list[Config]:
     """Every run's config, checked before the first run starts (a typo must not cost a whole sweep)."""
-    return [load_config(config, [*overrides, f"{key}={v}"]) for v in values]
+    cfgs = []
+    for v in values:
+        try:
+            cfgs.append(load_config(config, [*overrides, f"{key}={v}"]))
+        except ConfigError as e:
+            raise ConfigError(f"sweep value {key}={v} is invalid, nothing was run: {e}") from None
+    return cfgs
 
 
-def _number(v: str) -> float | None:
-    try:
-        return float(v)
-    except ValueError:
-        return None
+def run_dir_names(key: str, values: list[str]) -> dict[str, str]:
+    """One directory name per value, e.g. max_staleness-2; characters a path or override would trip on become _."""
+    leaf, names = key.rsplit(".", 1)[-1], {}
+    for i, v in enumerate(values):
+        name = f"{leaf}-{re.sub(r'[^A-Za-z0-9._+-]', '_', v)}"
+        names[v] = name if name not in names.values() else f"{name}-{i}"
+    return names
 
 
 @dataclass(frozen=True)
 class Recommendation:
+    key: str
     value: str
+    rule: str  # "largest" (numeric values) or "fastest" (others)
     baseline: str
     baseline_reward: float
     tolerance: float
-    within: list[str]
+    within: list[str]   # in value order (numeric if the values are numbers)
+    outside: list[str]
     fastest_within: str
 
-    def text(self, key: str, summaries: dict[str, RunSummary]) -> str:
-        r, f = summaries[self.value], summaries[self.fastest_within]
-        return (f"recommended {key}={self.value}: final reward {r.reward_final:.3f} is within {self.tolerance} of "
-                f"the baseline {key}={self.baseline} ({self.baseline_reward:.3f}); {r.samples_per_s:.1f} samples/s. "
-                f"Values within tolerance: {', '.join(self.within)}; the fastest of them is "
-                f"{key}={self.fastest_within} ({f.samples_per_s:.1f} samples/s).")
+    def text(self, summaries: dict[str, RunSummary]) -> str:
+        """The recommendation and every number it rests on."""
+        k, s, b = self.key, summaries, summaries[self.baseline]
+        r, f = s[self.value], s[self.fastest_within]
+
+        def lst(vs: list[str]) -> str:
+            return ", ".join(f"{v} ({s[v].reward_final:.3f})" for v in vs) or "none"
+        why = "the largest value" if self.rule == "largest" else "the fastest value"
+        noise = max(x.reward_final_sem for x in s.values())
+        lines = [
+            (f"baseline {k}={self.baseline}: final reward {self.baseline_reward:.3f} (mean of its last {b.window} "
+            f"steps), {b.samples_per_s:.1f} samples/s"),
+            (f"final reward within {self.tolerance:g} of it (>= {self.baseline_reward - self.tolerance:.3f}): "
+            f"{lst(self.within)}; outside: {lst(self.outside)}"),
+            (f"recommended: {k}={self.value}, {why} within tolerance: final reward {r.reward_final:.3f} "
+            f"({r.reward_final - self.baseline_reward:+.3f} vs baseline), {r.samples_per_s:.1f} samples/s "
+            f"({r.samples_per_s / b.samples_per_s:.2f}x the baseline)"),
+            (f"highest throughput within tolerance: {k}={self.fastest_within} ({f.samples_per_s:.1f} samples/s, "
+            f"{f.trained_tokens_per_s:.0f} trained tokens/s)"),
+        ]
+        if noise > 0 and self.tolerance < 2 * noise:
+            lines.append(f"caution: a final reward's standard error is up to {noise:.3f}, so differences under "
+                         f"{2 * noise:.3f} are noise; run more steps (no --quick) before trusting the choice")
+        return "\n".join(lines)
 
 
-def recommend(key: str, summaries: dict[str, RunSummary], tolerance: float) -> Recommendation | None:
-    """The largest value (numeric order if all values are numbers, else as listed) whose final reward is
-    at least the baseline's minus `tolerance`. None if the baseline run failed."""
-    values = list(summaries)
+def baseline_of(key: str, values: list[str]) -> str:
+    """On-policy (0) for the staleness bound, else the first value listed."""
+    if key == "controller.max_staleness":
+        zero = [v for v in values if number(v) == 0]
+        if zero:
+            return zero[0]
+    return values[0]
+
+
+def recommend(key: str, summaries: dict[str, RunSummary], tolerance: float,
+              values: list[str] | None = None) -> Recommendation | None:
+    """The largest value (numeric order; the fastest if values are not all numbers) whose final reward is at least
+    the baseline's minus `tolerance`. `values` is the grid as listed (default: the summaries' order); None if the
+    baseline run has no summary (it failed)."""
+    values = values or list(summaries)
     if not values:
         return None
-    baseline = "0" if key == "controller.max_staleness" and "0" in summaries else values[0]
+    baseline = baseline_of(key, values)
     if baseline not in summaries:
         return None
     base = summaries[baseline].reward_final
-    within = [v for v in values if summaries[v].reward_final >= base - tolerance]
-    nums = [_number(v) for v in within]
-    if all(n is not None for n in nums):
-        within = [v for _, v in sorted(zip(nums, within))]
+    done = [v for v in values if v in summaries]
+    nums = [number(v) for v in done]
+    numeric = all(n is not None for n in nums)
+    if numeric:
+        done = [v for _, v in sorted(zip(nums, done))]
+    within = [v for v in done if summaries[v].reward_final >= base - tolerance - 1e-12]
+    outside = [v for v in done if v not in within]
     fastest = max(within, key=lambda v: summaries[v].samples_per_s)
-    return Recommendation(within[-1], baseline, base, tolerance, within, fastest)
-
-
-COLUMNS = ("value", "samples/s", "busy", "slots", "final reward", "to threshold", "max stale", "dropped")
-
-
-def table_rows(key: str, values: list[str], summaries: dict[str, RunSummary], failed: dict[str, str]) -> list[list[str]]:
-    rows = []
-    for v in values:
-        s = summaries.get(v)
-        if s is None:
-            rows.append([f"{key}={v}", "failed", "", "", "", "", "", failed.get(v, "")[:40]])
-            continue
-        rows.append([f"{key}={v}", f"{s.samples_per_s:.1f}", f"{s.trainer_busy:.2f}",
-                     "-" if s.slot_occupancy is None else f"{s.slot_occupancy:.2f}", f"{s.reward_final:.3f}",
-                     "-" if s.time_to_threshold_s is None else f"{s.time_to_threshold_s:.0f} s",
-                     str(s.staleness_max), str(s.dropped_stale)])
-    return rows
-
-
-def render_table(rows: list[list[str]]) -> str:
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
-    line = "  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths))
-    return "\n".join([line, *("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)])
-
-
-def render_html(key: str, values: list[str], summaries: dict[str, RunSummary], table: str, advice: str) -> str:
-    """Self-contained page: throughput and final reward against the swept value (x = position if not numeric)."""
-    xs = {v: (_number(v) if all(_number(u) is not None for u in values) else float(i)) for i, v in enumerate(values)}
-    ok = [v for v in values if v in summaries]
-    tput = line_chart([Series("samples/s", [(xs[v], summaries[v].samples_per_s) for v in ok])],
-                      chart_id="throughput", title="Trained samples per second", x_label=key, y_label="samples/s",
-                      y_min=0.0)
-    reward = line_chart([Series("final reward", [(xs[v], summaries[v].reward_final) for v in ok])],
-                        chart_id="reward", title="Final reward", x_label=key, y_label="reward")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>sweep {escape(key)}</title>"
-            f"<style>body{{font-family:sans-serif;margin:2em}} pre{{background:#f6f6f6;padding:1em}}</style>"
-            f"</head><body><h1>Sweep over {escape(key)}</h1>{tput}{reward}<pre>{escape(table)}</pre>"
-            f"<p>{escape(advice)}</p></body></html>")
+    return Recommendation(key, within[-1] if numeric else fastest, "largest" if numeric else "fastest", baseline,
+                          base, tolerance, within, outside, fastest)
 
 
 def run_sweep(grid: str, config: str | None, overrides: list[str], *, quick: bool = False, tolerance: float = 0.05,
               threshold: float | None = None, name: str = "", quiet: bool = True) -> int:
-    from areal_py.launcher import run  # heavy imports only once the grid is known good
-
+    """Run every value of `grid` in turn; 0 if all finished, 1 if some failed, 130 if interrupted."""
+    if tolerance < 0:
+        raise ConfigError(f"--tolerance must be >= 0 (got {tolerance})")
     key, values = parse_grid(grid)
-    overrides = [*(QUICK if quick else []), *overrides]
+    overrides = sweep_overrides(key, overrides, quick)
     cfgs = validate_grid(config, overrides, key, values)
     name = name or _dt.datetime.now().strftime("sweep-%Y%m%d-%H%M%S")
     out = Path(cfgs[0].run.output_dir).expanduser() / name
-    leaf = key.rsplit(".", 1)[-1]
-    print(f"areal-py sweep: {key} over {values} -> {out}")
+    dirs = run_dir_names(key, values)
+    if (out / "sweep.json").exists() or any((out / d / "metrics.jsonl").exists() for d in dirs.values()):
+        raise FileExistsError(f"{out} already holds a sweep; pass another --name")
+    from areal_py.launcher import run  # heavy imports only once the grid is known good
+
+    print(f"areal-py sweep: {key} over {', '.join(values)}, one run after another -> {out}")
     summaries: dict[str, RunSummary] = {}
     failed: dict[str, str] = {}
-    for v in values:
-        code = run(config, [*overrides, f"{key}={v}", f"run.output_dir={out}", f"run.name={leaf}-{v}"],
-                   quiet=quiet)
+    interrupted = False
+    for i, v in enumerate(values):
+        print(f"areal-py sweep: [{i + 1}/{len(values)}] {key}={v}")
+        try:
+            code = run(config, [*overrides, f"{key}={v}", f"run.output_dir={out}", f"run.name={dirs[v]}"],
+                       quiet=quiet)
+        except KeyboardInterrupt:
+            code = 130
+        except Exception as e:  # noqa: BLE001 - one broken run must not end the sweep
+            code, failed[v] = 1, f"{type(e).__name__}: {e}"
         if code == 130:
-            print("areal-py sweep: interrupted; later values not run")
-            failed[v] = "interrupted"
+            interrupted, failed[v] = True, "interrupted"
+            print("areal-py sweep: interrupted; the remaining values are not run")
             break
         try:
             if code != 0:
-                raise RuntimeError(f"exit code {code}")
-            summaries[v] = summarize_run(out / f"{leaf}-{v}", threshold)
-        except (RuntimeError, FileNotFoundError, ValueError) as e:
+                raise RuntimeError(failed.get(v, f"exit code {code}"))
+            summaries[v] = summarize_run(out / dirs[v], threshold)
+        except (RuntimeError, OSError, ValueError, KeyError) as e:
             failed[v] = str(e)
             print(f"areal-py sweep: {key}={v} failed ({e}); going on with the next value")
-    rows = table_rows(key, values, summaries, failed)
-    table = render_table(rows)
-    rec = recommend(key, summaries, tolerance)
-    advice = rec.text(key, summaries) if rec else "no recommendation: the baseline run did not finish"
-    print("\n" + table + "\n\n" + advice)
+    rec = recommend(key, summaries, tolerance, values)
+    threshold_note = "given"
+    if threshold is None and rec is not None:  # default bar: the reward the recommendation accepts
+        threshold, threshold_note = rec.baseline_reward - tolerance, "baseline final reward - tolerance"
+        summaries = {v: replace(s, time_to_threshold_s=summarize_run(out / dirs[v], threshold).time_to_threshold_s)
+                     for v, s in summaries.items()}
+    table = render_table(key, table_rows(values, summaries, failed, rec))
+    advice = rec.text(summaries) if rec else f"no recommendation: the baseline run {key}={baseline_of(key, values)} " \
+                                             f"did not finish"
+    thr = "-" if threshold is None else f"{threshold:.3f} ({threshold_note})"
+    print(f"\n{table}\n(time to threshold: first time the mean reward of the trailing window reaches {thr})\n\n"
+          f"{advice}")
     out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"key": key, "values": values, "overrides": overrides, "tolerance": tolerance,
-                              "threshold": threshold, "runs": {v: s.to_dict() for v, s in summaries.items()},
-                              "failed": failed, "recommendation": None if rec is None else rec.__dict__,
-                              "advice": advice}
+    report: dict[str, Any] = {
+        "key": key, "values": values, "config": config, "overrides": overrides, "quick": quick,
+        "tolerance": tolerance, "threshold": threshold, "threshold_source": threshold_note,
+        "run_dirs": {v: str(out / d) for v, d in dirs.items()}, "runs": {v: s.to_dict() for v, s in summaries.items()},
+        "failed": failed, "interrupted": interrupted, "recommendation": None if rec is None else asdict(rec),
+        "advice": advice, "table": table}
     (out / "sweep.json").write_text(json.dumps(report, indent=1))
-    (out / "sweep.html").write_text(render_html(key, values, summaries, table, advice))
-    print(f"areal-py sweep: wrote {out / 'sweep.json'} and {out / 'sweep.html'}")
-    return 0 if summaries and not failed else 1
+    html = out / "sweep.html"
+    html.write_text(render_html(key, values, summaries, table, advice, rec))
+    png = write_png(out / "sweep.png", key, values, summaries, rec)
+    print(f"areal-py sweep: wrote {out / 'sweep.json'}, {html}" + (f", {png}" if png else ""))
+    return 130 if interrupted else (0 if summaries and not failed else 1)

@@ -1,74 +1,171 @@
-"""`areal-py sweep`: grid parsing and validation, the recommendation rule by hand, one real sweep."""
+"""`areal-py sweep`: key resolution, grid parsing and validation, the recommendation rule by hand, rendering,
+and one real two-value sweep."""
 import json
+import re
+import time
 
 import pytest
+from conftest import run_cli
 
 from areal_py.config import ConfigError
 from areal_py.run_stats import RunSummary
-from areal_py.sweep import parse_grid, recommend, render_table, resolve_key, table_rows, validate_grid
-from conftest import run_cli
+from areal_py.sweep import (
+    parse_grid,
+    recommend,
+    resolve_key,
+    run_dir_names,
+    run_sweep,
+    split_values,
+    sweep_overrides,
+    validate_grid,
+)
+from areal_py.sweep_report import render_html, render_table, table_rows
 
 
-def summary(reward: float, sps: float) -> RunSummary:
+def summary(reward: float, sps: float, sem: float = 0.0) -> RunSummary:
     return RunSummary(steps=10, wall_time_s=10.0, trained_samples=int(sps * 10), samples_per_s=sps,
-                      trained_tokens_per_s=0.0, trainer_busy=0.5, slot_occupancy=None, reward_first=0.1,
+                      trained_tokens_per_s=sps * 4, trainer_busy=0.5, slot_occupancy=None, reward_first=0.1,
                       reward_final=reward, window=5, time_to_threshold_s=None, staleness_mean=0.0,
-                      staleness_max=0, dropped_stale=0, response_len_mean=3.0)
+                      staleness_max=0, dropped_stale=0, response_len_mean=3.0, reward_final_sem=sem)
+
+
+GRID = {"0": summary(0.80, 10), "1": summary(0.78, 15), "2": summary(0.76, 14), "4": summary(0.70, 20),
+        "8": summary(0.60, 21)}
 
 
 def test_short_keys_resolve_when_unique():
     assert resolve_key("max_staleness") == "controller.max_staleness"
+    assert resolve_key("hidden_size") == "model.embedded.hidden_size"  # two levels deep
     assert resolve_key("trainer.lr") == "trainer.lr"
     with pytest.raises(ConfigError, match="ambiguous: cold_start.lr, trainer.lr"):
         resolve_key("lr")
-    with pytest.raises(ConfigError, match="unknown sweep key 'nope'; valid keys: run.name"):
+    with pytest.raises(ConfigError, match="unknown sweep key 'nope'; valid keys: run.name, .*controller.max_staleness"):
         resolve_key("nope")
+    with pytest.raises(ConfigError, match="unknown sweep key 'controller.nope'"):
+        resolve_key("controller.nope")
 
 
-def test_grid_parsing_and_up_front_validation():
+def test_grid_parsing():
     assert parse_grid("max_staleness=0, 2,8") == ("controller.max_staleness", ["0", "2", "8"])
+    assert parse_grid("run.mode=sync,async") == ("run.mode", ["sync", "async"])
+    assert split_values("[1, 2],[3],{a: 1, b: 2}") == ["[1, 2]", "[3]", "{a: 1, b: 2}"]  # YAML values keep commas
     for bad, msg in [("max_staleness", "not of the form"), ("max_staleness=1", "at least two"),
-                     ("max_staleness=1,1", "repeats")]:
+                     ("max_staleness=1,1", "repeats"), ("lr=1,2", "ambiguous"),
+                     ("run.name=a,b", "cannot sweep run.name"), ("output_dir=a,b", "cannot sweep run.output_dir")]:
         with pytest.raises(ConfigError, match=msg):
             parse_grid(bad)
-    with pytest.raises(ConfigError, match="controller.max_staleness"):  # -1 fails validation before any run
+
+
+def test_values_are_validated_before_any_run(tmp_path):
+    with pytest.raises(ConfigError, match=r"(?s)controller.max_staleness=-1 is invalid, nothing was run.*greater than"):
         validate_grid(None, [], "controller.max_staleness", ["0", "-1"])
+    with pytest.raises(ConfigError, match=r"(?s)run.mode=fast is invalid.*'sync'"):
+        validate_grid(None, [], "run.mode", ["sync", "fast"])
+    assert [c.controller.max_staleness for c in validate_grid(None, [], "controller.max_staleness", ["0", "4"])] \
+        == [0, 4]
+    # the same through run_sweep: nothing is started and no directory is written
+    with pytest.raises(ConfigError, match="max_staleness=x is invalid"):
+        run_sweep("max_staleness=0,x", None, [f"run.output_dir={tmp_path}"], name="s")
+    with pytest.raises(ConfigError, match="tolerance"):
+        run_sweep("max_staleness=0,1", None, [], tolerance=-0.1)
+    assert not (tmp_path / "s").exists()
+
+
+def test_overrides_shared_by_every_run():
+    assert sweep_overrides("trainer.lr", ["trainer.lr_x=1"], quick=False) == ["trainer.lr_x=1"]
+    q = sweep_overrides("controller.batch_size", ["controller.group_size=4"], quick=True)
+    assert "controller.batch_size=16" not in q and "trainer.total_steps=30" in q and q[-1] == "controller.group_size=4"
+    with pytest.raises(ConfigError, match="swept and also set by the override 'controller.max_staleness=3'"):
+        sweep_overrides("controller.max_staleness", ["controller.max_staleness=3"], quick=False)
+    assert run_dir_names("model.path", ["/a/b", "x", "/a_b"]) == {"/a/b": "path-_a_b", "x": "path-x", "/a_b": "path-_a_b-2"}
 
 
 def test_recommendation_by_hand():
-    s = {"0": summary(0.80, 10), "1": summary(0.78, 15), "2": summary(0.76, 18), "4": summary(0.70, 20),
-         "8": summary(0.60, 21)}
-    rec = recommend("controller.max_staleness", s, tolerance=0.05)
-    # within 0.05 of 0.80: 0 (0.80), 1 (0.78), 2 (0.76); 4 (0.70) and 8 (0.60) are not
-    assert rec.baseline == "0" and rec.within == ["0", "1", "2"] and rec.value == "2" and rec.fastest_within == "2"
-    assert "recommended controller.max_staleness=2" in rec.text("controller.max_staleness", s)
-    loose = recommend("controller.max_staleness", s, tolerance=0.25)
+    rec = recommend("controller.max_staleness", GRID, tolerance=0.05)
+    # within 0.05 of 0.80 (>= 0.75): 0 (0.80), 1 (0.78), 2 (0.76); 4 (0.70) and 8 (0.60) are not
+    assert rec.baseline == "0" and rec.within == ["0", "1", "2"] and rec.outside == ["4", "8"]
+    assert rec.value == "2" and rec.rule == "largest"
+    assert rec.fastest_within == "1"  # 15 samples/s beats 14 and 10
+    text = rec.text(GRID)
+    assert "recommended: controller.max_staleness=2" in text and "(-0.040 vs baseline)" in text
+    assert "1.40x the baseline" in text  # 14 / 10
+    assert "highest throughput within tolerance: controller.max_staleness=1 (15.0 samples/s" in text
+    assert "outside: 4 (0.700), 8 (0.600)" in text and "caution" not in text
+    loose = recommend("controller.max_staleness", GRID, tolerance=0.25)
     assert loose.value == "8" and loose.fastest_within == "8"
+    assert recommend("controller.max_staleness", GRID, tolerance=0.0).value == "0"  # only the baseline itself
+
+
+def test_recommendation_baselines_and_orders():
+    # staleness listed out of order: the baseline is still 0, "largest" is numeric
+    s = {"4": summary(0.79, 20), "0": summary(0.80, 10), "2": summary(0.70, 18)}
+    rec = recommend("controller.max_staleness", s, 0.05, ["4", "0", "2"])
+    assert rec.baseline == "0" and rec.within == ["0", "4"] and rec.value == "4"
     # another key: the first listed value is the baseline, numeric order decides "largest"
     other = recommend("trainer.lr", {"1e-3": summary(0.5, 5), "1e-4": summary(0.6, 5), "3e-4": summary(0.58, 6)},
                       tolerance=0.05)
     assert other.baseline == "1e-3" and other.within == ["1e-4", "3e-4", "1e-3"] and other.value == "1e-3"
+    # non-numeric: no "largest", so the fastest within tolerance
+    modes = recommend("run.mode", {"sync": summary(0.8, 10), "async": summary(0.78, 16)}, 0.05)
+    assert modes.rule == "fastest" and modes.value == "async" and "the fastest value" in modes.text(
+        {"sync": summary(0.8, 10), "async": summary(0.78, 16)})
+    # a failed baseline (no summary) or nothing at all: no recommendation
+    assert recommend("controller.max_staleness", {"2": summary(0.5, 5)}, 0.05, ["0", "2"]) is None
     assert recommend("controller.max_staleness", {}, 0.05) is None
+    noisy = {"0": summary(0.8, 10, sem=0.04), "1": summary(0.8, 12, sem=0.01)}
+    assert "caution: a final reward's standard error is up to 0.040" in recommend(
+        "controller.max_staleness", noisy, 0.05).text(noisy)
 
 
-def test_table_marks_failed_runs():
-    rows = table_rows("k", ["0", "1"], {"0": summary(0.5, 12.345)}, {"1": "exit code 1"})
-    text = render_table(rows)
-    assert "k=0" in text and "12.3" in text and "0.500" in text
-    assert rows[1][:2] == ["k=1", "failed"] and "exit code 1" in rows[1][-1]
+def test_table_and_page_rendering():
+    values = ["0", "1", "2", "4", "8", "16"]
+    sums = {v: s for v, s in GRID.items() if v != "4"}
+    rec = recommend("controller.max_staleness", sums, 0.05, values)
+    rows = table_rows(values, sums, {"4": "exit code 1\nmore", "16": "interrupted"}, rec)
+    text = render_table("k", rows)
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["k", "samples/s", "tokens/s"] and len(lines) == 7
+    assert rows[0][:6] == ["0", "10.0", "40", "0.50", "-", "0.800 ±0.000"] and rows[0][-1] == "baseline"
+    assert rows[1][-1] == "fastest within tolerance" and rows[2][-1] == "recommended"
+    assert rows[3][:2] == ["4", "failed"] and rows[3][-1] == "exit code 1"
+    assert rows[4][-1] == "outside tolerance" and rows[5][1] == "interrupted"
+    assert [line[:4] for line in lines] == ["k   ", "0   ", "1   ", "2   ", "4   ", "8   ", "16  "]  # left-aligned
+    html = render_html("controller.max_staleness", values, sums, text, rec.text(sums), rec)
+    pts = re.findall(r'data-series="([^"]+)" data-x="([^"]+)" data-y="([^"]+)"', html)
+    assert ("samples/s", "2", "14") in pts and ("final reward", "8", "0.6") in pts
+    assert ("baseline - tolerance", "0", "0.75") in pts and len(pts) == 4 + 4 + 2
+    assert "x axis:" not in html
+    modes = render_html("run.mode", ["sync", "async"], {"sync": summary(0.8, 10)}, "", "")
+    assert "x axis: 0 = sync, 1 = async" in modes
 
 
 def test_sweep_end_to_end(small_cfg, tmp_path):
+    t0 = time.monotonic()
+    # cold_start.steps=0: the sweep's mechanics need no trained model, and a cold start costs minutes on a busy box
     res = run_cli(["sweep", "max_staleness=0,2", "--name", "sw", "--tolerance", "1.0", *small_cfg,
-                   "trainer.total_steps=6"], timeout=400)
+                   "trainer.total_steps=6", "cold_start.steps=0"], timeout=400)
+    took = time.monotonic() - t0
     assert res.returncode == 0, res.stdout + res.stderr
     out = tmp_path / "runs" / "sw"
     rep = json.loads((out / "sweep.json").read_text())
     assert rep["key"] == "controller.max_staleness" and set(rep["runs"]) == {"0", "2"} and not rep["failed"]
     assert rep["runs"]["0"]["staleness_max"] == 0 and rep["runs"]["2"]["staleness_max"] <= 2
     assert all(r["steps"] == 6 and r["samples_per_s"] > 0 for r in rep["runs"].values())
-    # tolerance 1.0 admits every value, so the largest bound is recommended
-    assert rep["recommendation"]["value"] == "2"
-    assert "recommended controller.max_staleness=2" in res.stdout
+    assert (out / "max_staleness-0" / "metrics.jsonl").is_file() and (out / "max_staleness-2" / "report.html").is_file()
+    # tolerance 1.0 admits every value, so the largest bound is recommended, and the printout says so
+    rec = rep["recommendation"]
+    assert rec["value"] == "2" and rec["baseline"] == "0" and rec["within"] == ["0", "2"]
+    assert f"recommended: controller.max_staleness={rec['value']}" in res.stdout
+    assert rep["advice"] in res.stdout and rep["table"] in res.stdout
+    fastest = max(rep["runs"], key=lambda v: rep["runs"][v]["samples_per_s"])
+    assert rec["fastest_within"] == fastest
+    # default threshold = baseline final reward - tolerance: every run within tolerance reaches it
+    assert rep["threshold"] == pytest.approx(rep["runs"]["0"]["reward_final"] - 1.0)
+    assert all(r["time_to_threshold_s"] is not None for r in rep["runs"].values())
     html = (out / "sweep.html").read_text()
-    assert html.count('class="pt"') == 4  # two values on each of the two charts
+    assert html.count('class="pt"') == 2 + 2 + 2  # throughput and reward per value, and the tolerance line
+    for v in ("0", "2"):
+        assert f'data-series="samples/s" data-x="{v}" data-y="{rep["runs"][v]["samples_per_s"]:.8g}"' in html
+    pytest.importorskip("matplotlib")
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    print(f"e2e sweep took {took:.1f} s")
