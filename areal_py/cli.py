@@ -91,9 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("grid", help="KEY=v1,v2,... e.g. max_staleness=0,1,2,4,8 (a unique leaf name is enough)")
     p_sweep.add_argument("args", nargs="*", help="[config.yaml] [key.sub=value ...] for every run")
     p_sweep.add_argument("--quick", action="store_true", help="short runs (30 steps, 16 prompts per batch)")
-    p_sweep.add_argument("--tolerance", type=float, default=0.05, help="final-reward tolerance vs the baseline")
-    p_sweep.add_argument("--threshold", type=float, default=None, help="reward for the time-to-threshold column")
+    p_sweep.add_argument("--tolerance", type=float, default=0.05,
+                         help="largest final-reward drop vs the baseline run still accepted (absolute, default 0.05)")
+    p_sweep.add_argument("--threshold", type=float, default=None,
+                         help="reward for the time-to-threshold column (default: baseline final reward - tolerance)")
     p_sweep.add_argument("--name", default="", help="sweep directory under run.output_dir (default: timestamp)")
+    p_sweep.add_argument("--quiet", action="store_true", help="no progress bar per run")
     # Overrides may follow options (`sweep k=0,1 --quick trainer.lr=1e-4`): argparse leaves them over.
     ns, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if a.startswith("-")]
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             from areal_py.sweep import run_sweep
 
             return run_sweep(ns.grid, config, overrides, quick=ns.quick, tolerance=ns.tolerance,
-                             threshold=ns.threshold, name=ns.name)
+                             threshold=ns.threshold, name=ns.name, quiet=ns.quiet)
         if ns.command == "run":
             from areal_py.launcher import run
 

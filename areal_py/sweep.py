@@ -152,6 +152,10 @@ class Recommendation:
             (f"highest throughput within tolerance: {k}={self.fastest_within} ({f.samples_per_s:.1f} samples/s, "
             f"{f.trained_tokens_per_s:.0f} trained tokens/s)"),
         ]
+        skipped = [v for v in self.outside if self.rule == "largest" and (number(v) or 0.0) < (number(self.value) or 0.0)]
+        if skipped:
+            lines.append(f"note: {', '.join(skipped)} {'is' if len(skipped) == 1 else 'are'} smaller than "
+                         f"{self.value} yet outside tolerance: reward is not monotone in {k} here, likely noise")
         if noise > 0 and self.tolerance < 2 * noise:
             lines.append(f"caution: a final reward's standard error is up to {noise:.3f}, so differences under "
                          f"{2 * noise:.3f} are noise; run more steps (no --quick) before trusting the choice")
@@ -192,7 +196,7 @@ def recommend(key: str, summaries: dict[str, RunSummary], tolerance: float,
 
 
 def run_sweep(grid: str, config: str | None, overrides: list[str], *, quick: bool = False, tolerance: float = 0.05,
-              threshold: float | None = None, name: str = "", quiet: bool = True) -> int:
+              threshold: float | None = None, name: str = "", quiet: bool = False) -> int:
     """Run every value of `grid` in turn; 0 if all finished, 1 if some failed, 130 if interrupted."""
     if tolerance < 0:
         raise ConfigError(f"--tolerance must be >= 0 (got {tolerance})")

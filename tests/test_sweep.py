@@ -94,6 +94,11 @@ def test_recommendation_by_hand():
     loose = recommend("controller.max_staleness", GRID, tolerance=0.25)
     assert loose.value == "8" and loose.fastest_within == "8"
     assert recommend("controller.max_staleness", GRID, tolerance=0.0).value == "0"  # only the baseline itself
+    bumpy = {**GRID, "1": summary(0.70, 15)}  # 1 falls outside, 2 is back within: recommended, with a note
+    assert recommend("controller.max_staleness", bumpy, 0.05).value == "2"
+    assert "note: 1 is smaller than 2 yet outside tolerance" in recommend("controller.max_staleness", bumpy, 0.05).text(
+        bumpy)
+    assert "note:" not in text
 
 
 def test_recommendation_baselines_and_orders():
@@ -142,7 +147,7 @@ def test_table_and_page_rendering():
 def test_sweep_end_to_end(small_cfg, tmp_path):
     t0 = time.monotonic()
     # cold_start.steps=0: the sweep's mechanics need no trained model, and a cold start costs minutes on a busy box
-    res = run_cli(["sweep", "max_staleness=0,2", "--name", "sw", "--tolerance", "1.0", *small_cfg,
+    res = run_cli(["sweep", "max_staleness=0,2", "--name", "sw", "--tolerance", "1.0", "--quiet", *small_cfg,
                    "trainer.total_steps=6", "cold_start.steps=0"], timeout=400)
     took = time.monotonic() - t0
     assert res.returncode == 0, res.stdout + res.stderr
