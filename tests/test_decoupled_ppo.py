@@ -8,7 +8,14 @@ import math
 import pytest
 import torch
 
-from trainer.decoupled_ppo import aggregate, behaviour_weight, decoupled_ppo_loss, gspo_loss, policy_loss, ppo_clip_loss
+from trainer.decoupled_ppo import (
+    behaviour_weight,
+    decoupled_ppo_loss,
+    gspo_loss,
+    policy_loss,
+    ppo_clip_loss,
+)
+from trainer.loss_aggregation import aggregate
 
 F64 = torch.float64
 
@@ -81,7 +88,7 @@ def test_asymmetric_clip_high():
     mask = torch.ones(1, 3, dtype=torch.bool)
     lp_values = prox + torch.log(t([[1.25, 1.5, 0.75]]))
     for fn in ("ppo", "decoupled"):
-        def run(**kw):
+        def run(fn=fn, **kw):
             lp = leaf(lp_values)
             if fn == "ppo":
                 loss, stats = ppo_clip_loss(lp, prox, adv, mask, **kw)
@@ -223,7 +230,7 @@ def test_masked_tokens_affect_neither_value_nor_gradient(garbage):
         if fill is not None:
             for x in (lp_values, prox, beh, adv):
                 x[1, 2] = fill
-            prox[1, 2] = -fill if fill == fill else fill     # a different garbage value for prox
+            prox[1, 2] = fill if math.isnan(fill) else -fill  # a different garbage value for prox
         lp = leaf(lp_values)
         loss, stats = decoupled_ppo_loss(lp, prox, beh, adv, MASK, behav_mode="none")
         loss.backward()

@@ -12,7 +12,7 @@ the off-policy sampling with an importance weight that carries no gradient:
     loss = -(1/N) sum_t w_t * min(r_t A_t, clip(r_t, 1 - eps, 1 + eps_high) A_t)
 
 When ``pi_prox == pi_behav`` (on-policy, no interruption) every ``w_t = 1`` and this is standard
-PPO, which ``ppo_clip_loss`` implements separately so the two can be checked against each other.
+PPO (``ppo_clip_loss``).
 
 Token-mean reduction: the sum runs over all valid tokens of the batch and N is their count. A
 trainer that splits a batch into micro-batches passes the whole batch's token count as
@@ -24,10 +24,11 @@ afterwards (0 * inf is NaN, in the forward and in the backward pass).
 
 Functions:
 
+    clipped_surrogate   PPO's clipped surrogate per element: the one place the clipping is written
     policy_loss         the decoupled loss plus dual clip (Ye et al. 2020) and a choice of aggregation
-                        (trainer/loss_aggregation.py); the one implementation of the clipped surrogate
+                        (trainer/loss_aggregation.py)
     decoupled_ppo_loss  policy_loss with token-mean aggregation and no dual clip: the paper's formula
-    ppo_clip_loss       standard PPO, written out separately as the reference the others reduce to
+    ppo_clip_loss       policy_loss with no behaviour weight: standard PPO
     gspo_loss           GSPO (Zheng et al. 2025): one length-normalised importance ratio per sequence
 """
 from __future__ import annotations
@@ -37,10 +38,10 @@ from typing import Literal
 
 import torch
 
-from trainer.loss_aggregation import AGG_MODES, AggMode, aggregate, normalizer_or_count
+from trainer.loss_aggregation import AggMode, aggregate, normalizer_or_count
 
-__all__ = ["behaviour_weight", "decoupled_ppo_loss", "ppo_clip_loss", "policy_loss", "gspo_loss", "aggregate",
-           "BEHAV_MODES", "AGG_MODES"]
+__all__ = ["BEHAV_MODES", "behaviour_weight", "clipped_surrogate", "decoupled_ppo_loss", "gspo_loss", "policy_loss",
+           "ppo_clip_loss"]
 
 BehavMode = Literal["cap", "mask", "none"]
 BEHAV_MODES: tuple[str, ...] = ("cap", "mask", "none")
@@ -50,11 +51,10 @@ BEHAV_MODES: tuple[str, ...] = ("cap", "mask", "none")
 
 def _valid_mask(mask: torch.Tensor, shape: torch.Size, **tensors: torch.Tensor) -> torch.Tensor:
     """The mask as bool after checking every tensor has the mask's shape."""
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     for name, t in {"mask": mask, **tensors}.items():
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise ValueError(  # noqa: TRY004 - ValueError throughout
+                f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.shape != shape:
             raise ValueError(f"{name} must have shape {tuple(shape)} (same as logprobs), got {tuple(t.shape)}")
     return mask.bool()
@@ -120,6 +120,22 @@ def behaviour_weight(proximal_logprobs: torch.Tensor, behaviour_logprobs: torch.
     return _behaviour_weight(proximal_logprobs, behaviour_logprobs, valid, cap, mode)[0]
 
 
+# ----------------------------------------------------------------------------- clipped surrogate
+
+def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float,
+                      eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate as a loss, elementwise, and where the clipped branch is taken.
+
+        l_t       = max(-r_t A_t, -clip(r_t, 1 - eps_low, 1 + eps_high) A_t)   = -min(r A, clip(r) A)
+        clipped_t = -clip(r_t) A_t > -r_t A_t        (l_t then does not depend on r_t: no gradient)
+
+    ``ratio`` and ``advantages`` have the same shape: per token, or per sequence (GSPO).
+    """
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    return torch.max(unclipped, clipped), clipped > unclipped
+
+
 # ----------------------------------------------------------------------------- losses
 
 def decoupled_ppo_loss(
@@ -174,31 +190,15 @@ def ppo_clip_loss(
         r_t  = exp(logprobs_t - old_t)
         loss = -(1/N) sum_t mask_t * min(r_t A_t, clip(r_t, 1 - eps_clip, 1 + eps_high) A_t)
 
-    Naive PPO for asynchronous data, and the reference the decoupled loss must reduce to when
-    proximal == behaviour. Stats: ``clip_fraction``, ``approx_kl`` (mean old - logprobs),
-    ``ratio_mean``.
+    Naive PPO for asynchronous data, and what the decoupled loss reduces to when proximal ==
+    behaviour: ``policy_loss`` with ``old_logprobs`` as the proximal policy and no behaviour
+    weight. Stats: ``clip_fraction``, ``approx_kl`` (mean old - logprobs), ``ratio_mean``.
     """
-    valid = _valid_mask(mask, logprobs.shape, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
-    lo, hi = _clip_range(eps_clip, eps_clip_high)
-    n = normalizer_or_count(normalizer, valid)
-
-    dtype = _compute_dtype(logprobs)
-    logprobs = torch.where(valid, logprobs.to(dtype), 0.0)
-    old = torch.where(valid, old_logprobs.detach().to(dtype), 0.0)
-    adv = torch.where(valid, advantages.detach().to(dtype), 0.0)
-
-    ratio = torch.exp(logprobs - old)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - lo, 1.0 + hi) * adv
-    per_token = -torch.min(unclipped, clipped)
-    loss = torch.where(valid, per_token, 0.0).sum() / n
-
-    stats = {
-        "clip_fraction": _masked_mean(clipped < unclipped, valid),
-        "approx_kl": _masked_mean(old - logprobs, valid),
-        "ratio_mean": _masked_mean(ratio, valid),
-    }
-    return loss, stats
+    # checked here too so that a wrong shape is reported as old_logprobs, the name the caller used
+    _valid_mask(mask, logprobs.shape, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
+    loss, stats = policy_loss(logprobs, old_logprobs, None, advantages, mask, eps_clip=eps_clip,
+                              eps_clip_high=eps_clip_high, normalizer=normalizer)
+    return loss, {k: stats[k] for k in ("clip_fraction", "approx_kl", "ratio_mean")}
 
 
 # ----------------------------------------------------------------------------- policy loss with options
@@ -255,9 +255,7 @@ def policy_loss(
     adv = torch.where(valid, advantages.detach().to(dtype), 0.0)
 
     ratio = torch.exp(logprobs - prox)                           # r_t = pi_theta / pi_prox
-    pg_loss1 = -adv * ratio
-    pg_loss2 = -adv * torch.clamp(ratio, 1.0 - lo, 1.0 + hi)
-    pg_loss = torch.max(pg_loss1, pg_loss2)                      # -min(r A, clip(r) A)
+    pg_loss, clipped = clipped_surrogate(ratio, adv, lo, hi)     # -min(r A, clip(r) A)
     if dual_clip_c is not None:
         pg_loss3 = -adv * dual_clip_c                            # the cap, only for A < 0
         dual_clipped = (adv < 0) & (pg_loss3 < pg_loss)
@@ -267,7 +265,7 @@ def policy_loss(
     loss = aggregate(w * pg_loss, valid, agg_mode, agg_const, normalizer)
 
     stats = {
-        "clip_fraction": _masked_mean(pg_loss2 > pg_loss1, valid),
+        "clip_fraction": _masked_mean(clipped, valid),
         "dual_clip_fraction": _masked_mean(dual_clipped, valid),
         "behav_weight_mean": _masked_mean(w, valid),
         "behav_masked_fraction": _masked_mean(over, valid),
@@ -330,13 +328,11 @@ def gspo_loss(
 
     log_seq_ratio = (logprobs - old).sum(dim=1) / tokens_per_seq.clamp(min=1)   # mean over the response
     seq_ratio = torch.exp(log_seq_ratio)                                        # s_i (1 for an empty row)
-    pg_loss1 = -adv * seq_ratio
-    pg_loss2 = -adv * torch.clamp(seq_ratio, 1.0 - lo, 1.0 + hi)
-    per_seq = torch.max(pg_loss1, pg_loss2)
+    per_seq, clipped = clipped_surrogate(seq_ratio, adv, lo, hi)
     loss = torch.where(nonempty, per_seq, 0.0).sum() / n
 
     stats = {
-        "clip_fraction": _masked_mean(pg_loss2 > pg_loss1, nonempty),
+        "clip_fraction": _masked_mean(clipped, nonempty),
         "seq_ratio_mean": _masked_mean(seq_ratio, nonempty),
         "approx_kl": _masked_mean(old - logprobs, valid),
     }

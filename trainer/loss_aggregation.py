@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["aggregate", "AggMode", "AGG_MODES"]
+__all__ = ["AGG_MODES", "AggMode", "aggregate"]
 
 AggMode = Literal["token_mean", "seq_mean", "seq_sum_const"]
 AGG_MODES: tuple[str, ...] = ("token_mean", "seq_mean", "seq_sum_const")
