@@ -243,9 +243,9 @@ def run_sweep(grid: str, config: str | None, overrides: list[str], *, quick: boo
     table = render_table(key, table_rows(values, summaries, failed, rec))
     advice = rec.text(summaries) if rec else f"no recommendation: the baseline run {key}={baseline_of(key, values)} " \
                                              f"did not finish"
-    thr = "-" if threshold is None else f"{threshold:.3f} ({threshold_note})"
-    print(f"\n{table}\n(time to threshold: first time the mean reward of the trailing window reaches {thr})\n\n"
-          f"{advice}")
+    thr = "" if threshold is None else \
+        f"(time to threshold: first time the trailing window's mean reward reaches {threshold:.3f}, {threshold_note})\n"
+    print(f"\n{table}\n{thr}\n{advice}")
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "key": key, "values": values, "config": config, "overrides": overrides, "quick": quick,

@@ -3,6 +3,7 @@ and one real two-value sweep."""
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -142,6 +143,58 @@ def test_table_and_page_rendering():
     assert "x axis:" not in html
     modes = render_html("run.mode", ["sync", "async"], {"sync": summary(0.8, 10)}, "", "")
     assert "x axis: 0 = sync, 1 = async" in modes
+
+
+def fake_run(outcomes: dict[str, object], calls: list[str]):
+    """Stands in for launcher.run: per max_staleness value, write a 10-step run, return a code, or raise."""
+    def run(config, overrides, quiet=False):
+        o = dict(x.split("=", 1) for x in overrides)
+        v = o["controller.max_staleness"]
+        calls.append(v)
+        what = outcomes[v]
+        if isinstance(what, BaseException):
+            raise what
+        if isinstance(what, int):
+            return what
+        d = Path(o["run.output_dir"]) / o["run.name"]
+        d.mkdir(parents=True)
+        (d / "metrics.jsonl").write_text("".join(json.dumps(
+            {"step": i, "wall_time_s": float(i), "reward_mean": what, "samples": 8, "trained_tokens": 40,
+             "train_s": 0.5, "staleness_mean": 0.0, "staleness_max": int(v)}) + "\n" for i in range(1, 11)))
+        return 0
+    return run
+
+
+def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    import areal_py.launcher
+
+    calls: list[str] = []
+    monkeypatch.setattr(areal_py.launcher, "run", fake_run(
+        {"0": 0.8, "1": 1, "2": RuntimeError("boom"), "4": 0.78}, calls))
+    code = run_sweep("max_staleness=0,1,2,4", None, [f"run.output_dir={tmp_path}"], name="s")
+    assert code == 1 and calls == ["0", "1", "2", "4"]
+    rep = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert rep["failed"] == {"1": "exit code 1", "2": "RuntimeError: boom"} and set(rep["runs"]) == {"0", "4"}
+    assert rep["recommendation"]["value"] == "4" and rep["threshold"] == pytest.approx(0.75)
+    assert rep["runs"]["4"]["time_to_threshold_s"] == 5.0  # first full window (steps 1-5) of 0.78 >= 0.75
+    out = capsys.readouterr().out
+    assert "controller.max_staleness=2 failed (RuntimeError: boom); going on" in out
+    assert re.search(r"^2 +failed .*RuntimeError: boom$", out, re.MULTILINE)
+    # the same name again: refused before any run starts
+    with pytest.raises(FileExistsError, match="already holds a sweep"):
+        run_sweep("max_staleness=0,1", None, [f"run.output_dir={tmp_path}"], name="s")
+    assert calls == ["0", "1", "2", "4"]
+
+
+def test_ctrl_c_stops_the_sweep_and_keeps_what_finished(tmp_path, monkeypatch):
+    import areal_py.launcher
+
+    calls: list[str] = []
+    monkeypatch.setattr(areal_py.launcher, "run", fake_run({"0": 0.5, "1": KeyboardInterrupt(), "2": 0.5}, calls))
+    assert run_sweep("max_staleness=0,1,2", None, [f"run.output_dir={tmp_path}"], name="s") == 130
+    rep = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert calls == ["0", "1"] and rep["interrupted"] and rep["failed"] == {"1": "interrupted"}
+    assert "not run" in rep["table"] and rep["recommendation"]["value"] == "0"
 
 
 def test_sweep_end_to_end(small_cfg, tmp_path):
