@@ -29,13 +29,15 @@ import math
 
 import torch
 
+from trainer.loss_aggregation import normalizer_or_count
+
 __all__ = [
-    "grpo_advantages",
     "expand_to_tokens",
-    "rloo_advantages",
+    "gae_advantages",
+    "grpo_advantages",
     "reinforce_baseline_advantages",
     "reinforce_pp_advantages",
-    "gae_advantages",
+    "rloo_advantages",
     "value_loss",
 ]
 
@@ -53,14 +55,8 @@ def grpo_advantages(rewards: torch.Tensor, std_normalize: bool = True, eps: floa
     one-sample group) carries no learning signal and gets exactly 0, not the rounding noise of
     ``r - mean`` amplified by ``1 / eps``.
     """
-    if not isinstance(rewards, torch.Tensor):
-        raise ValueError(f"rewards must be a torch.Tensor of shape [G, n], got {type(rewards).__name__}")
-    if rewards.dim() != 2 or rewards.shape[1] == 0:
-        raise ValueError(f"rewards must have shape [G, n] with n >= 1, got {tuple(rewards.shape)}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if not rewards.is_floating_point():
-        rewards = rewards.to(torch.get_default_dtype())
+    rewards = _check_group_rewards(rewards)
+    _check_eps(eps)
 
     mean = rewards.mean(dim=1, keepdim=True)
     centred = rewards - mean
@@ -95,7 +91,8 @@ def _float(x: torch.Tensor) -> torch.Tensor:
 
 def _check_group_rewards(rewards: torch.Tensor) -> torch.Tensor:
     if not isinstance(rewards, torch.Tensor):
-        raise ValueError(f"rewards must be a torch.Tensor of shape [G, n], got {type(rewards).__name__}")
+        raise ValueError(  # noqa: TRY004 - ValueError throughout
+            f"rewards must be a torch.Tensor of shape [G, n], got {type(rewards).__name__}")
     if rewards.dim() != 2 or rewards.shape[1] == 0:
         raise ValueError(f"rewards must have shape [G, n] with n >= 1, got {tuple(rewards.shape)}")
     return _float(rewards)
@@ -108,7 +105,8 @@ def _token_mask(mask: torch.Tensor, **tensors: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"mask must be a torch.Tensor of shape [B, T], got {shape}")
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise ValueError(  # noqa: TRY004 - ValueError throughout
+                f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.shape != mask.shape:
             raise ValueError(f"{name} must have shape {tuple(mask.shape)} (same as mask), got {tuple(t.shape)}")
     return mask.bool()
@@ -258,15 +256,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     if clip_eps is not None and not (isinstance(clip_eps, (int, float)) and math.isfinite(clip_eps)
                                      and clip_eps > 0):
         raise ValueError(f"clip_eps must be None or a finite number > 0, got {clip_eps!r}")
-    if normalizer is None:
-        n = valid.sum().clamp(min=1)
-    else:
-        try:
-            n = float(normalizer)
-        except (TypeError, ValueError):
-            raise ValueError(f"normalizer must be None or a finite number > 0, got {normalizer!r}") from None
-        if not (math.isfinite(n) and n > 0):
-            raise ValueError(f"normalizer must be None or a finite number > 0 (a token count), got {normalizer!r}")
+    n = normalizer_or_count(normalizer, valid)
 
     dtype = torch.promote_types(_float(values).dtype, torch.float32)
     v = torch.where(valid, values.to(dtype), 0.0)
