@@ -36,7 +36,7 @@ from rollout_server.kv_cache import SlotKVCache
 from rollout_server.model_runner import make_runner
 from rollout_server.sampling import SamplingParams, sample
 
-__all__ = ["Engine", "Finished", "SamplingParams"]
+__all__ = ["Engine", "Finished", "SamplingParams", "Trajectory"]
 
 InterruptMode = Literal["recompute", "keep"]
 
@@ -52,13 +52,31 @@ class Finished:
 
 
 @dataclass
-class Sequence:
+class Trajectory:
+    """A request and what has been generated for it so far: each output token with its behaviour
+    logprob and the policy version that sampled it. What every backend keeps per request."""
+
     rid: str
     prompt_ids: list[int]
     params: SamplingParams
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The prompt followed by every token generated so far."""
+        return self.prompt_ids + self.output_ids
+
+    def result(self, reason: str) -> Finished:
+        return Finished(self.rid, list(self.prompt_ids), list(self.output_ids), list(self.logprobs),
+                        list(self.versions), reason)
+
+
+@dataclass
+class Sequence(Trajectory):
+    """A trajectory while this engine runs it: its KV slot and how much of it is cached."""
+
     slot: int = -1
     # Tokens whose K/V sit in the slot. 0 means "needs a (re-)prefill"; a sequence is ready to
     # decode when everything but its last (just sampled) token is cached.
@@ -67,14 +85,6 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    def result(self, reason: str) -> Finished:
-        return Finished(self.rid, list(self.prompt_ids), list(self.output_ids), list(self.logprobs),
-                        list(self.versions), reason)
 
 
 class Engine:
@@ -198,7 +208,8 @@ class Engine:
             if name not in params:
                 raise KeyError(f"unknown parameter {name!r} in weight update (model has {len(params)} parameters)")
             if not isinstance(tensor, torch.Tensor):
-                raise ValueError(f"weight {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+                raise ValueError(  # noqa: TRY004 - ValueError throughout
+                    f"weight {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
             if tuple(tensor.shape) != tuple(params[name].shape):
                 raise ValueError(f"shape mismatch for {name!r}: got {tuple(tensor.shape)}, "
                                  f"model has {tuple(params[name].shape)}")

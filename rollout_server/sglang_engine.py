@@ -133,14 +133,24 @@ from typing import Any
 
 from rollout_server.engine import Finished
 from rollout_server.sampling import SamplingParams
-from rollout_server.sglang_http import SGLangBackend, HTTPBackend, sglang_launch_command, _free_port, launch_sglang_server
-from rollout_server.sglang_wire import SGLANG_MISSING, _require_sglang, sglang_sampling_params, build_generate_request, response_error, finish_reason, new_tokens, RequestState, stage_weights
+from rollout_server.sglang_http import (
+    HTTPBackend,
+    SGLangBackend,
+    _free_port,
+    launch_sglang_server,
+    sglang_launch_command,
+)
+from rollout_server.sglang_wire import (
+    RequestState,
+    _require_sglang,
+    build_generate_request,
+    finish_reason,
+    new_tokens,
+    response_error,
+    stage_weights,
+)
 
-__all__ = [
-    "SGLangEngine", "SGLangBackend", "HTTPBackend", "RequestState", "build_generate_request",
-    "sglang_sampling_params", "finish_reason", "response_error", "new_tokens", "stage_weights",
-    "sglang_launch_command", "SGLANG_MISSING",
-]
+__all__ = ["SGLangEngine"]
 
 log = logging.getLogger("rollout.sglang")
 
@@ -304,7 +314,7 @@ class SGLangEngine:
         if self._own_staging:
             shutil.rmtree(self._staging, ignore_errors=True)
 
-    def __enter__(self) -> SGLangEngine:
+    def __enter__(self) -> SGLangEngine:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -323,7 +333,7 @@ class SGLangEngine:
             return
         key = f"{self._tag}-{state.rid}-{state.attempts + 1}"
         state.begin_attempt(self.version, key)
-        payload = build_generate_request(key, state.input_ids(), state.params, eos_token_id=self.eos_token_id,
+        payload = build_generate_request(key, state.tokens, state.params, eos_token_id=self.eos_token_id,
                                          max_new_tokens=budget)
         self._by_key[key] = state.rid
         self._active[state.rid] = state

@@ -11,11 +11,11 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rollout_server.engine import Finished
+from rollout_server.engine import Trajectory
 from rollout_server.sampling import SamplingParams
 
 log = logging.getLogger("rollout.sglang")
@@ -150,27 +150,22 @@ def new_tokens(response: Any, already: int) -> tuple[list[int], list[float]]:
         lps.append(float(e[0]))
         ids.append(int(e[1]))
     out_ids = _single(response).get("output_ids")
-    if isinstance(out_ids, list) and len(out_ids) == len(entries) and total in (None, len(entries)):
-        if [int(t) for t in out_ids[already:]] != ids:  # both cumulative: they must agree
-            raise ValueError("output_ids disagree with output_token_logprobs")
+    both_cumulative = isinstance(out_ids, list) and len(out_ids) == len(entries) and total in (None, len(entries))
+    if both_cumulative and [int(t) for t in out_ids[already:]] != ids:  # then they must agree
+        raise ValueError("output_ids disagree with output_token_logprobs")
     return ids, lps
 
 
 # --- per-request state and version tagging (pure) ------------------------------------------------
 @dataclass
-class RequestState:
+class RequestState(Trajectory):
     """One request of ours, possibly submitted to sglang several times (once per weight version).
 
     Tokens recorded from an attempt carry the version that attempt was submitted under; weights
-    change only between attempts, so that tag is exact.
+    change only between attempts, so that tag is exact. Each attempt sends ``tokens`` (the prompt
+    plus every token generated so far).
     """
 
-    rid: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
     attempts: int = 0
     attempt_version: int | None = None  # version of the attempt in flight; None = nothing in flight
     attempt_received: int = 0  # tokens recorded from the attempt in flight
@@ -179,10 +174,6 @@ class RequestState:
     @property
     def in_flight(self) -> bool:
         return self.attempt_version is not None
-
-    def input_ids(self) -> list[int]:
-        """What the next attempt sends: the prompt plus every token generated so far."""
-        return self.prompt_ids + self.output_ids
 
     def budget(self, max_seq_len: int | None = None) -> int:
         """New tokens the next attempt may generate (our max_new_tokens and max_seq_len, as `Engine`)."""
@@ -212,10 +203,6 @@ class RequestState:
     def end_attempt(self) -> None:
         self.attempt_version = None
         self.key = None
-
-    def result(self, reason: str) -> Finished:
-        return Finished(self.rid, list(self.prompt_ids), list(self.output_ids), list(self.logprobs),
-                        list(self.versions), reason)
 
 
 # --- weights: trainer's safetensors file -> a directory sglang can load ----------------------------
@@ -264,11 +251,13 @@ def stage_weights(weights: Mapping[str, Any] | str | os.PathLike, version: int, 
                 raise ValueError("empty weight update")
             for name, t in weights.items():
                 if not isinstance(t, torch.Tensor):
-                    raise ValueError(f"weight {name!r} is a {type(t).__name__}, not a torch.Tensor")
+                    raise ValueError(  # noqa: TRY004 - ValueError throughout
+                        f"weight {name!r} is a {type(t).__name__}, not a torch.Tensor")
             save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()},
                       str(tmp / "model.safetensors"), metadata={"version": str(int(version))})
         else:
-            raise ValueError(f"weights must be a path or a mapping of tensors, got {type(weights).__name__}")
+            raise ValueError(  # noqa: TRY004 - ValueError throughout
+                f"weights must be a path or a mapping of tensors, got {type(weights).__name__}")
         for name in _CONFIG_FILES:
             cfg = Path(model_dir) / name
             if cfg.is_file():

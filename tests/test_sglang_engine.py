@@ -23,16 +23,15 @@ from safetensors.torch import load_file, save_file
 
 from rollout_server.engine import Finished
 from rollout_server.sampling import SamplingParams
-from rollout_server.sglang_engine import (
+from rollout_server.sglang_engine import SGLangEngine
+from rollout_server.sglang_http import HTTPBackend, sglang_launch_command
+from rollout_server.sglang_wire import (
     SGLANG_MISSING,
-    HTTPBackend,
     RequestState,
-    SGLangEngine,
     build_generate_request,
     finish_reason,
     new_tokens,
     response_error,
-    sglang_launch_command,
     stage_weights,
 )
 
@@ -69,7 +68,7 @@ class FakeModel:
             assert key not in self.reqs, f"sglang rid {key} reused"
             self.submitted.append((key, payload))
             ev = threading.Event()
-            self.reqs[key] = dict(payload=payload, out=[], lps=[], event=ev, response=None)
+            self.reqs[key] = {"payload": payload, "out": [], "lps": [], "event": ev, "response": None}
             return ev
 
     def _finish(self, key: str, finish: dict) -> None:
@@ -282,7 +281,7 @@ def test_request_state_tags_tokens_with_their_attempts_version() -> None:
     s.begin_attempt(4, "k-1")
     s.record([3, 4, 5], [-0.1, -0.2, -0.3])
     s.end_attempt()  # paused for a weight update
-    assert s.input_ids() == [1, 2, 3, 4, 5] and s.budget() == 3
+    assert s.tokens == [1, 2, 3, 4, 5] and s.budget() == 3
     assert s.budget(max_seq_len=6) == 1
     s.begin_attempt(5, "k-2")
     with pytest.raises(RuntimeError, match="already has an attempt"):
@@ -309,7 +308,7 @@ def test_engine_generates_like_the_builtin_interface(model_dir, tmp_path) -> Non
     assert done["b"].output_ids == [EOS - 1, EOS] and done["b"].finish_reason == "stop"  # EOS included
     assert done["c"].output_ids == [EOS, EOS + 1, EOS + 2] and done["c"].finish_reason == "length"
     assert not eng.has_work() and eng.kv_usage() == 0.0
-    key, payload = backend.model.submitted[0]
+    _, payload = backend.model.submitted[0]
     assert payload["input_ids"] == [10] and payload["sampling_params"]["max_new_tokens"] == 4
     eng.close()
     assert backend.closed
