@@ -112,7 +112,7 @@ def import_reward_fn(path: str) -> RewardFn:
     except (ImportError, AttributeError) as e:
         raise ValueError(f"custom reward {path!r} cannot be imported: {e}") from e
     if not callable(fn):
-        raise ValueError(f"custom reward {path!r} is not callable")
+        raise ValueError(f"custom reward {path!r} is not callable")  # noqa: TRY004 - ValueError throughout
     return fn
 
 
@@ -143,7 +143,7 @@ class WeightedReward:
                         raise ValueError(f"batch returned {len(values)} values for {len(prompts)} samples")
                     batched[name] = [_checked(v) for v in values]
                 except Exception:  # noqa: BLE001 - reported per sample below
-                    batched[name] = _format_exc()
+                    batched[name] = short_traceback()
         yield "batched", None
         for i, (prompt, response, stop) in enumerate(zip(prompts, responses, stopped)):
             total, errors = 0.0, []
@@ -158,7 +158,7 @@ class WeightedReward:
                 try:
                     total += w * _checked(fn(prompt, response, stop))
                 except Exception:  # noqa: BLE001 - a verifier failure scores 0 and is reported
-                    errors.append((name, _format_exc()))
+                    errors.append((name, short_traceback()))
             yield "item", (total, errors)
 
 
@@ -169,7 +169,8 @@ def _checked(value: Any) -> float:
     return value
 
 
-def _format_exc(limit: int = 2000) -> str:
+def short_traceback(limit: int = 2000) -> str:
+    """The exception being handled, formatted, cut to its last ``limit`` characters."""
     text = traceback.format_exc()
     return text if len(text) <= limit else "..." + text[-limit:]
 
@@ -207,7 +208,8 @@ def build_reward_fn(spec: dict[str, float], task: Task | None,
         if name in REWARD_FUNCTIONS:
             fn = REWARD_FUNCTIONS[name](task)
         elif name == REWARD_MODEL:
-            from areal_py.reward_model import RewardModelReward, RewardModelScorer  # torch + transformers
+            # torch + transformers: imported only when a reward model is asked for
+            from areal_py.reward_model import RewardModelReward, RewardModelScorer
 
             fn = RewardModelReward(RewardModelScorer(**reward_model))
         else:
@@ -235,7 +237,8 @@ def task_config(task: Task | dict[str, Any] | None) -> dict[str, Any] | None:
     raise TypeError(f"cannot describe task {type(task).__name__} as plain data; pass a task config dict")
 
 
-def _build_task(config: dict[str, Any] | None) -> Task | None:
+def task_from_config(config: dict[str, Any] | None) -> Task | None:
+    """The inverse of :func:`task_config`: ``make_task(**config)``; None stays None."""
     if config is None:
         return None
     config = dict(config)

@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from areal_py.metrics import REWARD_ERRORS, REWARD_TIMEOUTS
-from areal_py.reward_functions import _build_task, _format_exc, build_reward_fn, task_config, validate_spec
+from areal_py.reward_functions import (
+    build_reward_fn,
+    short_traceback,
+    task_config,
+    task_from_config,
+    validate_spec,
+)
 from areal_py.tasks import Prompt, Task
 
 log = logging.getLogger(__name__)
@@ -53,9 +59,9 @@ def _worker_main(conn: multiprocessing.connection.Connection, parent_pid: int, s
     """
     _die_with_parent(parent_pid)
     try:
-        reward = build_reward_fn(spec, _build_task(task_cfg), reward_model)
+        reward = build_reward_fn(spec, task_from_config(task_cfg), reward_model)
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(("init_error", _format_exc()))
+        conn.send(("init_error", short_traceback()))
         return
     conn.send(("ready",))
     while True:
@@ -167,7 +173,7 @@ class RewardPool:
         self._queue: deque[_Chunk] = deque()
         self._workers: list[_Worker] = []
         if workers == 0:
-            local_task = task if task is None or not isinstance(task, dict) else _build_task(task)
+            local_task = task if task is None or not isinstance(task, dict) else task_from_config(task)
             self._local = build_reward_fn(self.spec, local_task, reward_model)
         else:
             if "accuracy" in self.spec and task is None:
@@ -258,10 +264,10 @@ class RewardPool:
             h._cancelled = True
         self._pending.clear()
 
-    def __enter__(self) -> RewardPool:
+    def __enter__(self) -> RewardPool:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- internals ------------------------------------------------------------------------------

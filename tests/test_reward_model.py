@@ -14,7 +14,11 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-from areal_py.reward_model import RewardModelScorer, bradley_terry_loss, train_reward_model
+from areal_py.reward_model import (
+    RewardModelScorer,
+    bradley_terry_loss,
+    train_reward_model,
+)
 from areal_py.reward_pool import RewardPool
 from areal_py.tasks import Prompt
 
@@ -48,7 +52,7 @@ def test_scorer_batches_and_truncates_from_the_left(tiny_rm: Path) -> None:
     many = RewardModelScorer(tiny_rm, batch_size=16)
     a, b = one.score(texts), many.score(texts)
     assert a == pytest.approx(b, abs=1e-5)  # padding does not change a score
-    assert len(set(round(x, 4) for x in a)) == len(texts)  # and the texts are told apart
+    assert len({round(x, 4) for x in a}) == len(texts)  # and the texts are told apart
     # max_length 8 = [CLS] + 6 tokens + [SEP]: a long text keeps its last 6 tokens ("7 + 5 = 1 ##2")
     short = RewardModelScorer(tiny_rm, max_length=8)
     assert short.score(["1 + 1 = 2 " * 5 + "7 + 5 = 12"]) == pytest.approx(short.score(["7 + 5 = 12"]), abs=1e-5)

@@ -12,8 +12,14 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from areal_py.reward_functions import (REWARD_FUNCTIONS, accuracy, build_reward_fn, math_accuracy, task_config,
-                                       think_answer_format)
+from areal_py.reward_functions import (
+    REWARD_FUNCTIONS,
+    accuracy,
+    build_reward_fn,
+    math_accuracy,
+    task_config,
+    think_answer_format,
+)
 from areal_py.reward_pool import RewardPool
 from areal_py.tasks import ArithTask, Prompt
 
@@ -229,7 +235,8 @@ def test_workers_die_with_their_process(tmp_path) -> None:
     )
     log_file = tmp_path / "out.txt"  # not a pipe: an orphan holding it open must not block us
     with log_file.open("w") as f:
-        code = subprocess.run([sys.executable, "-c", script], stdout=f, stderr=subprocess.STDOUT, timeout=60).returncode
+        code = subprocess.run([sys.executable, "-c", script], stdout=f, stderr=subprocess.STDOUT, timeout=60,
+                              check=False).returncode
     assert code == 0, log_file.read_text()
     pid = int(log_file.read_text().split()[-1])
     deadline = time.monotonic() + 10
