@@ -12,11 +12,18 @@ import torch
 
 from areal_py.config import AlgoConfig, RewardConfig
 from trainer import reward_shaping as rs
-from trainer.advantages import (expand_to_tokens, gae_advantages, grpo_advantages, reinforce_baseline_advantages,
-                                reinforce_pp_advantages, rloo_advantages, value_loss)
+from trainer.advantages import (
+    expand_to_tokens,
+    gae_advantages,
+    grpo_advantages,
+    reinforce_baseline_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    value_loss,
+)
 from trainer.decoupled_ppo import gspo_loss, policy_loss
-from trainer.loss_aggregation import aggregate
 from trainer.kl import kl_estimate, kl_penalised_token_rewards
+from trainer.loss_aggregation import aggregate
 from trainer.proximal import loglinear_proximal
 from trainer.rollout_batch import RolloutBatch
 
@@ -110,7 +117,7 @@ class Norms:
     seqs: float
 
     @classmethod
-    def of(cls, mask: torch.Tensor) -> "Norms":
+    def of(cls, mask: torch.Tensor) -> Norms:
         return cls(float(mask.sum().clamp(min=1.0)), float((mask.sum(dim=1) > 0).sum().clamp(min=1)))
 
     def for_agg(self, mode: str) -> float | None:
@@ -131,7 +138,7 @@ def micro_batch_loss(logp: torch.Tensor, entropy: torch.Tensor | None, mb: Rollo
     else:
         prox, behav_arg = t.prox, behav
     norm = norms.for_agg(algo.loss_agg)
-    agg = dict(agg_mode=algo.loss_agg, agg_const=ls.agg_const, normalizer=norm)
+    agg = {"agg_mode": algo.loss_agg, "agg_const": ls.agg_const, "normalizer": norm}
     if algo.loss == "gspo":
         valid = mask.sum(dim=1).clamp(min=1)
         seq_adv = (t.advantages * mask).sum(dim=1) / valid
