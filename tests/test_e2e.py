@@ -128,9 +128,11 @@ def _alive(pid: int) -> bool:
 
 def _long_run(small_cfg: list[str]) -> subprocess.Popen:
     """A run far longer than any test waits: the test stops it (or one of its processes) itself."""
+    # SIGINT back to default in the child: a background shell (nohup ... &) starts us with it ignored,
+    # and Python then never turns Ctrl-C into KeyboardInterrupt.
     return subprocess.Popen([sys.executable, "-m", "areal_py.cli", "run", "--quiet", *small_cfg,
                              "trainer.total_steps=500"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_crash_in_one_process_stops_all(tmp_path, small_cfg):
