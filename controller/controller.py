@@ -257,20 +257,17 @@ class Controller:
         """
         while len(self.ready) >= self.batch_size and self.next_batch_version < self.total_steps:
             b = self.next_batch_version
-            fresh = deque()
-            for grp in sorted(self.ready, key=lambda g: min((v for s in g.samples for v in s.versions), default=b)):
-                versions = [v for s in grp.samples for v in s.versions]
-                if sample_staleness(b, versions) > self.max_staleness:
-                    self.dropped_stale += 1
-                    self.accepted -= 1
-                else:
-                    fresh.append(grp)
-            self.ready = fresh
+            aged = [(sample_staleness(b, [v for s in g.samples for v in s.versions]), g) for g in self.ready]
+            aged.sort(key=lambda x: -x[0])  # stable: equally old groups keep their completion order
+            kept = [(age, g) for age, g in aged if age <= self.max_staleness]
+            self.dropped_stale += len(aged) - len(kept)
+            self.accepted -= len(aged) - len(kept)
+            self.ready = deque(g for _, g in kept)
             if len(self.ready) < self.batch_size:
                 return
             groups = [self.ready.popleft() for _ in range(self.batch_size)]
-            for grp in groups:
-                M.sample_staleness.observe(sample_staleness(b, [v for s in grp.samples for v in s.versions]))
+            for age, _ in kept[: self.batch_size]:
+                M.sample_staleness.observe(age)
             M.reward_mean.set(sum(s.reward for g in groups for s in g.samples) / (self.batch_size * self.n))
             state = {"data_position": self.data_position, "accepted": self.accepted, "running": self.running,
                      "dropped_stale": self.dropped_stale, "dropped_uniform": self.dropped_uniform,
