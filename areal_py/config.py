@@ -93,7 +93,13 @@ class RolloutConfig(_Section):
 class ControllerConfig(_Section):
     batch_size: int = Field(32, ge=1, description="Prompts (groups) per training step.")
     group_size: int = Field(8, ge=1, description="Samples per prompt (GRPO group size n).")
-    max_staleness: int = Field(2, ge=0, description="Largest allowed trainer version - token version (0 = on-policy).")
+    max_staleness: int = Field(2, ge=0, description="Admission bound (AReaL's rule): prompts are admitted so that "
+                               "a sample is trained at most this many versions after it started (0 = on-policy).")
+    max_token_staleness: int | None = Field(
+        None, ge=0, description="Hard limit on trainer version - oldest token version: older groups are dropped at "
+        "batching and aborted on the servers. null = max_staleness. Raise it for long chain-of-thought: a response "
+        "that outlives max_staleness updates is then trained (AReaL's behaviour) instead of wasted, its older "
+        "tokens corrected by the decoupled behaviour weight.")
     server_timeout_s: float = Field(10.0, gt=0, description="A server silent this long is declared dead; its work is re-dispatched.")
     weight_sync_timeout_s: float = Field(60.0, gt=0, description="Longest wait for every live server to load a new version.")
     startup_timeout_s: float = Field(120.0, gt=0, description="Longest wait for the trainer and the first server to connect.")
@@ -206,6 +212,11 @@ class Config(_Section):
             raise ValueError("task.path is required when task.name=jsonl")
         if self.task.name == "sum_cot":
             self._check_sum_cot_lengths()
+        c = self.controller
+        if c.max_token_staleness is not None and c.max_token_staleness < c.max_staleness:
+            raise ValueError(f"controller.max_token_staleness={c.max_token_staleness} is below controller.max_staleness="
+                             f"{c.max_staleness}: admitted work would be dropped by design; use a value >= "
+                             f"{c.max_staleness}, or null for the same bound")
         return self
 
     def _check_sum_cot_lengths(self) -> None:
@@ -228,6 +239,14 @@ class Config(_Section):
     def effective_max_staleness(self) -> int:
         """sync mode is the on-policy special case of the same pipeline: no sample may be stale."""
         return 0 if self.run.mode == "sync" else self.controller.max_staleness
+
+    @property
+    def effective_max_token_staleness(self) -> int:
+        """The hard per-token limit: max_staleness unless raised; 0 in sync mode."""
+        c = self.controller
+        if self.run.mode == "sync":
+            return 0
+        return c.max_staleness if c.max_token_staleness is None else c.max_token_staleness
 
     def run_dir(self) -> Path:
         return Path(self.run.output_dir).expanduser() / self.run.name

@@ -161,10 +161,16 @@ def summarize(cfg: Config) -> str:
             f"metrics: {cfg.run_dir() / 'metrics.jsonl'}\nfinal model: {cfg.run_dir() / 'final'}")
 
 
+def _token_limit(cfg: Config) -> str:
+    """Shown only when raised above the admission bound: otherwise the two are the same number."""
+    limit = cfg.effective_max_token_staleness
+    return f", max_token_staleness={limit}" if limit != cfg.effective_max_staleness else ""
+
+
 def run(config: str | None, overrides: list[str], resume: bool = False, quiet: bool = False) -> int:
     cfg = prepare_run(config, overrides, resume)
     print(f"areal-py: run '{cfg.run.name}' in {cfg.run_dir()} (mode={cfg.run.mode}, "
-          f"max_staleness={cfg.effective_max_staleness}, servers={cfg.rollout.num_servers})")
+          f"max_staleness={cfg.effective_max_staleness}{_token_limit(cfg)}, servers={cfg.rollout.num_servers})")
     # heavy imports only once the config is known good
     from areal_py.prepare import model_path
 

@@ -60,7 +60,8 @@ class Controller:
         self.tokenizer = tokenizer or load_tokenizer(model_path(cfg))
         self.n = cfg.controller.group_size
         self.batch_size = cfg.controller.batch_size
-        self.max_staleness = cfg.effective_max_staleness
+        self.max_staleness = cfg.effective_max_staleness  # admission
+        self.max_token_staleness = cfg.effective_max_token_staleness  # hard drop limit (>= max_staleness)
         self.total_steps = cfg.trainer.total_steps
         self.registry = ServerRegistry(cfg.controller.server_timeout_s)
         rc = cfg.reward
@@ -236,7 +237,7 @@ class Controller:
 
     def _update_message(self, version: int, path: str | None) -> P.UpdateWeights:
         """Weights plus the oldest token version a batch still to come can take (older work is doomed)."""
-        floor = max(0, self.next_batch_version - self.max_staleness)
+        floor = max(0, self.next_batch_version - self.max_token_staleness)
         return P.UpdateWeights(version=version, path=path, min_token_version=floor)
 
     def check_weight_sync(self) -> None:
@@ -250,7 +251,8 @@ class Controller:
 
     # --- batches -----------------------------------------------------------------------------------
     def assemble_batches(self) -> None:
-        """Batch b is trained at trainer version b; a group whose oldest token is too old for it is dropped.
+        """Batch b is trained at trainer version b; a group whose oldest token is older than
+        `max_token_staleness` for it is dropped.
 
         Oldest first (earliest deadline first): a long response finishes late but old, and would miss
         its last admissible batch behind fresh short ones if batches were filled in completion order.
@@ -259,7 +261,7 @@ class Controller:
             b = self.next_batch_version
             aged = [(sample_staleness(b, [v for s in g.samples for v in s.versions]), g) for g in self.ready]
             aged.sort(key=lambda x: -x[0])  # stable: equally old groups keep their completion order
-            kept = [(age, g) for age, g in aged if age <= self.max_staleness]
+            kept = [(age, g) for age, g in aged if age <= self.max_token_staleness]
             self.dropped_stale += len(aged) - len(kept)
             self.accepted -= len(aged) - len(kept)
             self.ready = deque(g for _, g in kept)
@@ -311,8 +313,8 @@ class Controller:
             self.dropped_uniform = hello.resume_state.get("dropped_uniform", 0)
             self.generated_tokens = hello.resume_state.get("generated_tokens", 0)
         self.accepted = hello.version * self.batch_size  # every trained group; nothing in flight survives a restart
-        log.info("trainer at version %d; data position %d, accepted %d, max_staleness %d", hello.version,
-                 self.data_position, self.accepted, self.max_staleness)
+        log.info("trainer at version %d; data position %d, accepted %d, max_staleness %d, max_token_staleness %d",
+                 hello.version, self.data_position, self.accepted, self.max_staleness, self.max_token_staleness)
 
     def step(self, timeout_ms: int = 10) -> None:
         poller = zmq.Poller()

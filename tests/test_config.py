@@ -59,6 +59,15 @@ def test_cross_field_checks():
         load_config(None, ["task.name=jsonl"])
 
 
+def test_token_staleness_limit_defaults_to_the_admission_bound_and_may_only_be_raised():
+    assert load_config(None, ["controller.max_staleness=3"]).effective_max_token_staleness == 3
+    cfg = load_config(None, ["controller.max_staleness=2", "controller.max_token_staleness=16"])
+    assert cfg.effective_max_staleness == 2 and cfg.effective_max_token_staleness == 16
+    assert load_config(None, ["controller.max_token_staleness=16", "run.mode=sync"]).effective_max_token_staleness == 0
+    with pytest.raises(ConfigError, match=r"controller.max_token_staleness=1 is below controller.max_staleness=2"):
+        load_config(None, ["controller.max_staleness=2", "controller.max_token_staleness=1"])
+
+
 def test_malformed_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(None, ["controller"])

@@ -29,14 +29,17 @@ def assert_bound(recs: list[dict], bound: int) -> None:
         assert sum(r["sample_staleness_hist"].values()) == r["samples"]
 
 
-@pytest.mark.parametrize("bound", [0, 1, 4])
-def test_staleness_bound_holds(tmp_path, small_cfg, bound):
+@pytest.mark.parametrize("bound,token_limit", [(0, None), (1, None), (1, 4)])
+def test_staleness_bound_holds(tmp_path, small_cfg, bound, token_limit):
+    """The hard limit is max_token_staleness when raised, else max_staleness."""
     steps = 8
-    res = run_cli(["run", "--quiet", *small_cfg, f"controller.max_staleness={bound}", f"trainer.total_steps={steps}"])
+    res = run_cli(["run", "--quiet", *small_cfg, f"controller.max_staleness={bound}", f"trainer.total_steps={steps}",
+                   *([f"controller.max_token_staleness={token_limit}"] if token_limit is not None else [])])
     assert res.returncode == 0, res.stdout + res.stderr
     recs = metrics(tmp_path)
     assert [r["step"] for r in recs] == list(range(1, steps + 1))
-    assert_bound(recs, bound)
+    assert all(r["max_staleness"] == bound and r["max_token_staleness"] == (token_limit or bound) for r in recs)
+    assert_bound(recs, token_limit or bound)
     if bound == 0:  # on-policy: every token comes from the version being trained
         assert all(r["staleness_max"] == 0 for r in recs)
     assert (tmp_path / "runs" / "t" / "final" / "config.json").is_file()

@@ -317,6 +317,9 @@ def test_controller_counts_stale_aborts_and_tells_servers_the_floor(cfg, ctx):
         assert ctrl._update_message(5, None).min_token_version == 3
         ctrl.next_batch_version = 1
         assert ctrl._update_message(1, None).min_token_version == 0
+        ctrl.max_token_staleness = 4  # a raised hard limit moves the floor, not the admission bound
+        ctrl.next_batch_version = 5
+        assert ctrl._update_message(5, None).min_token_version == 1
     finally:
         ctrl.close()
         push.close()
@@ -342,5 +345,34 @@ def test_batches_take_the_oldest_groups_first(cfg, monkeypatch):
         ctrl.assemble_batches()
         assert [g.gid for g in sent[0].groups] == [2, 3] and sent[0].version == 3
         assert [g.gid for g in ctrl.ready] == [1] and ctrl.dropped_stale == 0
+    finally:
+        ctrl.close()
+
+
+def test_a_raised_token_limit_keeps_long_responses_and_drops_only_past_it(tmp_path, monkeypatch):
+    """max_staleness 1 admits; max_token_staleness 3 decides what is dropped at batching."""
+    import controller.controller as ctrl_mod
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=s", *net_overrides(), "controller.batch_size=2",
+                             "controller.group_size=2", "controller.max_staleness=1",
+                             "controller.max_token_staleness=3"])
+    ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
+    sent = []
+    monkeypatch.setattr(ctrl_mod, "send", lambda sock, body, *a, **k: sent.append(body))
+    try:
+        def group(gid: int, versions: list[int]) -> P.Group:
+            s = P.Sample(output_ids=[2] * len(versions), logprobs=[-0.1] * len(versions), versions=versions,
+                         finish_reason="stop", reward=1.0)
+            return P.Group(gid=gid, prompt_index=gid, prompt_ids=[1, 2], samples=[s, s])
+
+        ctrl.next_batch_version = 5
+        # ages at batch 5: 4 (spans versions 1..5: too old even for the raised limit), 3 (kept: over
+        # max_staleness, within max_token_staleness), 0 and 1
+        ctrl.ready.extend([group(1, [5]), group(2, [1, 3, 5]), group(3, [2, 4, 5]), group(4, [4])])
+        ctrl.accepted = 4
+        ctrl.assemble_batches()
+        assert [g.gid for g in sent[0].groups] == [3, 4] and sent[0].version == 5
+        assert ctrl.dropped_stale == 1 and ctrl.accepted == 3
+        assert [g.gid for g in ctrl.ready] == [1]
     finally:
         ctrl.close()

@@ -128,6 +128,7 @@ class Trainer:
             "staleness_mean": float(token_stale.float().mean()) if token_stale.numel() else 0.0,
             "staleness_max": int(token_stale.max()) if token_stale.numel() else 0,
             "sample_staleness_hist": hist, "max_staleness": self.cfg.effective_max_staleness,
+            "max_token_staleness": self.cfg.effective_max_token_staleness,
             "trained_tokens": trained, "trained_tokens_total": self.trained_tokens_total,
             "response_tokens": int(mask.sum()), "samples": batch.num_samples,
             "generated_tokens": wire.state.get("generated_tokens", 0),
