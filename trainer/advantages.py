@@ -30,6 +30,7 @@ import math
 import torch
 
 from trainer.loss_aggregation import normalizer_or_count
+from trainer.shapes import require_matrix, require_shape
 
 __all__ = [
     "expand_to_tokens",
@@ -100,15 +101,9 @@ def _check_group_rewards(rewards: torch.Tensor) -> torch.Tensor:
 
 def _token_mask(mask: torch.Tensor, **tensors: torch.Tensor) -> torch.Tensor:
     """``mask`` as bool, after checking it is [B, T] and every tensor in ``tensors`` has its shape."""
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a torch.Tensor of shape [B, T], got {shape}")
+    require_matrix("mask", mask)
     for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(  # noqa: TRY004 - ValueError throughout
-                f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.shape != mask.shape:
-            raise ValueError(f"{name} must have shape {tuple(mask.shape)} (same as mask), got {tuple(t.shape)}")
+        require_shape(name, t, mask.shape, f"{tuple(mask.shape)} (same as mask)")
     return mask.bool()
 
 

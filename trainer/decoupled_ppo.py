@@ -39,6 +39,7 @@ from typing import Literal
 import torch
 
 from trainer.loss_aggregation import AggMode, aggregate, normalizer_or_count
+from trainer.shapes import require_matrix, require_shape
 
 __all__ = ["BEHAV_MODES", "behaviour_weight", "clipped_surrogate", "decoupled_ppo_loss", "gspo_loss", "policy_loss",
            "ppo_clip_loss"]
@@ -52,11 +53,7 @@ BEHAV_MODES: tuple[str, ...] = ("cap", "mask", "none")
 def _valid_mask(mask: torch.Tensor, shape: torch.Size, **tensors: torch.Tensor) -> torch.Tensor:
     """The mask as bool after checking every tensor has the mask's shape."""
     for name, t in {"mask": mask, **tensors}.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(  # noqa: TRY004 - ValueError throughout
-                f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.shape != shape:
-            raise ValueError(f"{name} must have shape {tuple(shape)} (same as logprobs), got {tuple(t.shape)}")
+        require_shape(name, t, shape, f"{tuple(shape)} (same as logprobs)")
     return mask.bool()
 
 
@@ -310,12 +307,8 @@ def gspo_loss(
     ``approx_kl`` (token mean of old - logprobs).
     """
     valid = _valid_mask(mask, logprobs.shape, logprobs=logprobs, old_logprobs=old_logprobs)
-    if logprobs.dim() != 2:
-        raise ValueError(f"logprobs must have shape [B, T], got {tuple(logprobs.shape)}")
-    if not isinstance(advantages, torch.Tensor) or advantages.shape != logprobs.shape[:1]:
-        shape = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
-        raise ValueError(f"advantages must have shape [B] = {tuple(logprobs.shape[:1])} (one per sequence), "
-                         f"got {shape}")
+    require_matrix("logprobs", logprobs)
+    require_shape("advantages", advantages, logprobs.shape[:1], f"[B] = {tuple(logprobs.shape[:1])} (one per sequence)")
     lo, hi = _clip_range(eps_clip, eps_clip_high)
 
     dtype = _compute_dtype(logprobs)

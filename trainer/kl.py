@@ -22,6 +22,8 @@ from typing import Literal
 
 import torch
 
+from trainer.shapes import require_matrix, require_shape
+
 __all__ = ["KL_KINDS", "kl_estimate", "kl_penalised_token_rewards", "AdaptiveKLController", "FixedKLController"]
 
 KLKind = Literal["k1", "k2", "k3"]
@@ -30,13 +32,8 @@ KL_KINDS: tuple[str, ...] = ("k1", "k2", "k3")
 
 def _check_same_shape(reference: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.shape != reference.shape:
-            raise ValueError(f"{name} must have shape {tuple(reference.shape)} (same as logprobs), "
-                             f"got {tuple(t.shape)}")
+        if t is not None:
+            require_shape(name, t, reference.shape, f"{tuple(reference.shape)} (same as logprobs)")
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: KLKind = "k3",
@@ -80,15 +77,9 @@ def kl_penalised_token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torc
     No gradient (rewards are targets). A row with no valid token (zero-length response) gets
     all zeros: its score has no token to sit on.
     """
-    if not isinstance(kl, torch.Tensor) or kl.dim() != 2:
-        shape = tuple(kl.shape) if isinstance(kl, torch.Tensor) else type(kl).__name__
-        raise ValueError(f"kl must be a torch.Tensor of shape [B, T], got {shape}")
-    if not isinstance(mask, torch.Tensor) or mask.shape != kl.shape:
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask must have shape {tuple(kl.shape)} (same as kl), got {shape}")
-    if not isinstance(score, torch.Tensor) or score.shape != kl.shape[:1]:
-        shape = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
-        raise ValueError(f"score must have shape [B] = {tuple(kl.shape[:1])}, got {shape}")
+    require_matrix("kl", kl)
+    require_shape("mask", mask, kl.shape, f"{tuple(kl.shape)} (same as kl)")
+    require_shape("score", score, kl.shape[:1], f"[B] = {tuple(kl.shape[:1])}")
     if not (isinstance(coef, (int, float)) and math.isfinite(coef) and coef >= 0):
         raise ValueError(f"coef must be a finite number >= 0, got {coef!r}")
     valid = mask.bool()

@@ -11,6 +11,8 @@ from typing import Literal
 
 import torch
 
+from trainer.shapes import require_matrix, require_shape
+
 __all__ = ["AGG_MODES", "AggMode", "aggregate"]
 
 AggMode = Literal["token_mean", "seq_mean", "seq_sum_const"]
@@ -48,12 +50,8 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: AggMode = "toke
     ``normalizer`` so the micro-batch losses sum to the whole-batch loss; seq_sum_const needs no
     normalizer (its constant already is one) and rejects it.
     """
-    if not isinstance(per_token, torch.Tensor) or per_token.dim() != 2:
-        shape = tuple(per_token.shape) if isinstance(per_token, torch.Tensor) else type(per_token).__name__
-        raise ValueError(f"per_token must be a torch.Tensor of shape [B, T], got {shape}")
-    if not isinstance(mask, torch.Tensor) or mask.shape != per_token.shape:
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask must have shape {tuple(per_token.shape)} (same as per_token), got {shape}")
+    require_matrix("per_token", per_token)
+    require_shape("mask", mask, per_token.shape, f"{tuple(per_token.shape)} (same as per_token)")
     valid = mask.bool()
     if mode not in AGG_MODES:
         raise ValueError(f"mode must be one of {AGG_MODES}, got {mode!r}")

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from trainer.shapes import require_shape
+
 __all__ = ["loglinear_alpha", "loglinear_proximal", "PROX_METHODS"]
 
 PROX_METHODS: tuple[str, ...] = ("recompute", "loglinear")
@@ -76,14 +78,9 @@ def loglinear_proximal(behaviour_logprobs: torch.Tensor, current_logprobs: torch
     for name, t in (("behaviour_logprobs", behaviour_logprobs), ("current_logprobs", current_logprobs)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point torch.Tensor, got {type(t).__name__}")
-    if current_logprobs.shape != behaviour_logprobs.shape:
-        raise ValueError(f"current_logprobs must have shape {tuple(behaviour_logprobs.shape)} (same as "
-                         f"behaviour_logprobs), got {tuple(current_logprobs.shape)}")
-    if not isinstance(token_versions, torch.Tensor) or token_versions.shape != behaviour_logprobs.shape:
-        shape = (tuple(token_versions.shape) if isinstance(token_versions, torch.Tensor)
-                 else type(token_versions).__name__)
-        raise ValueError(f"token_versions must have shape {tuple(behaviour_logprobs.shape)} (same as "
-                         f"behaviour_logprobs), got {shape}")
+    same = f"{tuple(behaviour_logprobs.shape)} (same as behaviour_logprobs)"
+    require_shape("current_logprobs", current_logprobs, behaviour_logprobs.shape, same)
+    require_shape("token_versions", token_versions, behaviour_logprobs.shape, same)
     alpha = loglinear_alpha(token_versions, proximal_version, current_version)
     dtype = torch.promote_types(behaviour_logprobs.dtype, current_logprobs.dtype)
     behav = behaviour_logprobs.detach().to(dtype)

@@ -18,6 +18,7 @@ import math
 import torch
 
 from trainer.advantages import grpo_advantages
+from trainer.shapes import require_shape
 
 __all__ = ["scale_rewards", "clip_rewards", "batch_normalize", "group_normalize", "overlong_penalty",
            "zero_truncated", "uniform_groups"]
@@ -106,10 +107,7 @@ def zero_truncated(rewards: torch.Tensor, truncated: torch.Tensor) -> torch.Tens
     ``overlong_penalty``: a truncated answer is neither right nor wrong, so it teaches nothing.
     """
     rewards = _rewards(rewards)
-    if not isinstance(truncated, torch.Tensor) or truncated.shape != rewards.shape:
-        shape = tuple(truncated.shape) if isinstance(truncated, torch.Tensor) else type(truncated).__name__
-        raise ValueError(f"truncated must be a bool tensor of shape {tuple(rewards.shape)} (same as rewards), "
-                         f"got {shape}")
+    require_shape("truncated", truncated, rewards.shape, f"{tuple(rewards.shape)} (same as rewards)")
     return torch.where(truncated.bool(), torch.zeros_like(rewards), rewards)
 
 
