@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     asyncs = {m: r for m, r in results.items() if m != "sync"}
     best = max(asyncs, key=lambda m: asyncs[m]["samples_per_s"]["mean"]) if asyncs else None
     report = {
-        "command": "python -m benchmarks.async_vs_sync" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python -m benchmarks.async_vs_sync", *(sys.argv[1:] if argv is None else argv)]),
         "config": CONFIG, "extra_overrides": extra, "seeds": seeds, "threshold": threshold,
         "modes": results,
         "best_async": best,

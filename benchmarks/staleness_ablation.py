@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--out", default="", help="keep the runs here (default: a temporary directory)")
+    ap.add_argument("--name", default="staleness_ablation",
+                    help="result file stem under benchmarks/results/ (a variant with overrides gets its own)")
     ap.add_argument("overrides", nargs="*", help="extra key.sub=value overrides for every run")
     args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     bounds = [0, 4] if args.quick else [int(b) for b in args.bounds.split(",")]
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     extra = (QUICK if args.quick else [f"trainer.total_steps={args.steps}"]) + args.overrides
@@ -91,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     dest = RESULTS_DIR if not args.quick else Path(args.out) if args.out else None
     if dest is not None:
         dest.mkdir(parents=True, exist_ok=True)
-        cmd = "python -m benchmarks.staleness_ablation" + (" --quick" if args.quick else f" --steps {args.steps}")
-        (dest / "staleness_ablation.json").write_text(json.dumps(
+        cmd = " ".join(["python -m benchmarks.staleness_ablation", *argv])
+        (dest / f"{args.name}.json").write_text(json.dumps(
             {"command": cmd, "task": "arith (embedded default)", "seeds": seeds, "extra_overrides": extra,
              "rows": rows, "table": md, "benchmark_wall_s": round(time.time() - start, 1)}, indent=1))
-        print(f"wrote {dest / 'staleness_ablation.json'}")
+        print(f"wrote {dest / f'{args.name}.json'}")
     return 0
 
 
