@@ -6,11 +6,12 @@ the trainer trains. Each mode runs the same number of training steps from the sa
 model with the same seeds; we report trained samples per second of RL wall time, trainer busy
 fraction, rollout slot occupancy, time to a reward threshold and the final reward.
 
-    python -m benchmarks.async_vs_sync            # configs/sum_cot.yaml, seeds 0,1 -> results/async_vs_sync.{json,png}
-
 Every mode uses the config's hardware layout (two rollout servers and the trainer, one thread each);
 only run.mode, controller.max_staleness and (async_s2_hard) controller.max_token_staleness change.
-    python -m benchmarks.async_vs_sync --quick    # tiny sums, sync and max_staleness 2, one seed, no result files
+
+    python -m benchmarks.async_vs_sync --seeds 0,1,2   # every mode -> results/async_vs_sync.{json,png}
+    python -m benchmarks.async_vs_sync --modes sync,async_s2 --seeds 0,1,2,3,4,5 --name async_vs_sync_headline
+    python -m benchmarks.async_vs_sync --quick         # tiny sums, sync and max_staleness 2, one seed, no files
 """
 from __future__ import annotations
 
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=None,
                     help="reward threshold for time-to-threshold; default 0.9 x the sync runs' final reward")
     ap.add_argument("--out", default="", help="keep the runs here (default: a temporary directory)")
+    ap.add_argument("--name", default="async_vs_sync",
+                    help="result file stem under benchmarks/results/ (a subset of modes or seeds gets its own)")
     ap.add_argument("overrides", nargs="*", help="extra key.sub=value overrides for every run")
     args = ap.parse_args(argv)
     seeds = [0] if args.quick and args.seeds == "0,1" else [int(s) for s in args.seeds.split(",")]
@@ -158,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     dest = RESULTS_DIR if not args.quick else Path(args.out) if args.out else None
     if dest is not None:
         dest.mkdir(parents=True, exist_ok=True)
-        (dest / "async_vs_sync.json").write_text(json.dumps(report, indent=1))
-        plot(dest / "async_vs_sync.png", curves, threshold)
-        print(f"wrote {dest / 'async_vs_sync.json'}")
+        (dest / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+        plot(dest / f"{args.name}.png", curves, threshold)
+        print(f"wrote {dest / f'{args.name}.json'}")
     return 0
 
 
