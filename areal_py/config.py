@@ -242,11 +242,10 @@ class Config(_Section):
 
     @property
     def effective_max_token_staleness(self) -> int:
-        """The hard per-token limit: max_staleness unless raised; 0 in sync mode."""
-        c = self.controller
-        if self.run.mode == "sync":
-            return 0
-        return c.max_staleness if c.max_token_staleness is None else c.max_token_staleness
+        """The hard per-token limit: the admission bound unless raised (never raised in sync mode)."""
+        if self.run.mode == "sync" or self.controller.max_token_staleness is None:
+            return self.effective_max_staleness
+        return self.controller.max_token_staleness
 
     def run_dir(self) -> Path:
         return Path(self.run.output_dir).expanduser() / self.run.name

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from areal_py.metrics import read_jsonl
 from areal_py.run_stats import RunSummary, summarize_run
-from benchmarks.common import RESULTS_DIR, ROOT, run_areal, try_pyplot
+from benchmarks.common import RESULTS_DIR, ROOT, command_line, run_areal, try_pyplot
 
 CONFIG = "configs/sum_cot.yaml"
 # The async modes admit under max_staleness s and keep the config's raised per-token limit
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     asyncs = {m: r for m, r in results.items() if m != "sync"}
     best = max(asyncs, key=lambda m: asyncs[m]["samples_per_s"]["mean"]) if asyncs else None
     report = {
-        "command": " ".join(["python -m benchmarks.async_vs_sync", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line("benchmarks.async_vs_sync", argv),
         "config": CONFIG, "extra_overrides": extra, "seeds": seeds, "threshold": threshold,
         "modes": results,
         "best_async": best,

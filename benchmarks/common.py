@@ -16,6 +16,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def command_line(module: str, argv: list[str] | None) -> str:
+    """How a benchmark was invoked, for its result file: `python -m <module> <args>`."""
+    return " ".join(["python -m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
 def run_areal(out: Path, name: str, overrides: list[str], config: str | None = None, timeout_s: float = 3600) -> Path:
     """Run one training run to completion (quiet, no dashboard, fresh ports); returns its run directory.
 

@@ -38,6 +38,7 @@ import torch
 import transformers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
+from benchmarks.common import command_line
 from rollout_server.engine import Engine, SamplingParams
 
 EOS = 2
@@ -332,8 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     cb_configs = (args.cb_configs or ("sized" if quick else "auto,sized")).split(",")
 
     results: dict = {
-        "command": "python -m benchmarks.engine_throughput" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
-                                                               if (argv if argv is not None else sys.argv[1:]) else ""),
+        "command": command_line("benchmarks.engine_throughput", argv),
         "quick": quick,
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__, "threads": 2,
                         "cpu": platform.processor() or platform.machine(), "python": platform.python_version()},

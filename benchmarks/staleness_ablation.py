@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from areal_py.run_stats import summarize_run
-from benchmarks.common import RESULTS_DIR, run_areal
+from benchmarks.common import RESULTS_DIR, command_line, run_areal
 
 LOSSES = ("decoupled", "ppo")
 QUICK = ["trainer.total_steps=6", "controller.batch_size=4", "controller.group_size=4"]
@@ -57,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="result file stem under benchmarks/results/ (a variant with overrides gets its own)")
     ap.add_argument("overrides", nargs="*", help="extra key.sub=value overrides for every run")
     args = ap.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
     bounds = [0, 4] if args.quick else [int(b) for b in args.bounds.split(",")]
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     extra = (QUICK if args.quick else [f"trainer.total_steps={args.steps}"]) + args.overrides
@@ -95,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     dest = RESULTS_DIR if not args.quick else Path(args.out) if args.out else None
     if dest is not None:
         dest.mkdir(parents=True, exist_ok=True)
-        cmd = " ".join(["python -m benchmarks.staleness_ablation", *argv])
+        cmd = command_line("benchmarks.staleness_ablation", argv)
         (dest / f"{args.name}.json").write_text(json.dumps(
             {"command": cmd, "task": "arith (embedded default)", "seeds": seeds, "extra_overrides": extra,
              "rows": rows, "table": md, "benchmark_wall_s": round(time.time() - start, 1)}, indent=1))

@@ -9,16 +9,16 @@ where ``version`` is the current global policy version (number of updates so far
 ``accepted`` counts the groups finished and kept over the whole run (including those already
 trained on), and ``running`` counts the groups in flight. Every count is in groups: one prompt's
 n samples are one unit, as ``batch_size`` is. Since the trainer consumes ``batch_size`` groups
-per version, generation never runs more than ``max_staleness`` batches ahead of training; ``max_staleness = 0`` is on-policy (exactly
-``batch_size`` groups per version). Groups that are dropped (filtered, failed) leave
-``accepted + running`` and so free their slot.
+per version, generation never runs more than ``max_staleness`` batches ahead of training;
+``max_staleness = 0`` is on-policy (exactly ``batch_size`` groups per version). Groups that are
+dropped (filtered, failed) leave ``accepted + running`` and so free their slot.
 
 Admission alone does not bound the age of every trained sample: groups finish out of order, and
 a long response admitted at version v may still be generating many versions later while short
-ones fill the batches. The controller therefore also applies a hard limit at batching,
-``within_bound(batch_version, token_versions, max_token_staleness)``, which is ``max_staleness``
-unless raised. Long chain-of-thought wants it raised: AReaL bounds staleness only at admission
-and lets the decoupled objective's behaviour weight correct the older tokens.
+ones fill the batches. The controller therefore also drops, at batching, any group whose
+``sample_staleness(batch_version, token_versions)`` exceeds ``max_token_staleness``, which is
+``max_staleness`` unless raised. Long chain-of-thought wants it raised: AReaL bounds staleness
+only at admission and lets the decoupled objective's behaviour weight correct the older tokens.
 
 A trajectory interrupted by a weight update carries tokens from several versions; its staleness
 is that of its oldest token, since that is the token furthest from the policy being trained.
