@@ -241,9 +241,14 @@ def chart_sections(records: Sequence[Record]) -> list[Section]:
                                     Series("max", step_series(records, "staleness_max"))],
                                    chart_id="staleness", title="token staleness", x_label="step",
                                    y_label="versions", y_min=0.0)))
-    secs.append(Section("reward", "Reward", "Mean reward of each step's batch.",
-                        line_chart([Series("reward_mean", step_series(records, "reward_mean"))], chart_id="reward",
-                                   title="reward mean", x_label="step", y_label="reward")))
+    rewards = [Series("reward_mean", step_series(records, "reward_mean"))]
+    scored = step_series(records, "scored_reward_mean")
+    if scored:  # differs from the batch's reward when dynamic sampling drops all-equal groups
+        rewards.append(Series("scored_reward_mean", scored))
+    secs.append(Section("reward", "Reward", "Mean reward of each step's batch (`reward_mean`) and of everything "
+                        "scored since the previous step, dropped groups included (`scored_reward_mean`).",
+                        line_chart(rewards, chart_id="reward", title="reward mean", x_label="step",
+                                   y_label="reward")))
     for key, label in TRAIN_STATS:
         pts = step_series(records, key)
         if pts or key in ("loss", "clip_fraction", "grad_norm"):

@@ -4,7 +4,8 @@ A synchronous step generates a whole batch, waits for its longest response, then
 the rollout server idles. The asynchronous modes keep generating within `max_staleness` while
 the trainer trains. Each mode runs the same number of training steps from the same cold-started
 model with the same seeds; we report trained samples per second of RL wall time, trainer busy
-fraction, rollout slot occupancy, time to a reward threshold and the final reward.
+fraction, rollout slot occupancy, the machine's CPU busy fraction during the training steps (how
+much of the 2 cores each mode keeps busy), time to a reward threshold and the final reward.
 
 Every mode uses the config's hardware layout (two rollout servers and the trainer, one thread each);
 only run.mode, controller.max_staleness and (async_s2_hard) controller.max_token_staleness change.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from areal_py.metrics import read_jsonl
 from areal_py.run_stats import RunSummary, summarize_run
-from benchmarks.common import RESULTS_DIR, ROOT, command_line, run_areal, try_pyplot
+from benchmarks.common import RESULTS_DIR, ROOT, command_line, machine_cpu_busy, run_areal, try_pyplot
 
 CONFIG = "configs/sum_cot.yaml"
 # The async modes admit under max_staleness s and keep the config's raised per-token limit
@@ -47,16 +48,19 @@ def _spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
 
 
-def mode_summary(runs: list[RunSummary]) -> dict:
-    """Mean and range over seeds of what the issue asks for; per-seed summaries are kept too."""
+def mode_summary(runs: list[RunSummary], cpu_busy: list[float | None]) -> dict:
+    """Mean and range over seeds of what the issue asks for; per-seed summaries are kept too.
+    `cpu_busy`: each run's machine CPU busy fraction during its training steps (benchmarks.common)."""
     def col(attr: str) -> list[float]:
         return [getattr(r, attr) for r in runs if getattr(r, attr) is not None]
 
-    out = {"runs": [r.to_dict() for r in runs]}
+    out = {"runs": [{**r.to_dict(), "machine_cpu_busy": c} for r, c in zip(runs, cpu_busy)]}
     for attr in ("samples_per_s", "trained_tokens_per_s", "trainer_busy", "slot_occupancy", "reward_final",
                  "time_to_threshold_s", "wall_time_s", "response_len_mean", "dropped_stale"):
         vals = col(attr)
         out[attr] = _spread(vals) if vals else None
+    measured = [c for c in cpu_busy if c is not None]
+    out["machine_cpu_busy"] = _spread(measured) if measured else None
     out["reached_threshold"] = f"{len(col('time_to_threshold_s'))}/{len(runs)}"
     return out
 
@@ -128,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"final reward {s.reward_final:.3f} ({time.time() - t0:.0f} s)", flush=True)
         sync_final = statistics.fmean(summarize_run(d).reward_final for d in run_dirs["sync"])
         threshold = args.threshold if args.threshold is not None else round(0.9 * sync_final, 3)
-        results = {m: mode_summary([summarize_run(d, reward_threshold=threshold) for d in dirs])
-                   for m, dirs in run_dirs.items()}
+        results = {m: mode_summary([summarize_run(d, reward_threshold=threshold) for d in dirs],
+                                   [machine_cpu_busy(d) for d in dirs]) for m, dirs in run_dirs.items()}
         curves = {m: [reward_curve(d) for d in dirs] for m, dirs in run_dirs.items()}
 
     sync_sps = results["sync"]["samples_per_s"]["mean"]
@@ -144,14 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         "final_reward": {m: r["reward_final"]["mean"] for m, r in results.items()},
         "benchmark_wall_s": round(time.time() - start, 1),
     }
-    print(f"\n{'mode':10} {'samples/s':>10} {'tokens/s':>9} {'busy':>6} {'slots':>6} {'resp len':>8} "
+    print(f"\n{'mode':10} {'samples/s':>10} {'tokens/s':>9} {'busy':>6} {'slots':>6} {'cpu':>5} {'resp len':>8} "
           f"{'dropped':>7} {'final reward':>20} {'to threshold':>14}")
     for m, r in results.items():
         occ = r["slot_occupancy"]["mean"] if r["slot_occupancy"] else float("nan")
         ttt = r["time_to_threshold_s"]["mean"] if r["time_to_threshold_s"] else float("nan")
+        cpu = r["machine_cpu_busy"]["mean"] if r["machine_cpu_busy"] else float("nan")
         rf = r["reward_final"]
         print(f"{m:10} {r['samples_per_s']['mean']:10.1f} {r['trained_tokens_per_s']['mean']:9.0f} "
-              f"{r['trainer_busy']['mean']:6.2f} {occ:6.2f} {r['response_len_mean']['mean']:8.1f} "
+              f"{r['trainer_busy']['mean']:6.2f} {occ:6.2f} {cpu:5.2f} {r['response_len_mean']['mean']:8.1f} "
               f"{r['dropped_stale']['mean']:7.1f} {rf['mean']:6.3f} [{rf['min']:.3f},{rf['max']:.3f}] "
               f"{ttt:10.0f} s ({r['reached_threshold']})")
     if best:

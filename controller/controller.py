@@ -95,6 +95,7 @@ class Controller:
         self.trainer_done = False
         self.gen_tokens_by_server: dict[str, int] = {}
         self.activity = ActivityTracker()  # servers' generation spans and slot use since the last batch
+        self.scored_reward_sum, self.scored_samples = 0.0, 0  # every sample scored since the last batch
 
     # --- the admission rule ------------------------------------------------------------------------
     @property
@@ -201,6 +202,8 @@ class Controller:
                 continue
             self.running -= 1
             group = self._group(g, handle.result())
+            self.scored_reward_sum += sum(s.reward for s in group.samples)
+            self.scored_samples += len(group.samples)
             if self.cfg.controller.dynamic_sampling and len({s.reward for s in group.samples}) == 1:
                 self.dropped_uniform += 1  # DAPO: no signal in it; capacity frees and a fresh prompt is admitted
                 continue
@@ -275,9 +278,13 @@ class Controller:
                      "dropped_stale": self.dropped_stale, "dropped_uniform": self.dropped_uniform,
                      "reward_timeouts": self.rewards.timeouts, "reward_errors": self.rewards.errors, "generated_tokens": self.generated_tokens}
             activity, spans = self.activity.take(s.server_id for s in self.registry.live())
+            # The reward of everything scored since the last batch, groups dynamic sampling dropped
+            # included: with DAPO the trained batch's reward is biased toward 0.5, this one is not.
+            scored = {"scored_reward_mean": self.scored_reward_sum / self.scored_samples} if self.scored_samples else {}
+            self.scored_reward_sum, self.scored_samples = 0.0, 0
             try:
                 send(self.to_trainer, P.Batch(version=b, groups=groups, state=state, gen_spans=spans,
-                                              stats={"servers_live": len(self.registry.live()), **activity,
+                                              stats={"servers_live": len(self.registry.live()), **activity, **scored,
                                                      **{f"gen_tokens/{k}": v for k, v in self.gen_tokens_by_server.items()}}))
             except zmq.Again:
                 raise WaitTimeout(f"controller: timed out after {self.cfg.trainer.batch_timeout_s:.0f}s "

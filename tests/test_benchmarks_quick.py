@@ -42,6 +42,20 @@ def test_async_vs_sync_quick(tmp_path):
         assert all(r["staleness_max"] <= r["max_token_staleness"] == (0 if name == "sync" else 64) for r in recs)
         assert 0.0 <= modes[name]["reward_final"]["mean"] <= 1.0
         assert 0.0 < modes[name]["trainer_busy"]["mean"] <= 1.0
+        cpu = modes[name]["runs"][0]["machine_cpu_busy"]  # None only if all 6 steps fell within one 0.5 s sample
+        assert cpu is None or 0.0 < cpu <= 1.0
+
+
+def test_busy_fraction_during_steps():
+    """The CPU window runs from the first sample with a step record to the first with the final count."""
+    from benchmarks.common import busy_fraction_during_steps, machine_cpu
+
+    samples = [(100, 200, 0), (150, 300, 1), (250, 400, 3), (300, 500, 5), (320, 600, 5)]  # (busy, total, records)
+    assert busy_fraction_during_steps(samples) == (300 - 150) / (500 - 300)
+    assert busy_fraction_during_steps([(1, 2, 0), (2, 4, 0)]) is None  # no step was written
+    assert busy_fraction_during_steps([(1, 2, 4), (1, 2, 4)]) is None  # no CPU time passed
+    busy, total = machine_cpu()
+    assert 0 <= busy <= total
 
 
 def test_staleness_ablation_quick(tmp_path):

@@ -182,6 +182,11 @@ def test_empty_and_partial_metrics(tmp_path: Path) -> None:
     p = parse(write_report(d))
     assert "no steps yet" not in " ".join(p.text)
     assert series(p, "reward") == [(1.0, rec[0]["reward_mean"])]
+    rec[0]["scored_reward_mean"] = 0.9  # DAPO-style run: both reward lines, each from its own field
+    (d / "metrics.jsonl").write_text(json.dumps(rec[0]) + "\n")
+    p = parse(write_report(d))
+    assert series(p, "reward", "reward_mean") == [(1.0, rec[0]["reward_mean"])]
+    assert series(p, "reward", "scored_reward_mean") == [(1.0, 0.9)]
     assert series(p, "throughput") == []  # one step: no rate yet, chart says "no data"
 
 

@@ -376,3 +376,43 @@ def test_a_raised_token_limit_keeps_long_responses_and_drops_only_past_it(tmp_pa
         assert [g.gid for g in ctrl.ready] == [1]
     finally:
         ctrl.close()
+
+
+def test_scored_reward_counts_what_dynamic_sampling_drops(tmp_path, monkeypatch):
+    """DAPO trains only mixed groups, so the batch reward is biased toward 0.5; the batch also carries the
+    mean reward of everything scored since the previous batch: here groups [1, 1] (dropped) and [0, 1]."""
+    import controller.controller as ctrl_mod
+    from controller.controller import InflightGroup
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=s", *net_overrides(), "controller.batch_size=1",
+                             "controller.group_size=2", "controller.dynamic_sampling=true"])
+    ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
+    sent = []
+    monkeypatch.setattr(ctrl_mod, "send", lambda sock, body, *a, **k: sent.append(body))
+
+    class Done:
+        def __init__(self, rewards: list[float]) -> None:
+            self.rewards = rewards
+
+        def done(self) -> bool:
+            return True
+
+        def result(self) -> list[float]:
+            return self.rewards
+
+    try:
+        task = ArithTask()
+        for gid, rewards in ((0, [1.0, 1.0]), (1, [0.0, 1.0])):
+            res = {i: P.Result(gid=gid, attempt=0, idx=i, output_ids=[2], logprobs=[-0.1], versions=[0],
+                               finish_reason="stop") for i in range(2)}
+            ctrl.scoring.append((InflightGroup(gid, task.prompt(gid), [1, 2], results=res), Done(rewards)))
+            ctrl.running += 1
+        ctrl.harvest_rewards()
+        ctrl.assemble_batches()
+        assert ctrl.dropped_uniform == 1 and [g.gid for g in sent[0].groups] == [1]
+        assert sent[0].stats["scored_reward_mean"] == 0.75  # (1 + 1 + 0 + 1) / 4; the trained group's is 0.5
+        ctrl.ready.append(sent[0].groups[0])
+        ctrl.assemble_batches()  # nothing scored since the last batch: no number rather than a stale one
+        assert "scored_reward_mean" not in sent[1].stats
+    finally:
+        ctrl.close()

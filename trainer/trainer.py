@@ -124,7 +124,8 @@ class Trainer:
             hist[str(s)] = hist.get(str(s), 0) + 1
         record: dict[str, Any] = {
             "step": self.version, "version": self.version, "wall_time_s": round(self.wall_time(), 3),
-            "reward_mean": float(batch.rewards.mean()), "response_len_mean": float(batch.response_lengths.float().mean()),
+            "reward_mean": float(batch.rewards.mean()), **self._scored_reward(wire),
+            "response_len_mean": float(batch.response_lengths.float().mean()),
             "staleness_mean": float(token_stale.float().mean()) if token_stale.numel() else 0.0,
             "staleness_max": int(token_stale.max()) if token_stale.numel() else 0,
             "sample_staleness_hist": hist, "max_staleness": self.cfg.effective_max_staleness,
@@ -143,6 +144,13 @@ class Trainer:
         self._export(record, stats, wait_s, train_s, publish_s, trained)
         log.info("step %d reward %.3f staleness max %d loss %.4f", self.version, record["reward_mean"],
                  record["staleness_max"], stats["loss"])
+
+    @staticmethod
+    def _scored_reward(wire: P.Batch) -> dict[str, float]:
+        """Mean reward of every sample the controller scored since the previous batch, those dynamic
+        sampling dropped included (absent if none was scored in between)."""
+        v = wire.stats.get("scored_reward_mean")
+        return {} if v is None else {"scored_reward_mean": round(v, 6)}
 
     @staticmethod
     def _export(record: dict, stats: dict, wait_s: float, train_s: float, publish_s: float, trained: int) -> None:
