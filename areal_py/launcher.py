@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,8 +55,35 @@ def latest_run_name(output_dir: Path) -> str:
     return max(runs, key=lambda d: (d / "checkpoints" / "latest").stat().st_mtime).name
 
 
+def busy_ports(cfg: Config) -> list[str]:
+    """`key=port` for every port this run will listen on that something on this machine already holds.
+
+    Two runs on the same ports do not fail on their own: a second trainer's PULL socket joins the
+    first run's batch stream and silently takes every other batch. So the launcher refuses to start.
+    """
+    wanted = {f"net.{k}_port": getattr(cfg.net, f"{k}_port") for k in ("rollout", "weights", "trainer", "batch")}
+    if cfg.run.dashboard_port:
+        wanted["run.dashboard_port"] = cfg.run.dashboard_port
+    if cfg.run.metrics_port:  # controller, trainer, then one per rollout server
+        for i in range(2 + cfg.rollout.num_servers):
+            wanted[f"run.metrics_port+{i}"] = cfg.run.metrics_port + i
+    busy = []
+    for key, port in wanted.items():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to reuse
+            try:
+                s.bind((cfg.net.bind_host, port))
+            except OSError:
+                busy.append(f"{key}={port}")
+    return busy
+
+
 def prepare_run(config: str | None, overrides: list[str], resume: bool) -> Config:
     cfg = load_config(config, overrides)
+    busy = busy_ports(cfg)
+    if busy:
+        raise ConfigError(f"already in use on {cfg.net.bind_host}: {', '.join(busy)} (another areal-py run?); "
+                          "stop it or override these keys with free ports")
     if cfg.run.tensorboard:  # fail before any process starts, not in the trainer's log
         try:
             require_tensorboard()

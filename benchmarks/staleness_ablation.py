@@ -32,15 +32,15 @@ QUICK = ["trainer.total_steps=6", "controller.batch_size=4", "controller.group_s
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown table: one row per bound, final reward and samples/s for both objectives."""
+    """Markdown table: one row per bound, final reward (mean ± standard error over seeds) and samples/s."""
     head = ("| max_staleness | staleness seen (max) | decoupled: final reward | naive PPO: final reward "
             "| decoupled: samples/s | naive PPO: samples/s |\n|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         d, p = r["decoupled"], r["ppo"]
         lines.append(f"| {r['max_staleness']} | {max(d['staleness_max'], p['staleness_max'])} "
-                     f"| {d['reward_final']:.3f} ± {d['reward_final_spread']:.3f} "
-                     f"| {p['reward_final']:.3f} ± {p['reward_final_spread']:.3f} "
+                     f"| {d['reward_final']:.3f} ± {d['reward_final_sem']:.3f} "
+                     f"| {p['reward_final']:.3f} ± {p['reward_final_sem']:.3f} "
                      f"| {d['samples_per_s']:.0f} | {p['samples_per_s']:.0f} |")
     return "\n".join(lines)
 
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                 finals = [s.reward_final for s in sums]
                 row[loss] = {
                     "reward_final": statistics.fmean(finals),
-                    "reward_final_spread": (max(finals) - min(finals)) / 2,
+                    # standard error of the mean over seeds (with two seeds: half their difference)
+                    "reward_final_sem": statistics.stdev(finals) / len(finals) ** 0.5 if len(finals) > 1 else 0.0,
                     "reward_final_per_seed": finals,
                     "reward_first": statistics.fmean(s.reward_first for s in sums),
                     "samples_per_s": statistics.fmean(s.samples_per_s for s in sums),

@@ -176,6 +176,21 @@ def test_server_death_redispatches(tmp_path, small_cfg):
     assert "declared dead" in (tmp_path / "runs" / "t" / "logs" / "controller.log").read_text()
 
 
+def test_a_run_on_ports_already_in_use_is_refused(tmp_path, small_cfg):
+    """A second run on the first one's ports would share its batch stream; the launcher refuses before
+    creating anything, naming the key and the port."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        res = run_cli(["run", "--quiet", *small_cfg, f"net.batch_port={port}"], timeout=60)
+    assert res.returncode != 0
+    assert f"net.batch_port={port}" in res.stderr and "already in use" in res.stderr, res.stderr
+    assert not (tmp_path / "runs" / "t").exists()
+
+
 def test_ctrl_c_stops_everything(tmp_path, small_cfg):
     proc = _long_run(small_cfg)
     try:
