@@ -63,6 +63,9 @@ class Targets:
     ref: torch.Tensor | None = None        # [S, T] reference-model logprobs
     old_values: torch.Tensor | None = None  # [S, T]
     returns: torch.Tensor | None = None    # [S, T]
+    # One optimizer update per batch: the weights being trained ARE the proximal weights, so the
+    # training forward's own (detached) logprobs are the proximal logprobs and `prox` is not computed.
+    prox_is_current: bool = False
 
 
 def advantages(batch: RolloutBatch, rewards: torch.Tensor, group_size: int, algo: AlgoConfig, kl_coef: float,
@@ -136,7 +139,7 @@ def micro_batch_loss(logp: torch.Tensor, entropy: torch.Tensor | None, mb: Rollo
         prox = loglinear_proximal(behav, logp.detach(), mb.token_versions, proximal_version, proximal_version + 1)
         behav_arg = behav
     else:
-        prox, behav_arg = t.prox, behav
+        prox, behav_arg = (logp.detach() if t.prox_is_current else t.prox), behav
     norm = norms.for_agg(algo.loss_agg)
     agg = {"agg_mode": algo.loss_agg, "agg_const": ls.agg_const, "normalizer": norm}
     if algo.loss == "gspo":

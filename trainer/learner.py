@@ -39,6 +39,9 @@ class Learner:
             self.critic = ValueModel(model_dir, dtype=next(model.parameters()).dtype)
             self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=self.algo.critic_lr)
         self.loss_settings = A.LossSettings(t.eps_clip, t.eps_clip_high, t.behav_cap, t.behav_mode, None)
+        # With one update per batch the proximal logprobs come from the training forward itself (exact,
+        # one forward pass fewer per step); False forces the separate recompute (tests compare the two).
+        self.prox_from_training_forward = True
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """What a checkpoint must hold (the reference is the initial policy: rebuilt, not saved)."""
@@ -93,13 +96,15 @@ class Learner:
         # Every token from the version being trained (sync mode, or max_staleness=0): the behaviour
         # policy IS the proximal policy, so the recompute forward is skipped (AReaL does the same).
         on_policy = not bool((sub.token_versions[sub.loss_mask.bool()] != version).any())
-        prox, ref, old_values = self._fixed(sub, need_prox and not on_policy)
+        # One update per batch: the proximal policy is the policy being trained, read off its own forward.
+        from_forward = need_prox and not on_policy and t.ppo_minibatches == 1 and self.prox_from_training_forward
+        prox, ref, old_values = self._fixed(sub, need_prox and not on_policy and not from_forward)
         if need_prox and on_policy:
             prox = sub.behav_logprobs
-        stats["prox_skipped"] = float(need_prox and on_policy)
+        stats["prox_skipped"] = float(need_prox and (on_policy or from_forward))
         stats["prox_time_s"] = time.perf_counter() - t0
         adv, returns = A.advantages(sub, rewards[rows], n, algo, self.kl_ctl.coef, ref, old_values)
-        targets = A.Targets(adv, prox, ref, old_values, returns)
+        targets = A.Targets(adv, prox, ref, old_values, returns, prox_is_current=from_forward)
         if algo.loss_agg == "seq_sum_const":
             self.loss_settings.agg_const = algo.loss_agg_const or float(sub.num_samples * cfg.rollout.max_new_tokens)
         for minibatch in torch.arange(sub.num_samples).chunk(t.ppo_minibatches):
@@ -123,7 +128,8 @@ class Learner:
             mb = sub.rows(idx, trim=True)
             width = mb.loss_mask.shape[1]
             tmb = A.Targets(*(None if x is None else x[idx, :width] for x in
-                              (tg.advantages, tg.prox, tg.ref, tg.old_values, tg.returns)))
+                              (tg.advantages, tg.prox, tg.ref, tg.old_values, tg.returns)),
+                            prox_is_current=tg.prox_is_current)
             logp, entropy = token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature,
                                            with_entropy=algo.entropy_coef > 0)
             loss, s = A.micro_batch_loss(logp, entropy, mb, tmb, version, algo, self.loss_settings,
