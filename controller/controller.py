@@ -27,8 +27,9 @@ from areal_py.reward_pool import RewardHandle, RewardPool
 from areal_py.tasks import Prompt, Task
 from areal_py.transport import WaitTimeout, make_socket, parse, recv, reject, send
 from controller.activity import ActivityTracker
+from controller.batching import pick_batch
 from controller.servers import ServerRegistry, ServerState
-from controller.staleness import admission_capacity, sample_staleness
+from controller.staleness import admission_capacity
 
 log = logging.getLogger("controller")
 ROLE = "controller"
@@ -254,24 +255,17 @@ class Controller:
 
     # --- batches -----------------------------------------------------------------------------------
     def assemble_batches(self) -> None:
-        """Batch b is trained at trainer version b; a group whose oldest token is older than
-        `max_token_staleness` for it is dropped.
-
-        Oldest first (earliest deadline first): a long response finishes late but old, and would miss
-        its last admissible batch behind fresh short ones if batches were filled in completion order.
-        """
+        """Send every batch the ready groups can fill (selection rule: `controller.batching`)."""
         while len(self.ready) >= self.batch_size and self.next_batch_version < self.total_steps:
             b = self.next_batch_version
-            aged = [(sample_staleness(b, [v for s in g.samples for v in s.versions]), g) for g in self.ready]
-            aged.sort(key=lambda x: -x[0])  # stable: equally old groups keep their completion order
-            kept = [(age, g) for age, g in aged if age <= self.max_token_staleness]
-            self.dropped_stale += len(aged) - len(kept)
-            self.accepted -= len(aged) - len(kept)
-            self.ready = deque(g for _, g in kept)
-            if len(self.ready) < self.batch_size:
+            pick = pick_batch(self.ready, b, self.batch_size, self.max_token_staleness)
+            self.dropped_stale += pick.dropped
+            self.accepted -= pick.dropped
+            self.ready = deque(pick.remaining)
+            if not pick.groups:
                 return
-            groups = [self.ready.popleft() for _ in range(self.batch_size)]
-            for age, _ in kept[: self.batch_size]:
+            groups = pick.groups
+            for age in pick.ages:
                 M.sample_staleness.observe(age)
             M.reward_mean.set(sum(s.reward for g in groups for s in g.samples) / (self.batch_size * self.n))
             state = {"data_position": self.data_position, "accepted": self.accepted, "running": self.running,
