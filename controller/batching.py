@@ -9,8 +9,8 @@ last admissible batch behind fresh short ones if batches were filled in completi
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from areal_py import protocol as P
 from controller.staleness import sample_staleness
