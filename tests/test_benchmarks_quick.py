@@ -66,3 +66,30 @@ def test_staleness_ablation_quick(tmp_path):
             assert row[loss]["staleness_max"] <= row["max_staleness"]
             assert row[loss]["samples_per_s"] > 0
     assert "| 4 |" in rep["table"]
+
+
+def test_staleness_ablation_merge_pools_seeds_exactly():
+    """Two seeds earlier + two now: final rewards pooled per seed, other columns seed-weighted."""
+    from benchmarks.staleness_ablation import check_mergeable, merge, objective_summary
+
+    def row(bound: int, finals: list[float], sps: float, smax: int) -> dict:
+        cols = {"reward_first": 0.4, "samples_per_s": sps, "staleness_max": smax, "staleness_mean": smax / 2}
+        return {"max_staleness": bound, "decoupled": objective_summary(finals, cols),
+                "ppo": objective_summary(finals, cols)}
+
+    earlier = {"command": "old", "seeds": [0, 1], "extra_overrides": ["x=1"], "rows": [row(2, [0.8, 0.6], 100.0, 2)]}
+    check_mergeable(earlier, [2], [2, 3], ["x=1"])
+    rows, seeds = merge(earlier, [row(2, [0.5, 0.7], 200.0, 1)], [2, 3])
+    d = rows[0]["decoupled"]
+    assert seeds == [0, 1, 2, 3]
+    assert d["reward_final_per_seed"] == [0.8, 0.6, 0.5, 0.7]
+    assert d["reward_final"] == pytest.approx(0.65)
+    # sample sd of (0.8, 0.6, 0.5, 0.7) = sqrt(0.05 / 3); standard error = that / 2
+    assert d["reward_final_sem"] == pytest.approx((0.05 / 3) ** 0.5 / 2)
+    assert d["samples_per_s"] == pytest.approx(150.0) and d["staleness_max"] == 2
+    assert d["staleness_mean"] == pytest.approx(0.75)
+    for bad, match in (((["x=2"], [2, 3], [2]), "overrides"), ((["x=1"], [1, 2], [2]), "seeds \\[1\\]"),
+                       ((["x=1"], [2, 3], [2, 4]), "bounds")):
+        extra, new_seeds, bounds = bad
+        with pytest.raises(SystemExit, match=match):
+            check_mergeable(earlier, bounds, new_seeds, extra)
