@@ -138,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     if dest is not None:
         dest.mkdir(parents=True, exist_ok=True)
         cmd = command_line("benchmarks.staleness_ablation", argv)
-        (dest / f"{args.name}.json").write_text(json.dumps(
-            {"command": cmd, "task": "arith (embedded default)", "seeds": seeds, "extra_overrides": extra,
-             "rows": rows, "table": md,
-             **({"merged_from": earlier["command"], "seeds_run_by_this_command": new_seeds} if earlier else {}), "benchmark_wall_s": round(time.time() - start, 1)}, indent=1))
+        report = {"command": cmd, "task": "arith (embedded default)", "seeds": seeds, "extra_overrides": extra,
+                  "rows": rows, "table": md, "benchmark_wall_s": round(time.time() - start, 1)}
+        if earlier is not None:
+            report |= {"merged_from": earlier["command"], "seeds_run_by_this_command": new_seeds}
+        (dest / f"{args.name}.json").write_text(json.dumps(report, indent=1))
         print(f"wrote {dest / f'{args.name}.json'}")
     return 0
 
