@@ -67,6 +67,22 @@ def _padded(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torc
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def lr_factor(step: int, steps: int, warmup_steps: int, final_lr_ratio: float) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up, then cosine decay.
+
+        f = (step + 1) / warmup                                          while step + 1 < warmup
+        f = r + (1 - r) * (1 + cos(pi * t)) / 2,  t = (step + 1 - warmup) / (steps - warmup)   after
+
+    with r = final_lr_ratio; r = 1 keeps the lr constant after warm-up. A long cold start ends at a
+    small lr so it settles instead of hopping between solutions (see configs/sum_cot.yaml).
+    """
+    warm = max(1, warmup_steps)
+    if step + 1 < warm:
+        return (step + 1) / warm
+    t = min(1.0, (step + 1 - warm) / max(1, steps - warm))
+    return final_lr_ratio + (1.0 - final_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def cold_start(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -77,11 +93,13 @@ def cold_start(
     lr: float = 2e-3,
     betas: tuple[float, float] = (0.9, 0.98),
     warmup_steps: int = 30,
+    final_lr_ratio: float = 1.0,
     label_noise: float = DEFAULT_LABEL_NOISE,
     seed: int = 0,
     max_tokens_per_micro_batch: int = 8192,
 ) -> dict:
-    """SFT in place with AdamW and linear warm-up; returns {steps, seconds, first/final loss}.
+    """SFT in place with AdamW, linear warm-up and optional cosine decay (`lr_factor`); returns
+    {steps, seconds, first/final loss}.
 
     The loss is the mean over every target token of the batch, accumulated over length-sorted
     micro-batches (`pack_by_padded_tokens`) so a long-tailed task is not padded to its longest.
@@ -90,13 +108,15 @@ def cold_start(
         raise ValueError(f"steps must be >= 0, got {steps}")
     if not 0.0 <= label_noise <= 1.0:
         raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
+    if not 0.0 <= final_lr_ratio <= 1.0:
+        raise ValueError(f"final_lr_ratio must be in [0, 1], got {final_lr_ratio}")
     rng = random.Random(f"cold_start:{seed}")
     eos = eos_token_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps))
+        optimizer, lambda s: lr_factor(s, steps, warmup_steps, final_lr_ratio)
     )
     model.train()
     losses: list[float] = []
@@ -195,6 +215,7 @@ class _Settings:
     warmup_steps: int
     batch_size: int
     seed: int
+    final_lr_ratio: float = 1.0
     version: int = CACHE_VERSION
 
     def key(self) -> str:
@@ -217,6 +238,7 @@ def prepare_embedded_model(
     lr: float = 2e-3,
     betas: tuple[float, float] = (0.9, 0.98),
     warmup_steps: int = 30,
+    final_lr_ratio: float = 1.0,
     batch_size: int = 64,
     seed: int = 0,
 ) -> Path:
@@ -237,6 +259,7 @@ def prepare_embedded_model(
         warmup_steps=warmup_steps,
         batch_size=batch_size,
         seed=seed,
+        final_lr_ratio=final_lr_ratio,
     )
     cache_dir = Path(cache_dir)
     final = cache_dir / f"embedded-{settings.key()}"
@@ -256,6 +279,7 @@ def prepare_embedded_model(
             lr=lr,
             betas=betas,
             warmup_steps=warmup_steps,
+            final_lr_ratio=final_lr_ratio,
             label_noise=label_noise,
             seed=seed,
         )

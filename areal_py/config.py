@@ -55,7 +55,11 @@ class ColdStartConfig(_Section):
     steps: int = Field(120, ge=0, description="Supervised steps teaching the answer format to the embedded model.")
     batch_size: int = Field(64, ge=1, description="Cold-start batch size.")
     lr: float = Field(2e-3, gt=0, description="Cold-start learning rate.")
+    final_lr_ratio: float = Field(1.0, ge=0, le=1, description="Cosine-decay the cold-start lr after warm-up to this "
+                                  "fraction of `lr` by the last step; 1 keeps it constant.")
     label_noise: float = Field(0.2, ge=0, le=1, description="Fraction of corrupted labels, so RL has room to improve.")
+    seed: int | None = Field(None, description="Seed of the embedded model's init and cold start; null = run.seed. "
+                             "Fix it to compare RL runs of several seeds from one starting model.")
 
 
 class TaskConfig(_Section):
@@ -68,6 +72,10 @@ class TaskConfig(_Section):
     max_terms: int = Field(120, ge=1, description="sum_cot: most numbers to add (the long tail is cut here).")
     tail_alpha: float = Field(1.1, gt=0, description="sum_cot: Pareto exponent of the number of terms "
                               "(smaller = heavier tail of long responses).")
+    sft_max_terms: int = Field(0, ge=0, description="sum_cot: most terms in the cold-start data (0 = task.max_terms). "
+                               "Short sums teach a tiny model to find the i-th term far faster than the long tail.")
+    sft_tail_alpha: float = Field(0.0, ge=0, description="sum_cot: Pareto exponent of the cold-start data's number "
+                                  "of terms (0 = task.tail_alpha; smaller puts more mass on sft_max_terms).")
     path: str = Field("", description="jsonl: file with one {\"prompt\": ..., \"answer\": ...} object per line.")
     prompt_key: str = Field("prompt", description="jsonl: key of the prompt text.")
     answer_key: str = Field("answer", description="jsonl: key of the reference answer.")
@@ -226,6 +234,9 @@ class Config(_Section):
         t = self.task
         if t.min_terms > t.max_terms:
             raise ValueError("task.min_terms must be <= task.max_terms")
+        if t.sft_max_terms and not t.min_terms <= t.sft_max_terms <= t.max_terms:
+            raise ValueError(f"task.sft_max_terms={t.sft_max_terms} must be 0 or within task.min_terms..task.max_terms "
+                             f"({t.min_terms}..{t.max_terms}): the cold start must fit the model's context")
         need_new = max_response_chars(t.max_terms) + 1  # + EOS
         if self.rollout.max_new_tokens < need_new:
             raise ValueError(f"rollout.max_new_tokens={self.rollout.max_new_tokens} is too small for "

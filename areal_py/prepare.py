@@ -7,14 +7,16 @@ from areal_py.config import Config
 from areal_py.tasks import SftTask, Task, make_task
 
 
-def build_task(cfg: Config) -> Task:
+def build_task(cfg: Config, seed: int | None = None) -> Task:
+    """The configured task, seeded with `seed` (default: run.seed)."""
     t = cfg.task
+    seed = cfg.run.seed if seed is None else seed
     if t.name == "arith":
-        return make_task("arith", min_operand=t.min_operand, max_operand=t.max_operand, seed=cfg.run.seed)
+        return make_task("arith", min_operand=t.min_operand, max_operand=t.max_operand, seed=seed)
     if t.name == "sum_cot":
-        return make_task("sum_cot", min_terms=t.min_terms, max_terms=t.max_terms, alpha=t.tail_alpha,
-                         seed=cfg.run.seed)
-    return make_task("jsonl", path=t.path, prompt_key=t.prompt_key, answer_key=t.answer_key, seed=cfg.run.seed)
+        return make_task("sum_cot", min_terms=t.min_terms, max_terms=t.max_terms, alpha=t.tail_alpha, seed=seed,
+                         sft_max_terms=t.sft_max_terms or None, sft_alpha=t.sft_tail_alpha or None)
+    return make_task("jsonl", path=t.path, prompt_key=t.prompt_key, answer_key=t.answer_key, seed=seed)
 
 
 def model_path(cfg: Config) -> Path:
@@ -28,13 +30,15 @@ def model_path(cfg: Config) -> Path:
     from areal_py.models import EmbeddedModelSpec
 
     e = cfg.model.embedded
+    cs = cfg.cold_start
+    seed = cfg.run.seed if cs.seed is None else cs.seed
     spec = EmbeddedModelSpec(hidden_size=e.hidden_size, num_layers=e.num_layers, num_heads=e.num_heads,
                              num_kv_heads=e.num_heads, intermediate_size=e.intermediate_size,
-                             max_position_embeddings=e.max_position_embeddings, seed=cfg.run.seed)
-    task = build_task(cfg)
+                             max_position_embeddings=e.max_position_embeddings, seed=seed)
+    task = build_task(cfg, seed)
     if not isinstance(task, SftTask):
         raise ValueError(f"the embedded model is cold-started on a synthetic task (arith, sum_cot); "
                          f"task.name={cfg.task.name} needs model.path")  # noqa: TRY004 - a config error
-    cs = cfg.cold_start
     return prepare_embedded_model(Path(cfg.model.cache_dir).expanduser(), spec, task=task, steps=cs.steps,
-                                  label_noise=cs.label_noise, lr=cs.lr, batch_size=cs.batch_size, seed=cfg.run.seed)
+                                  label_noise=cs.label_noise, lr=cs.lr, final_lr_ratio=cs.final_lr_ratio,
+                                  batch_size=cs.batch_size, seed=seed)

@@ -29,6 +29,15 @@ def response_for(terms: list[int]) -> str:
     return ",".join(sums) + ANSWER_SEP + str(total)
 
 
+def num_terms(rng: random.Random, min_terms: int, max_terms: int, alpha: float) -> int:
+    """k = min(max_terms, floor(min_terms / U ** (1 / alpha))), U ~ Uniform(0, 1].
+
+    So P(k >= x) = (min_terms / x) ** alpha for min_terms <= x <= max_terms: the tail mass is cut at max_terms.
+    """
+    u = 1.0 - rng.random()  # in (0, 1]
+    return min(max_terms, int(min_terms / u ** (1.0 / alpha)))
+
+
 def max_response_chars(max_terms: int, max_digit: int = 9) -> int:
     """Longest possible reference response for `max_terms` terms (all terms = max_digit)."""
     return len(response_for([max_digit] * max_terms))
@@ -39,7 +48,8 @@ class SumCotTask:
 
     name = "sum_cot"
 
-    def __init__(self, min_terms: int = 3, max_terms: int = 120, alpha: float = 1.1, seed: int = 0) -> None:
+    def __init__(self, min_terms: int = 3, max_terms: int = 120, alpha: float = 1.1, seed: int = 0,
+                 sft_max_terms: int | None = None, sft_alpha: float | None = None) -> None:
         if not 1 <= min_terms <= max_terms:
             raise ValueError(f"need 1 <= min_terms <= max_terms, got {min_terms}..{max_terms}")
         if alpha <= 0:
@@ -48,10 +58,17 @@ class SumCotTask:
         self.max_terms = max_terms
         self.alpha = alpha
         self.seed = seed
+        # The cold-start data may come from a shorter distribution than the RL prompts: a tiny model
+        # learns to find the i-th term on short sums and carries it over to longer ones.
+        self.sft_max_terms = max_terms if sft_max_terms is None else sft_max_terms
+        self.sft_alpha = alpha if sft_alpha is None else sft_alpha
+        if not min_terms <= self.sft_max_terms:
+            raise ValueError(f"need sft_max_terms >= min_terms={min_terms}, got {self.sft_max_terms}")
+        if self.sft_alpha <= 0:
+            raise ValueError(f"sft_alpha must be > 0, got {self.sft_alpha}")
 
     def num_terms(self, rng: random.Random) -> int:
-        u = 1.0 - rng.random()  # in (0, 1]
-        return min(self.max_terms, int(self.min_terms / u ** (1.0 / self.alpha)))
+        return num_terms(rng, self.min_terms, self.max_terms, self.alpha)
 
     def terms(self, index: int) -> list[int]:
         rng = random.Random(f"sum_cot:{self.seed}:{index}")
@@ -67,13 +84,14 @@ class SumCotTask:
         return 1.0 if response_text.rsplit(ANSWER_SEP, 1)[1] == prompt.answer else 0.0
 
     def sft_example(self, rng: random.Random, label_noise: float) -> tuple[str, str]:
-        """A (prompt, target) pair for the cold start, drawn from the RL distribution.
+        """A (prompt, target) pair for the cold start, k drawn with (sft_max_terms, sft_alpha).
 
         With probability `label_noise` one term is silently changed in the worked solution, so the
         partial sums from there on and the answer are wrong but consistent: the format is taught
         perfectly while accuracy stays below 100%, leaving room for RL.
         """
-        terms = [rng.randint(0, 9) for _ in range(self.num_terms(rng))]
+        k = num_terms(rng, self.min_terms, self.sft_max_terms, self.sft_alpha)
+        terms = [rng.randint(0, 9) for _ in range(k)]
         prompt = "+".join(map(str, terms)) + "="
         worked = list(terms)
         if rng.random() < label_noise:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from areal_py.cold_start import cold_start, evaluate, prepare_embedded_model
+from areal_py.cold_start import cold_start, evaluate, lr_factor, prepare_embedded_model
 from areal_py.models import EmbeddedModelSpec, create_embedded_model, load_model_and_tokenizer
 from areal_py.tasks import ArithTask
 
@@ -60,3 +60,24 @@ def test_prepare_embedded_model_concurrent_calls(tmp_path: Path) -> None:
         paths = list(pool.map(lambda _: prepare_embedded_model(tmp_path, SMALL, **kwargs), range(2)))
     assert paths[0] == paths[1]
     assert [p.name for p in tmp_path.iterdir()] == [paths[0].name]  # no temp dirs left
+
+
+def test_cold_start_seed_shares_one_starting_model_across_run_seeds(tmp_path: Path) -> None:
+    """cold_start.seed fixed: RL runs of different run.seed start from the same cached model."""
+    from areal_py.config import load_config
+    from areal_py.prepare import model_path
+
+    tiny = [f"model.cache_dir={tmp_path}", "cold_start.steps=0", "model.embedded.hidden_size=32",
+            "model.embedded.num_layers=1", "model.embedded.num_heads=2", "model.embedded.intermediate_size=64"]
+    shared = {model_path(load_config(None, [*tiny, f"run.seed={s}", "cold_start.seed=7"])) for s in (0, 1)}
+    own = {model_path(load_config(None, [*tiny, f"run.seed={s}"])) for s in (0, 1)}
+    assert len(shared) == 1 and len(own) == 2 and not shared & own
+
+
+def test_lr_factor_warms_up_then_decays_to_the_final_ratio() -> None:
+    """Hand-computed for 10 steps, warm-up 2, r = 0.1: 0.5, 1.0, ..., mid-way 0.1 + 0.9/2, last 0.1."""
+    f = [lr_factor(s, 10, 2, 0.1) for s in range(10)]
+    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0)
+    assert f[5] == pytest.approx(0.55) and f[9] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[1:], f[2:]))  # monotone after warm-up
+    assert [lr_factor(s, 10, 2, 1.0) for s in range(10)] == [0.5] + [1.0] * 9  # r = 1: the old constant lr

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from areal_py.cold_start import _padded, _sft_rows, cold_start
+from areal_py.cold_start import _padded, _sft_rows, cold_start, task_identity
 from areal_py.config import ConfigError, load_config
 from areal_py.models import EmbeddedModelSpec, create_embedded_model, load_model_and_tokenizer
-from areal_py.sum_cot import SumCotTask, max_response_chars, response_for
+from areal_py.prepare import build_task
+from areal_py.sum_cot import SumCotTask, max_response_chars, num_terms, response_for
 from areal_py.tasks import SftTask, make_task
 from trainer.micro_batching import pack_by_padded_tokens
 
@@ -78,6 +79,31 @@ def test_sft_examples_with_noise_stay_consistent() -> None:
     assert all(t.split(";")[1] == str(sum(int(x) for x in p.rstrip("=").split("+"))) for p, t in clean)
 
 
+def test_num_terms_follows_the_truncated_pareto_law() -> None:
+    """P(k >= x) = (min_terms / x) ** alpha below the cut; all the mass above max_terms sits at max_terms."""
+    rng = random.Random(0)
+    ks = [num_terms(rng, 3, 12, 0.5) for _ in range(20_000)]
+    assert min(ks) == 3 and max(ks) == 12
+    for x, expected in ((3, 1.0), (4, (3 / 4) ** 0.5), (6, (3 / 6) ** 0.5), (12, (3 / 12) ** 0.5)):
+        assert abs(sum(k >= x for k in ks) / len(ks) - expected) < 0.015, x
+    assert num_terms(random.Random(1), 5, 5, 1.1) == 5
+
+
+def test_cold_start_data_can_be_shorter_than_the_rl_prompts() -> None:
+    """sft_max_terms / sft_alpha shape only the cold-start examples; the RL prompts keep the long tail."""
+    task = SumCotTask(max_terms=120, sft_max_terms=12, sft_alpha=0.5)
+    rng = random.Random(0)
+    sft_k = [len(task.sft_example(rng, 0.0)[0].rstrip("=").split("+")) for _ in range(2000)]
+    assert max(sft_k) == 12 and 0.4 < sum(k == 12 for k in sft_k) / len(sft_k) < 0.6  # (3/12)^0.5 = 0.5
+    rl_k = [len(task.terms(i)) for i in range(2000)]
+    assert max(rl_k) > 60
+    assert SumCotTask(max_terms=20).sft_max_terms == 20  # default: the RL distribution
+    with pytest.raises(ValueError, match="sft_max_terms"):
+        SumCotTask(min_terms=3, sft_max_terms=2)
+    with pytest.raises(ValueError, match="sft_alpha"):
+        SumCotTask(sft_alpha=0.0)
+
+
 def test_make_task_and_protocol() -> None:
     task = make_task("sum_cot", min_terms=2, max_terms=5, alpha=2.0, seed=1)
     assert isinstance(task, SftTask) and task.max_terms == 5
@@ -96,6 +122,18 @@ def test_config_rejects_lengths_that_cannot_hold_the_longest_answer() -> None:
         load_config(str(ROOT / "configs/sum_cot.yaml"), ["model.embedded.max_position_embeddings=300"])
     with pytest.raises(ConfigError, match="task.name"):
         load_config(None, ["task.name=sums"])
+    with pytest.raises(ConfigError, match="task.sft_max_terms=200"):
+        load_config(str(ROOT / "configs/sum_cot.yaml"), ["task.sft_max_terms=200"])
+
+
+def test_cold_start_distribution_reaches_the_task_and_the_cache_key() -> None:
+    """A different cold-start distribution must build a different cached model, not reuse the old one."""
+    base = load_config(str(ROOT / "configs/sum_cot.yaml"), ["task.sft_max_terms=0", "task.sft_tail_alpha=0"])
+    short = load_config(str(ROOT / "configs/sum_cot.yaml"), ["task.sft_max_terms=12", "task.sft_tail_alpha=0.5"])
+    t_base, t_short = build_task(base), build_task(short)
+    assert (t_base.sft_max_terms, t_base.sft_alpha) == (base.task.max_terms, base.task.tail_alpha)
+    assert (t_short.sft_max_terms, t_short.sft_alpha) == (12, 0.5)
+    assert task_identity(t_base) != task_identity(t_short)
 
 
 @pytest.fixture(scope="module")
