@@ -81,6 +81,24 @@ def speedup(results: dict[str, dict]) -> dict:
             "speedup_tokens": asyncs[best]["trained_tokens_per_s"]["mean"] / sync["trained_tokens_per_s"]["mean"]}
 
 
+def reward_gap(results: dict[str, dict]) -> dict[str, dict]:
+    """Each async mode's final reward minus sync's, paired by seed: does async reach the sync reward?
+
+        d_i = final_async(seed i) - final_sync(seed i),   gap = mean(d),   sem = stdev(d) / sqrt(n)
+
+    Pairing removes what a seed shares across modes (its cold start and prompt order) from the noise.
+    """
+    sync = [r["reward_final"] for r in results["sync"]["runs"]]
+    out = {}
+    for mode, res in results.items():
+        if mode == "sync":
+            continue
+        diffs = [r["reward_final"] - s for r, s in zip(res["runs"], sync)]
+        out[mode] = {"per_seed": diffs, "mean": statistics.fmean(diffs),
+                     "sem": statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None}
+    return out
+
+
 def plot(path: Path, curves: dict[str, list[list[tuple[float, float]]]], threshold: float) -> bool:
     """Reward (trailing mean over 5 steps) against RL wall time, one colour per mode, one line per seed."""
     plt = try_pyplot()
@@ -158,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "modes": results,
         **speedup(results),
         "final_reward": {m: r["reward_final"]["mean"] for m, r in results.items()},
+        "reward_gap_vs_sync": reward_gap(results),
         "benchmark_wall_s": round(time.time() - start, 1),
     }
     print(f"\n{'mode':10} {'samples/s':>10} {'tokens/s':>9} {'busy':>6} {'slots':>6} {'cpu':>5} {'resp len':>8} "
@@ -174,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     if report["best_async"]:
         print(f"speedup (best async by tokens/s = {report['best_async']}, over sync): "
               f"{report['speedup']:.2f}x samples/s, {report['speedup_tokens']:.2f}x tokens/s")
+    for m, g in report["reward_gap_vs_sync"].items():
+        sem = f" +- {g['sem']:.3f}" if g["sem"] is not None else ""
+        print(f"final reward, {m} minus sync (paired by seed): {g['mean']:+.3f}{sem}")
     # Full runs are the committed results; a quick run writes only into --out, if given.
     dest = RESULTS_DIR if not args.quick else Path(args.out) if args.out else None
     if dest is not None:

@@ -36,6 +36,8 @@ def test_async_vs_sync_quick(tmp_path):
     assert rep["speedup"] == modes["async_s2"]["samples_per_s"]["mean"] / modes["sync"]["samples_per_s"]["mean"]
     assert rep["speedup_tokens"] == (modes["async_s2"]["trained_tokens_per_s"]["mean"]
                                      / modes["sync"]["trained_tokens_per_s"]["mean"])
+    assert rep["reward_gap_vs_sync"]["async_s2"]["mean"] == pytest.approx(
+        modes["async_s2"]["reward_final"]["mean"] - modes["sync"]["reward_final"]["mean"])
     for name, bound in (("sync", 0), ("async_s2", 2)):
         recs = read_jsonl(tmp_path / f"{name}-seed0" / "metrics.jsonl")
         assert len(recs) == 6 and all(r["max_staleness"] == bound for r in recs)
@@ -79,6 +81,21 @@ def test_async_vs_sync_best_mode_is_chosen_by_tokens_not_samples():
     rep = speedup({"sync": mode(10.0, 400.0), "async_s2": mode(20.0, 800.0), "async_s2_hard": mode(30.0, 500.0)})
     assert rep == {"best_async": "async_s2", "speedup": 2.0, "speedup_tokens": 2.0}
     assert speedup({"sync": mode(10.0, 400.0)})["best_async"] is None
+
+
+def test_async_vs_sync_reward_gap_is_paired_by_seed():
+    """Hand-computed: diffs (0.5-0.4, 0.3-0.4, 0.6-0.4) = (0.1, -0.1, 0.2): mean 0.0667, sem stdev/sqrt(3)."""
+    from benchmarks.async_vs_sync import reward_gap
+
+    def mode(finals):
+        return {"runs": [{"reward_final": f} for f in finals]}
+
+    gap = reward_gap({"sync": mode([0.4, 0.4, 0.4]), "async_s2": mode([0.5, 0.3, 0.6])})
+    assert list(gap) == ["async_s2"]
+    assert gap["async_s2"]["per_seed"] == pytest.approx([0.1, -0.1, 0.2])
+    assert gap["async_s2"]["mean"] == pytest.approx(0.2 / 3)
+    assert gap["async_s2"]["sem"] == pytest.approx(0.152753 / 3 ** 0.5, rel=1e-5)
+    assert reward_gap({"sync": mode([0.4]), "async_s1": mode([0.45])})["async_s1"]["sem"] is None
 
 
 def test_staleness_ablation_merge_pools_seeds_exactly():
