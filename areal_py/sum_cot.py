@@ -9,6 +9,9 @@ so most responses are short (median ~16 tokens with the defaults) and a few run 
 the shape of real reasoning-length distributions. A synchronous batch has to wait for its
 longest member; an asynchronous system keeps its slots full. Reward: 1 for the right final
 answer followed by EOS, else 0 (the partial sums are not graded; they are the model's scratchpad).
+
+The cold start may draw k from a shorter law (``sft_max_terms``, ``sft_alpha``): the tiny embedded
+model cannot learn to find the i-th term from the long tail, but learns it on short sums.
 """
 
 from __future__ import annotations
