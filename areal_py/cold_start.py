@@ -28,7 +28,7 @@ from areal_py.models import (
     eos_token_id,
     load_model_and_tokenizer,
 )
-from areal_py.tasks import ArithTask, SftTask, Task
+from areal_py.tasks import ArithTask, Prompt, SftTask, Task
 from trainer.micro_batching import pack_by_padded_tokens
 
 # Bump when the cold-start recipe changes so stale cached models are not reused.
@@ -158,8 +158,9 @@ def evaluate(
     *,
     start_index: int = 0,
     batch_size: int = 256,
+    prompts: list[Prompt] | None = None,
 ) -> float:
-    """Fraction of prompts `start_index..+n` rewarded, sampled with plain HF `generate`.
+    """Fraction of prompts `start_index..+n` rewarded (or of `prompts`, if given), sampled with plain HF `generate`.
 
     Independent of the project's rollout engine, so it can cross-check it. temperature 0
     means greedy. The response is cut at the first EOS; special tokens before it are kept in
@@ -181,9 +182,12 @@ def evaluate(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
+            if prompts is None:
+                prompts = [task.prompt(start_index + i) for i in range(n)]
+            n = len(prompts)
             for lo in range(0, n, batch_size):
-                prompts = [task.prompt(start_index + i) for i in range(lo, min(n, lo + batch_size))]
-                enc = tokenizer([p.text for p in prompts], return_tensors="pt", padding=True)
+                chunk = prompts[lo : lo + batch_size]
+                enc = tokenizer([p.text for p in chunk], return_tensors="pt", padding=True)
                 out = model.generate(
                     input_ids=enc.input_ids.to(device),
                     attention_mask=enc.attention_mask.to(device),
@@ -193,7 +197,7 @@ def evaluate(
                     **sampling,
                 )
                 new_tokens = out[:, enc.input_ids.shape[1] :].tolist()
-                for p, toks in zip(prompts, new_tokens):
+                for p, toks in zip(chunk, new_tokens):
                     stopped = eos in toks
                     toks = toks[: toks.index(eos)] if stopped else toks
                     text = tokenizer.decode(toks, skip_special_tokens=False)

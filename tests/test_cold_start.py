@@ -41,6 +41,23 @@ def test_evaluate_is_seeded_and_bounded(small_model) -> None:
     assert tok.padding_side == "left"
 
 
+class _EvenLength(ArithTask):
+    """Rewards responses of even length: a score an untrained model gets about half of, so an
+    equality between two evaluations is not the trivial 0 == 0."""
+
+    def reward(self, prompt, response_text: str, stopped: bool) -> float:
+        return float(len(response_text) % 2 == 0)
+
+
+def test_evaluate_on_a_given_prompt_list_matches_the_index_range(small_model) -> None:
+    model, tok = small_model
+    task = _EvenLength()
+    by_index = evaluate(model, tok, task, n=24, seed=3, start_index=7, batch_size=8)
+    by_list = evaluate(model, tok, task, seed=3, batch_size=8, prompts=[task.prompt(7 + i) for i in range(24)])
+    assert by_index == by_list and 0.0 < by_index < 1.0
+    assert evaluate(model, tok, task, prompts=[]) == 0.0
+
+
 def test_prepare_embedded_model_caches(tmp_path: Path) -> None:
     kwargs = dict(steps=3, batch_size=8, warmup_steps=1)
     first = prepare_embedded_model(tmp_path, SMALL, **kwargs)
