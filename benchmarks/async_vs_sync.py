@@ -9,6 +9,8 @@ much of the 2 cores each mode keeps busy), time to a reward threshold and the fi
 
 Every mode uses the config's hardware layout (two rollout servers and the trainer, one thread each);
 only run.mode, controller.max_staleness and (async_s2_hard) controller.max_token_staleness change.
+Each run's final model is also scored on 512 fixed held-out prompts (`heldout_reward`): unlike the
+last training batches, that does not depend on which responses happened to finish first.
 
     python -m benchmarks.async_vs_sync --seeds 0,1,2   # every mode -> results/async_vs_sync.{json,png}
     python -m benchmarks.async_vs_sync --modes sync,async_s2 --seeds 0,1,2,3,4,5 --name async_vs_sync_headline
@@ -44,17 +46,44 @@ QUICK = ["task.max_terms=12", "rollout.max_new_tokens=48", "model.embedded.max_p
          "cold_start.steps=30", "trainer.total_steps=6", "controller.batch_size=4", "controller.group_size=4"]
 
 
+# Held-out prompts: task seed and count shared by every run, so each final model meets the same prompts.
+HELDOUT_SEED, HELDOUT_N = 12345, 512
+
+
+def heldout_reward(run_dir: Path, n: int = HELDOUT_N) -> float:
+    """Reward of the run's final model on `n` fixed held-out prompts, sampled at the run's temperature.
+
+    The reward of the last training batches depends on which groups finished first (async trains
+    short answers early and has more long ones left at the end); this does not. Plain HF generate
+    (`areal_py.cold_start.evaluate`), prompts sorted by length so each batch stops near its longest.
+    """
+    from areal_py.cold_start import evaluate
+    from areal_py.config import load_config
+    from areal_py.models import load_model_and_tokenizer
+    from areal_py.prepare import build_task
+
+    cfg = load_config(str(run_dir / "config.yaml"))
+    task = build_task(cfg, seed=HELDOUT_SEED)
+    prompts = sorted((task.prompt(i) for i in range(n)), key=lambda p: len(p.text))
+    model, tokenizer = load_model_and_tokenizer(run_dir / "final")
+    return evaluate(model, tokenizer, task, temperature=cfg.rollout.temperature, seed=HELDOUT_SEED,
+                    max_new_tokens=cfg.rollout.max_new_tokens, batch_size=64, prompts=prompts)
+
+
 def _spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
 
 
-def mode_summary(runs: list[RunSummary], cpu_busy: list[float | None]) -> dict:
+def mode_summary(runs: list[RunSummary], cpu_busy: list[float | None], heldout: list[float]) -> dict:
     """Mean and range over seeds of what the issue asks for; per-seed summaries are kept too.
-    `cpu_busy`: each run's machine CPU busy fraction during its training steps (benchmarks.common)."""
+    `cpu_busy`: each run's machine CPU busy fraction during its training steps (benchmarks.common);
+    `heldout`: each run's `heldout_reward`."""
     def col(attr: str) -> list[float]:
         return [getattr(r, attr) for r in runs if getattr(r, attr) is not None]
 
-    out = {"runs": [{**r.to_dict(), "machine_cpu_busy": c} for r, c in zip(runs, cpu_busy)]}
+    out = {"runs": [{**r.to_dict(), "machine_cpu_busy": c, "heldout_reward": h}
+                    for r, c, h in zip(runs, cpu_busy, heldout)]}
+    out["heldout_reward"] = _spread(heldout)
     for attr in ("samples_per_s", "trained_tokens_per_s", "trainer_busy", "slot_occupancy", "reward_final",
                  "time_to_threshold_s", "wall_time_s", "response_len_mean", "dropped_stale"):
         vals = col(attr)
@@ -81,19 +110,19 @@ def speedup(results: dict[str, dict]) -> dict:
             "speedup_tokens": asyncs[best]["trained_tokens_per_s"]["mean"] / sync["trained_tokens_per_s"]["mean"]}
 
 
-def reward_gap(results: dict[str, dict]) -> dict[str, dict]:
-    """Each async mode's final reward minus sync's, paired by seed: does async reach the sync reward?
+def reward_gap(results: dict[str, dict], key: str = "reward_final") -> dict[str, dict]:
+    """Each async mode's reward `key` minus sync's, paired by seed: does async reach the sync reward?
 
-        d_i = final_async(seed i) - final_sync(seed i),   gap = mean(d),   sem = stdev(d) / sqrt(n)
+        d_i = key_async(seed i) - key_sync(seed i),   gap = mean(d),   sem = stdev(d) / sqrt(n)
 
-    Pairing removes what a seed shares across modes (its cold start and prompt order) from the noise.
+    Pairing removes what a seed shares across modes (its prompt order) from the noise.
     """
-    sync = [r["reward_final"] for r in results["sync"]["runs"]]
+    sync = [r[key] for r in results["sync"]["runs"]]
     out = {}
     for mode, res in results.items():
         if mode == "sync":
             continue
-        diffs = [r["reward_final"] - s for r, s in zip(res["runs"], sync)]
+        diffs = [r[key] - s for r, s in zip(res["runs"], sync)]
         out[mode] = {"per_seed": diffs, "mean": statistics.fmean(diffs),
                      "sem": statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None}
     return out
@@ -130,6 +159,19 @@ def reward_curve(run_dir: Path, window: int = 5) -> list[tuple[float, float]]:
     return out
 
 
+def add_heldout(result_file: Path, runs_dir: Path) -> dict:
+    """Held-out rewards for a result file whose runs were kept with --out (or copied out of the
+    temporary directory): every `<mode>-seed<seed>` under `runs_dir` is evaluated, the file updated."""
+    report = json.loads(result_file.read_text())
+    for mode, res in report["modes"].items():
+        for seed, run in zip(report["seeds"], res["runs"]):
+            run["heldout_reward"] = heldout_reward(runs_dir / f"{mode}-seed{seed}")
+        res["heldout_reward"] = _spread([r["heldout_reward"] for r in res["runs"]])
+    report["heldout_gap_vs_sync"] = reward_gap(report["modes"], "heldout_reward")
+    result_file.write_text(json.dumps(report, indent=1))
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny settings for the test suite; no result files")
@@ -140,8 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="keep the runs here (default: a temporary directory)")
     ap.add_argument("--name", default="async_vs_sync",
                     help="result file stem under benchmarks/results/ (a subset of modes or seeds gets its own)")
+    ap.add_argument("--add-heldout", default="", metavar="RUNS_DIR",
+                    help="run nothing: evaluate the final models kept in RUNS_DIR and add their held-out rewards "
+                         "to results/<name>.json")
     ap.add_argument("overrides", nargs="*", help="extra key.sub=value overrides for every run")
     args = ap.parse_args(argv)
+    if args.add_heldout:
+        report = add_heldout(RESULTS_DIR / f"{args.name}.json", Path(args.add_heldout))
+        for m, r in report["modes"].items():
+            gap = report["heldout_gap_vs_sync"].get(m)
+            print(f"{m:14} held-out reward {r['heldout_reward']['mean']:.3f} "
+                  f"[{r['heldout_reward']['min']:.3f}, {r['heldout_reward']['max']:.3f}]"
+                  + (f", minus sync {gap['mean']:+.3f} +- {gap['sem'] or 0:.3f}" if gap else ""))
+        return 0
     seeds = [0] if args.quick and args.seeds == "0,1" else [int(s) for s in args.seeds.split(",")]
     modes = [m.strip() for m in args.modes.split(",")]
     if args.quick and args.modes == ",".join(MODES):
@@ -166,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"final reward {s.reward_final:.3f} ({time.time() - t0:.0f} s)", flush=True)
         sync_final = statistics.fmean(summarize_run(d).reward_final for d in run_dirs["sync"])
         threshold = args.threshold if args.threshold is not None else round(0.9 * sync_final, 3)
+        print(f"held-out reward of each final model ({HELDOUT_N} prompts)...", flush=True)
         results = {m: mode_summary([summarize_run(d, reward_threshold=threshold) for d in dirs],
-                                   [machine_cpu_busy(d) for d in dirs]) for m, dirs in run_dirs.items()}
+                                   [machine_cpu_busy(d) for d in dirs], [heldout_reward(d) for d in dirs])
+                   for m, dirs in run_dirs.items()}
         curves = {m: [reward_curve(d) for d in dirs] for m, dirs in run_dirs.items()}
 
     report = {
@@ -177,10 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         **speedup(results),
         "final_reward": {m: r["reward_final"]["mean"] for m, r in results.items()},
         "reward_gap_vs_sync": reward_gap(results),
+        "heldout_gap_vs_sync": reward_gap(results, "heldout_reward"),
         "benchmark_wall_s": round(time.time() - start, 1),
     }
     print(f"\n{'mode':10} {'samples/s':>10} {'tokens/s':>9} {'busy':>6} {'slots':>6} {'cpu':>5} {'resp len':>8} "
-          f"{'dropped':>7} {'final reward':>20} {'to threshold':>14}")
+          f"{'dropped':>7} {'final reward':>20} {'held-out':>8} {'to threshold':>14}")
     for m, r in results.items():
         occ = r["slot_occupancy"]["mean"] if r["slot_occupancy"] else float("nan")
         ttt = r["time_to_threshold_s"]["mean"] if r["time_to_threshold_s"] else float("nan")
@@ -189,13 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m:10} {r['samples_per_s']['mean']:10.1f} {r['trained_tokens_per_s']['mean']:9.0f} "
               f"{r['trainer_busy']['mean']:6.2f} {occ:6.2f} {cpu:5.2f} {r['response_len_mean']['mean']:8.1f} "
               f"{r['dropped_stale']['mean']:7.1f} {rf['mean']:6.3f} [{rf['min']:.3f},{rf['max']:.3f}] "
-              f"{ttt:10.0f} s ({r['reached_threshold']})")
+              f"{r['heldout_reward']['mean']:8.3f} {ttt:10.0f} s ({r['reached_threshold']})")
     if report["best_async"]:
         print(f"speedup (best async by tokens/s = {report['best_async']}, over sync): "
               f"{report['speedup']:.2f}x samples/s, {report['speedup_tokens']:.2f}x tokens/s")
-    for m, g in report["reward_gap_vs_sync"].items():
-        sem = f" +- {g['sem']:.3f}" if g["sem"] is not None else ""
-        print(f"final reward, {m} minus sync (paired by seed): {g['mean']:+.3f}{sem}")
+    for label, key in (("final training reward", "reward_gap_vs_sync"), ("held-out reward", "heldout_gap_vs_sync")):
+        for m, g in report[key].items():
+            sem = f" +- {g['sem']:.3f}" if g["sem"] is not None else ""
+            print(f"{label}, {m} minus sync (paired by seed): {g['mean']:+.3f}{sem}")
     # Full runs are the committed results; a quick run writes only into --out, if given.
     dest = RESULTS_DIR if not args.quick else Path(args.out) if args.out else None
     if dest is not None:

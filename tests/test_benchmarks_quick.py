@@ -38,6 +38,15 @@ def test_async_vs_sync_quick(tmp_path):
                                      / modes["sync"]["trained_tokens_per_s"]["mean"])
     assert rep["reward_gap_vs_sync"]["async_s2"]["mean"] == pytest.approx(
         modes["async_s2"]["reward_final"]["mean"] - modes["sync"]["reward_final"]["mean"])
+    held = {m: modes[m]["runs"][0]["heldout_reward"] for m in modes}
+    assert all(0.0 <= h <= 1.0 for h in held.values())
+    assert rep["heldout_gap_vs_sync"]["async_s2"]["mean"] == pytest.approx(held["async_s2"] - held["sync"])
+    # --add-heldout re-scores the kept runs the same way (same prompts and sampling seed; only float
+    # summation order between processes may differ)
+    from benchmarks.async_vs_sync import add_heldout
+
+    again = add_heldout(tmp_path / "async_vs_sync.json", tmp_path)["modes"]
+    assert all(abs(again[m]["runs"][0]["heldout_reward"] - held[m]) <= 0.02 for m in modes)
     for name, bound in (("sync", 0), ("async_s2", 2)):
         recs = read_jsonl(tmp_path / f"{name}-seed0" / "metrics.jsonl")
         assert len(recs) == 6 and all(r["max_staleness"] == bound for r in recs)
