@@ -62,7 +62,7 @@ class SumCotTask:
         self.alpha = alpha
         self.seed = seed
         # The cold-start data may come from a shorter distribution than the RL prompts: a tiny model
-        # learns to find the i-th term on short sums and carries it over to longer ones.
+        # learns to find the i-th term on short sums, which it does not learn from the long tail.
         self.sft_max_terms = max_terms if sft_max_terms is None else sft_max_terms
         self.sft_alpha = alpha if sft_alpha is None else sft_alpha
         if not min_terms <= self.sft_max_terms:
