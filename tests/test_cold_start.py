@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -96,5 +97,5 @@ def test_lr_factor_warms_up_then_decays_to_the_final_ratio() -> None:
     f = [lr_factor(s, 10, 2, 0.1) for s in range(10)]
     assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0)
     assert f[5] == pytest.approx(0.55) and f[9] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(f[1:], f[2:]))  # monotone after warm-up
+    assert all(a >= b for a, b in itertools.pairwise(f[1:]))  # monotone after warm-up
     assert [lr_factor(s, 10, 2, 1.0) for s in range(10)] == [0.5] + [1.0] * 9  # r = 1: the old constant lr
