@@ -219,32 +219,15 @@ class Config(_Section):
         if self.task.name == "jsonl" and not self.task.path:
             raise ValueError("task.path is required when task.name=jsonl")
         if self.task.name == "sum_cot":
-            self._check_sum_cot_lengths()
+            from areal_py.sum_cot import check_lengths
+
+            check_lengths(self.task, self.rollout, self.model)
         c = self.controller
         if c.max_token_staleness is not None and c.max_token_staleness < c.max_staleness:
             raise ValueError(f"controller.max_token_staleness={c.max_token_staleness} is below controller.max_staleness="
                              f"{c.max_staleness}: admitted work would be dropped by design; use a value >= "
                              f"{c.max_staleness}, or null for the same bound")
         return self
-
-    def _check_sum_cot_lengths(self) -> None:
-        """A response cut short or a context too small for the longest sum would silently score 0."""
-        from areal_py.sum_cot import max_response_chars
-
-        t = self.task
-        if t.min_terms > t.max_terms:
-            raise ValueError("task.min_terms must be <= task.max_terms")
-        if t.sft_max_terms and not t.min_terms <= t.sft_max_terms <= t.max_terms:
-            raise ValueError(f"task.sft_max_terms={t.sft_max_terms} must be 0 or within task.min_terms..task.max_terms "
-                             f"({t.min_terms}..{t.max_terms}): the cold start must fit the model's context")
-        need_new = max_response_chars(t.max_terms) + 1  # + EOS
-        if self.rollout.max_new_tokens < need_new:
-            raise ValueError(f"rollout.max_new_tokens={self.rollout.max_new_tokens} is too small for "
-                             f"task.max_terms={t.max_terms}: the longest answer needs {need_new}")
-        need_ctx = 1 + 2 * t.max_terms + need_new
-        if not self.model.path and self.model.embedded.max_position_embeddings < need_ctx:
-            raise ValueError(f"model.embedded.max_position_embeddings={self.model.embedded.max_position_embeddings} "
-                             f"is too small for task.max_terms={t.max_terms}: need {need_ctx}")
 
     @property
     def effective_max_staleness(self) -> int:

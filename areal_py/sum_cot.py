@@ -17,8 +17,12 @@ model cannot learn to find the i-th term from the long tail, but learns it on sh
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 from areal_py.tasks import Prompt
+
+if TYPE_CHECKING:
+    from areal_py.config import ModelConfig, RolloutConfig, TaskConfig
 
 ANSWER_SEP = ";"
 
@@ -44,6 +48,23 @@ def num_terms(rng: random.Random, min_terms: int, max_terms: int, alpha: float) 
 def max_response_chars(max_terms: int, max_digit: int = 9) -> int:
     """Longest possible reference response for `max_terms` terms (all terms = max_digit)."""
     return len(response_for([max_digit] * max_terms))
+
+
+def check_lengths(t: TaskConfig, rollout: RolloutConfig, model: ModelConfig) -> None:
+    """Config check: a response cut short or a context too small for the longest sum would silently score 0."""
+    if t.min_terms > t.max_terms:
+        raise ValueError("task.min_terms must be <= task.max_terms")
+    if t.sft_max_terms and not t.min_terms <= t.sft_max_terms <= t.max_terms:
+        raise ValueError(f"task.sft_max_terms={t.sft_max_terms} must be 0 or within task.min_terms..task.max_terms "
+                         f"({t.min_terms}..{t.max_terms}): the cold start must fit the model's context")
+    need_new = max_response_chars(t.max_terms) + 1  # + EOS
+    if rollout.max_new_tokens < need_new:
+        raise ValueError(f"rollout.max_new_tokens={rollout.max_new_tokens} is too small for "
+                         f"task.max_terms={t.max_terms}: the longest answer needs {need_new}")
+    need_ctx = 1 + 2 * t.max_terms + need_new
+    if not model.path and model.embedded.max_position_embeddings < need_ctx:
+        raise ValueError(f"model.embedded.max_position_embeddings={model.embedded.max_position_embeddings} "
+                         f"is too small for task.max_terms={t.max_terms}: need {need_ctx}")
 
 
 class SumCotTask:
