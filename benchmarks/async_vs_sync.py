@@ -9,8 +9,8 @@ much of the 2 cores each mode keeps busy), time to a reward threshold and the fi
 
 Every mode uses the config's hardware layout (two rollout servers and the trainer, one thread each);
 only run.mode, controller.max_staleness and (async_s2_hard) controller.max_token_staleness change.
-Each run's final model is also scored on 512 fixed held-out prompts (`heldout_reward`): unlike the
-last training batches, that does not depend on which responses happened to finish first.
+Each run's final model is also scored on fixed held-out prompts (512; 128 with --quick; `heldout_reward`):
+unlike the last training batches, that does not depend on which responses happened to finish first.
 
     python -m benchmarks.async_vs_sync --seeds 0,1,2   # every mode -> results/async_vs_sync.{json,png}
     python -m benchmarks.async_vs_sync --modes sync,async_s2 --seeds 0,1,2,3,4,5 --name async_vs_sync_headline
@@ -48,6 +48,7 @@ QUICK = ["task.max_terms=12", "rollout.max_new_tokens=48", "model.embedded.max_p
 
 # Held-out prompts: task seed and count shared by every run, so each final model meets the same prompts.
 HELDOUT_SEED, HELDOUT_N = 12345, 512
+QUICK_HELDOUT_N = 128  # --quick: the suite checks the mechanics, and 512 prompts x 4 scorings cost it time
 
 
 def heldout_reward(run_dir: Path, n: int = HELDOUT_N) -> float:
@@ -163,9 +164,10 @@ def add_heldout(result_file: Path, runs_dir: Path) -> dict:
     """Held-out rewards for a result file whose runs were kept with --out (or copied out of the
     temporary directory): every `<mode>-seed<seed>` under `runs_dir` is evaluated, the file updated."""
     report = json.loads(result_file.read_text())
+    n = report.get("heldout_n", HELDOUT_N)  # files from before the field existed used 512
     for mode, res in report["modes"].items():
         for seed, run in zip(report["seeds"], res["runs"]):
-            run["heldout_reward"] = heldout_reward(runs_dir / f"{mode}-seed{seed}")
+            run["heldout_reward"] = heldout_reward(runs_dir / f"{mode}-seed{seed}", n)
         res["heldout_reward"] = _spread([r["heldout_reward"] for r in res["runs"]])
     report["heldout_gap_vs_sync"] = reward_gap(report["modes"], "heldout_reward")
     result_file.write_text(json.dumps(report, indent=1))
@@ -203,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or "sync" not in modes:
         ap.error(f"--modes must include sync and only use {sorted(MODES)}; got {modes}")
     extra = (QUICK if args.quick else []) + args.overrides
+    heldout_n = QUICK_HELDOUT_N if args.quick else HELDOUT_N
 
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -219,15 +222,16 @@ def main(argv: list[str] | None = None) -> int:
                       f"final reward {s.reward_final:.3f} ({time.time() - t0:.0f} s)", flush=True)
         sync_final = statistics.fmean(summarize_run(d).reward_final for d in run_dirs["sync"])
         threshold = args.threshold if args.threshold is not None else round(0.9 * sync_final, 3)
-        print(f"held-out reward of each final model ({HELDOUT_N} prompts)...", flush=True)
+        print(f"held-out reward of each final model ({heldout_n} prompts)...", flush=True)
         results = {m: mode_summary([summarize_run(d, reward_threshold=threshold) for d in dirs],
-                                   [machine_cpu_busy(d) for d in dirs], [heldout_reward(d) for d in dirs])
+                                   [machine_cpu_busy(d) for d in dirs], [heldout_reward(d, heldout_n) for d in dirs])
                    for m, dirs in run_dirs.items()}
         curves = {m: [reward_curve(d) for d in dirs] for m, dirs in run_dirs.items()}
 
     report = {
         "command": command_line("benchmarks.async_vs_sync", argv),
         "config": CONFIG, "extra_overrides": extra, "seeds": seeds, "threshold": threshold,
+        "heldout_n": heldout_n,
         "modes": results,
         **speedup(results),
         "final_reward": {m: r["reward_final"]["mean"] for m, r in results.items()},

@@ -38,6 +38,7 @@ def test_async_vs_sync_quick(tmp_path):
                                      / modes["sync"]["trained_tokens_per_s"]["mean"])
     assert rep["reward_gap_vs_sync"]["async_s2"]["mean"] == pytest.approx(
         modes["async_s2"]["reward_final"]["mean"] - modes["sync"]["reward_final"]["mean"])
+    assert rep["heldout_n"] == 128  # the quick held-out set; add_heldout reads it back
     held = {m: modes[m]["runs"][0]["heldout_reward"] for m in modes}
     assert all(0.0 <= h <= 1.0 for h in held.values())
     assert rep["heldout_gap_vs_sync"]["async_s2"]["mean"] == pytest.approx(held["async_s2"] - held["sync"])
