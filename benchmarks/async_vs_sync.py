@@ -51,8 +51,17 @@ HELDOUT_SEED, HELDOUT_N = 12345, 512
 QUICK_HELDOUT_N = 128  # --quick: the suite checks the mechanics, and 512 prompts x 4 scorings cost it time
 
 
-def heldout_reward(run_dir: Path, n: int = HELDOUT_N) -> float:
-    """Reward of the run's final model on `n` fixed held-out prompts, sampled at the run's temperature.
+def start_model(run_dir: Path) -> Path:
+    """The (cached, cold-started) model directory a run started from."""
+    from areal_py.config import load_config
+    from areal_py.prepare import model_path
+
+    return model_path(load_config(str(run_dir / "config.yaml")))
+
+
+def heldout_reward(run_dir: Path, n: int = HELDOUT_N, start: bool = False) -> float:
+    """Reward of the run's final model (`start`: of the model it started from) on `n` fixed held-out
+    prompts, sampled at the run's temperature.
 
     The reward of the last training batches depends on which groups finished first (async trains
     short answers early and has more long ones left at the end); this does not. Plain HF generate
@@ -66,7 +75,7 @@ def heldout_reward(run_dir: Path, n: int = HELDOUT_N) -> float:
     cfg = load_config(str(run_dir / "config.yaml"))
     task = build_task(cfg, seed=HELDOUT_SEED)
     prompts = sorted((task.prompt(i) for i in range(n)), key=lambda p: len(p.text))
-    model, tokenizer = load_model_and_tokenizer(run_dir / "final")
+    model, tokenizer = load_model_and_tokenizer(start_model(run_dir) if start else run_dir / "final")
     return evaluate(model, tokenizer, task, temperature=cfg.rollout.temperature, seed=HELDOUT_SEED,
                     max_new_tokens=cfg.rollout.max_new_tokens, batch_size=64, prompts=prompts)
 
@@ -227,11 +236,18 @@ def main(argv: list[str] | None = None) -> int:
                                    [machine_cpu_busy(d) for d in dirs], [heldout_reward(d, heldout_n) for d in dirs])
                    for m, dirs in run_dirs.items()}
         curves = {m: [reward_curve(d) for d in dirs] for m, dirs in run_dirs.items()}
+        # What RL started from: each distinct cold-started model (sum_cot.yaml shares one across seeds).
+        start_heldout: dict[str, float] = {}
+        for d in run_dirs["sync"]:
+            name = start_model(d).name
+            if name not in start_heldout:
+                start_heldout[name] = heldout_reward(d, heldout_n, start=True)
 
     report = {
         "command": command_line("benchmarks.async_vs_sync", argv),
         "config": CONFIG, "extra_overrides": extra, "seeds": seeds, "threshold": threshold,
         "heldout_n": heldout_n,
+        "heldout_start": start_heldout,
         "modes": results,
         **speedup(results),
         "final_reward": {m: r["reward_final"]["mean"] for m, r in results.items()},
@@ -250,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['trainer_busy']['mean']:6.2f} {occ:6.2f} {cpu:5.2f} {r['response_len_mean']['mean']:8.1f} "
               f"{r['dropped_stale']['mean']:7.1f} {rf['mean']:6.3f} [{rf['min']:.3f},{rf['max']:.3f}] "
               f"{r['heldout_reward']['mean']:8.3f} {ttt:10.0f} s ({r['reached_threshold']})")
+    print("held-out reward of the start model: " + ", ".join(f"{r:.3f} ({m})" for m, r in start_heldout.items()))
     if report["best_async"]:
         print(f"speedup (best async by tokens/s = {report['best_async']}, over sync): "
               f"{report['speedup']:.2f}x samples/s, {report['speedup_tokens']:.2f}x tokens/s")

@@ -40,6 +40,7 @@ def test_async_vs_sync_quick(tmp_path):
         modes["async_s2"]["reward_final"]["mean"] - modes["sync"]["reward_final"]["mean"])
     assert rep["heldout_n"] == 128  # the quick held-out set; add_heldout reads it back
     held = {m: modes[m]["runs"][0]["heldout_reward"] for m in modes}
+    assert len(rep["heldout_start"]) == 1 and 0.0 <= next(iter(rep["heldout_start"].values())) <= 1.0
     assert all(0.0 <= h <= 1.0 for h in held.values())
     assert rep["heldout_gap_vs_sync"]["async_s2"]["mean"] == pytest.approx(held["async_s2"] - held["sync"])
     # --add-heldout re-scores the kept runs the same way (same prompts and sampling seed; only float
