@@ -33,6 +33,9 @@ class RunSummary:
     dropped_stale: int            # groups dropped (or aborted) as too stale
     response_len_mean: float      # mean response length of trained samples
     reward_final_sem: float = 0.0  # standard error of reward_final (stdev of the window / sqrt(window)): its noise
+    prompt_len_final: float | None = None  # mean prompt tokens per sample over the last `window` steps (None:
+    # not recorded): what reward_final was measured on. Async trains short answers first, so its last
+    # batches hold longer, harder prompts; compare this before reading a reward_final gap as learning.
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,7 +99,17 @@ def summarize_records(records: list[dict], reward_threshold: float | None = None
         dropped_stale=int(records[-1].get("ctrl_dropped_stale", 0)),
         response_len_mean=statistics.fmean(resp) if resp else 0.0,
         reward_final_sem=statistics.stdev(tail) / len(tail) ** 0.5 if len(tail) > 1 else 0.0,
+        prompt_len_final=_prompt_len(records[-w:]),
     )
+
+
+def _prompt_len(records: list[dict]) -> float | None:
+    """Prompt tokens per sample: (trained tokens - response tokens) / samples, pooled over the records."""
+    if not records or any(k not in r for r in records for k in ("trained_tokens", "response_tokens", "samples")):
+        return None
+    samples = sum(int(r["samples"]) for r in records)
+    prompt = sum(int(r["trained_tokens"]) - int(r["response_tokens"]) for r in records)
+    return prompt / samples if samples else None
 
 
 def summarize_run(run_dir: Path, reward_threshold: float | None = None) -> RunSummary:

@@ -95,7 +95,7 @@ def mode_summary(runs: list[RunSummary], cpu_busy: list[float | None], heldout: 
                     for r, c, h in zip(runs, cpu_busy, heldout)]}
     out["heldout_reward"] = _spread(heldout)
     for attr in ("samples_per_s", "trained_tokens_per_s", "trainer_busy", "slot_occupancy", "reward_final",
-                 "time_to_threshold_s", "wall_time_s", "response_len_mean", "dropped_stale"):
+                 "time_to_threshold_s", "wall_time_s", "response_len_mean", "dropped_stale", "prompt_len_final"):
         vals = col(attr)
         out[attr] = _spread(vals) if vals else None
     measured = [c for c in cpu_busy if c is not None]
@@ -181,6 +181,14 @@ def add_heldout(result_file: Path, runs_dir: Path) -> dict:
     report["heldout_gap_vs_sync"] = reward_gap(report["modes"], "heldout_reward")
     result_file.write_text(json.dumps(report, indent=1))
     return report
+
+
+def _prompt_note(results: dict[str, dict], mode: str, key: str) -> str:
+    """For the training-reward gap: how long the final window's prompts were, the bias to read it with."""
+    a, b = results[mode].get("prompt_len_final"), results["sync"].get("prompt_len_final")
+    if key != "reward_gap_vs_sync" or not a or not b:
+        return ""
+    return f" (final-window prompts {a['mean']:.1f} tokens, sync {b['mean']:.1f})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, key in (("final training reward", "reward_gap_vs_sync"), ("held-out reward", "heldout_gap_vs_sync")):
         for m, g in report[key].items():
             sem = f" +- {g['sem']:.3f}" if g["sem"] is not None else ""
-            print(f"{label}, {m} minus sync (paired by seed): {g['mean']:+.3f}{sem}")
+            print(f"{label}, {m} minus sync (paired by seed): {g['mean']:+.3f}{sem}" + _prompt_note(results, m, key))
     # Full runs are the committed results; a quick run writes only into --out, if given.
     dest = RESULTS_DIR if not args.quick else Path(args.out) if args.out else None
     if dest is not None:

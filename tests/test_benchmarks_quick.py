@@ -55,6 +55,7 @@ def test_async_vs_sync_quick(tmp_path):
         # sum_cot.yaml raises the per-token limit for async; sync forces it to 0
         assert all(r["staleness_max"] <= r["max_token_staleness"] == (0 if name == "sync" else 64) for r in recs)
         assert 0.0 <= modes[name]["reward_final"]["mean"] <= 1.0
+        assert modes[name]["prompt_len_final"]["mean"] >= 6  # 3 terms at least: "d+d+d=" is 6 characters
         assert 0.0 < modes[name]["trainer_busy"]["mean"] <= 1.0
         cpu = modes[name]["runs"][0]["machine_cpu_busy"]  # None only if all 6 steps fell within one 0.5 s sample
         assert cpu is None or 0.0 < cpu <= 1.0

@@ -68,3 +68,11 @@ def test_a_run_that_never_reaches_the_threshold_and_the_final_reward_noise():
     # sample stdev of the last five: deviations -.16 .04 .24 -.16 .04 -> sum sq .112 / 4 = .028; se = sqrt(.028 / 5)
     assert s.reward_final_sem == pytest.approx((0.028 / 5) ** 0.5)
     assert summarize_records(recs[:3], reward_threshold=0.0).time_to_threshold_s is None  # shorter than the window
+
+
+def test_prompt_length_of_the_final_window_by_hand():
+    # 6 steps, window 5: the last five. Steps 2-6 have (trained - response) / samples = 6/4, 6/4, 6/4, 10/4, 10/4
+    recs = [rec(i + 1, float(i + 1), 0.5, trained_tokens=tt, response_tokens=4)
+            for i, tt in enumerate([100, 10, 10, 10, 14, 14])]
+    assert summarize_records(recs).prompt_len_final == pytest.approx((3 * 6 + 2 * 10) / 20)
+    assert summarize_records([rec(1, 1.0, 0.5)]).prompt_len_final is None  # response_tokens not recorded
