@@ -105,7 +105,7 @@ def summarize_records(records: list[dict], reward_threshold: float | None = None
 
 def _prompt_len(records: list[dict]) -> float | None:
     """Prompt tokens per sample: (trained tokens - response tokens) / samples, pooled over the records."""
-    if not records or any(k not in r for r in records for k in ("trained_tokens", "response_tokens", "samples")):
+    if any(k not in r for r in records for k in ("trained_tokens", "response_tokens", "samples")):
         return None
     samples = sum(int(r["samples"]) for r in records)
     prompt = sum(int(r["trained_tokens"]) - int(r["response_tokens"]) for r in records)

@@ -59,9 +59,9 @@ def start_model(run_dir: Path) -> Path:
     return model_path(load_config(str(run_dir / "config.yaml")))
 
 
-def heldout_reward(run_dir: Path, n: int = HELDOUT_N, start: bool = False) -> float:
-    """Reward of the run's final model (`start`: of the model it started from) on `n` fixed held-out
-    prompts, sampled at the run's temperature.
+def heldout_reward(run_dir: Path, n: int = HELDOUT_N, model_dir: Path | None = None) -> float:
+    """Reward of the run's final model (or of `model_dir`, e.g. its `start_model`) on `n` fixed
+    held-out prompts, sampled at the run's temperature.
 
     The reward of the last training batches depends on which groups finished first (async trains
     short answers early and has more long ones left at the end); this does not. Plain HF generate
@@ -75,7 +75,7 @@ def heldout_reward(run_dir: Path, n: int = HELDOUT_N, start: bool = False) -> fl
     cfg = load_config(str(run_dir / "config.yaml"))
     task = build_task(cfg, seed=HELDOUT_SEED)
     prompts = sorted((task.prompt(i) for i in range(n)), key=lambda p: len(p.text))
-    model, tokenizer = load_model_and_tokenizer(start_model(run_dir) if start else run_dir / "final")
+    model, tokenizer = load_model_and_tokenizer(model_dir or run_dir / "final")
     return evaluate(model, tokenizer, task, temperature=cfg.rollout.temperature, seed=HELDOUT_SEED,
                     max_new_tokens=cfg.rollout.max_new_tokens, batch_size=64, prompts=prompts)
 
@@ -183,10 +183,10 @@ def add_heldout(result_file: Path, runs_dir: Path) -> dict:
     return report
 
 
-def _prompt_note(results: dict[str, dict], mode: str, key: str) -> str:
+def _prompt_note(results: dict[str, dict], mode: str) -> str:
     """For the training-reward gap: how long the final window's prompts were, the bias to read it with."""
     a, b = results[mode].get("prompt_len_final"), results["sync"].get("prompt_len_final")
-    if key != "reward_gap_vs_sync" or not a or not b:
+    if not a or not b:
         return ""
     return f" (final-window prompts {a['mean']:.1f} tokens, sync {b['mean']:.1f})"
 
@@ -247,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         # What RL started from: each distinct cold-started model (sum_cot.yaml shares one across seeds).
         start_heldout: dict[str, float] = {}
         for d in run_dirs["sync"]:
-            name = start_model(d).name
-            if name not in start_heldout:
-                start_heldout[name] = heldout_reward(d, heldout_n, start=True)
+            path = start_model(d)
+            if path.name not in start_heldout:
+                start_heldout[path.name] = heldout_reward(d, heldout_n, model_dir=path)
 
     report = {
         "command": command_line("benchmarks.async_vs_sync", argv),
@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, key in (("final training reward", "reward_gap_vs_sync"), ("held-out reward", "heldout_gap_vs_sync")):
         for m, g in report[key].items():
             sem = f" +- {g['sem']:.3f}" if g["sem"] is not None else ""
-            print(f"{label}, {m} minus sync (paired by seed): {g['mean']:+.3f}{sem}" + _prompt_note(results, m, key))
+            note = _prompt_note(results, m) if key == "reward_gap_vs_sync" else ""
+            print(f"{label}, {m} minus sync (paired by seed): {g['mean']:+.3f}{sem}{note}")
     # Full runs are the committed results; a quick run writes only into --out, if given.
     dest = RESULTS_DIR if not args.quick else Path(args.out) if args.out else None
     if dest is not None:
