@@ -8,11 +8,11 @@ script can read the numbers back out of the page; each ``<svg>`` is tagged ``dat
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
-from typing import Sequence
 
-__all__ = ["PALETTE", "Series", "Segment", "line_chart", "bar_chart", "timeline_chart", "nice_ticks", "fmt"]
+__all__ = ["PALETTE", "Segment", "Series", "bar_chart", "fmt", "line_chart", "nice_ticks", "timeline_chart"]
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 58, 14, 30, 40
@@ -104,8 +104,8 @@ class _Frame:
         return self.y0 - (y - self.yr[0]) / (self.yr[1] - self.yr[0]) * (self.y0 - self.y1)
 
     def axes(self, x_label: str, y_label: str, x_ticks: bool = True) -> list[str]:
-        out = [f'<rect class="plot" x="{self.x0}" y="{self.y1}" width="{self.x1 - self.x0}" '
-               f'height="{self.y0 - self.y1}" fill="#fff" stroke="#bbb"/>']
+        out = [(f'<rect class="plot" x="{self.x0}" y="{self.y1}" width="{self.x1 - self.x0}" '
+                f'height="{self.y0 - self.y1}" fill="#fff" stroke="#bbb"/>')]
         for t in nice_ticks(*self.yr):
             y = self.py(t)
             out.append(f'<line x1="{self.x0}" x2="{self.x1}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'

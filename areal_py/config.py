@@ -213,7 +213,7 @@ class Config(_Section):
     net: NetConfig = Field(default_factory=NetConfig, description="Socket addresses.")
 
     @model_validator(mode="after")
-    def _check(self) -> "Config":
+    def _check(self) -> Config:
         if self.task.min_operand > self.task.max_operand:
             raise ValueError("task.min_operand must be <= task.max_operand")
         if self.task.name == "jsonl" and not self.task.path:

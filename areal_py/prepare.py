@@ -38,7 +38,7 @@ def model_path(cfg: Config) -> Path:
     task = build_task(cfg, seed)
     if not isinstance(task, SftTask):
         raise ValueError(f"the embedded model is cold-started on a synthetic task (arith, sum_cot); "
-                         f"task.name={cfg.task.name} needs model.path")  # noqa: TRY004 - a config error
+                         f"task.name={cfg.task.name} needs model.path")
     return prepare_embedded_model(Path(cfg.model.cache_dir).expanduser(), spec, task=task, steps=cs.steps,
                                   label_noise=cs.label_noise, lr=cs.lr, final_lr_ratio=cs.final_lr_ratio,
                                   batch_size=cs.batch_size, seed=seed)

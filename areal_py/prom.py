@@ -22,13 +22,31 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, REGISTRY, CollectorRegistry, Counter,
-                               Gauge, Histogram, start_http_server)
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 from areal_py.metrics import REJECTED_MESSAGES, REWARD_ERRORS, REWARD_TIMEOUTS
 
-__all__ = ["ROLLOUT", "CONTROLLER", "TRAINER", "ROLES", "ALL_METRIC_NAMES", "TRAINER_PHASES",
-           "role_registry", "start_metrics_server", "stop_metrics_server"]
+__all__ = [
+    "ALL_METRIC_NAMES",
+    "CONTROLLER",
+    "ROLES",
+    "ROLLOUT",
+    "TRAINER",
+    "TRAINER_PHASES",
+    "role_registry",
+    "start_metrics_server",
+    "stop_metrics_server",
+]
 
 TRAINER_PHASES = ("wait", "proximal", "forward_backward", "optimizer", "publish")
 # seconds: from a fast in-memory weight swap up to a slow step of a large model

@@ -112,7 +112,7 @@ def import_reward_fn(path: str) -> RewardFn:
     except (ImportError, AttributeError) as e:
         raise ValueError(f"custom reward {path!r} cannot be imported: {e}") from e
     if not callable(fn):
-        raise ValueError(f"custom reward {path!r} is not callable")  # noqa: TRY004 - ValueError throughout
+        raise ValueError(f"custom reward {path!r} is not callable")
     return fn
 
 

@@ -27,7 +27,14 @@ from pathlib import Path
 
 from areal_py.metrics import read_jsonl
 from areal_py.run_stats import RunSummary, summarize_run
-from benchmarks.common import RESULTS_DIR, ROOT, command_line, machine_cpu_busy, run_areal, try_pyplot
+from benchmarks.common import (
+    RESULTS_DIR,
+    ROOT,
+    command_line,
+    machine_cpu_busy,
+    run_areal,
+    try_pyplot,
+)
 
 CONFIG = "configs/sum_cot.yaml"
 # The async modes admit under max_staleness s and keep the config's raised per-token limit

@@ -36,7 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 
 from benchmarks.common import command_line
 from rollout_server.engine import Engine, SamplingParams

@@ -26,7 +26,7 @@ is that of its oldest token, since that is the token furthest from the policy be
 from __future__ import annotations
 
 import operator
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["admission_capacity", "can_admit", "sample_staleness", "within_bound"]
 

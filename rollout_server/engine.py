@@ -208,7 +208,7 @@ class Engine:
             if name not in params:
                 raise KeyError(f"unknown parameter {name!r} in weight update (model has {len(params)} parameters)")
             if not isinstance(tensor, torch.Tensor):
-                raise ValueError(  # noqa: TRY004 - ValueError throughout
+                raise ValueError(
                     f"weight {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
             if tuple(tensor.shape) != tuple(params[name].shape):
                 raise ValueError(f"shape mismatch for {name!r}: got {tuple(tensor.shape)}, "

@@ -15,7 +15,6 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-
 log = logging.getLogger("rollout.sglang")
 
 

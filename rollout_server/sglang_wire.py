@@ -251,12 +251,12 @@ def stage_weights(weights: Mapping[str, Any] | str | os.PathLike, version: int, 
                 raise ValueError("empty weight update")
             for name, t in weights.items():
                 if not isinstance(t, torch.Tensor):
-                    raise ValueError(  # noqa: TRY004 - ValueError throughout
+                    raise ValueError(
                         f"weight {name!r} is a {type(t).__name__}, not a torch.Tensor")
             save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()},
                       str(tmp / "model.safetensors"), metadata={"version": str(int(version))})
         else:
-            raise ValueError(  # noqa: TRY004 - ValueError throughout
+            raise ValueError(
                 f"weights must be a path or a mapping of tensors, got {type(weights).__name__}")
         for name in _CONFIG_FILES:
             cfg = Path(model_dir) / name

@@ -6,8 +6,15 @@ import math
 import pytest
 import torch
 
-from trainer.advantages import (expand_to_tokens, gae_advantages, grpo_advantages, reinforce_baseline_advantages,
-                                reinforce_pp_advantages, rloo_advantages, value_loss)
+from trainer.advantages import (
+    expand_to_tokens,
+    gae_advantages,
+    grpo_advantages,
+    reinforce_baseline_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    value_loss,
+)
 
 F64 = torch.float64
 NAN = float("nan")

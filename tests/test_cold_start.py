@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 
 from areal_py.cold_start import cold_start, evaluate, lr_factor, prepare_embedded_model
-from areal_py.models import EmbeddedModelSpec, create_embedded_model, load_model_and_tokenizer
+from areal_py.models import (
+    EmbeddedModelSpec,
+    create_embedded_model,
+    load_model_and_tokenizer,
+)
 from areal_py.tasks import ArithTask
 
 SMALL = EmbeddedModelSpec(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
@@ -68,7 +72,7 @@ def test_prepare_embedded_model_caches(tmp_path: Path) -> None:
     assert time.perf_counter() - start < 0.5
     other = prepare_embedded_model(tmp_path, SMALL, **{**kwargs, "label_noise": 0.5})
     assert other != first
-    model, tok = load_model_and_tokenizer(first)
+    _, tok = load_model_and_tokenizer(first)
     assert tok.decode(tok("1 + 2").input_ids, skip_special_tokens=True) == "1 + 2"
 
 

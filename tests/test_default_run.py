@@ -1,8 +1,8 @@
 """The README's promise, checked on the real default (minutes, so kept out of CI: pytest -m slow)."""
 import pytest
+from conftest import net_overrides, run_cli
 
 from areal_py.metrics import read_jsonl
-from conftest import net_overrides, run_cli
 
 
 @pytest.mark.slow

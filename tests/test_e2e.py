@@ -135,7 +135,7 @@ def _long_run(small_cfg: list[str]) -> subprocess.Popen:
     # and Python then never turns Ctrl-C into KeyboardInterrupt.
     return subprocess.Popen([sys.executable, "-m", "areal_py.cli", "run", "--quiet", *small_cfg,
                              "trainer.total_steps=500"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
 
 
 def test_crash_in_one_process_stops_all(tmp_path, small_cfg):

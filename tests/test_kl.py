@@ -4,7 +4,12 @@ import math
 import pytest
 import torch
 
-from trainer.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_penalised_token_rewards
+from trainer.kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    kl_estimate,
+    kl_penalised_token_rewards,
+)
 
 F64 = torch.float64
 NAN = float("nan")

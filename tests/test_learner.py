@@ -49,8 +49,8 @@ def grads_after_step(overrides: list[str], version: int = 3, on_policy: bool = F
 
 def assert_same(a: dict, b: dict, tol: float = 1e-5) -> None:
     assert a.keys() == b.keys() and a
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=tol, rtol=1e-4), k
+    for k, v in a.items():
+        assert torch.allclose(v, b[k], atol=tol, rtol=1e-4), k
 
 
 def test_token_budget_micro_batches_give_the_big_batch_gradient():

@@ -9,7 +9,6 @@ from torch import nn
 from trainer.decoupled_ppo import decoupled_ppo_loss, gspo_loss, policy_loss
 from trainer.micro_batching import pack_by_padded_tokens, pack_by_tokens
 
-
 # ----------------------------------------------------------------------------- packing by hand
 
 

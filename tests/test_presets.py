@@ -1,8 +1,8 @@
 """Every preset in configs/ runs on the embedded default and learns; the PPO critic learns too."""
 import pytest
+from conftest import ROOT, run_cli
 
 from areal_py.metrics import read_jsonl
-from conftest import ROOT, run_cli
 
 
 def mean(recs, key):

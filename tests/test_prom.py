@@ -7,11 +7,10 @@ import socket
 import urllib.request
 
 import pytest
+from conftest import free_ports
 from prometheus_client import Counter, Gauge, Histogram
 
 from areal_py import prom
-
-from conftest import free_ports
 
 NAME = re.compile(r"^areal_[a-z][a-z0-9_]*$")
 UNIT_SUFFIXES = ("_seconds", "_bytes", "_ratio")
@@ -84,10 +83,10 @@ def test_metrics_server_serves_values() -> None:
         prom.TRAINER.step_phase_seconds.labels(phase="publish").observe(0.02)
         prom.TRAINER.busy.set(0.75)
         text = scrape(port)
-        assert re.search(r"^areal_rollout_generated_tokens_total [1-9]", text, re.M)
+        assert re.search(r"^areal_rollout_generated_tokens_total [1-9]", text, re.MULTILINE)
         assert 'areal_rollout_version_generated_tokens_total{version="3"} 5.0' in text
         assert 'areal_controller_server_policy_version{server="rollout-0"} 4.0' in text
-        assert re.search(r'^areal_trainer_step_phase_duration_seconds_count\{phase="publish"\} [1-9]', text, re.M)
+        assert re.search(r'^areal_trainer_step_phase_duration_seconds_count\{phase="publish"\} [1-9]', text, re.MULTILINE)
         assert "areal_trainer_busy_ratio 0.75" in text
         exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("areal_")}
         assert exported <= prom.ALL_METRIC_NAMES, exported - prom.ALL_METRIC_NAMES

@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from trainer.reward_shaping import (batch_normalize, clip_rewards, group_normalize, overlong_penalty, scale_rewards,
-                                    uniform_groups, zero_truncated)
+from trainer.reward_shaping import (
+    batch_normalize,
+    clip_rewards,
+    group_normalize,
+    overlong_penalty,
+    scale_rewards,
+    uniform_groups,
+    zero_truncated,
+)
 
 
 def test_scale_and_clip():

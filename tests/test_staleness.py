@@ -2,7 +2,12 @@
 accepted + running < (version + max_staleness + 1) * batch_size."""
 import pytest
 
-from controller.staleness import admission_capacity, can_admit, sample_staleness, within_bound
+from controller.staleness import (
+    admission_capacity,
+    can_admit,
+    sample_staleness,
+    within_bound,
+)
 
 
 def test_capacity_at_version_zero():

@@ -13,7 +13,11 @@ import torch
 
 from areal_py.cold_start import _padded, _sft_rows, cold_start, task_identity
 from areal_py.config import ConfigError, load_config
-from areal_py.models import EmbeddedModelSpec, create_embedded_model, load_model_and_tokenizer
+from areal_py.models import (
+    EmbeddedModelSpec,
+    create_embedded_model,
+    load_model_and_tokenizer,
+)
 from areal_py.prepare import build_task
 from areal_py.sum_cot import SumCotTask, max_response_chars, num_terms, response_for
 from areal_py.tasks import SftTask, make_task

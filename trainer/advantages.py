@@ -92,7 +92,7 @@ def _float(x: torch.Tensor) -> torch.Tensor:
 
 def _check_group_rewards(rewards: torch.Tensor) -> torch.Tensor:
     if not isinstance(rewards, torch.Tensor):
-        raise ValueError(  # noqa: TRY004 - ValueError throughout
+        raise ValueError(
             f"rewards must be a torch.Tensor of shape [G, n], got {type(rewards).__name__}")
     if rewards.dim() != 2 or rewards.shape[1] == 0:
         raise ValueError(f"rewards must have shape [G, n] with n >= 1, got {tuple(rewards.shape)}")

@@ -24,7 +24,7 @@ import torch
 
 from trainer.shapes import require_matrix, require_shape
 
-__all__ = ["KL_KINDS", "kl_estimate", "kl_penalised_token_rewards", "AdaptiveKLController", "FixedKLController"]
+__all__ = ["KL_KINDS", "AdaptiveKLController", "FixedKLController", "kl_estimate", "kl_penalised_token_rewards"]
 
 KLKind = Literal["k1", "k2", "k3"]
 KL_KINDS: tuple[str, ...] = ("k1", "k2", "k3")

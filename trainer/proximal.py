@@ -25,7 +25,7 @@ import torch
 
 from trainer.shapes import require_shape
 
-__all__ = ["loglinear_alpha", "loglinear_proximal", "PROX_METHODS"]
+__all__ = ["PROX_METHODS", "loglinear_alpha", "loglinear_proximal"]
 
 PROX_METHODS: tuple[str, ...] = ("recompute", "loglinear")
 

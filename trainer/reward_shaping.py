@@ -20,8 +20,15 @@ import torch
 from trainer.advantages import grpo_advantages
 from trainer.shapes import require_shape
 
-__all__ = ["scale_rewards", "clip_rewards", "batch_normalize", "group_normalize", "overlong_penalty",
-           "zero_truncated", "uniform_groups"]
+__all__ = [
+    "batch_normalize",
+    "clip_rewards",
+    "group_normalize",
+    "overlong_penalty",
+    "scale_rewards",
+    "uniform_groups",
+    "zero_truncated",
+]
 
 
 def _rewards(rewards: torch.Tensor) -> torch.Tensor:

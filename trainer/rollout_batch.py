@@ -29,7 +29,7 @@ class RolloutBatch:
     def num_samples(self) -> int:
         return self.input_ids.shape[0]
 
-    def rows(self, idx: torch.Tensor, trim: bool = False) -> "RolloutBatch":
+    def rows(self, idx: torch.Tensor, trim: bool = False) -> RolloutBatch:
         """A subset of samples; with trim, columns past the subset's longest sequence are cut."""
         width = int(self.attention_mask[idx].sum(dim=1).max()) if trim and len(idx) else self.input_ids.shape[1]
         out: dict = {"group_size": self.group_size}
