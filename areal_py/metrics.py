@@ -14,7 +14,7 @@ REJECTED_MESSAGES = Counter(
 )
 
 REWARD_TIMEOUTS = Counter("areal_reward_timeouts_total", "Samples whose reward computation ran past its timeout (scored 0).")
-REWARD_ERRORS = Counter("areal_reward_errors_total", "Reward functions that raised or returned a non-finite value "
+REWARD_ERRORS = Counter("areal_reward_errors_total", "Reward functions that raised or returned a value not finite in float32 "
                         "(that term scored 0), or reward workers that died mid-sample (sample scored 0).")
 
 

@@ -22,6 +22,7 @@ import functools
 import importlib
 import math
 import re
+import struct
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -128,7 +129,8 @@ class WeightedReward:
         self.terms = terms
 
     def __call__(self, prompt: Prompt, response_text: str, stopped: bool) -> float:
-        return sum(w * _checked(fn(prompt, response_text, stopped)) for _, w, fn in self.terms)
+        total = sum(_weighted(w, fn(prompt, response_text, stopped)) for _, w, fn in self.terms)
+        return as_float32(total, "the sum of the weighted reward terms")
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str], stopped: Sequence[bool]
               ) -> Iterator[tuple[str, Any]]:
@@ -141,32 +143,59 @@ class WeightedReward:
                     values = fn.batch(prompts, responses, stopped)
                     if len(values) != len(prompts):
                         raise ValueError(f"batch returned {len(values)} values for {len(prompts)} samples")
-                    batched[name] = [_checked(v) for v in values]
+                    batched[name] = [float(v) for v in values]  # checked per sample below
                 except Exception:  # noqa: BLE001 - reported per sample below
                     batched[name] = short_traceback()
         yield "batched", None
         for i, (prompt, response, stop) in enumerate(zip(prompts, responses, stopped)):
             total, errors = 0.0, []
             for name, w, fn in self.terms:
-                if name in batched:
-                    value = batched[name]
-                    if isinstance(value, str):
-                        errors.append((name, value))
-                    else:
-                        total += w * value[i]
-                    continue
                 try:
-                    total += w * _checked(fn(prompt, response, stop))
+                    if name in batched:
+                        value = batched[name]
+                        if isinstance(value, str):
+                            errors.append((name, value))
+                            continue
+                        total += _weighted(w, value[i])
+                    else:
+                        total += _weighted(w, fn(prompt, response, stop))
+                except NonFiniteReward as e:  # a plain message: the traceback would say nothing more
+                    errors.append((name, str(e)))
                 except Exception:  # noqa: BLE001 - a verifier failure scores 0 and is reported
                     errors.append((name, short_traceback()))
+            try:
+                as_float32(total, "the sum of the weighted reward terms")
+            except NonFiniteReward as e:  # every term fits, their sum does not: no term to blame
+                total = 0.0
+                errors.append(("sum of terms", str(e)))
             yield "item", (total, errors)
 
 
-def _checked(value: Any) -> float:
+class NonFiniteReward(ValueError):
+    """A reward (term, weighted term or sum) that is not a finite float32."""
+
+
+def as_float32(value: Any, what: str = "reward") -> float:
+    """``float(value)``, checked to be finite once rounded to float32; NonFiniteReward otherwise.
+
+    The trainer holds rewards in float32 tensors. A Python float is finite up to 1.8e308, a
+    float32 only up to 3.4e38, so a reward of 1e39 passes ``math.isfinite`` yet is inf in the
+    batch, and one inf reward makes the loss, then every weight, NaN. Rewards are therefore
+    checked after the conversion the trainer will make.
+    """
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"reward is not finite: {value}")
+    try:
+        rounded = struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # struct refuses a finite double beyond float32's range
+        rounded = math.inf
+    if not math.isfinite(rounded):
+        raise NonFiniteReward(f"{what} is not finite in float32 (the trainer's dtype): {value!r}")
     return value
+
+
+def _weighted(weight: float, value: Any) -> float:
+    """``weight * value``, both the raw value and the weighted term checked by :func:`as_float32`."""
+    return as_float32(weight * as_float32(value), f"reward {float(value)!r} x weight {weight!r}")
 
 
 def short_traceback(limit: int = 2000) -> str:

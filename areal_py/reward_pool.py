@@ -3,8 +3,9 @@
 :class:`RewardPool` scores lists of samples in worker processes (or in the calling thread when
 ``workers=0``) behind a non-blocking ``submit`` / ``poll`` / ``done`` API for a single-threaded
 poll loop. A verifier that runs past ``timeout_s`` gives 0.0 and is counted; its worker is
-killed and replaced so later samples are not held up. A verifier that raises gives 0.0 for its
-own term, is logged with the sample and counted. The functions themselves are in
+killed and replaced so later samples are not held up. A verifier that raises, or returns a value
+that is not finite in float32 (the trainer's dtype), gives 0.0 for its own term, is logged with the
+sample and counted in ``errors``. The functions themselves are in
 :mod:`areal_py.reward_functions`.
 """
 from __future__ import annotations

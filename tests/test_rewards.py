@@ -43,8 +43,18 @@ def always_two(prompt: Prompt, response_text: str, stopped: bool) -> float:
     return 2.0
 
 
+def extreme(prompt: Prompt, response_text: str, stopped: bool) -> float:
+    """A verifier that returns what it is told: "1e39", "inf", "nan", "3e38", ..."""
+    return float(response_text)
+
+
+extreme_too = extreme  # a second term by another import path
+
+
 SCRIPTED = f"{__name__}:scripted"
 ALWAYS_TWO = f"{__name__}:always_two"
+EXTREME = f"{__name__}:extreme"
+EXTREME_TOO = f"{__name__}:extreme_too"
 
 
 def metric(name: str) -> float:
@@ -134,6 +144,30 @@ def test_in_thread_pool_scores_and_reports_errors(caplog: pytest.LogCaptureFixtu
     assert h.status == ["ok", "error", "ok"]
     assert pool.errors == 1 and metric("areal_reward_errors_total") == errors_before + 1
     assert "verifier exploded" in caplog.text and "'RAISE'" in caplog.text and "'7+5='" in caplog.text
+    pool.close()
+
+
+@pytest.mark.parametrize("spec, text, why", [
+    ({EXTREME: 1.0}, "1e39", "finite as a Python float, inf in float32"),
+    ({EXTREME: 1.0}, "-1e39", "the same, negative"),
+    ({EXTREME: 1.0}, "inf", "not finite at all"),
+    ({EXTREME: 1.0}, "nan", "not a number"),
+    ({EXTREME: 2.0}, "3e38", "finite in float32, but not once weighted"),
+    ({EXTREME: 1.0, EXTREME_TOO: 1.0}, "3e38", "each term fits float32, their sum does not"),
+])
+def test_reward_not_finite_in_float32_scores_zero_and_is_counted(spec: dict, text: str, why: str,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The trainer holds rewards in float32: a reward that is finite only as a Python float would
+    turn into inf there and NaN every weight, so it is treated like a verifier error."""
+    errors_before = metric("areal_reward_errors_total")
+    pool = RewardPool({"accuracy": 1.0, **spec}, ArithTask(), workers=0)
+    with caplog.at_level(logging.WARNING, logger="areal_py.reward_pool"):
+        h = pool.submit([(P, text, True), (P, "1", True)])
+    # accuracy is 0 for both ("12" is the answer); "1" scores the sum of the weights
+    assert h.result() == [0.0, sum(spec.values())], why
+    assert h.status == ["error", "ok"]
+    assert pool.errors >= 1 and metric("areal_reward_errors_total") == errors_before + pool.errors
+    assert "float32" in caplog.text and len(caplog.text) < 5000  # the reason, in a bounded message
     pool.close()
 
 
