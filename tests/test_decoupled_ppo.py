@@ -630,3 +630,53 @@ def test_gspo_bad_arguments():
         gspo_loss(gs_logprobs(), GS_OLD[:1], GS_ADV, MASK)
     with pytest.raises(ValueError, match="eps_clip"):
         gspo_loss(gs_logprobs(), GS_OLD, GS_ADV, MASK, eps_clip=0.0)
+
+
+# ----------------------------------------------------------------------------- rounding ties at the edges
+# A ratio one ulp outside an edge can make the two branches round to the same float64
+# (3 * LOW == 3 * 0.7, 1.72 * HIGH == 1.72 * 1.3, 1.35 * ABOVE_3 == 1.35 * 3): the loss values tie,
+# but the gradient must still be the branch the ratio is on, -r A / N where the loss is smooth and
+# 0 where it is clipped, not half of each.
+LOW = math.nextafter(0.7, 0)        # 0.6999999999999998, just below 1 - eps for eps = 0.3
+HIGH = math.nextafter(1.3, 2)       # 1.3000000000000003, just above 1 + eps
+ABOVE_3 = math.nextafter(3.0, 4)    # 3.0000000000000004, just above dual_clip_c = 3
+EDGE_TIES = [
+    (LOW, 3.0, -2.1),               # A > 0 under the lower edge: unclipped, -r A = -0.7 * 3
+    (HIGH, -1.72, 2.236),           # A < 0 over the upper edge: unclipped, -r A = 1.3 * 1.72
+    (LOW, -3.0, 0.0),               # A < 0 under the lower edge: clipped
+    (HIGH, 1.72, 0.0),              # A > 0 over the upper edge: clipped
+]
+
+
+@pytest.mark.parametrize("ratio, adv, grad", EDGE_TIES)
+def test_ppo_clip_gradient_at_edge_rounding_ties(ratio, adv, grad):
+    edge = 0.7 if ratio < 1 else 1.3
+    assert -adv * ratio == -adv * edge                       # the two branches do tie
+    lp = leaf(t([[math.log(ratio)]]))
+    assert math.exp(lp.item()) == ratio
+    loss, stats = ppo_clip_loss(lp, t([[0.0]]), t([[adv]]), torch.ones(1, 1, dtype=torch.bool), eps_clip=0.3)
+    loss.backward()
+    assert lp.grad.item() == pytest.approx(grad, rel=1e-12, abs=0.0)
+    assert stats["clip_fraction"] == (1.0 if grad == 0.0 else 0.0)
+
+
+@pytest.mark.parametrize("ratio, adv, grad", EDGE_TIES)
+def test_gspo_gradient_at_edge_rounding_ties(ratio, adv, grad):
+    lp = leaf(t([[math.log(ratio)]]))                        # one token: s = r
+    loss, stats = gspo_loss(lp, t([[0.0]]), t([adv]), torch.ones(1, 1, dtype=torch.bool), eps_clip=0.3)
+    loss.backward()
+    assert lp.grad.item() == pytest.approx(grad, rel=1e-12, abs=0.0)
+    assert stats["clip_fraction"] == (1.0 if grad == 0.0 else 0.0)
+
+
+def test_dual_clip_gradient_at_rounding_tie():
+    # A = -1.35, r just above c = 3: -r A == -c A in float64, and r > c means capped: gradient 0
+    assert 1.35 * ABOVE_3 == 1.35 * 3.0
+    lp = leaf(t([[math.log(ABOVE_3)]]))
+    assert math.exp(lp.item()) == ABOVE_3
+    loss, stats = policy_loss(lp, t([[0.0]]), None, t([[-1.35]]), torch.ones(1, 1, dtype=torch.bool),
+                              dual_clip_c=3.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(4.05, rel=1e-12)
+    assert lp.grad.item() == 0.0
+    assert stats["dual_clip_fraction"] == 1.0

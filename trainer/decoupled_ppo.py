@@ -124,13 +124,21 @@ def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: fl
     """PPO's clipped surrogate as a loss, elementwise, and where the clipped branch is taken.
 
         l_t       = max(-r_t A_t, -clip(r_t, 1 - eps_low, 1 + eps_high) A_t)   = -min(r A, clip(r) A)
-        clipped_t = -clip(r_t) A_t > -r_t A_t        (l_t then does not depend on r_t: no gradient)
+        clipped_t = (A_t > 0 and r_t > 1 + eps_high) or (A_t < 0 and r_t < 1 - eps_low)
+        l_t       = -clip(r_t) A_t if clipped_t (constant in r_t: no gradient) else -r_t A_t
 
     ``ratio`` and ``advantages`` have the same shape: per token, or per sequence (GSPO).
+
+    The branch is chosen from the ratio's side of the edge, not by comparing the two losses:
+    within an ulp of an edge ``-r A`` and ``-clip(r) A`` can round to the same number, and
+    ``torch.max`` then splits the gradient between them (half the gradient where the loss is
+    smooth, half a gradient where it is clipped). In exact arithmetic both rules select the same
+    branch. Comparing ``r`` with ``clip(r)`` keeps the test in the ratio's dtype, where the clamp
+    happens. At exactly the edge the unclipped branch is taken.
     """
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    return torch.max(unclipped, clipped), clipped > unclipped
+    clamped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    clipped = ((advantages > 0) & (ratio > clamped)) | ((advantages < 0) & (ratio < clamped))
+    return torch.where(clipped, -advantages * clamped, -advantages * ratio), clipped
 
 
 # ----------------------------------------------------------------------------- losses
@@ -254,9 +262,11 @@ def policy_loss(
     ratio = torch.exp(logprobs - prox)                           # r_t = pi_theta / pi_prox
     pg_loss, clipped = clipped_surrogate(ratio, adv, lo, hi)     # -min(r A, clip(r) A)
     if dual_clip_c is not None:
-        pg_loss3 = -adv * dual_clip_c                            # the cap, only for A < 0
-        dual_clipped = (adv < 0) & (pg_loss3 < pg_loss)
-        pg_loss = torch.where(adv < 0, torch.min(pg_loss, pg_loss3), pg_loss)
+        # A < 0 and r > c > 1 - eps_low puts l_t on its -r A branch, so -c A < l_t exactly when
+        # r > c: selecting on r (as clipped_surrogate does) keeps a rounding tie from splitting
+        # the gradient
+        dual_clipped = (adv < 0) & (ratio > dual_clip_c)
+        pg_loss = torch.where(dual_clipped, -adv * dual_clip_c, pg_loss)     # the cap -c A
     else:
         dual_clipped = torch.zeros_like(valid)
     loss = aggregate(w * pg_loss, valid, agg_mode, agg_const, normalizer)
