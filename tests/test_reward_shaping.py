@@ -23,6 +23,17 @@ def test_scale_and_clip():
     torch.testing.assert_close(clip_rewards(torch.tensor([[1, 5]]), high=2.0), torch.tensor([[1.0, 2.0]]))
 
 
+def test_clip_with_both_sides_open_returns_the_rewards():
+    r = torch.tensor([-3.0, 0.5, 3.0])
+    out = clip_rewards(r, None, None)
+    torch.testing.assert_close(out, torch.tensor([-3.0, 0.5, 3.0]))
+    out[0] = 9.0                                   # a new tensor, as when a side is clipped
+    assert r[0] == -3.0
+    torch.testing.assert_close(clip_rewards(torch.tensor([1, 5])), torch.tensor([1.0, 5.0]))
+    torch.testing.assert_close(clip_rewards(r, None, 1.0), torch.tensor([-3.0, 0.5, 1.0]))
+    torch.testing.assert_close(clip_rewards(r, -1.0, None), torch.tensor([-1.0, 0.5, 3.0]))
+
+
 def test_batch_normalize_by_hand():
     # (0, 2, 2, 4): mean 2, deviations (-2, 0, 0, 2), population var 8/4 = 2, std sqrt(2)
     r = torch.tensor([0.0, 2.0, 2.0, 4.0])

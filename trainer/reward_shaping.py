@@ -49,12 +49,17 @@ def scale_rewards(rewards: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def clip_rewards(rewards: torch.Tensor, low: float | None = None, high: float | None = None) -> torch.Tensor:
-    """``clip(r, low, high)`` (any shape); ``None`` leaves that side open."""
+    """``clip(r, low, high)`` (any shape); ``None`` leaves that side open.
+
+    Always a new tensor, also with both sides open (``torch.clamp`` refuses two ``None`` bounds).
+    """
     rewards = _rewards(rewards)
     lo = None if low is None else _finite("low", low)
     hi = None if high is None else _finite("high", high)
     if lo is not None and hi is not None and lo > hi:
         raise ValueError(f"low must be <= high, got low={low!r}, high={high!r}")
+    if lo is None and hi is None:
+        return rewards.clone()
     return rewards.clamp(min=lo, max=hi)
 
 
