@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,15 +23,42 @@ def weights_path(directory: Path, version: int) -> Path:
     return directory / f"v{version:06d}.safetensors"
 
 
+def write_error(path: Path, e: Exception) -> OSError:
+    """An OSError naming `path` for a failed write, with the free space on its disk: safetensors and
+    torch.save report a full disk as their own exception types (SafetensorError; RuntimeError
+    "unexpected pos"), often without an errno, so the free space is what tells the reader."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    msg = f"could not write {path} ({free}): {e}"
+    return OSError(e.errno, msg) if isinstance(e, OSError) and e.errno else OSError(msg)
+
+
 def save_weights(model: torch.nn.Module, directory: Path, version: int, keep: int = 3) -> Path:
-    """Write atomically (temp + rename) so a server never reads half a file; prune old versions."""
+    """Write atomically (temp + rename) so a server never reads half a file, then prune.
+
+    The file just written is the live policy and is never pruned. Any file numbered above it, and any
+    temp file left by another writer, is from a run abandoned at a later version (a crash past the last
+    checkpoint, then a resume from it): stale, so removed. Of the rest the `keep` newest stay.
+    A failed write (a full disk) leaves no partial file and raises an OSError naming the path.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     path = weights_path(directory, version)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in named_weights(model).items()}, str(tmp), metadata={"version": str(version)})
-    os.replace(tmp, path)
-    old = sorted(p for p in directory.glob("v*.safetensors") if re.fullmatch(r"v\d+\.safetensors", p.name))
-    for p in old[:-keep]:
+    try:
+        save_file({k: v.contiguous() for k, v in named_weights(model).items()}, str(tmp),
+                  metadata={"version": str(version)})
+        os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from e
+    files = {int(m.group(1)): p for p in directory.glob("v*")
+             if (m := re.fullmatch(r"v(\d+)\.safetensors", p.name))}
+    older = sorted(v for v in files if v <= version)
+    stale = [files[v] for v in files if v > version] + [files[v] for v in older[:-keep]]
+    stale += [p for p in directory.glob("v*.tmp*") if p != tmp]
+    for p in stale:
         p.unlink(missing_ok=True)
     return path
 
