@@ -6,6 +6,7 @@ is one integer and resuming from a checkpoint replays exactly the same prompts.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import threading
@@ -125,20 +126,19 @@ class JsonlTask:
         if not self.path.is_file():
             raise FileNotFoundError(f"JSONL task file not found: {self.path}")
         records: list[tuple[str, str]] = []
-        with self.path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{self.path}:{lineno}: invalid JSON: {e.msg}") from e
-                if not isinstance(obj, dict):
-                    raise ValueError(f"{self.path}:{lineno}: expected a JSON object")
-                for key in (self.prompt_key, self.answer_key):
-                    if key not in obj:
-                        raise ValueError(f"{self.path}:{lineno}: missing key {key!r}")
-                records.append((str(obj[self.prompt_key]), str(obj[self.answer_key])))
+        for lineno, line in enumerate(io.StringIO(_read_utf8(self.path), newline=None), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{self.path}:{lineno}: invalid JSON: {e.msg}") from e
+            if not isinstance(obj, dict):
+                raise ValueError(f"{self.path}:{lineno}: expected a JSON object")
+            for key in (self.prompt_key, self.answer_key):
+                if key not in obj:
+                    raise ValueError(f"{self.path}:{lineno}: missing key {key!r}")
+            records.append((str(obj[self.prompt_key]), str(obj[self.answer_key])))
         if not records:
             raise ValueError(f"{self.path}: no records")
         return records
@@ -168,6 +168,21 @@ class JsonlTask:
         # `stopped` is not required: a truncated response that already contains the answer
         # is still graded (the answer extraction decides).
         return math_reward(prompt.answer, response_text)
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text, or ``ValueError("path:line: not valid UTF-8 (byte 0x.. at column c)")``.
+
+    Lines and columns (1-based, in characters) are counted as text-mode reading splits lines
+    (universal newlines), so they match the line numbers of the JSON errors.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lines = io.StringIO(data[: e.start].decode("utf-8"), newline=None).read().split("\n")
+        raise ValueError(f"{path}:{len(lines)}: not valid UTF-8 "
+                         f"(byte 0x{data[e.start]:02x} at column {len(lines[-1]) + 1})") from e
 
 
 def _timeout() -> int | None:

@@ -78,6 +78,20 @@ def test_jsonl_errors_name_file_and_line(tmp_path: Path) -> None:
         JsonlTask(tmp_path / "nope.jsonl")
 
 
+def test_jsonl_non_utf8_byte_names_file_line_and_column(tmp_path: Path) -> None:
+    good = json.dumps({"prompt": "p", "answer": "1"}).encode()
+    # line 3 is '{"pro' + 0xff + ...: the bad byte is its 6th character; "é" before it on
+    # line 2 is valid UTF-8 (2 bytes) and must not shift the count; \r\n counts as one break
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(good + b"\r\n" + '{"prompt": "é", "answer": "2"}'.encode() + b"\n"
+                     + b'{"pro\xffmpt": "p", "answer": "3"}\n')
+    with pytest.raises(ValueError, match=r"data\.jsonl:3: not valid UTF-8 \(byte 0xff at column 6\)"):
+        JsonlTask(path)
+    path.write_bytes(b"caf\xe9\n")                 # Latin-1, line 1
+    with pytest.raises(ValueError, match=r"data\.jsonl:1: not valid UTF-8 \(byte 0xe9 at column 4\)"):
+        JsonlTask(path)
+
+
 @pytest.mark.parametrize(
     ("gold", "response", "expected"),
     [
