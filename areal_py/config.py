@@ -194,6 +194,11 @@ class NetConfig(_Section):
     weights_port: int = Field(45502, ge=1, le=65535, description="Controller PUB for weight-update broadcasts.")
     trainer_port: int = Field(45503, ge=1, le=65535, description="Controller PULL for trainer messages.")
     batch_port: int = Field(45504, ge=1, le=65535, description="Controller PUSH of ready batches to the trainer.")
+    max_message_bytes: int = Field(
+        8 * 2**30, ge=1024, description="ZMQ_MAXMSGSIZE of every role's sockets: a larger incoming frame (libzmq "
+        "checks each frame of a multipart message, not the sum) is dropped with its connection. Streamed weights "
+        "send one tensor per frame, so this must exceed the largest tensor (8 GiB: a 2.1B-element float32 "
+        "embedding, Llama-3-405B's).")
 
     def addr(self, port: int, *, bind: bool = False) -> str:
         return f"tcp://{self.bind_host if bind else self.controller_host}:{port}"

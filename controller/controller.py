@@ -70,11 +70,14 @@ class Controller:
                                   reward_model={"path": rc.reward_model_path} if rc.reward_model_path else None)
 
         net, ctx = cfg.net, zmq.Context.instance()
-        self.router = make_socket(ctx, zmq.ROUTER, net.addr(net.rollout_port, bind=True), bind=True)
+        cap = net.max_message_bytes
+        self.router = make_socket(ctx, zmq.ROUTER, net.addr(net.rollout_port, bind=True), bind=True, max_message_bytes=cap)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.pub = make_socket(ctx, zmq.PUB, net.addr(net.weights_port, bind=True), bind=True)
-        self.from_trainer = make_socket(ctx, zmq.PULL, net.addr(net.trainer_port, bind=True), bind=True)
-        self.to_trainer = make_socket(ctx, zmq.PUSH, net.addr(net.batch_port, bind=True), bind=True)
+        self.pub = make_socket(ctx, zmq.PUB, net.addr(net.weights_port, bind=True), bind=True, max_message_bytes=cap)
+        self.from_trainer = make_socket(ctx, zmq.PULL, net.addr(net.trainer_port, bind=True), bind=True,
+                                        max_message_bytes=cap)
+        self.to_trainer = make_socket(ctx, zmq.PUSH, net.addr(net.batch_port, bind=True), bind=True,
+                                      max_message_bytes=cap)
         self.to_trainer.setsockopt(zmq.SNDTIMEO, int(cfg.trainer.batch_timeout_s * 1000))
 
         # counters and positions (restored from the trainer's checkpoint on resume)

@@ -57,8 +57,10 @@ class RolloutServer:
         self.engine = engine or build_engine(cfg, seed=cfg.run.seed * 1000 + sum(self.server_id.encode()))
         self.ctx = zmq.Context.instance()
         net = cfg.net
-        self.dealer = make_socket(self.ctx, zmq.DEALER, net.addr(net.rollout_port), bind=False, identity=self.server_id)
-        self.sub = make_socket(self.ctx, zmq.SUB, net.addr(net.weights_port), bind=False)
+        self.dealer = make_socket(self.ctx, zmq.DEALER, net.addr(net.rollout_port), bind=False, identity=self.server_id,
+                                  max_message_bytes=net.max_message_bytes)
+        self.sub = make_socket(self.ctx, zmq.SUB, net.addr(net.weights_port), bind=False,
+                               max_message_bytes=net.max_message_bytes)
         self.generated_tokens = 0
         self.running = True
         self._last_beat = 0.0

@@ -50,8 +50,10 @@ class Trainer:
         self.metrics = JsonlWriter(cfg.run_dir() / "metrics.jsonl")
         self.tb = TensorBoardLog(cfg.run_dir() / "tensorboard") if cfg.run.tensorboard else None
         net, ctx = cfg.net, zmq.Context.instance()
-        self.to_ctrl = make_socket(ctx, zmq.PUSH, net.addr(net.trainer_port), bind=False)
-        self.batches = make_socket(ctx, zmq.PULL, net.addr(net.batch_port), bind=False)
+        self.to_ctrl = make_socket(ctx, zmq.PUSH, net.addr(net.trainer_port), bind=False,
+                                   max_message_bytes=net.max_message_bytes)
+        self.batches = make_socket(ctx, zmq.PULL, net.addr(net.batch_port), bind=False,
+                                   max_message_bytes=net.max_message_bytes)
         self.start_time = time.monotonic()
 
     def _resume(self) -> None:
