@@ -303,6 +303,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _yaml_error(path: Path, err: yaml.YAMLError) -> str:
+    """``path:line:column: invalid YAML: problem (context at line, column)``, 1-based as editors count."""
+    mark = getattr(err, "problem_mark", None)
+    if not isinstance(err, yaml.MarkedYAMLError) or mark is None:
+        return f"{path}: invalid YAML: {err}"
+    msg = f"{path}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {err.problem or err}"
+    if err.context and err.context_mark:
+        msg += f" ({err.context} at line {err.context_mark.line + 1}, column {err.context_mark.column + 1})"
+    return msg
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- overrides, validated as one tree."""
     data: dict = {}
@@ -310,7 +321,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(_yaml_error(p, e)) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         data = loaded

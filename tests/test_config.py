@@ -75,6 +75,17 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_malformed_yaml_names_file_line_and_column(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("controller:\n  batch_size: 4\n   group_size: 2\n")      # line 3 indented too deep
+    with pytest.raises(ConfigError, match=r"bad\.yaml:3:14: invalid YAML: mapping values are not allowed here"):
+        load_config(f)
+    f.write_text("controller:\n  batch_size: [4, 8\n  group_size: 2\n")    # unclosed list opened on line 2
+    with pytest.raises(ConfigError, match=r"bad\.yaml:3:13: invalid YAML: expected ',' or '\]', but got ':' "
+                                          r"\(while parsing a flow sequence at line 2, column 15\)"):
+        load_config(f)
+
+
 def test_every_field_has_a_description():
     from pydantic import BaseModel
 
