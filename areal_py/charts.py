@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
 
-__all__ = ["PALETTE", "Segment", "Series", "bar_chart", "fmt", "line_chart", "nice_ticks", "timeline_chart"]
+__all__ = ["PALETTE", "Segment", "Series", "bar_chart", "fmt", "line_chart", "nice_ticks", "tick_labels",
+           "timeline_chart"]
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 58, 14, 30, 40
@@ -20,10 +21,14 @@ MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 58, 14, 30, 40
 
 @dataclass(frozen=True)
 class Series:
-    """One line: ``points`` are (x, y); non-finite values are dropped."""
+    """One line: ``points`` are (x, y); non-finite values are dropped.
+
+    ``dash`` (an SVG stroke-dasharray such as "5 3"; "" = solid) draws the line dashed with hollow
+    markers, so a series drawn on top of an equal one leaves the one beneath visible."""
     name: str
     points: Sequence[tuple[float, float]]
     color: str | None = None
+    dash: str = ""
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,43 @@ def fmt(v: float) -> str:
     if a >= 1e3:
         return f"{v / 1e3:.3g}k"
     return f"{v:.3g}"
+
+
+def _decimals(x: float) -> int:
+    """Fewest decimals (at most 12) that write ``x`` exactly, up to float noise: 0.5 -> 1, 0.25 -> 2, 20 -> 0."""
+    for d in range(13):
+        v = abs(x) * 10 ** d
+        if abs(v - round(v)) <= 1e-6 * max(1.0, v):
+            return d
+    return 12
+
+
+def tick_labels(ticks: Sequence[float]) -> list[str]:
+    """Labels for evenly spaced ticks (``nice_ticks``): distinct, and as precise as their spacing needs.
+
+    The decimals come from the step, not from the values: 101.6..102.4 in steps of 0.2 reads 101.6,
+    101.8, ..., 102.4 (``fmt``'s 3 significant digits would print 102 three times). A k or M suffix
+    is used only when the step is at least 1000 resp. 10^6, and then with the decimals the step
+    needs, so it never drops a digit that tells two ticks apart (1000..1003 stays 1000, 1001, ...;
+    0..5000 reads 0, 1k, ..., 5k; steps of 2500 read 2.5k). Magnitudes
+    of 1e9 and more, or steps below 1e-4, are written in scientific notation with the mantissa
+    digits the step needs."""
+    ticks = [float(t) for t in ticks]
+    if len(ticks) < 2 or not _finite(*ticks) or ticks[1] == ticks[0]:
+        return [fmt(t) for t in ticks]
+    step = abs(ticks[1] - ticks[0])
+    ticks = [0.0 if abs(t) < step * 1e-9 else t for t in ticks]  # no "-0.0"
+    big = max(abs(t) for t in ticks)
+    if big >= 1e9 or step < 1e-4:
+        exp = math.floor(math.log10(big)) if big > 0 else math.floor(math.log10(step))
+        d = _decimals(step / 10 ** exp)
+        return ["0" if t == 0 else f"{t:.{d}e}" for t in ticks]
+    for div, suffix in ((1e6, "M"), (1e3, "k")):
+        if step >= div:
+            d = _decimals(step / div)
+            return ["0" if t == 0 else f"{t / div:.{d}f}{suffix}" for t in ticks]
+    d = _decimals(step)
+    return [f"{t:.{d}f}" for t in ticks]
 
 
 def _num(v: float) -> str:
@@ -106,15 +148,17 @@ class _Frame:
     def axes(self, x_label: str, y_label: str, x_ticks: bool = True) -> list[str]:
         out = [(f'<rect class="plot" x="{self.x0}" y="{self.y1}" width="{self.x1 - self.x0}" '
                 f'height="{self.y0 - self.y1}" fill="#fff" stroke="#bbb"/>')]
-        for t in nice_ticks(*self.yr):
+        yt = nice_ticks(*self.yr)
+        for t, label in zip(yt, tick_labels(yt)):
             y = self.py(t)
             out.append(f'<line x1="{self.x0}" x2="{self.x1}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'
-                       f'<text x="{self.x0 - 4}" y="{y + 4:.1f}" text-anchor="end">{fmt(t)}</text>')
+                       f'<text class="tick" x="{self.x0 - 4}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
         if x_ticks:
-            for t in nice_ticks(*self.xr, n=max(2, (self.x1 - self.x0) // 90)):
+            xt = nice_ticks(*self.xr, n=max(2, (self.x1 - self.x0) // 90))
+            for t, label in zip(xt, tick_labels(xt)):
                 x = self.px(t)
                 out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{self.y0}" y2="{self.y0 + 4}" stroke="#888"/>'
-                           f'<text x="{x:.1f}" y="{self.y0 + 16}" text-anchor="middle">{fmt(t)}</text>')
+                           f'<text class="tick" x="{x:.1f}" y="{self.y0 + 16}" text-anchor="middle">{label}</text>')
         out.append(f'<text x="{(self.x0 + self.x1) / 2:.0f}" y="{self.h - 6}" text-anchor="middle" '
                    f'class="axis-label">{escape(x_label)}</text>')
         out.append(f'<text transform="translate(12 {(self.y0 + self.y1) / 2:.0f}) rotate(-90)" '
@@ -129,12 +173,18 @@ def _svg(chart_id: str, title: str, width: int, height: int, body: list[str]) ->
     return head + "".join(body) + "</svg>"
 
 
-def _legend(names: Sequence[tuple[str, str]], width: int) -> list[str]:
+def _legend(names: Sequence[tuple[str, str] | tuple[str, str, str]], width: int) -> list[str]:
+    """Entries (name, color) as a swatch, or (name, color, dash) as a line sample drawn like the series."""
     out, x = [], width - MARGIN_R
-    for name, color in reversed(names):
-        x -= 22 + 7 * len(name)
-        out.append(f'<rect x="{x}" y="9" width="10" height="10" fill="{color}"/>'
-                   f'<text x="{x + 13}" y="18">{escape(name)}</text>')
+    for name, color, *dash in reversed(names):
+        x -= 30 + 7 * len(name) if dash else 22 + 7 * len(name)
+        if dash:
+            pattern = f' stroke-dasharray="{dash[0]}"' if dash[0] else ""
+            out.append(f'<line x1="{x}" x2="{x + 16}" y1="14" y2="14" stroke="{color}" stroke-width="2"{pattern}/>'
+                       f'<text x="{x + 19}" y="18">{escape(name)}</text>')
+        else:
+            out.append(f'<rect x="{x}" y="9" width="10" height="10" fill="{color}"/>'
+                       f'<text x="{x + 13}" y="18">{escape(name)}</text>')
     return out
 
 
@@ -146,7 +196,10 @@ def _empty(chart_id: str, title: str, width: int, height: int) -> str:
 def line_chart(series: Sequence[Series], *, chart_id: str, title: str, x_label: str, y_label: str,
                width: int = 560, height: int = 260, y_min: float | None = None, y_max: float | None = None,
                markers: bool = True) -> str:
-    """Lines with one ``<circle class="pt">`` per point (``data-series``, ``data-x``, ``data-y``)."""
+    """Lines with one ``<circle class="pt">`` per point (``data-series``, ``data-x``, ``data-y``).
+
+    Series are drawn in order, later ones on top; each ``<polyline class="line">`` names its
+    series in ``data-series``. When any series is dashed the legend shows line samples."""
     clean = [(s, [(float(x), float(y)) for x, y in s.points if _finite(x, y)]) for s in series]
     xs = [x for _, pts in clean for x, _ in pts]
     ys = [y for _, pts in clean for _, y in pts]
@@ -154,20 +207,23 @@ def line_chart(series: Sequence[Series], *, chart_id: str, title: str, x_label: 
         return _empty(chart_id, title, width, height)
     fr = _Frame(width, height, _range(xs, None, None, pad=0.0), _range(ys, y_min, y_max))
     body = fr.axes(x_label, y_label)
-    colors = []
+    colors: list[tuple[str, str, str]] = []
     for i, (s, pts) in enumerate(clean):
         color = s.color or PALETTE[i % len(PALETTE)]
-        colors.append((s.name, color))
+        colors.append((s.name, color, s.dash))
         name = escape(s.name)
         if len(pts) > 1:
             path = " ".join(f"{fr.px(x):.1f},{fr.py(y):.1f}" for x, y in pts)
-            body.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+            style = f'stroke-width="1.5" stroke-dasharray="{escape(s.dash)}"' if s.dash else 'stroke-width="1.5"'
+            body.append(f'<polyline class="line" data-series="{name}" points="{path}" fill="none" '
+                        f'stroke="{color}" {style}/>')
         r = 2 if markers else 0.8
+        paint = f'r="{r + 1.2}" fill="none" stroke="{color}"' if s.dash else f'r="{r}" fill="{color}"'
         body.extend(f'<circle class="pt" data-series="{name}" data-x="{_num(x)}" data-y="{_num(y)}" '
-                    f'cx="{fr.px(x):.1f}" cy="{fr.py(y):.1f}" r="{r}" fill="{color}">'
+                    f'cx="{fr.px(x):.1f}" cy="{fr.py(y):.1f}" {paint}>'
                     f'<title>{name}: {fmt(x)}, {fmt(y)}</title></circle>' for x, y in pts)
     if len(series) > 1:
-        body.extend(_legend(colors, width))
+        body.extend(_legend(colors if any(s.dash for s in series) else [c[:2] for c in colors], width))
     return _svg(chart_id, title, width, height, body)
 
 
@@ -204,10 +260,11 @@ def timeline_chart(lanes: Sequence[tuple[str, Sequence[Segment]]], colors: dict[
     fr = _Frame(width, height, (min(s.start for s in segs), max(s.end for s in segs)), (0.0, 1.0))
     fr.x0 = label_w
     body = [f'<rect x="{fr.x0}" y="{fr.y1}" width="{fr.x1 - fr.x0}" height="{fr.y0 - fr.y1}" fill="#fff" stroke="#bbb"/>']
-    for t in nice_ticks(*fr.xr, n=12):
+    xt = nice_ticks(*fr.xr, n=12)
+    for t, label in zip(xt, tick_labels(xt)):
         x = fr.px(t)
         body.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{fr.y1}" y2="{fr.y0 + 4}" stroke="#eee"/>'
-                    f'<text x="{x:.1f}" y="{fr.y0 + 16}" text-anchor="middle">{fmt(t)}</text>')
+                    f'<text class="tick" x="{x:.1f}" y="{fr.y0 + 16}" text-anchor="middle">{label}</text>')
     body.append(f'<text x="{(fr.x0 + fr.x1) / 2:.0f}" y="{height - 6}" text-anchor="middle" '
                 f'class="axis-label">{escape(x_label)}</text>')
     for i, (lane, lane_segs) in enumerate(lanes):

@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from areal_py.report import _load_config, load_records, render_html
+from areal_py.report import _config_mapping, _load_config, load_records, render_html
 
 __all__ = ["REFRESH_S", "render_fragment", "render_page", "start_dashboard", "stop_dashboard"]
 
@@ -64,8 +64,8 @@ def _body(html: str) -> str:
 
 def _snapshot(run_dir: Path) -> tuple[list[dict[str, Any]], str]:
     """(records, rendered report page) for the run's files as they are now."""
-    records = load_records(run_dir / "metrics.jsonl")
-    return records, render_html(run_dir.name, records, _load_config(run_dir / "config.yaml"))
+    records, cfg = load_records(run_dir / "metrics.jsonl"), run_dir / "config.yaml"
+    return records, render_html(run_dir.name, records, _load_config(cfg), _config_mapping(cfg))
 
 
 def render_fragment(run_dir: Path) -> str:

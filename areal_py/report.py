@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -24,6 +24,7 @@ from areal_py.charts import (
     line_chart,
     timeline_chart,
 )
+from areal_py.config import AlgoConfig, TrainerConfig
 from areal_py.gen_activity import merge_spans
 from areal_py.metrics import read_jsonl
 
@@ -34,6 +35,7 @@ __all__ = [
     "cumulative_rate",
     "load_records",
     "main",
+    "not_computed",
     "render_html",
     "staleness_histogram",
     "step_series",
@@ -53,11 +55,14 @@ TRAIN_STATS = [("loss", "loss"), ("clip_fraction", "clip fraction"), ("grad_norm
 
 @dataclass(frozen=True)
 class Section:
+    """One chart of the page. ``note`` is a remark on this run's data (e.g. why a series is all
+    zero); a section whose plot would say nothing has a note and ``svg == ""``."""
     chart_id: str
     title: str
     caption: str
     svg: str
     wide: bool = False
+    note: str = ""
 
 
 def _num(v: Any) -> float | None:
@@ -200,8 +205,52 @@ def _cut(lanes: list[tuple[str, list[Segment]]], records: Sequence[Record],
     return lanes
 
 
-def chart_sections(records: Sequence[Record]) -> list[Section]:
-    """Every chart of the report, drawn from step records (also usable by a live dashboard)."""
+_DEFAULTS = {"algo": AlgoConfig, "trainer": TrainerConfig}
+
+
+def _setting(config: Mapping[str, Any], section: str, key: str) -> Any:
+    """``section.key`` from a run's config.yaml, or the default when the file does not hold it."""
+    sec = config.get(section)
+    if isinstance(sec, Mapping) and key in sec:
+        return sec[key]
+    return _DEFAULTS[section].model_fields[key].default
+
+
+def not_computed(key: str, config: Mapping[str, Any] | None) -> str | None:
+    """Why the trainer stat ``key`` is 0 on every step under ``config`` (None: it is computed, or
+    there is no config to tell).
+
+    The learner (trainer/learner.py) reports every stat on every step, as 0.0 when nothing computes
+    it, so without this a flat zero line reads as a broken chart. The rules mirror the learner:
+    entropy is computed only for the entropy bonus; value loss only with the critic that GAE
+    trains; and with one update per batch the decoupled and GSPO losses take the proximal policy
+    from the training forward itself, so the ratio to it is exactly 1 (no clipping, zero KL) except
+    on steps whose every token comes from the trained version, where the behaviour logprobs stand
+    in for the proximal ones and trainer/rollout numerics make the ratio differ slightly from 1."""
+    if config is None:
+        return None
+    if key == "value_loss" and (est := _setting(config, "algo", "adv_estimator")) != "gae":
+        return (f"Not computed in this run: a value loss needs a critic, which only algo.adv_estimator=gae "
+                f"trains (this run: {est}).")
+    if key == "entropy" and not _setting(config, "algo", "entropy_coef"):
+        return ("Not computed in this run: the policy entropy is computed only for the entropy bonus, "
+                "and algo.entropy_coef is 0.")
+    if (key in ("clip_fraction", "approx_kl") and _setting(config, "algo", "loss") in ("decoupled", "gspo")
+            and _setting(config, "algo", "prox_method") == "recompute"
+            and _setting(config, "trainer", "ppo_minibatches") == 1):
+        return ("With one update per batch (trainer.ppo_minibatches=1) the proximal policy is the policy being "
+                "updated: on steps with stale tokens the ratio to it is exactly 1, so this is 0. Steps trained "
+                "only on tokens of the current version (staleness 0; every step in sync mode) use the behaviour "
+                "logprobs instead, and their values measure only the trainer's numerical difference from the "
+                "rollout engine. A trust-region signal needs trainer.ppo_minibatches > 1.")
+    return None
+
+
+def chart_sections(records: Sequence[Record], config: Mapping[str, Any] | None = None) -> list[Section]:
+    """Every chart of the report, drawn from step records (also usable by a live dashboard).
+
+    ``config``: the run's config.yaml as a mapping, used only to explain series that are 0 by
+    construction (``not_computed``); such a series gets that note instead of a flat plot."""
     secs: list[Section] = []
     gen, trained = cumulative_rate(records, "generated_tokens"), cumulative_rate(records, "trained_tokens_total")
     secs.append(Section("throughput", "Generated vs trained tokens/s", (
@@ -241,20 +290,26 @@ def chart_sections(records: Sequence[Record]) -> list[Section]:
                                     Series("max", step_series(records, "staleness_max"))],
                                    chart_id="staleness", title="token staleness", x_label="step",
                                    y_label="versions", y_min=0.0)))
-    rewards = [Series("reward_mean", step_series(records, "reward_mean"))]
+    rewards = [Series("reward_mean", step_series(records, "reward_mean"), PALETTE[0])]
     scored = step_series(records, "scored_reward_mean")
     if scored:  # differs from the batch's reward when dynamic sampling drops all-equal groups
-        rewards.append(Series("scored_reward_mean", scored))
+        # often equal to reward_mean: drawn on top, dashed and hollow, so both lines stay visible
+        rewards.append(Series("scored_reward_mean", scored, PALETTE[3], dash="5 3"))
     secs.append(Section("reward", "Reward", "Mean reward of each step's batch (`reward_mean`) and of everything "
-                        "scored since the previous step, dropped groups included (`scored_reward_mean`).",
+                        "scored since the previous step, dropped groups included (`scored_reward_mean`, dashed; "
+                        "equal to reward_mean when no group is dropped).",
                         line_chart(rewards, chart_id="reward", title="reward mean", x_label="step",
                                    y_label="reward")))
     for key, label in TRAIN_STATS:
         pts = step_series(records, key)
-        if pts or key in ("loss", "clip_fraction", "grad_norm"):
+        why = not_computed(key, config)
+        if why and all(v == 0 for _, v in pts):  # a flat zero (or no) line says nothing: say why instead
+            secs.append(Section(key, label.capitalize(), f"`{key}` per step.", "", note=why))
+        elif pts or key in ("loss", "clip_fraction", "grad_norm"):
+            partial = why if why and key in ("clip_fraction", "approx_kl") else ""  # see not_computed
             secs.append(Section(key, label.capitalize(), f"`{key}` per step.",
                                 line_chart([Series(key, pts)], chart_id=key, title=label, x_label="step",
-                                           y_label=label)))
+                                           y_label=label), note=partial))
     secs.append(Section("publish", "Weight publish latency", "publish_s: time for the trainer to publish new weights.",
                         line_chart([Series("publish_s", step_series(records, "publish_s"), PALETTE[1])],
                                    chart_id="publish", title="weight publish latency", x_label="step",
@@ -315,6 +370,15 @@ def _load_config(path: Path) -> list[tuple[str, str]] | None:
         return [("(unreadable)", str(e))]
 
 
+def _config_mapping(path: Path) -> Mapping[str, Any] | None:
+    """config.yaml as a mapping, or None when it is missing, unreadable or not a mapping."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, OSError):
+        return None
+    return data if isinstance(data, Mapping) else None
+
+
 CSS = """
 body{font-family:sans-serif;margin:20px;color:#222;max-width:1180px}
 h1{font-size:20px;margin:0 0 8px} h2{font-size:15px;margin:0 0 2px}
@@ -325,12 +389,16 @@ th{background:#f4f4f4;font-weight:normal}
 .sec{border:1px solid #e4e4e4;padding:8px;border-radius:4px}
 .sec p{font-size:11px;color:#666;margin:0 0 4px;max-width:560px}
 .sec.wide p{max-width:none}
+.sec p.note{font-size:12px;color:#7a5a00;background:#fff8e1;padding:4px 6px;border-radius:3px}
 .empty{font-size:16px;color:#a33;padding:20px 0}
 details{margin-top:12px}
 """
 
 
-def render_html(run_name: str, records: Sequence[Record], config_rows: Sequence[tuple[str, str]] | None) -> str:
+def render_html(run_name: str, records: Sequence[Record], config_rows: Sequence[tuple[str, str]] | None,
+                config: Mapping[str, Any] | None = None) -> str:
+    """The report page. ``config_rows`` fill the config table; ``config`` (the same file as a
+    mapping) lets the charts explain series that are 0 by construction."""
     parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
              f"<title>areal-py run {escape(run_name)}</title><style>{CSS}</style></head><body>",
              f"<h1>Run <span id=\"run-name\">{escape(run_name)}</span></h1>",
@@ -343,9 +411,10 @@ def render_html(run_name: str, records: Sequence[Record], config_rows: Sequence[
         parts.append('<p class="empty" id="no-steps">no steps yet: metrics.jsonl has no complete step record.</p>')
     else:
         parts.append('<div class="grid">')
-        for s in chart_sections(records):
+        for s in chart_sections(records, config):
+            note = f'<p class="note" data-note="{escape(s.chart_id)}">{escape(s.note)}</p>' if s.note else ""
             parts.append(f'<section class="sec{" wide" if s.wide else ""}" id="sec-{escape(s.chart_id)}">'
-                         f"<h2>{escape(s.title)}</h2><p>{escape(s.caption)}</p>{s.svg}</section>")
+                         f"<h2>{escape(s.title)}</h2><p>{escape(s.caption)}</p>{note}{s.svg}</section>")
         parts.append("</div>")
     if config_rows is not None:
         parts.append("<details open><summary>config.yaml</summary>" + _table(config_rows, "config") + "</details>")
@@ -359,7 +428,8 @@ def write_report(run_dir: Path) -> Path:
     records = load_records(run_dir / "metrics.jsonl")
     out = run_dir / "report.html"
     tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(render_html(run_dir.name, records, _load_config(run_dir / "config.yaml")), encoding="utf-8")
+    cfg = run_dir / "config.yaml"
+    tmp.write_text(render_html(run_dir.name, records, _load_config(cfg), _config_mapping(cfg)), encoding="utf-8")
     tmp.replace(out)  # never leave a half-written report for a browser to open
     return out
 

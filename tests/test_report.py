@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -219,3 +221,120 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
     subprocess.run(cmd, capture_output=True, timeout=60, check=False)
     assert png.exists() and png.stat().st_size > 20_000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("lo,hi,n,want", [
+    (101.6, 102.4, 5, ["101.6", "101.8", "102.0", "102.2", "102.4"]),  # fmt's 3 digits read 102, 102, 102
+    (1000, 1003, 5, ["1000", "1001", "1002", "1003"]),  # fmt reads 1k, 1k, 1k, 1k
+    (1000, 1003, 12, ["1000.00", "1000.25", "1000.50", "1000.75", "1001.00", "1001.25", "1001.50", "1001.75",
+                      "1002.00", "1002.25", "1002.50", "1002.75", "1003.00"]),
+    (0, 5000, 5, ["0", "1k", "2k", "3k", "4k", "5k"]),  # k only where it drops no digit
+    (0, 5000, 12, ["0", "500", "1000", "1500", "2000", "2500", "3000", "3500", "4000", "4500", "5000"]),
+    (0, 1, 5, ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]),
+    (-0.3, 0.3, 12, ["-0.30", "-0.25", "-0.20", "-0.15", "-0.10", "-0.05", "0.00", "0.05", "0.10", "0.15", "0.20",
+                     "0.25", "0.30"]),
+    (0, 7.5e6, 5, ["0", "2M", "4M", "6M"]),
+    (0, 2.5e-5, 5, ["0", "1e-05", "2e-05"]),
+    (3e9, 3.5e9, 5, ["3.0e+09", "3.1e+09", "3.2e+09", "3.3e+09", "3.4e+09", "3.5e+09"]),
+])
+def test_tick_labels_are_distinct_and_as_precise_as_the_step(lo: float, hi: float, n: int, want: list[str]) -> None:
+    labels = charts.tick_labels(charts.nice_ticks(lo, hi, n=n))
+    assert labels == want
+    assert len(set(labels)) == len(labels)
+
+
+def test_zoomed_timeline_late_in_a_run_has_distinct_tick_labels(tmp_path: Path) -> None:
+    """The last-12-steps timeline of a run past 1000 s: its ticks are ~1 s apart and must not all read "1k"."""
+    recs = synthetic_records(40)
+    for r in recs:
+        r["wall_time_s"] += 1000.0
+    d = tmp_path / "late"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    html = write_report(d).read_text()
+    svg = html[html.index('data-chart="timeline_zoom"'):]
+    svg = svg[:svg.index("</svg>")]
+    labels = re.findall(r'stroke="#eee"/><text[^>]*>([^<]*)</text>', svg)  # each grid line's label
+    assert len(labels) >= 5 and len(set(labels)) == len(labels), labels
+    assert all(float(x) > 1000 for x in labels), labels
+
+
+def sections(html: str) -> dict[str, str]:
+    """chart id -> that section's note ("" when it has none), for every section of the page."""
+    out = {}
+    for m in re.finditer(r'<section class="[^"]*" id="sec-([^"]+)">(.*?)</section>', html, re.DOTALL):
+        note = re.search(r'<p class="note" data-note="[^"]+">([^<]*)</p>', m.group(2))
+        out[m.group(1)] = unescape(note.group(1)) if note else ""
+    return out
+
+
+def write_run(d: Path, recs: list[dict], config: str | None) -> Path:
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    if config is not None:
+        (d / "config.yaml").write_text(config)
+    return write_report(d)
+
+
+def test_stats_that_are_zero_by_construction_get_a_note_instead_of_a_flat_plot(tmp_path: Path) -> None:
+    """The learner reports clip fraction, approx KL, entropy and value loss as 0.0 when nothing computes
+    them; under the default config (grpo, entropy_coef 0, one update per batch) the page says why."""
+    recs = synthetic_records()
+    for r in recs:
+        r.update(clip_fraction=0.0, approx_kl=0.0, entropy=0.0, value_loss=0.0)
+    out = write_run(tmp_path / "default", recs, "run:\n  mode: async\n")  # the rest: the defaults
+    html = out.read_text()
+    p = parse(out)
+    notes = sections(html)
+    for key in ("clip_fraction", "approx_kl", "entropy", "value_loss"):
+        assert key not in p.charts, key  # no empty plot
+        assert notes[key], key
+    assert "algo.entropy_coef is 0" in notes["entropy"]
+    assert "algo.adv_estimator=gae" in notes["value_loss"] and "grpo" in notes["value_loss"]
+    assert "trainer.ppo_minibatches=1" in notes["clip_fraction"]
+    assert len(series(p, "loss")) == N and not notes["loss"] and not notes["grad_norm"]
+
+    # a config under which they are computed: the same zeros are plotted, with no excuse made for them
+    cfg = ("algo:\n  adv_estimator: gae\n  entropy_coef: 0.01\ntrainer:\n  ppo_minibatches: 2\n")
+    p2 = parse(write_run(tmp_path / "computed", recs, cfg))
+    for key in ("clip_fraction", "approx_kl", "entropy", "value_loss"):
+        assert len(series(p2, key)) == N, key
+    assert not any(sections((tmp_path / "computed" / "report.html").read_text()).values())
+
+    # no config.yaml: nothing to explain with, the zeros are plotted as they are
+    p3 = parse(write_run(tmp_path / "noconfig", recs, None))
+    assert all(len(series(p3, k)) == N for k in ("clip_fraction", "approx_kl", "entropy", "value_loss"))
+
+
+def test_clip_fraction_on_on_policy_steps_is_plotted_with_the_note(tmp_path: Path) -> None:
+    """Steps trained only on current-version tokens give a small nonzero clip fraction even with one update
+    per batch: the plot stays (it has data), with the note that says what the numbers mean."""
+    recs = synthetic_records()
+    for r in recs:
+        r.update(clip_fraction=0.002 if r["step"] == 1 else 0.0, approx_kl=0.0, entropy=0.0)
+    out = write_run(tmp_path / "r", recs, "run:\n  mode: async\n")
+    p = parse(out)
+    notes = sections(out.read_text())
+    assert len(series(p, "clip_fraction")) == N and "staleness 0" in notes["clip_fraction"]
+    assert "approx_kl" not in p.charts and notes["approx_kl"]
+    assert "value_loss" not in p.charts and notes["value_loss"]  # absent from the records: the note alone
+
+
+def test_equal_reward_lines_both_stay_visible(tmp_path: Path) -> None:
+    """scored_reward_mean equals reward_mean when nothing is dropped: the top line is dashed with hollow
+    markers in another color, so the one beneath still shows; the legend tells them apart the same way."""
+    recs = synthetic_records()
+    for r in recs:
+        r["scored_reward_mean"] = r["reward_mean"]
+    html = write_run(tmp_path / "r", recs, None).read_text()
+    svg = html[html.index('data-chart="reward"'):]
+    svg = svg[:svg.index("</svg>")]
+    lines = {m.group(1): m.group(0) for m in re.finditer(r'<polyline class="line" data-series="([^"]+)"[^>]*/>', svg)}
+    assert set(lines) == {"reward_mean", "scored_reward_mean"}
+    assert svg.index('data-series="reward_mean"') < svg.index('data-series="scored_reward_mean"')  # drawn first
+    color = {k: re.search(r'stroke="([^"]+)"', v).group(1) for k, v in lines.items()}
+    assert color["reward_mean"] != color["scored_reward_mean"]
+    assert "stroke-dasharray" in lines["scored_reward_mean"] and "stroke-dasharray" not in lines["reward_mean"]
+    scored_pts = re.findall(r'<circle class="pt" data-series="scored_reward_mean"[^>]*>', svg)
+    assert len(scored_pts) == N and all('fill="none"' in c for c in scored_pts)
+    assert re.search(r'<line [^>]*stroke-dasharray[^>]*/><text [^>]*>scored_reward_mean</text>', svg)  # legend
