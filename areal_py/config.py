@@ -133,6 +133,10 @@ class TrainerConfig(_Section):
         "right for long-tailed lengths); ffd: first-fit-decreasing on summed lengths.")
     checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     batch_timeout_s: float = Field(300.0, gt=0, description="Longest wait for the controller to deliver a batch.")
+    max_consecutive_skipped_steps: int = Field(
+        5, ge=0, description="Stop the run with an error after this many steps in a row applied no update because "
+        "of non-finite values (a NaN/inf loss or gradient norm, or every group of the batch rejected for a "
+        "non-finite reward or logprob): a run that cannot train should fail, not spin. 0 = never stop.")
 
 
 class AlgoConfig(_Section):

@@ -1,4 +1,7 @@
 """The learner's wiring: micro-batching and the proximal shortcut must not change the gradient."""
+import math
+
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -110,3 +113,60 @@ def test_one_update_per_batch_takes_the_proximal_logprobs_from_the_training_forw
     assert_same(g_fast, g_slow, tol=1e-6)
     grads_after_step(["trainer.ppo_minibatches=2"], generated_at=1, stats_out=two)
     assert two["prox_skipped"] == 0.0
+
+
+# -- non-finite values never reach the weights ----------------------------------------------------
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in model.named_parameters()}
+
+
+def poisoned(version: int = 3):
+    """A batch whose loss is NaN: one inf reward makes its group's advantages inf - inf."""
+    b = batch(version)
+    b.rewards[0] = float("inf")
+    return b
+
+
+def test_nonfinite_loss_skips_the_update_and_leaves_the_weights():
+    cfg = load_config(None, ["controller.group_size=4"])
+    learner = Learner(cfg, tiny_model(), model_dir=None)
+    before = weights(learner.model)
+    stats = learner.train_step(poisoned(), 3)
+    assert stats["skipped_updates"] == 1.0
+    assert all(math.isfinite(v) for v in stats.values())  # the skipped update's NaN loss is left out of the record
+    after = weights(learner.model)
+    for k, v in before.items():
+        assert torch.equal(v, after[k]) and bool(torch.isfinite(after[k]).all()), k
+    assert all(p.grad is None for p in learner.model.parameters())  # nothing carried into the next update
+    assert not learner.optimizer.state  # AdamW's moments never saw the NaN gradient
+    ok = learner.train_step(batch(), 3)  # the next healthy batch trains as usual
+    assert ok["skipped_updates"] == 0.0
+    assert any(not torch.equal(v, weights(learner.model)[k]) for k, v in before.items())
+
+
+def test_too_many_skipped_steps_in_a_row_stop_the_run():
+    cfg = load_config(None, ["controller.group_size=4", "trainer.max_consecutive_skipped_steps=2"])
+    learner = Learner(cfg, tiny_model(), model_dir=None)
+    # train_step(batch, v) trains version v into v + 1, the step number metrics.jsonl and the error use
+    learner.train_step(poisoned(), 3)
+    learner.train_step(batch(), 3)  # an applied update resets the count
+    learner.train_step(poisoned(), 3)
+    learner.train_step(poisoned(), 4)
+    with pytest.raises(RuntimeError, match=r"3 steps in a row .* step 6,.*max_consecutive_skipped_steps=2"):
+        learner.train_step(poisoned(), 5)
+
+
+def test_weights_that_become_nonfinite_stop_the_run_naming_the_parameter():
+    cfg = load_config(None, ["controller.group_size=4"])
+    learner = Learner(cfg, tiny_model(), model_dir=None)
+    step = learner.optimizer.step
+
+    def step_then_corrupt():  # finite loss and gradient, yet the update overflows one weight
+        step()
+        with torch.no_grad():
+            learner.model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+
+    learner.optimizer.step = step_then_corrupt
+    with pytest.raises(RuntimeError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*step 4"):
+        learner.train_step(batch(), 3)

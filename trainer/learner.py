@@ -4,10 +4,18 @@ Holds the policy (+ AdamW), and when the recipe needs them a critic (+ its own A
 frozen reference model. `train_step` is: fix the targets with the weights held before the
 update (proximal and reference logprobs, old values, advantages), then for each minibatch
 accumulate gradients over micro-batches and take one optimizer step.
+
+Non-finite values never reach the weights: an update whose loss or gradient norm is NaN/inf is
+skipped (gradients dropped, optimizer state untouched) and counted in ``skipped_updates``; after
+``trainer.max_consecutive_skipped_steps`` steps in a row without an applied update the run stops.
+After every applied update the weights are checked, and the first non-finite parameter stops the
+run with its name: a NaN weight would be published to the rollout servers and saved as final.
 """
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import time
 
 import torch
@@ -20,6 +28,15 @@ from trainer.micro_batching import pack_by_padded_tokens, pack_by_tokens
 from trainer.rollout_batch import RolloutBatch, token_logprobs
 
 STAT_KEYS = ("loss", "clip_fraction", "approx_kl", "behav_weight_mean", "kl_loss", "entropy", "value_loss")
+log = logging.getLogger("trainer")
+
+
+def first_nonfinite(module: torch.nn.Module) -> str | None:
+    """Name of the first parameter holding a NaN or inf, or None (one device sync when all are finite)."""
+    params = list(module.named_parameters())
+    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+        return None
+    return next(name for name, p in params if not bool(torch.isfinite(p).all()))
 
 
 class Learner:
@@ -42,6 +59,7 @@ class Learner:
         # With one update per batch the proximal logprobs come from the training forward itself (exact,
         # one forward pass fewer per step); False forces the separate recompute (tests compare the two).
         self.prox_from_training_forward = True
+        self.skipped_in_a_row = 0  # steps since the last applied update that were skipped for non-finite values
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """What a checkpoint must hold (the reference is the initial policy: rebuilt, not saved)."""
@@ -87,7 +105,8 @@ class Learner:
         rewards = A.shaped_rewards(batch, cfg.reward, n, cfg.rollout.max_new_tokens)
         rows = A.informative_rows(rewards, n, algo)
         stats: dict[str, float] = {k: 0.0 for k in STAT_KEYS} | {"grad_norm": 0.0, "kl_coef": self.kl_ctl.coef,
-                                                                "informative_samples": float(rows.numel())}
+                                                                "informative_samples": float(rows.numel()),
+                                                                "skipped_updates": 0.0}
         if rows.numel() == 0:
             return stats
         sub = batch.rows(rows)
@@ -107,19 +126,47 @@ class Learner:
         targets = A.Targets(adv, prox, ref, old_values, returns, prox_is_current=from_forward)
         if algo.loss_agg == "seq_sum_const":
             self.loss_settings.agg_const = algo.loss_agg_const or float(sub.num_samples * cfg.rollout.max_new_tokens)
-        for minibatch in torch.arange(sub.num_samples).chunk(t.ppo_minibatches):
-            self._update(sub, minibatch, targets, version, stats)
-        for k in STAT_KEYS:
-            stats[k] /= t.ppo_minibatches
+        minibatches = torch.arange(sub.num_samples).chunk(t.ppo_minibatches)
+        applied = sum(self._update(sub, minibatch, targets, version, stats) for minibatch in minibatches)
+        stats["skipped_updates"] = float(len(minibatches) - applied)
+        for k in STAT_KEYS:  # means over the applied updates: a skipped one's NaN loss is left out
+            stats[k] /= max(applied, 1)
+        if applied:
+            self.skipped_in_a_row = 0
+        else:
+            self._skipped(version, "its loss or gradient norm was not finite")
         if ref is not None:  # observed KL(pi_behav || pi_ref) per token, what the adaptive controller targets
             valid = sub.loss_mask.bool()
             stats["ref_kl"] = float((sub.behav_logprobs - ref)[valid].mean()) if valid.any() else 0.0
             self.kl_ctl.update(stats["ref_kl"], sub.num_samples)
         return stats
 
+    def skip_step(self, version: int, why: str) -> dict[str, float]:
+        """Stats of a step that trains nothing because its input was not finite (e.g. every group of
+        the batch rejected); it counts toward ``trainer.max_consecutive_skipped_steps``."""
+        self._skipped(version, why)
+        return {k: 0.0 for k in STAT_KEYS} | {"grad_norm": 0.0, "kl_coef": self.kl_ctl.coef,
+                                              "informative_samples": 0.0, "skipped_updates": 0.0}
+
+    def _skipped(self, version: int, why: str) -> None:
+        """Count a step without an applied update; too many in a row stop the run (it cannot train)."""
+        self.skipped_in_a_row += 1
+        limit = self.cfg.trainer.max_consecutive_skipped_steps
+        if limit and self.skipped_in_a_row > limit:
+            raise RuntimeError(f"{self.skipped_in_a_row} steps in a row applied no update (the last, step "
+                               f"{version + 1}, because {why}); trainer.max_consecutive_skipped_steps={limit}: "
+                               "stopping instead of spinning. Check the rewards and logprobs the batches carry, "
+                               "the learning rate and the model dtype")
+
     def _update(self, sub: RolloutBatch, minibatch: torch.Tensor, tg: A.Targets, version: int,
-                stats: dict[str, float]) -> None:
+                stats: dict[str, float]) -> bool:
+        """One optimizer update over ``minibatch``, its stats added to ``stats``; False if it was skipped.
+
+        Skipped when the loss or a gradient norm is not finite: AdamW would write the NaN into the
+        weights (and its moments), so the gradients are dropped and nothing is stepped.
+        """
         algo, t = self.algo, self.cfg.trainer
+        acc = dict.fromkeys(STAT_KEYS, 0.0)  # merged into stats only if the update is applied
         self.optimizer.zero_grad(set_to_none=True)
         if self.critic_opt is not None:
             self.critic_opt.zero_grad(set_to_none=True)
@@ -136,17 +183,35 @@ class Learner:
                                          self.kl_ctl.coef, norms)
             loss.backward()
             share = float(mb.loss_mask.sum()) / norms.tokens  # token-weighted stats
-            stats["loss"] += float(loss.detach())
+            acc["loss"] += float(loss.detach())
             for k in ("clip_fraction", "approx_kl", "behav_weight_mean"):  # per-micro-batch means
-                stats[k] += s.get(k, 0.0) * share
+                acc[k] += s.get(k, 0.0) * share
             for k in ("kl_loss", "entropy"):  # already divided by the whole minibatch's normaliser
-                stats[k] += s.get(k, 0.0)
+                acc[k] += s.get(k, 0.0)
             if self.critic is not None:
                 vloss, _ = A.critic_loss(self.critic(mb.input_ids, mb.attention_mask), mb, tmb, algo, norms.tokens)
                 vloss.backward()
-                stats["value_loss"] += float(vloss.detach())
-        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip))
+                acc["value_loss"] += float(vloss.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip))
+        critic_norm = (float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), t.grad_clip))
+                       if self.critic is not None else 0.0)
+        if not all(math.isfinite(x) for x in (acc["loss"], acc["value_loss"], grad_norm, critic_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.critic_opt is not None:
+                self.critic_opt.zero_grad(set_to_none=True)
+            log.warning("step %d: update skipped, not finite: loss %s, grad norm %s, value loss %s, critic grad "
+                        "norm %s (gradients dropped, weights unchanged)", version + 1, acc["loss"], grad_norm,
+                        acc["value_loss"], critic_norm)
+            return False
         self.optimizer.step()
         if self.critic_opt is not None:
-            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), t.grad_clip)
             self.critic_opt.step()
+        for module in self.modules().values():
+            name = first_nonfinite(module)
+            if name is not None:
+                raise RuntimeError(f"parameter {name!r} is not finite after the update of step {version + 1} "
+                                   "(loss and gradient norm were finite): stopping before it is published or saved")
+        for k in STAT_KEYS:
+            stats[k] += acc[k]
+        stats["grad_norm"] = grad_norm
+        return True
