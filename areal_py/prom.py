@@ -105,6 +105,8 @@ class TrainerMetrics:
     approx_kl: Gauge
     entropy: Gauge
     grad_norm: Gauge
+    skipped_updates: Counter
+    rejected_groups: Counter
 
 
 ROLLOUT = RolloutMetrics(
@@ -154,6 +156,12 @@ TRAINER = TrainerMetrics(
     approx_kl=_define(Gauge, "areal_trainer_approx_kl", "Approximate KL(proximal || current) of the last step."),
     entropy=_define(Gauge, "areal_trainer_entropy", "Mean token entropy (nats) of the last step."),
     grad_norm=_define(Gauge, "areal_trainer_grad_norm", "Gradient norm (before clipping) of the last step."),
+    skipped_updates=_define(Counter, "areal_trainer_skipped_updates_total",
+                            "Optimizer updates skipped because the loss or gradient norm was not finite "
+                            "(gradients dropped, weights unchanged)."),
+    rejected_groups=_define(Counter, "areal_trainer_rejected_groups_total",
+                            "Prompt groups dropped before the loss, by reason: nonfinite_reward or "
+                            "nonfinite_logprob (a value not finite in float32).", ("reason",)),
 )
 
 

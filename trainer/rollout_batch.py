@@ -70,6 +70,27 @@ def collate(groups: list[P.Group], pad_id: int) -> RolloutBatch:
         rewards=torch.tensor([s.reward for _, s in seqs], dtype=torch.float32), group_size=n)
 
 
+def drop_nonfinite_groups(batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, list[int]]]:
+    """``batch`` without the groups that hold a reward or a behaviour logprob that is not finite in
+    the batch's float32 tensors, and the dropped groups' positions per reason
+    (``nonfinite_reward``, ``nonfinite_logprob``; a group with both is listed under the reward).
+
+    The check runs on the collated tensors, after the conversion to float32: 1e39 is a finite
+    Python float but inf here. One such value makes its group's advantages, then the loss and every
+    weight, NaN, so it must never reach the loss. A whole group goes because group estimators
+    (GRPO, RLOO) need all n samples of a prompt. A clean batch is returned as it is.
+    """
+    n = batch.group_size
+    bad_reward = (~torch.isfinite(batch.rewards)).view(-1, n).any(dim=1)
+    bad_logprob = (~torch.isfinite(batch.behav_logprobs)).any(dim=1).view(-1, n).any(dim=1) & ~bad_reward
+    dropped = {"nonfinite_reward": bad_reward.nonzero().flatten().tolist(),
+               "nonfinite_logprob": bad_logprob.nonzero().flatten().tolist()}
+    keep = ~(bad_reward | bad_logprob)
+    if bool(keep.all()):
+        return batch, dropped
+    return batch.rows(keep.repeat_interleave(n).nonzero().flatten()), dropped
+
+
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(token_{t+1} | tokens_<=t) under softmax(logits / T), the quantity the engine records,

@@ -28,7 +28,7 @@ from areal_py.transport import make_socket, recv, reject, send
 from areal_py.weights import named_weights, save_weights
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.learner import Learner
-from trainer.rollout_batch import collate
+from trainer.rollout_batch import collate, drop_nonfinite_groups
 
 log = logging.getLogger("trainer")
 ROLE = "trainer"
@@ -107,13 +107,15 @@ class Trainer:
 
     def _step(self, wire: P.Batch, wait_s: float) -> None:
         t0 = time.perf_counter()
-        batch = collate(wire.groups, self.tokenizer.pad_token_id)
+        batch, dropped = drop_nonfinite_groups(collate(wire.groups, self.tokenizer.pad_token_id))
+        self._report_dropped(wire, dropped)
         mask = batch.loss_mask.bool()
         token_stale = (self.version - batch.token_versions)[mask]
         sample_oldest = torch.where(mask, batch.token_versions, torch.iinfo(torch.long).max).min(dim=1).values
         has_tokens = mask.any(dim=1)
         sample_stale = (self.version - sample_oldest[has_tokens]).tolist()
-        stats = self.learner.train_step(batch, self.version)
+        stats = (self.learner.train_step(batch, self.version) if batch.num_samples else
+                 self.learner.skip_step(self.version, "every group of its batch held a non-finite value"))
         train_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         self.version += 1
@@ -126,8 +128,9 @@ class Trainer:
             hist[str(s)] = hist.get(str(s), 0) + 1
         record: dict[str, Any] = {
             "step": self.version, "version": self.version, "wall_time_s": round(self.wall_time(), 3),
-            "reward_mean": float(batch.rewards.mean()), **self._scored_reward(wire),
-            "response_len_mean": float(batch.response_lengths.float().mean()),
+            "reward_mean": float(batch.rewards.mean()) if batch.num_samples else 0.0, **self._scored_reward(wire),
+            "response_len_mean": float(batch.response_lengths.float().mean()) if batch.num_samples else 0.0,
+            **{f"rejected_groups_{reason}": len(idx) for reason, idx in dropped.items()},
             "staleness_mean": float(token_stale.float().mean()) if token_stale.numel() else 0.0,
             "staleness_max": int(token_stale.max()) if token_stale.numel() else 0,
             "sample_staleness_hist": hist, "max_staleness": self.cfg.effective_max_staleness,
@@ -147,6 +150,15 @@ class Trainer:
         log.info("step %d reward %.3f staleness max %d loss %.4f", self.version, record["reward_mean"],
                  record["staleness_max"], stats["loss"])
 
+    def _report_dropped(self, wire: P.Batch, dropped: dict[str, list[int]]) -> None:
+        """Count and log the groups `drop_nonfinite_groups` kept out of the loss (gids: the first 10)."""
+        for reason, idx in dropped.items():
+            if idx:
+                M.rejected_groups.labels(reason=reason).inc(len(idx))
+                gids = [wire.groups[i].gid for i in idx]
+                log.warning("batch %d: %d group(s) dropped before the loss, %s in float32: gids %s%s", self.version,
+                            len(gids), reason, gids[:10], " ..." if len(gids) > 10 else "")
+
     @staticmethod
     def _scored_reward(wire: P.Batch) -> dict[str, float]:
         """Mean reward of every sample the controller scored since the previous batch, those dynamic
@@ -163,6 +175,7 @@ class Trainer:
         M.busy.set(train_s / max(wait_s + train_s + publish_s, 1e-9))
         M.trained_tokens.inc(trained)
         M.steps.inc()
+        M.skipped_updates.inc(stats.get("skipped_updates", 0.0))
         M.policy_version.set(record["version"])
         for gauge, key in ((M.loss, "loss"), (M.clip, "clip_fraction"), (M.approx_kl, "approx_kl"),
                            (M.entropy, "entropy"), (M.grad_norm, "grad_norm")):
