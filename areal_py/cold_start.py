@@ -8,14 +8,17 @@ setting, so every process of a run (and every test) shares one preparation.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from areal_py.models import (
     load_model_and_tokenizer,
 )
 from areal_py.tasks import ArithTask, Prompt, SftTask, Task
+from areal_py.threads import auto_threads
 from trainer.micro_batching import pack_by_padded_tokens
 
 # Bump when the cold-start recipe changes so stale cached models are not reused.
@@ -97,12 +101,14 @@ def cold_start(
     label_noise: float = DEFAULT_LABEL_NOISE,
     seed: int = 0,
     max_tokens_per_micro_batch: int = 8192,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> dict:
     """SFT in place with AdamW, linear warm-up and optional cosine decay (`lr_factor`); returns
     {steps, seconds, first/final loss}.
 
     The loss is the mean over every target token of the batch, accumulated over length-sorted
     micro-batches (`pack_by_padded_tokens`) so a long-tailed task is not padded to its longest.
+    `on_step(steps_done, loss)` is called after every optimizer step (progress display).
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -136,6 +142,8 @@ def cold_start(
         optimizer.step()
         scheduler.step()
         losses.append(loss_sum)
+        if on_step is not None:
+            on_step(len(losses), loss_sum)
     model.eval()
     tail = losses[-10:]
     return {
@@ -232,6 +240,37 @@ def task_identity(task: SftTask) -> dict:
     return {"name": task.name, **{k: v for k, v in vars(task).items() if not k.startswith("_")}}
 
 
+Progress = Callable[[dict], None]
+
+
+class LogProgress:
+    """Default cold-start progress: log lines (start, every `every_s` seconds, end) with step, loss and ETA.
+
+    Events, as dicts with an "event" key: `wait` (another process holds the build lock: `lock`),
+    `start` (`steps`, `threads`), `step` (`step`, `steps`, `loss`, `elapsed_s`), `done` (`seconds`, `final_loss`).
+    """
+
+    def __init__(self, every_s: float = 10.0, log: Callable[[str], None] | None = None) -> None:
+        self.every_s = every_s
+        self.log = log or logging.getLogger(__name__).info
+        self._next = 0.0
+
+    def __call__(self, e: dict) -> None:
+        kind = e["event"]
+        if kind == "wait":
+            self.log(f"cold start: another process is building this model; waiting for {e['lock']}")
+        elif kind == "start":
+            self.log(f"cold start: {e['steps']} SFT steps with {e['threads']} torch thread(s)")
+            self._next = self.every_s
+        elif kind == "step" and (e["elapsed_s"] >= self._next or e["step"] == e["steps"]):
+            eta = e["elapsed_s"] / e["step"] * (e["steps"] - e["step"])
+            self.log(f"cold start: step {e['step']}/{e['steps']} loss {e['loss']:.3f} "
+                     f"elapsed {e['elapsed_s']:.0f}s ETA {eta:.0f}s")
+            self._next = e["elapsed_s"] + self.every_s
+        elif kind == "done":
+            self.log(f"cold start: done in {e['seconds']:.1f}s, final loss {e['final_loss']:.3f}")
+
+
 def prepare_embedded_model(
     cache_dir: Path,
     spec: EmbeddedModelSpec | None = None,
@@ -245,14 +284,23 @@ def prepare_embedded_model(
     final_lr_ratio: float = 1.0,
     batch_size: int = 64,
     seed: int = 0,
+    threads: int = 0,
+    progress: Progress | None = None,
 ) -> Path:
     """Directory of the cold-started embedded model, built once per distinct setting.
 
-    Built in a temp dir under `cache_dir` and renamed into place: the rename is atomic, so
-    concurrent callers either see a complete model or build their own copy and discard it.
+    Builders of one setting take turns on an exclusive lock file (`.embedded-<key>.lock`, fcntl.flock,
+    released by the kernel however the holder dies): the first builds, the others wait and then find
+    the model. The build happens in a temp dir that is renamed into place, so a model directory is
+    always complete; a temp dir found while holding the lock was left by a killed builder and is removed.
+
+    `threads`: torch threads during the build (0 = as many as the machine has free now, see
+    areal_py.threads); the caller's setting is restored afterwards. `progress` receives the events
+    described in `LogProgress` (the default).
     """
     spec = spec or EmbeddedModelSpec()
     task = task or ArithTask(seed=seed)
+    progress = progress or LogProgress()
     settings = _Settings(
         spec=spec.to_dict(),
         task=task_identity(task),
@@ -270,34 +318,56 @@ def prepare_embedded_model(
     if (final / "config.json").is_file():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
+    lock_path = cache_dir / f".{final.name}.lock"
+    with lock_path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress({"event": "wait", "lock": str(lock_path)})
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / "config.json").is_file():  # built while we waited
+            return final
+        for stale in cache_dir.glob(f".{final.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        _build(final, settings, spec, task, threads or auto_threads(1), progress)
+    return final
+
+
+def _build(final: Path, settings: _Settings, spec: EmbeddedModelSpec, task: SftTask, threads: int,
+           progress: Progress) -> None:
+    """Create, cold-start and save the model in a temp dir next to `final`, then rename it into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    old_threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(threads)
         create_embedded_model(tmp, spec)
         model, tokenizer = load_model_and_tokenizer(tmp)
+        progress({"event": "start", "steps": settings.steps, "threads": threads})
+        t0 = time.perf_counter()
         stats = cold_start(
             model,
             tokenizer,
             task,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            betas=betas,
-            warmup_steps=warmup_steps,
-            final_lr_ratio=final_lr_ratio,
-            label_noise=label_noise,
-            seed=seed,
+            steps=settings.steps,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            betas=settings.betas,
+            warmup_steps=settings.warmup_steps,
+            final_lr_ratio=settings.final_lr_ratio,
+            label_noise=settings.label_noise,
+            seed=settings.seed,
+            on_step=lambda i, loss: progress({"event": "step", "step": i, "steps": settings.steps, "loss": loss,
+                                              "elapsed_s": time.perf_counter() - t0}),
         )
+        progress({"event": "done", "seconds": stats["seconds"], "final_loss": stats["final_loss"]})
+        stats["threads"] = threads
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         meta = {"settings": settings.__dict__, "cold_start": stats}
         (tmp / "cold_start.json").write_text(json.dumps(meta, indent=2, default=list))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "config.json").is_file():  # a real failure, not a lost race
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
+    finally:
+        torch.set_num_threads(old_threads)

@@ -1,6 +1,7 @@
 """Turning config into the things every role needs: the model directory and the task."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from areal_py.config import Config
@@ -19,8 +20,10 @@ def build_task(cfg: Config, seed: int | None = None) -> Task:
     return make_task("jsonl", path=t.path, prompt_key=t.prompt_key, answer_key=t.answer_key, seed=seed)
 
 
-def model_path(cfg: Config) -> Path:
-    """A real checkpoint directory as given, or the embedded tiny model, built and cold-started once and cached."""
+def model_path(cfg: Config, progress: Callable[[dict], None] | None = None) -> Path:
+    """A real checkpoint directory as given, or the embedded tiny model, built and cold-started once and cached.
+
+    `progress` receives the cold start's events (see areal_py.cold_start.LogProgress, the default: log lines)."""
     if cfg.model.path:
         p = Path(cfg.model.path).expanduser()
         if not p.is_dir():
@@ -41,4 +44,5 @@ def model_path(cfg: Config) -> Path:
                          f"task.name={cfg.task.name} needs model.path")
     return prepare_embedded_model(Path(cfg.model.cache_dir).expanduser(), spec, task=task, steps=cs.steps,
                                   label_noise=cs.label_noise, lr=cs.lr, final_lr_ratio=cs.final_lr_ratio,
-                                  batch_size=cs.batch_size, seed=seed)
+                                  batch_size=cs.batch_size, seed=seed, threads=cfg.run.torch_threads,
+                                  progress=progress)

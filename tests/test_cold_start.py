@@ -5,13 +5,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import itertools
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
-from areal_py.cold_start import cold_start, evaluate, lr_factor, prepare_embedded_model
+import areal_py.cold_start as cold_start_module
+from areal_py.cold_start import LogProgress, cold_start, evaluate, lr_factor, prepare_embedded_model
 from areal_py.models import (
     EmbeddedModelSpec,
     create_embedded_model,
@@ -63,25 +64,82 @@ def test_evaluate_on_a_given_prompt_list_matches_the_index_range(small_model) ->
     assert evaluate(model, tok, task, prompts=[]) == 0.0
 
 
-def test_prepare_embedded_model_caches(tmp_path: Path) -> None:
+@pytest.fixture()
+def builds(monkeypatch) -> list[Path]:
+    """Counts real builds: the directory of every model `create_embedded_model` writes."""
+    made: list[Path] = []
+
+    def counting(path, spec):
+        made.append(Path(path))
+        return create_embedded_model(path, spec)
+
+    monkeypatch.setattr(cold_start_module, "create_embedded_model", counting)
+    return made
+
+
+def _leftovers(cache: Path) -> list[str]:
+    """Everything in a cache dir but finished models and lock files (i.e. temp dirs)."""
+    return [p.name for p in cache.iterdir() if not p.name.startswith("embedded-") and not p.name.endswith(".lock")]
+
+
+def test_prepare_embedded_model_caches(tmp_path: Path, builds) -> None:
     kwargs = dict(steps=3, batch_size=8, warmup_steps=1)
     first = prepare_embedded_model(tmp_path, SMALL, **kwargs)
     assert (first / "model.safetensors").is_file() and (first / "cold_start.json").is_file()
-    start = time.perf_counter()
     assert prepare_embedded_model(tmp_path, SMALL, **kwargs) == first
-    assert time.perf_counter() - start < 0.5
+    assert len(builds) == 1  # the second call reused the cache
     other = prepare_embedded_model(tmp_path, SMALL, **{**kwargs, "label_noise": 0.5})
-    assert other != first
+    assert other != first and len(builds) == 2
     _, tok = load_model_and_tokenizer(first)
     assert tok.decode(tok("1 + 2").input_ids, skip_special_tokens=True) == "1 + 2"
 
 
-def test_prepare_embedded_model_concurrent_calls(tmp_path: Path) -> None:
+def test_prepare_embedded_model_concurrent_calls_build_once(tmp_path: Path, builds) -> None:
+    """Concurrent builders of one setting wait on the lock instead of each doing the work."""
     kwargs = dict(steps=2, batch_size=8, warmup_steps=1, seed=7)
-    with ThreadPoolExecutor(2) as pool:
-        paths = list(pool.map(lambda _: prepare_embedded_model(tmp_path, SMALL, **kwargs), range(2)))
-    assert paths[0] == paths[1]
-    assert [p.name for p in tmp_path.iterdir()] == [paths[0].name]  # no temp dirs left
+    with ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: prepare_embedded_model(tmp_path, SMALL, **kwargs), range(3)))
+    assert paths[0] == paths[1] == paths[2]
+    assert len(builds) == 1
+    assert _leftovers(tmp_path) == []  # no temp dirs left
+
+
+def test_a_killed_builders_temp_dir_is_removed_by_the_next_build(tmp_path: Path, builds) -> None:
+    kwargs = dict(steps=1, batch_size=8, warmup_steps=1, seed=3)
+    probe = prepare_embedded_model(tmp_path / "probe", SMALL, **kwargs)  # learn the key's directory name
+    cache = tmp_path / "cache"
+    stale = cache / f".{probe.name}-abandoned"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")  # half-written model of a builder that was SIGKILLed
+    assert prepare_embedded_model(cache, SMALL, **kwargs).name == probe.name
+    assert len(builds) == 2 and _leftovers(cache) == []
+
+
+def test_a_failed_build_leaves_no_temp_dir_and_restores_threads(tmp_path: Path, monkeypatch) -> None:
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cold_start_module, "cold_start", boom)
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="boom"):
+        prepare_embedded_model(tmp_path, SMALL, steps=1, batch_size=8, threads=threads + 1)
+    assert _leftovers(tmp_path) == [] and torch.get_num_threads() == threads
+
+
+def test_progress_reports_every_step_with_the_thread_count(tmp_path: Path) -> None:
+    events: list[dict] = []
+    prepare_embedded_model(tmp_path, SMALL, steps=3, batch_size=8, warmup_steps=1, threads=1, progress=events.append)
+    kinds = [e["event"] for e in events]
+    assert kinds == ["start", "step", "step", "step", "done"]
+    assert events[0] == {"event": "start", "steps": 3, "threads": 1}
+    assert [e["step"] for e in events[1:4]] == [1, 2, 3]
+    lines: list[str] = []
+    log = LogProgress(every_s=0.0, log=lines.append)
+    for e in events:
+        log(e)
+    assert lines[0] == "cold start: 3 SFT steps with 1 torch thread(s)"
+    assert lines[-2].startswith("cold start: step 3/3 loss ") and "ETA 0s" in lines[-2]
+    assert lines[-1].startswith("cold start: done in ")
 
 
 def test_cold_start_seed_shares_one_starting_model_across_run_seeds(tmp_path: Path) -> None:
