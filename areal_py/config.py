@@ -88,7 +88,12 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(5, ge=1, description="Longest response in tokens.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy); the trainer uses the same.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
-    heartbeat_s: float = Field(0.5, gt=0, description="Seconds between server heartbeats.")
+    heartbeat_s: float = Field(0.5, gt=0, description="Seconds between server heartbeats, and between the "
+                               "controller's pings to the servers.")
+    controller_timeout_s: float = Field(
+        120.0, gt=0, description="A server that hears nothing from the controller (not even a ping, sent every "
+        "heartbeat_s from every wait of the controller's) for this long stops with an error. Counted from the "
+        "server's start too, so it also bounds the wait for a controller started later by hand.")
     backend: Literal["torch", "sglang"] = Field(
         "torch", description="torch: the built-in continuous-batching engine (CPU/GPU); sglang: an SGLang server "
         "(GPU, optional extra, not yet run on a GPU).")
@@ -111,6 +116,10 @@ class ControllerConfig(_Section):
     server_timeout_s: float = Field(10.0, gt=0, description="A server silent this long is declared dead; its work is re-dispatched.")
     weight_sync_timeout_s: float = Field(60.0, gt=0, description="Longest wait for every live server to load a new version.")
     startup_timeout_s: float = Field(120.0, gt=0, description="Longest wait for the trainer and the first server to connect.")
+    no_server_timeout_s: float = Field(
+        120.0, gt=0, description="Once a server has connected: longest time with no live rollout server (counted "
+        "from the last word of any) before the controller stops with an error; a server that comes back in time "
+        "is used again.")
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and keep "
                                    "admitting (within the staleness bound) until the batch is full.")
 

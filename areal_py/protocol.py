@@ -113,6 +113,14 @@ class Shutdown(_Body):
     reason: str = ""
 
 
+class Ping(_Body):
+    """Controller -> every server (on the weights PUB), every `rollout.heartbeat_s`: the controller lives.
+
+    A server hearing nothing from the controller (ping or any other message) for
+    `rollout.controller_timeout_s` stops with an error instead of waiting forever.
+    """
+
+
 # --- controller <-> trainer --------------------------------------------------------------------
 class TrainerHello(_Body):
     version: int = Field(ge=0)
@@ -154,7 +162,7 @@ class Batch(_Body):
 
 BODIES: dict[str, type[_Body]] = {
     "hello": Hello, "heartbeat": Heartbeat, "generate": Generate, "result": Result,
-    "update_weights": UpdateWeights, "weights_loaded": WeightsLoaded, "shutdown": Shutdown,
+    "update_weights": UpdateWeights, "weights_loaded": WeightsLoaded, "shutdown": Shutdown, "ping": Ping,
     "trainer_hello": TrainerHello, "weights_ready": WeightsReady, "trainer_done": TrainerDone,
     "batch": Batch,
 }

@@ -129,11 +129,23 @@ def reject(role: str, reason: str, detail: str) -> None:
     REJECT_LOG.warning((role, reason), "%s: rejected message (%s): %s", role, reason, summarize(detail))
 
 
-def recv(sock: zmq.Socket, role: str, *, timeout_s: float, waiting_for: str, routed: bool = False) -> tuple[bytes | None, Message]:
-    """Block for the next valid message; bad ones are counted and skipped, time runs out with a clear error."""
+TICK_S = 0.1  # longest gap between two `tick` calls of a waiting `recv`
+
+
+def recv(sock: zmq.Socket, role: str, *, timeout_s: float, waiting_for: str, routed: bool = False,
+         tick: Callable[[], None] | None = None) -> tuple[bytes | None, Message]:
+    """Block for the next valid message; bad ones are counted and skipped, time runs out with a clear error.
+
+    `tick` is called at least every TICK_S while waiting, so a role keeps up its own duties (the
+    controller's pings) during a long wait instead of looking dead to its peers.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
+        if tick is not None:
+            tick()
         left = deadline - time.monotonic()
+        if tick is not None:
+            left = min(left, TICK_S)
         if left <= 0 or not sock.poll(int(left * 1000) + 1):
             if time.monotonic() >= deadline:
                 raise WaitTimeout(f"{role}: timed out after {timeout_s:.0f}s waiting for {waiting_for}")

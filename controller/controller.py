@@ -91,6 +91,7 @@ class Controller:
         self.next_batch_version = 0
         self.base_version = 0
         self.latest: PublishedWeights | None = None
+        self.last_ping = 0.0
 
         self.inflight: dict[int, InflightGroup] = {}
         self.undispatched: deque[int] = deque()
@@ -227,6 +228,32 @@ class Controller:
                 self.undispatched.appendleft(gid)
             server.inflight.clear()
 
+    def check_servers_present(self) -> None:
+        """Stop once no server has been live for `controller.no_server_timeout_s` since the last word of any.
+
+        Before any server has spoken the startup timeout (_serve) applies instead. Without this, a
+        controller started by hand whose only server died would idle forever, admitting nothing.
+        """
+        if not self.registry.servers or self.registry.live():
+            return
+        timeout = self.cfg.controller.no_server_timeout_s
+        last = max(s.last_seen for s in self.registry.servers.values())
+        if time.monotonic() - last > timeout:
+            raise WaitTimeout(f"controller: timed out after {timeout:.0f}s waiting for a live rollout server: "
+                              f"{', '.join(sorted(self.registry.servers))} went silent (dead after "
+                              f"controller.server_timeout_s={self.registry.timeout_s:g}s) and none came back")
+
+    def ping(self) -> None:
+        """Tell every server the controller lives, every `rollout.heartbeat_s`.
+
+        Broadcast on the weights PUB, so it reaches servers not yet registered too; called from every
+        wait of the controller's (the poll loop, the trainer's hello), never from one that can block long.
+        """
+        now = time.monotonic()
+        if now - self.last_ping >= self.cfg.rollout.heartbeat_s:
+            self.last_ping = now
+            send(self.pub, P.Ping())
+
     # --- weights -----------------------------------------------------------------------------------
     def on_weights(self, w: P.WeightsReady, tensors: dict) -> None:
         self.latest = PublishedWeights(w.version, w.path, tensors)
@@ -303,11 +330,11 @@ class Controller:
 
     def start(self) -> None:
         """Wait for the trainer's hello: it fixes the starting version and, on resume, the counters."""
-        _, msg = recv(self.from_trainer, ROLE, timeout_s=self.cfg.controller.startup_timeout_s,
+        _, msg = recv(self.from_trainer, ROLE, timeout_s=self.cfg.controller.startup_timeout_s, tick=self.ping,
                       waiting_for=f"the trainer's hello on {self.cfg.net.addr(self.cfg.net.trainer_port, bind=True)}")
         while not isinstance(msg.body, P.TrainerHello):
             reject(ROLE, "unexpected_type", f"{msg.type} before the trainer's hello")
-            _, msg = recv(self.from_trainer, ROLE, timeout_s=self.cfg.controller.startup_timeout_s,
+            _, msg = recv(self.from_trainer, ROLE, timeout_s=self.cfg.controller.startup_timeout_s, tick=self.ping,
                           waiting_for="the trainer's hello")
         hello: P.TrainerHello = msg.body
         self.base_version = self.next_batch_version = hello.version
@@ -334,8 +361,11 @@ class Controller:
                 sender, msg = parse(self.router.recv_multipart(copy=False), ROLE, routed=True)
                 if msg is not None and sender is not None:
                     self.on_rollout(sender, msg)
+            self.ping()  # even while a flood of messages keeps this loop going
             events = dict(poller.poll(0))
+        self.ping()
         self.expire_servers()
+        self.check_servers_present()
         for s in self.registry.live():
             self._catch_up(s)
         self.check_weight_sync()

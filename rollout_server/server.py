@@ -19,7 +19,7 @@ from areal_py.gen_activity import BusyMeter
 from areal_py.models import eos_token_id, load_model_and_tokenizer, load_tokenizer
 from areal_py.prepare import model_path
 from areal_py.prom import ROLLOUT as M
-from areal_py.transport import make_socket, parse, reject, send
+from areal_py.transport import WaitTimeout, make_socket, parse, reject, send
 from areal_py.weights import load_weights
 from rollout_server.engine import Engine, Finished, SamplingParams
 
@@ -64,6 +64,7 @@ class RolloutServer:
         self.generated_tokens = 0
         self.running = True
         self._last_beat = 0.0
+        self.last_heard = time.monotonic()  # any valid message from the controller, pings included
         self.meter = BusyMeter(time.time())
         send(self.dealer, P.Hello(server_id=self.server_id, version=self.engine.version))
 
@@ -74,6 +75,8 @@ class RolloutServer:
             self._generate(body)
         elif isinstance(body, P.UpdateWeights):
             self._update_weights(body, msg.tensors)
+        elif isinstance(body, P.Ping):
+            pass  # heard (poll_once noted it): the controller lives
         elif isinstance(body, P.Shutdown):
             log.info("%s: shutdown requested (%s)", self.server_id, body.reason)
             self.running = False
@@ -163,6 +166,18 @@ class RolloutServer:
         n = self.engine.num_running + self.engine.num_waiting
         return min(n, self._max_running()) if self._max_running() else self.engine.num_running
 
+    def check_controller(self) -> None:
+        """Stop once the controller has been silent for `rollout.controller_timeout_s`.
+
+        It pings every `rollout.heartbeat_s`; this is checked right after the messages that arrived
+        are drained, so a long step or weight load of this server's own never reads as silence.
+        """
+        timeout = self.cfg.rollout.controller_timeout_s
+        if time.monotonic() - self.last_heard > timeout:
+            raise WaitTimeout(f"rollout {self.server_id}: timed out after {timeout:.0f}s waiting for the controller "
+                              f"at {self.cfg.net.addr(self.cfg.net.rollout_port)}: no message from it, not even a "
+                              "ping (is it running? dead?)")
+
     # --- loop ----------------------------------------------------------------------------------
     def poll_once(self, timeout_ms: int) -> None:
         """Handle every message that is ready (waiting up to timeout_ms for the first)."""
@@ -175,6 +190,7 @@ class RolloutServer:
                 if sock in events:
                     _, msg = parse(sock.recv_multipart(copy=False), ROLE)
                     if msg is not None:
+                        self.last_heard = time.monotonic()
                         self._handle(msg)
             events = dict(poller.poll(0))
 
@@ -183,6 +199,7 @@ class RolloutServer:
         try:
             while self.running:
                 self.poll_once(0 if self.engine.has_work() else 20)
+                self.check_controller()
                 worked = self.engine.has_work()
                 self.meter.tick(time.time(), self._slots_next_step(), worked)
                 finished = self.engine.step() if worked else []
