@@ -29,15 +29,13 @@ def _split(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def torch_threads(cfg: Config, role: str) -> int:
-    """Auto (0): in async mode trainer and servers run at once, so they share the cores; sync alternates."""
-    if cfg.run.torch_threads:
-        return cfg.run.torch_threads
-    cores = os.cpu_count() or 1
-    if role == "controller":
-        return 1
-    if cfg.run.mode == "sync":
-        return cores
-    return max(1, cores // (1 + cfg.rollout.num_servers))
+    """run.torch_threads, or (0) the role's share of the cores free right now (areal_py.threads.role_threads).
+
+    `areal-py run` sets run.torch_threads for every role from one measurement taken before its cold start."""
+    from areal_py.threads import available_cores, busy_cores, role_threads
+
+    busy = 0.0 if cfg.run.torch_threads or role == "controller" else busy_cores()
+    return role_threads(role, cfg.run.mode, cfg.rollout.num_servers, available_cores(), busy, cfg.run.torch_threads)
 
 
 def serve(role: str, config: str | None, overrides: list[str], resume: bool) -> int:

@@ -32,8 +32,10 @@ class RunConfig(_Section):
     tensorboard: bool = Field(False, description="Also write every numeric field of each step's metrics record "
                               "as a TensorBoard scalar, in <run.output_dir>/<run.name>/tensorboard/ (runs/<name>/"
                               "tensorboard/ by default); needs `pip install 'areal-py[tensorboard]'`.")
-    torch_threads: int = Field(0, ge=0, description="torch threads per process; 0 = share the cores between "
-                               "trainer and servers in async mode, all cores per phase in sync mode.")
+    torch_threads: int = Field(0, ge=0, description="torch threads per process (and for the cold start); 0 = "
+                               "the cores free at start (load average and a short CPU sample), shared between "
+                               "trainer and servers in async mode, all free cores per phase in sync mode, "
+                               "never under 1: more threads than free cores slows torch several-fold.")
 
 
 class EmbeddedModelConfig(_Section):

@@ -99,7 +99,40 @@ def prepare_run(config: str | None, overrides: list[str], resume: bool) -> Confi
     return cfg
 
 
-def start_children(cfg: Config, resume: bool) -> list[Child]:
+def role_thread_counts(cfg: Config, busy: float) -> dict[str, int]:
+    """torch threads of each role ("controller", "trainer", "rollout"), given the cores others keep busy.
+
+    The launcher measures `busy` before its own cold start and hands the result to the roles, which
+    would otherwise count the launcher's just-finished cold start (the load average lags) as others' work.
+    """
+    from areal_py.threads import available_cores, role_threads
+
+    cores = available_cores()
+    return {r: role_threads(r, cfg.run.mode, cfg.rollout.num_servers, cores, busy, cfg.run.torch_threads)
+            for r in ("controller", "trainer", "rollout")}
+
+
+class ColdStartBar:
+    """Cold-start progress for `areal-py run`: a tqdm bar over the SFT steps with the loss (tqdm adds the ETA)."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def __call__(self, e: dict) -> None:
+        if e["event"] == "wait":
+            tqdm.write(f"areal-py: another process is building this model; waiting for it ({e['lock']})")
+        elif e["event"] == "start":
+            self.bar = tqdm(total=e["steps"], desc=f"cold start ({e['threads']} thread(s))", unit="step")
+        elif e["event"] == "step" and self.bar is not None:
+            self.bar.set_postfix(loss=f"{e['loss']:.3f}", refresh=False)
+            self.bar.update(1)
+        elif e["event"] == "done" and self.bar is not None:
+            self.bar.close()
+
+
+def start_children(cfg: Config, resume: bool, threads: dict[str, int] | None = None) -> list[Child]:
+    """Start every role; `threads` (role -> torch threads, see `role_thread_counts`) becomes each one's
+    run.torch_threads, so the roles do not each guess from a machine the launcher itself just loaded."""
     cfg_file = str(cfg.run_dir() / "config.yaml")
     logs = cfg.run_dir() / "logs"
     logs.mkdir(exist_ok=True)
@@ -109,6 +142,8 @@ def start_children(cfg: Config, resume: bool) -> list[Child]:
     children = []
     for name, args in specs:
         role, rest = args[0], args[1:]
+        if threads:
+            rest = [*rest, f"run.torch_threads={threads[role]}"]
         log_path = logs / f"{name}.log"
         f = log_path.open("a")
         proc = subprocess.Popen([sys.executable, "-m", "areal_py.cli", "serve", role, cfg_file, *rest],
@@ -200,12 +235,21 @@ def run(config: str | None, overrides: list[str], resume: bool = False, quiet: b
     print(f"areal-py: run '{cfg.run.name}' in {cfg.run_dir()} (mode={cfg.run.mode}, "
           f"max_staleness={cfg.effective_max_staleness}{_token_limit(cfg)}, servers={cfg.rollout.num_servers})")
     # heavy imports only once the config is known good
+    from areal_py.cold_start import LogProgress
     from areal_py.prepare import model_path
+    from areal_py.threads import busy_cores
 
+    try:  # SIGTERM (a test's timeout, a job scheduler) runs the finally-blocks: no temp model dir, no orphan
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    except ValueError:  # not the main thread: leave signals to the caller
+        pass
+    threads = role_thread_counts(cfg, busy_cores())  # before the cold start loads the machine
     t0 = time.monotonic()
-    path = model_path(cfg)
-    print(f"areal-py: model ready at {path} ({time.monotonic() - t0:.1f}s)")
-    children = start_children(cfg, resume)
+    quiet_log = LogProgress(every_s=60, log=lambda m: print(f"areal-py: {m}", file=sys.stderr, flush=True))
+    path = model_path(cfg, progress=quiet_log if quiet else ColdStartBar())
+    print(f"areal-py: model ready at {path} ({time.monotonic() - t0:.1f}s); torch threads: "
+          + ", ".join(f"{r} {n}" for r, n in threads.items()))
+    children = start_children(cfg, resume, threads)
     if cfg.run.dashboard_port:
         print(f"areal-py: live dashboard http://{cfg.net.bind_host}:{cfg.run.dashboard_port}/ "
               f"(report at the end: {cfg.run_dir() / 'report.html'})")
