@@ -1,10 +1,13 @@
 """Shared fixtures: free loopback ports, a session-wide model cache, and a helper to run areal-py."""
 from __future__ import annotations
 
+import functools
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,9 +33,61 @@ def net_overrides() -> list[str]:
     return [f"net.rollout_port={a}", f"net.weights_port={b}", f"net.trainer_port={c}", f"net.batch_port={d}"]
 
 
+def measure_slowdown() -> float:
+    """How much slower than an idle core this machine runs a process now: the wall time of a fixed
+    single-threaded torch workload over its CPU time, clamped to [1, 10].
+
+    On an idle core wall == CPU time; when other processes compete, this one gets a share of a core
+    and wall grows while CPU time does not. The ratio needs no reference machine."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.randn(192, 192)
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(300):
+            x = torch.tanh(x @ x.T / 192)
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    finally:
+        torch.set_num_threads(old)
+    return min(10.0, max(1.0, wall / max(cpu, 1e-6)))
+
+
+@functools.lru_cache(maxsize=1)
+def session_slowdown() -> float:
+    """`measure_slowdown` once per session: scales every test's pytest-timeout (see below)."""
+    return measure_slowdown()
+
+
+def pytest_report_header(config) -> str:
+    return f"slowdown factor (wall/CPU time of a fixed workload; scales time limits): {session_slowdown():.2f}"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test's time limit (its timeout marker, else pyproject's) times the slowdown: a busy
+    machine makes the suite slower, not red."""
+    factor = session_slowdown()
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        base = marker.args[0] if marker is not None and marker.args else getattr(config, "_env_timeout", None)
+        if base:
+            item.add_marker(pytest.mark.timeout(float(base) * factor), append=False)
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("model-cache")
+    """The session's model cache, with the model of the tests' default run already built.
+
+    Built here in-process with no time limit of its own, so no timed end-to-end run has to do
+    it, and one build serves every test (prepare_embedded_model locks per model, so a test that
+    needs another setting builds it once too)."""
+    from areal_py.config import load_config
+    from areal_py.prepare import model_path
+
+    cache = tmp_path_factory.mktemp("model-cache")
+    model_path(load_config(None, [f"model.cache_dir={cache}", *SMALL_RUN]))
+    return cache
 
 
 # Small enough for seconds per step on 2 cores, large enough to exercise batching and staleness.
@@ -48,6 +103,41 @@ def small_cfg(tmp_path, model_cache) -> list[str]:
 
 
 def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`areal-py ARGS` to completion. `timeout` is for an idle machine and is scaled by the slowdown
+    measured now (or at session start, whichever is larger).
+
+    The run gets its own process group; if it overruns, or the test is interrupted, the whole group
+    gets SIGTERM (the launcher cleans up: temp model dir, its roles), then SIGKILL after 10 s."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "areal_py.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    limit = timeout * max(session_slowdown(), measure_slowdown())
+    proc = subprocess.Popen([sys.executable, "-m", "areal_py.cli", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        out, err = _kill_group(proc)
+        raise subprocess.TimeoutExpired(proc.args, limit, out, err) from None
+    except BaseException:  # the test itself timed out or was interrupted
+        _kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen) -> tuple[str, str]:
+    """SIGTERM the process group of `proc` (its own session), 10 s to exit cleanly, then SIGKILL
+    whatever is left of the group; returns the output read meanwhile."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        out, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        out = err = None
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # anything that outlived the grace
+    except ProcessLookupError:
+        pass
+    if out is None:
+        out, err = proc.communicate()
+    return out or "", err or ""
