@@ -42,6 +42,11 @@ def serve(role: str, config: str | None, overrides: list[str], resume: bool) -> 
     cfg = load_config(config, overrides)
     if not cfg.run.name:
         raise ConfigError("run.name must be set when starting a role on its own (every role must agree on it)")
+    from areal_py.launcher import load_task
+
+    # the roles that read the task (the controller, and any role that may cold-start the embedded
+    # model) build it first, so a bad data file is a ConfigError here, not a traceback from inside
+    task = load_task(cfg) if role == "controller" or not cfg.model.path else None
     logging.basicConfig(level=cfg.run.log_level, format=f"%(asctime)s {role} %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run finally-blocks: sockets close cleanly
     import torch
@@ -60,7 +65,7 @@ def serve(role: str, config: str | None, overrides: list[str], resume: bool) -> 
     if role == "controller":
         from controller.controller import Controller
 
-        Controller(cfg).serve()
+        Controller(cfg, task=task).serve()
     elif role == "trainer":
         from trainer.trainer import Trainer
 

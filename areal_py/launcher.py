@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from areal_py.config import Config, ConfigError, dump_config, load_config, with_run_name
 from areal_py.metrics import read_jsonl
+from areal_py.tasks import Task
 from areal_py.tensorboard_log import require_tensorboard
 
 STOP_GRACE_S = 5.0
@@ -78,8 +79,23 @@ def busy_ports(cfg: Config) -> list[str]:
     return busy
 
 
+def load_task(cfg: Config) -> Task:
+    """The configured task, or a ConfigError naming the key and, for a JSONL file, the file and line.
+
+    Building it parses a JSONL file completely, so a missing file or a bad line is found here,
+    before any process starts, instead of in a role's log after the model is built.
+    """
+    from areal_py.prepare import build_task
+
+    try:
+        return build_task(cfg)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{'task.path' if cfg.task.name == 'jsonl' else 'task'}: {e}") from None
+
+
 def prepare_run(config: str | None, overrides: list[str], resume: bool) -> Config:
     cfg = load_config(config, overrides)
+    load_task(cfg)  # fail before any process starts, not after the model is built
     busy = busy_ports(cfg)
     if busy:
         raise ConfigError(f"already in use on {cfg.net.bind_host}: {', '.join(busy)} (another areal-py run?); "
