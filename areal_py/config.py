@@ -122,6 +122,10 @@ class ControllerConfig(_Section):
         120.0, gt=0, description="Once a server has connected: longest time with no live rollout server (counted "
         "from the last word of any) before the controller stops with an error; a server that comes back in time "
         "is used again.")
+    max_consecutive_skipped_prompts: int = Field(
+        1000, ge=1, description="Prompts too long for the model's context (no room for one new token) are skipped "
+        "at admission and counted (ctrl_skipped_too_long); this many in a row, or this many groups in a row refused "
+        "by the servers (ctrl_dropped_aborted), stop the run with an error: nothing admissible is left.")
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and keep "
                                    "admitting (within the staleness bound) until the batch is full.")
 

@@ -46,3 +46,15 @@ def model_path(cfg: Config, progress: Callable[[dict], None] | None = None) -> P
                                   label_noise=cs.label_noise, lr=cs.lr, final_lr_ratio=cs.final_lr_ratio,
                                   batch_size=cs.batch_size, seed=seed, threads=cfg.run.torch_threads,
                                   progress=progress)
+
+
+def context_length(cfg: Config) -> int | None:
+    """Longest sequence (prompt + response) the policy handles, as the rollout engine reads it
+    (`max_position_embeddings`); None when the model config does not say. Reads only the config,
+    so the controller can check prompt lengths without loading weights."""
+    if not cfg.model.path:
+        return cfg.model.embedded.max_position_embeddings
+    from transformers import AutoConfig
+
+    n = getattr(AutoConfig.from_pretrained(model_path(cfg), local_files_only=True), "max_position_embeddings", None)
+    return int(n) if n else None

@@ -91,6 +91,8 @@ class ControllerMetrics:
     queue_depth: Gauge
     server_policy_version: Gauge
     policy_version: Gauge
+    skipped_prompts: Counter
+    aborted_groups: Counter
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,11 @@ CONTROLLER = ControllerMetrics(
     server_policy_version=_define(Gauge, "areal_controller_server_policy_version",
                                   "Policy version each rollout server reports loaded.", ("server",)),
     policy_version=_define(Gauge, "areal_controller_policy_version", "Current global policy version."),
+    skipped_prompts=_define(Counter, "areal_controller_skipped_prompts_total",
+                            "Prompts skipped at admission, never dispatched, by reason (too_long: no room for one "
+                            "new token in the model's context).", ("reason",)),
+    aborted_groups=_define(Counter, "areal_controller_aborted_groups_total",
+                           "Groups a rollout server refused (finish_reason abort), dropped."),
 )
 
 TRAINER = TrainerMetrics(

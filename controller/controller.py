@@ -21,12 +21,13 @@ from areal_py import protocol as P
 from areal_py.config import Config
 from areal_py.dashboard import start_dashboard, stop_dashboard
 from areal_py.models import load_tokenizer
-from areal_py.prepare import build_task, model_path
+from areal_py.prepare import build_task, context_length, model_path
 from areal_py.prom import CONTROLLER as M
 from areal_py.reward_pool import RewardHandle, RewardPool
 from areal_py.tasks import Prompt, Task
-from areal_py.transport import WaitTimeout, make_socket, parse, recv, reject, send
+from areal_py.transport import RateLimitedLog, WaitTimeout, make_socket, parse, recv, reject, send
 from controller.activity import ActivityTracker
+from controller.admission import AdmissionError, LengthGate
 from controller.batching import pick_batch
 from controller.servers import ServerRegistry, ServerState
 from controller.staleness import admission_capacity
@@ -59,6 +60,11 @@ class Controller:
         self.cfg = cfg
         self.task = task or build_task(cfg)
         self.tokenizer = tokenizer or load_tokenizer(model_path(cfg))
+        limit = cfg.controller.max_consecutive_skipped_prompts
+        self.length_gate = LengthGate(context_length(cfg), limit, getattr(self.task, "name", type(self.task).__name__))
+        self.dropped_aborted = 0  # groups refused by a server (finish_reason abort)
+        self.aborted_in_a_row = 0  # since the last group that finished otherwise; `limit` stops the run
+        self.drop_log = RateLimitedLog(log)
         self.n = cfg.controller.group_size
         self.batch_size = cfg.controller.batch_size
         self.max_staleness = cfg.effective_max_staleness  # admission
@@ -119,14 +125,26 @@ class Controller:
 
     def admit(self) -> None:
         for _ in range(self.capacity()):
-            prompt = self.task.prompt(self.data_position)
-            self.data_position += 1
-            ids = self.tokenizer(prompt.text).input_ids
-            g = InflightGroup(self.next_gid, prompt, list(ids))
+            prompt, ids = self.next_prompt()
+            g = InflightGroup(self.next_gid, prompt, ids)
             self.next_gid += 1
             self.inflight[g.gid] = g
             self.running += 1
             self.undispatched.append(g.gid)
+
+    def next_prompt(self) -> tuple[Prompt, list[int]]:
+        """The next prompt that fits the model's context; longer ones are skipped, counted, never dispatched
+        (the length gate raises AdmissionError after max_consecutive_skipped_prompts in a row)."""
+        while True:
+            prompt = self.task.prompt(self.data_position)
+            self.data_position += 1
+            ids = list(self.tokenizer(prompt.text).input_ids)
+            if self.length_gate.fits(prompt.index, len(ids)):
+                return prompt, ids
+
+    @property
+    def skipped_too_long(self) -> int:
+        return self.length_gate.total
 
     def dispatch(self) -> None:
         r = self.cfg.rollout
@@ -181,12 +199,32 @@ class Controller:
             if any(x.finish_reason == "stale" for x in g.results.values()):
                 self.running -= 1  # aborted by the server as too stale for any batch to come
                 self.dropped_stale += 1
+                self.aborted_in_a_row = 0
             elif any(x.finish_reason == "abort" for x in g.results.values()):
                 self.running -= 1  # refused by the server: forget it, capacity admits a fresh prompt
-                log.warning("group %d aborted by %s; dropped", g.gid, server_id)
+                self.on_refused(g, server_id)
             else:
+                self.aborted_in_a_row = 0
                 self.scoring.append((g, self.rewards.submit([self._scoring_item(g.prompt, g.results[i])
                                                              for i in range(self.n)])))
+
+    def on_refused(self, g: InflightGroup, server_id: str) -> None:
+        """Count a group a server refused; max_consecutive_skipped_prompts of them in a row stop the run:
+        prompts that pass the length gate but that no server takes (another context, a tokenizer whose ids
+        the model lacks) would otherwise be admitted and dropped in a tight loop forever."""
+        self.dropped_aborted += 1
+        self.aborted_in_a_row += 1
+        M.aborted_groups.inc()
+        self.drop_log.warning("refused", "group %d (prompt %d, %d tokens) refused by %s; dropped (%d so far; the "
+                              "server's log says why)", g.gid, g.prompt.index, len(g.prompt_ids), server_id,
+                              self.dropped_aborted)
+        limit = self.cfg.controller.max_consecutive_skipped_prompts
+        if self.aborted_in_a_row >= limit:
+            raise AdmissionError(f"controller: {self.aborted_in_a_row} groups in a row of task {self.length_gate.task_name!r} "
+                                 f"were refused by the rollout servers (finish_reason abort; last: prompt "
+                                 f"{g.prompt.index}, {len(g.prompt_ids)} tokens, by {server_id}; controller."
+                                 f"max_consecutive_skipped_prompts={limit}); their logs say why (a prompt too long for "
+                                 f"the engine's context, token ids outside its vocabulary...)")
 
     def _scoring_item(self, prompt: Prompt, r: P.Result) -> tuple[Prompt, str, bool]:
         ids = [t for t in r.output_ids if t not in self.tokenizer.all_special_ids]
@@ -300,7 +338,8 @@ class Controller:
             M.reward_mean.set(sum(s.reward for g in groups for s in g.samples) / (self.batch_size * self.n))
             state = {"data_position": self.data_position, "accepted": self.accepted, "running": self.running,
                      "dropped_stale": self.dropped_stale, "dropped_uniform": self.dropped_uniform,
-                     "reward_timeouts": self.rewards.timeouts, "reward_errors": self.rewards.errors, "generated_tokens": self.generated_tokens}
+                     "reward_timeouts": self.rewards.timeouts, "reward_errors": self.rewards.errors, "generated_tokens": self.generated_tokens,
+                     "skipped_too_long": self.skipped_too_long, "dropped_aborted": self.dropped_aborted}
             activity, spans = self.activity.take(s.server_id for s in self.registry.live())
             # The reward of everything scored since the last batch, groups dynamic sampling dropped
             # included: with DAPO the trained batch's reward is biased toward 0.5, this one is not.
@@ -343,6 +382,8 @@ class Controller:
             self.dropped_stale = hello.resume_state.get("dropped_stale", 0)
             self.dropped_uniform = hello.resume_state.get("dropped_uniform", 0)
             self.generated_tokens = hello.resume_state.get("generated_tokens", 0)
+            self.length_gate.total = hello.resume_state.get("skipped_too_long", 0)
+            self.dropped_aborted = hello.resume_state.get("dropped_aborted", 0)
         self.accepted = hello.version * self.batch_size  # every trained group; nothing in flight survives a restart
         log.info("trainer at version %d; data position %d, accepted %d, max_staleness %d, max_token_staleness %d",
                  hello.version, self.data_position, self.accepted, self.max_staleness, self.max_token_staleness)
