@@ -18,10 +18,14 @@ live page and ``report.html`` never disagree.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from html import escape
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,7 +33,8 @@ from typing import Any
 
 from areal_py.report import _config_mapping, _load_config, load_records, render_html
 
-__all__ = ["REFRESH_S", "render_fragment", "render_page", "start_dashboard", "stop_dashboard"]
+__all__ = ["REFRESH_S", "announce_when_serving", "local_url", "render_fragment", "render_page", "start_dashboard",
+           "stop_dashboard"]
 
 REFRESH_S = 3
 
@@ -157,3 +162,39 @@ def stop_dashboard(server: ThreadingHTTPServer) -> None:
     thread = getattr(server, "_thread", None)
     if thread is not None:
         thread.join(timeout=5)
+
+
+def local_url(host: str, port: int) -> str:
+    """The dashboard's URL as seen from this machine: a wildcard bind address is reached via loopback."""
+    return f"http://{'127.0.0.1' if host in ('', '0.0.0.0', '::') else host}:{int(port)}/"
+
+
+def _answers(url: str, timeout_s: float) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):
+            return True
+    except urllib.error.HTTPError:
+        return True  # an HTTP error status is still an answer
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+def announce_when_serving(url: str, say: Callable[[str], None], stop: threading.Event,
+                          poll_s: float = 0.5, timeout_s: float = 2.0) -> threading.Thread:
+    """Call ``say(url)`` once ``url`` first answers an HTTP GET, from a daemon thread; give up when
+    ``stop`` is set.
+
+    The controller serves the dashboard only after loading its task and tokenizer, so a URL printed
+    when the processes start would not answer for a while; a watcher that waits for it keeps the
+    caller's own loop free of network waits."""
+    def watch() -> None:
+        while not stop.is_set():
+            if _answers(url, timeout_s):
+                if not stop.is_set():
+                    say(url)
+                return
+            stop.wait(poll_s)
+
+    thread = threading.Thread(target=watch, name="areal-dashboard-watch", daemon=True)
+    thread.start()
+    return thread

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,10 +267,15 @@ def run(config: str | None, overrides: list[str], resume: bool = False, quiet: b
     print(f"areal-py: model ready at {path} ({time.monotonic() - t0:.1f}s); torch threads: "
           + ", ".join(f"{r} {n}" for r, n in threads.items()))
     children = start_children(cfg, resume, threads)
-    if cfg.run.dashboard_port:
-        print(f"areal-py: live dashboard http://{cfg.net.bind_host}:{cfg.run.dashboard_port}/ "
-              f"(report at the end: {cfg.run_dir() / 'report.html'})")
+    stop_watch = threading.Event()
+    if cfg.run.dashboard_port:  # printed once it answers: the controller serves it only after loading its model
+        from areal_py.dashboard import announce_when_serving, local_url
+
+        end_report = cfg.run_dir() / "report.html"
+        announce_when_serving(local_url(cfg.net.bind_host, cfg.run.dashboard_port), lambda url: tqdm.write(
+            f"areal-py: live dashboard {url} (report at the end: {end_report})"), stop_watch)
     code = monitor(cfg, children, quiet=quiet)
+    stop_watch.set()
     from areal_py.report import write_report
 
     report = write_report(cfg.run_dir())  # also for a failed or interrupted run: what happened so far

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
@@ -389,7 +390,7 @@ th{background:#f4f4f4;font-weight:normal}
 .sec{border:1px solid #e4e4e4;padding:8px;border-radius:4px}
 .sec p{font-size:11px;color:#666;margin:0 0 4px;max-width:560px}
 .sec.wide p{max-width:none}
-.sec p.note{font-size:12px;color:#7a5a00;background:#fff8e1;padding:4px 6px;border-radius:3px}
+.sec p.note{font-size:12px;color:#7a5a00;background:#fff8e1;padding:4px 6px;border-radius:3px;max-width:548px}
 .empty{font-size:16px;color:#a33;padding:20px 0}
 details{margin-top:12px}
 """
@@ -423,11 +424,15 @@ def render_html(run_name: str, records: Sequence[Record], config_rows: Sequence[
 
 
 def write_report(run_dir: Path) -> Path:
-    """Write ``<run_dir>/report.html`` from the run's metrics.jsonl and config.yaml; return its path."""
+    """Write ``<run_dir>/report.html`` from the run's metrics.jsonl and config.yaml; return its path.
+
+    Safe to call again and from several processes (the controller at the end of its serve, then the
+    launcher): each writes its own temp file and renames it over the report, so a reader or a
+    second writer never sees a half-written page."""
     run_dir = Path(run_dir)
     records = load_records(run_dir / "metrics.jsonl")
     out = run_dir / "report.html"
-    tmp = out.with_suffix(".html.tmp")
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     cfg = run_dir / "config.yaml"
     tmp.write_text(render_html(run_dir.name, records, _load_config(cfg), _config_mapping(cfg)), encoding="utf-8")
     tmp.replace(out)  # never leave a half-written report for a browser to open

@@ -14,15 +14,17 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 
 from areal_py import protocol as P
-from areal_py.config import Config
+from areal_py.config import Config, dump_config
 from areal_py.dashboard import start_dashboard, stop_dashboard
 from areal_py.models import load_tokenizer
 from areal_py.prepare import build_task, context_length, model_path
 from areal_py.prom import CONTROLLER as M
+from areal_py.report import write_report
 from areal_py.reward_pool import RewardHandle, RewardPool
 from areal_py.tasks import Prompt, Task
 from areal_py.transport import RateLimitedLog, WaitTimeout, make_socket, parse, recv, reject, send
@@ -430,12 +432,45 @@ class Controller:
             M.policy_version.set(self.version)
 
     def serve(self) -> None:
+        self._record_config()
         dash = self._start_dashboard()
         try:
             self._serve()
         finally:
             if dash is not None:
                 stop_dashboard(dash)
+            self.write_report()
+
+    def _record_config(self) -> None:
+        """Write ``<run_dir>/config.yaml`` when nothing has: `areal-py run` writes it before any role
+        starts, roles started by hand do not, and the dashboard and report read it (config table,
+        why a chart is 0 by construction). An existing file is never replaced."""
+        path = self.cfg.run_dir() / "config.yaml"
+        if not path.exists():
+            try:
+                dump_config(self.cfg, path)
+            except OSError as e:
+                log.warning("config not recorded in %s: %s", path, e)
+
+    def write_report(self) -> Path | None:
+        """``<run_dir>/report.html`` from the run as it stands, at the end of every serve (finished,
+        failed or stopped): roles started by hand have no launcher to write it. Rewriting it is
+        harmless (atomic, from the same files), so `areal-py run` writing it again after all
+        processes have exited costs nothing. The trainer writes metrics.jsonl: with no copy in this
+        machine's run directory (roles on machines that share no filesystem) there is nothing to
+        draw, and the log says where to run the report instead."""
+        run_dir = self.cfg.run_dir()
+        if not (run_dir / "metrics.jsonl").exists():
+            log.info("no report: %s has no metrics.jsonl (the trainer writes it); where it does, run "
+                     "`python -m areal_py.report <run_dir>`", run_dir)
+            return None
+        try:
+            path = write_report(run_dir)
+        except Exception as e:  # noqa: BLE001 - the report must never fail a run, nor hide why it failed
+            log.warning("report not written: %s: %s", type(e).__name__, e)
+            return None
+        log.info("report %s", path)
+        return path
 
     def _start_dashboard(self):
         port = self.cfg.run.dashboard_port

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from test_report import Points, synthetic_records
 
-from areal_py.dashboard import start_dashboard, stop_dashboard
+from areal_py.dashboard import announce_when_serving, local_url, start_dashboard, stop_dashboard
 
 N = 20
 
@@ -145,3 +146,91 @@ def test_dashboard_draws_in_headless_chromium(run_dir: Path, dashboard: int, tmp
         out = Path(os.environ["AREAL_TEST_ARTIFACTS"])
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(png, out / "dashboard.png")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_url_is_announced_once_it_answers(run_dir: Path) -> None:
+    """`areal-py run` prints the dashboard URL when it serves, not when the controller process starts
+    (which serves it only after loading its task and tokenizer)."""
+    port = free_port()
+    url = local_url("0.0.0.0", port)
+    assert url == f"http://127.0.0.1:{port}/"
+    said: list[str] = []
+    stop = threading.Event()
+    watcher = announce_when_serving(url, said.append, stop, poll_s=0.05)
+    try:
+        assert watcher.is_alive() and said == []  # nothing listens on the port yet: nothing to announce
+        server, _ = start_dashboard(run_dir, port)
+        try:
+            watcher.join(timeout=30)
+            assert not watcher.is_alive() and said == [url]
+            assert "reward" in fetch(port)
+        finally:
+            stop_dashboard(server)
+    finally:
+        stop.set()
+
+    # a run that ends before its dashboard answers: the watcher stops silently
+    stop2, said2 = threading.Event(), []
+    watcher2 = announce_when_serving(local_url("127.0.0.1", free_port()), said2.append, stop2, poll_s=0.05)
+    stop2.set()
+    watcher2.join(timeout=30)
+    assert not watcher2.is_alive() and said2 == []
+
+
+def test_controller_writes_the_report_when_its_serve_ends(tmp_path: Path) -> None:
+    """Roles started by hand (`areal-py serve`) have no launcher: the controller, which owns the
+    dashboard, records its config.yaml (absent: no launcher wrote it) and writes report.html when
+    its serve ends."""
+    import zmq
+    from conftest import net_overrides
+
+    from areal_py import protocol as P
+    from areal_py.config import load_config
+    from areal_py.models import build_char_tokenizer
+    from areal_py.tasks import ArithTask
+    from areal_py.transport import make_socket, send
+    from controller.controller import Controller
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=byhand", *net_overrides(), "run.dashboard_port=0",
+                             "controller.batch_size=2", "controller.group_size=2"])
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True)
+    write_records(run_dir / "metrics.jsonl", synthetic_records(N))  # what the trainer wrote
+    ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
+    push = make_socket(zmq.Context.instance(), zmq.PUSH, cfg.net.addr(cfg.net.trainer_port), bind=False)
+    try:
+        send(push, P.TrainerHello(version=0))
+        send(push, P.TrainerDone(version=0))
+        ctrl.serve()  # hello, then done: the whole serve, through its end-of-run path
+    finally:
+        push.close()
+    report = run_dir / "report.html"
+    assert report.is_file()
+    p = points(report.read_text())
+    assert len(p.charts["reward"]) == N and "value_loss" not in p.charts
+    assert "algo.adv_estimator=gae" in report.read_text()  # value loss explained from the config it recorded
+    assert load_config(run_dir / "config.yaml") == cfg
+
+
+def test_controller_report_without_metrics_is_skipped(tmp_path: Path) -> None:
+    """A controller whose run directory holds no metrics.jsonl (the trainer on another machine) writes
+    no empty report."""
+    from conftest import net_overrides
+
+    from areal_py.config import load_config
+    from areal_py.models import build_char_tokenizer
+    from areal_py.tasks import ArithTask
+    from controller.controller import Controller
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=apart", *net_overrides(), "run.dashboard_port=0"])
+    ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
+    try:
+        assert ctrl.write_report() is None and not (cfg.run_dir() / "report.html").exists()
+    finally:
+        ctrl.close()
