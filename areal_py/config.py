@@ -94,8 +94,9 @@ class RolloutConfig(_Section):
                                "controller's pings to the servers.")
     controller_timeout_s: float = Field(
         120.0, gt=0, description="A server that hears nothing from the controller (not even a ping, sent every "
-        "heartbeat_s from every wait of the controller's) for this long stops with an error. Counted from the "
-        "server's start too, so it also bounds the wait for a controller started later by hand.")
+        "heartbeat_s from every wait of the controller's) for this long stops with an error. Before the "
+        "controller's first word, controller.startup_timeout_s more is allowed (a controller starting on a busy "
+        "machine, or later by hand).")
     backend: Literal["torch", "sglang"] = Field(
         "torch", description="torch: the built-in continuous-batching engine (CPU/GPU); sglang: an SGLang server "
         "(GPU, optional extra, not yet run on a GPU).")

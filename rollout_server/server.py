@@ -65,6 +65,7 @@ class RolloutServer:
         self.running = True
         self._last_beat = 0.0
         self.last_heard = time.monotonic()  # any valid message from the controller, pings included
+        self.heard_once = False
         self.meter = BusyMeter(time.time())
         send(self.dealer, P.Hello(server_id=self.server_id, version=self.engine.version))
 
@@ -171,8 +172,12 @@ class RolloutServer:
 
         It pings every `rollout.heartbeat_s`; this is checked right after the messages that arrived
         are drained, so a long step or weight load of this server's own never reads as silence.
+        Before its first word, `controller.startup_timeout_s` more is allowed: a controller started at
+        the same time may spend long loading its task and tokenizer on a busy machine before it pings.
         """
         timeout = self.cfg.rollout.controller_timeout_s
+        if not self.heard_once:
+            timeout += self.cfg.controller.startup_timeout_s
         if time.monotonic() - self.last_heard > timeout:
             raise WaitTimeout(f"rollout {self.server_id}: timed out after {timeout:.0f}s waiting for the controller "
                               f"at {self.cfg.net.addr(self.cfg.net.rollout_port)}: no message from it, not even a "
@@ -190,7 +195,7 @@ class RolloutServer:
                 if sock in events:
                     _, msg = parse(sock.recv_multipart(copy=False), ROLE)
                     if msg is not None:
-                        self.last_heard = time.monotonic()
+                        self.last_heard, self.heard_once = time.monotonic(), True
                         self._handle(msg)
             events = dict(poller.poll(0))
 

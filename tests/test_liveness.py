@@ -84,7 +84,7 @@ def test_controller_pings_servers_even_while_waiting_for_the_trainer(tmp_path, c
 
 
 def test_server_exits_when_the_controller_stays_silent(tmp_path, ctx):
-    cfg = config(tmp_path, "rollout.controller_timeout_s=1")
+    cfg = config(tmp_path, "rollout.controller_timeout_s=1", "controller.startup_timeout_s=1")
     router = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.rollout_port, bind=True), bind=True)
     server = RolloutServer(cfg, "srv", engine=Engine(tiny_model(0), eos_token_id=47, max_running=8))
     errors: list[BaseException] = []
@@ -111,21 +111,25 @@ def test_server_exits_when_the_controller_stays_silent(tmp_path, ctx):
 
 
 def test_any_message_from_the_controller_keeps_the_server_going(tmp_path, ctx):
-    cfg = config(tmp_path, "rollout.controller_timeout_s=5")
+    cfg = config(tmp_path, "rollout.controller_timeout_s=5", "controller.startup_timeout_s=100")
     router = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.rollout_port, bind=True), bind=True)
     pub = make_socket(ctx, zmq.PUB, cfg.net.addr(cfg.net.weights_port, bind=True), bind=True)
     server = RolloutServer(cfg, "srv", engine=Engine(tiny_model(0), eos_token_id=47, max_running=8))
     try:
         recv(router, "test", timeout_s=10, waiting_for="hello", routed=True)
-        server.last_heard -= 100  # as if the controller had been silent far longer than the timeout
+        server.last_heard -= 50  # before its first word the controller gets startup_timeout_s more
+        server.check_controller()
+        server.last_heard -= 100  # past both
         with pytest.raises(WaitTimeout, match="the controller"):
             server.check_controller()
-        server.last_heard -= 100
         deadline = time.monotonic() + 20
         while server.last_heard < time.monotonic() - 50 and time.monotonic() < deadline:
             send(pub, P.Ping())  # the SUB subscription may not have arrived yet: repeat
             server.poll_once(100)
         server.check_controller()  # heard: no error
+        server.last_heard -= 50  # once heard from, controller_timeout_s alone applies
+        with pytest.raises(WaitTimeout, match="the controller"):
+            server.check_controller()
         server.last_heard -= 100
         send(router, P.Shutdown(reason="x"), to=b"srv")  # the work socket counts too
         server.poll_once(5000)
