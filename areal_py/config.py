@@ -243,6 +243,9 @@ class Config(_Section):
             raise ValueError("task.min_operand must be <= task.max_operand")
         if self.task.name == "jsonl" and not self.task.path:
             raise ValueError("task.path is required when task.name=jsonl")
+        if self.task.name == "jsonl" and not self.model.path:
+            raise ValueError("task.name=jsonl needs model.path: the embedded model is cold-started only on the "
+                             "synthetic tasks (arith, sum_cot)")
         if self.task.name == "sum_cot":
             from areal_py.sum_cot import check_lengths
 
@@ -342,7 +345,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
         except yaml.YAMLError as e:
             raise ConfigError(_yaml_error(p, e)) from None
         if not isinstance(loaded, dict):

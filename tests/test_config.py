@@ -57,6 +57,15 @@ def test_cross_field_checks():
         load_config(None, ["task.min_operand=5", "task.max_operand=3"])
     with pytest.raises(ConfigError, match="task.path"):
         load_config(None, ["task.name=jsonl"])
+    with pytest.raises(ConfigError, match="task.name=jsonl needs model.path"):
+        load_config(None, ["task.name=jsonl", "task.path=data.jsonl"])
+
+
+def test_non_utf8_config_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"trainer:\n  lr: 1e-4 # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid UTF-8 \(byte 0xe9 at offset 25\)"):
+        load_config(bad)
 
 
 def test_token_staleness_limit_defaults_to_the_admission_bound_and_may_only_be_raised():
