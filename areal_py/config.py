@@ -148,6 +148,9 @@ class TrainerConfig(_Section):
         "padded", description="padded: length-sorted runs with rows x longest <= the budget (padded tensors; "
         "right for long-tailed lengths); ffd: first-fit-decreasing on summed lengths.")
     checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = Field(3, ge=0, description="Checkpoints kept on disk, newest first (older ones are "
+                                  "deleted after each save; more than 1 leaves a fallback if the newest is "
+                                  "damaged). 0 = keep all.")
     batch_timeout_s: float = Field(300.0, gt=0, description="Longest wait for the controller to deliver a batch.")
     max_consecutive_skipped_steps: int = Field(
         5, ge=0, description="Stop the run with an error after this many steps in a row applied no update because "

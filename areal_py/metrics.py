@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,38 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._f.close()
+
+
+def truncate_after_step(path: Path, step: int) -> Path | None:
+    """Make the step log at `path` hold only its complete records with `"step"` <= `step`: the state of
+    a resume from the checkpoint at `step`, so that every step appears once and `wall_time_s` never goes
+    back. The rest (rows the crashed run wrote past the checkpoint, which the resumed run writes again,
+    a partial last line, a line that does not parse) is appended to `<name>.dropped-<UTC time>` beside
+    it, so nothing is lost. The rewrite is atomic (temp + rename). Returns the dropped-rows file, or None
+    when nothing had to go (the file is then left untouched)."""
+    if not path.exists():
+        return None
+    keep, drop = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            rec = json.loads(line) if line.endswith("\n") else None
+        except json.JSONDecodeError:
+            rec = None
+        ok = isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step
+        (keep if ok else drop).append(line)
+    if not drop:
+        return None
+    dropped = path.with_name(f"{path.name}.dropped-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    text = "".join(drop)
+    for target, mode, content in ((dropped, "a", text if text.endswith("\n") else text + "\n"),
+                                  (tmp, "w", "".join(keep))):
+        with target.open(mode) as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return dropped
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -138,6 +138,39 @@ def _long_run(small_cfg: list[str]) -> subprocess.Popen:
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
 
 
+def test_resume_after_kill_past_the_last_checkpoint(tmp_path, small_cfg):
+    """kill -9 of the trainer 3+ steps past its last checkpoint, with disk weights (the default), then --resume:
+    the crashed run's newer weight files and metric rows must not break the resumed run or its record."""
+    args = [*small_cfg, "trainer.total_steps=16", "trainer.checkpoint_every=8", "controller.max_staleness=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "areal_py.cli", "run", "--quiet", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: len(metrics(tmp_path)) >= 1 or proc.poll() is not None, 600, "the first training step")
+        trainer = [p for p in _child_pids(proc.pid) if "trainer" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(trainer) == 1, proc.communicate(timeout=60)
+        # kill anywhere in 11..15: 3+ steps past the checkpoint at 8, before the run's end
+        _wait_for(lambda: len(metrics(tmp_path)) >= 11 or proc.poll() is not None, 300, "eleven training steps")
+        os.kill(trainer[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "process 'trainer' failed" in err, err
+    crashed = [r["step"] for r in metrics(tmp_path)]
+    assert 11 <= crashed[-1] < 16, crashed  # weight files v(n-2)..vn, all past the checkpoint, on disk
+
+    res = run_cli(["run", "--quiet", "--resume", *args], timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    recs = metrics(tmp_path)
+    assert [r["step"] for r in recs] == list(range(1, 17))  # every step once
+    times = [r["wall_time_s"] for r in recs]
+    assert times == sorted(times)  # never goes back
+    assert "done. 16 steps" in res.stdout
+    dropped = list((tmp_path / "runs" / "t").glob("metrics.jsonl.dropped-*"))  # the crashed run's rows past 8
+    assert len(dropped) == 1 and [json.loads(x)["step"] for x in dropped[0].read_text().splitlines()
+                                  if x.endswith("}")] == crashed[8:]
+
+
 def test_crash_in_one_process_stops_all(tmp_path, small_cfg):
     proc = _long_run(small_cfg)
     try:

@@ -19,14 +19,14 @@ import zmq
 from areal_py import protocol as P
 from areal_py.config import Config
 from areal_py.gen_activity import to_run_time
-from areal_py.metrics import JsonlWriter
+from areal_py.metrics import JsonlWriter, truncate_after_step
 from areal_py.models import load_model_and_tokenizer
 from areal_py.prepare import model_path
 from areal_py.prom import TRAINER as M
 from areal_py.tensorboard_log import TensorBoardLog
 from areal_py.transport import make_socket, recv, reject, send
 from areal_py.weights import named_weights, save_weights
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import load_latest_checkpoint, save_checkpoint
 from trainer.learner import Learner
 from trainer.rollout_batch import collate, drop_nonfinite_groups
 
@@ -57,15 +57,19 @@ class Trainer:
         self.start_time = time.monotonic()
 
     def _resume(self) -> None:
-        d = latest_checkpoint(self.ckpt_root)
-        if d is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_root}")
-        state = load_checkpoint(d, self.learner.modules(), self.learner.optimizers())
+        """Restore the newest usable checkpoint, and cut metrics.jsonl back to its step: the steps after it
+        are trained again, so their rows from the crashed run would appear twice (they are kept aside, see
+        `truncate_after_step`). Disk weight files past it go at the first publish (see `save_weights`).
+        TensorBoard event files are not cut: TensorBoard shows both runs' points for those steps."""
+        d, state = load_latest_checkpoint(self.ckpt_root, self.learner.modules(), self.learner.optimizers())
         self.version = state["version"]
         self.resume_state = state["controller_state"]
         self.wall_offset = state["wall_time_s"]
         self.trained_tokens_total = state.get("trained_tokens_total", 0)
         log.info("resumed from %s at version %d", d, self.version)
+        dropped = truncate_after_step(self.cfg.run_dir() / "metrics.jsonl", self.version)
+        if dropped is not None:
+            log.warning("metrics.jsonl: rows past step %d (trained again now) moved to %s", self.version, dropped)
 
     # --- loop --------------------------------------------------------------------------------------
     def publish(self) -> None:
@@ -197,7 +201,8 @@ class Trainer:
     def checkpoint(self, controller_state: dict[str, int]) -> None:
         state = {"version": self.version, "controller_state": controller_state, "wall_time_s": self.wall_time(),
                  "trained_tokens_total": self.trained_tokens_total}
-        d = save_checkpoint(self.ckpt_root, self.learner.modules(), self.learner.optimizers(), state)
+        d = save_checkpoint(self.ckpt_root, self.learner.modules(), self.learner.optimizers(), state,
+                            keep=self.cfg.trainer.keep_checkpoints)
         log.info("checkpoint %s", d)
 
     def save_final(self) -> Path:
