@@ -51,10 +51,42 @@ def _die_with_parent() -> None:
 
 
 def latest_run_name(output_dir: Path) -> str:
-    runs = [d for d in output_dir.glob("*") if (d / "checkpoints" / "latest").is_file()]
+    """The run under `output_dir` whose newest checkpoint was written last."""
+    from trainer.checkpoint import checkpoint_dirs  # imports torch: only for --resume
+
+    runs = {d: ckpts[0] for d in output_dir.glob("*") if (ckpts := checkpoint_dirs(d / "checkpoints"))}
     if not runs:
         raise FileNotFoundError(f"--resume: no run with a checkpoint under {output_dir}; set run.name")
-    return max(runs, key=lambda d: (d / "checkpoints" / "latest").stat().st_mtime).name
+    return max(runs, key=lambda d: runs[d].stat().st_mtime).name
+
+
+def claim_run_dir(cfg: Config, resume: bool) -> None:
+    """Accept the run directory for `run` or `run --resume`, or say exactly what to do, before any process starts.
+
+    --resume needs a checkpoint. A plain run refuses a directory with a checkpoint (resume it or pick another
+    run.name), but takes over one without: a start that failed before its first checkpoint has nothing to
+    resume, and its partial metrics.jsonl is moved to `metrics.jsonl.abandoned-<UTC time>` (not deleted), so
+    the new run's steps are the only ones in the record. Checkpoints are found, not verified: the trainer
+    verifies them and falls back past damaged ones (trainer/checkpoint.py).
+    """
+    d = cfg.run_dir()
+    ckpts = []
+    if (d / "checkpoints").is_dir():
+        from trainer.checkpoint import checkpoint_dirs  # imports torch: only for a directory with checkpoints
+
+        ckpts = checkpoint_dirs(d / "checkpoints")
+    if resume and not ckpts:
+        raise FileNotFoundError(f"--resume: {d} has no checkpoint to resume from (none under {d / 'checkpoints'}); "
+                                "run the same command without --resume to start it afresh")
+    if not resume and ckpts:
+        raise FileExistsError(f"{d} already holds a run with checkpoints (newest {ckpts[0].name}); pass --resume "
+                              "to continue it, or set another run.name to start a new one")
+    metrics = d / "metrics.jsonl"
+    if not resume and metrics.exists():
+        moved = metrics.with_name(f"metrics.jsonl.abandoned-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+        metrics.rename(moved)
+        print(f"areal-py: {d} holds a run that stopped before its first checkpoint; starting afresh "
+              f"(its metrics moved to {moved})", file=sys.stderr)
 
 
 def busy_ports(cfg: Config) -> list[str]:
@@ -109,8 +141,7 @@ def prepare_run(config: str | None, overrides: list[str], resume: bool) -> Confi
     if resume and not cfg.run.name:
         cfg.run.name = latest_run_name(Path(cfg.run.output_dir).expanduser())
     with_run_name(cfg)
-    if not resume and (cfg.run_dir() / "metrics.jsonl").exists():
-        raise FileExistsError(f"{cfg.run_dir()} already holds a run; pass --resume or another run.name")
+    claim_run_dir(cfg, resume)
     cfg.run_dir().mkdir(parents=True, exist_ok=True)
     dump_config(cfg, cfg.run_dir() / "config.yaml")
     return cfg
@@ -198,10 +229,11 @@ def monitor(cfg: Config, children: list[Child], quiet: bool = False) -> int:
     try:
         while True:
             records = read_jsonl(metrics_path)
-            if len(records) > seen:
+            if len(records) != seen:  # fewer: a resumed trainer cut back the rows past its checkpoint
                 bar.update(len(records) - seen)
                 seen = len(records)
-                bar.set_postfix(_postfix(records[-1]))
+                if records:
+                    bar.set_postfix(_postfix(records[-1]))
             codes = {c.name: c.proc.poll() for c in children}
             failed = [c for c in children if codes[c.name] not in (None, 0)]
             servers_left = [c for c in children if c.name.startswith("rollout") and codes[c.name] in (None, 0)]
@@ -276,10 +308,22 @@ def run(config: str | None, overrides: list[str], resume: bool = False, quiet: b
             f"areal-py: live dashboard {url} (report at the end: {end_report})"), stop_watch)
     code = monitor(cfg, children, quiet=quiet)
     stop_watch.set()
+    return finish(cfg, code)
+
+
+def finish(cfg: Config, code: int) -> int:
+    """Write the report (also for a failed or interrupted run: what happened so far) and return the run's
+    exit code `code`, even when the report cannot be written (a full disk): that is one line naming it."""
     from areal_py.report import write_report
 
-    report = write_report(cfg.run_dir())  # also for a failed or interrupted run: what happened so far
+    report = cfg.run_dir() / "report.html"
+    try:
+        report = write_report(cfg.run_dir())
+    except OSError as e:
+        print(f"areal-py: could not write the report {report}: {e}", file=sys.stderr)
+        report = None
     if code == 0:
         print("areal-py: done. " + summarize(cfg))
-    print(f"areal-py: report {report}")
+    if report is not None:
+        print(f"areal-py: report {report}")
     return code
