@@ -101,3 +101,21 @@ def test_the_trainer_step_drops_counts_and_records_nonfinite_groups(caplog):
     assert t.metrics[-1]["samples"] == 0 and t.metrics[-1]["rejected_groups_nonfinite_logprob"] == 1
     with pytest.raises(RuntimeError, match="2 steps in a row applied no update"):
         t._step(P.Batch(version=2, groups=[group(4, reward=float("nan"))], state={}), 0.0)
+
+
+def test_a_run_fed_a_reward_of_1e39_ends_with_finite_weights(tmp_path, small_cfg):
+    from conftest import run_cli
+    from safetensors.torch import load_file
+
+    from areal_py.metrics import read_jsonl
+
+    spec = 'reward.functions={accuracy: 1.0, "tests.reward_fixtures:sometimes_huge": 1.0}'
+    res = run_cli(["run", "--quiet", *small_cfg, spec, "reward.workers=0", "trainer.total_steps=4"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    run = tmp_path / "runs" / "t"
+    final = load_file(run / "final" / "model.safetensors")
+    assert final and all(bool(torch.isfinite(w).all()) for w in final.values())
+    records = read_jsonl(run / "metrics.jsonl")
+    assert len(records) == 4 and records[-1]["ctrl_reward_errors"] > 0  # scored 0 and counted by the controller
+    assert all(abs(r["reward_mean"]) <= 1.0 for r in records)  # no 1e39 reached the trainer
+    assert "not finite in float32" in (run / "logs" / "controller.log").read_text()
