@@ -35,8 +35,12 @@ def scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 class TensorBoardLog:
-    def __init__(self, log_dir: Path) -> None:
-        self.writer = require_tensorboard()(log_dir=str(log_dir))
+    """`resume_step`: the step a resumed run continues after; TensorBoard then hides the crashed run's
+    events past it (`purge_step`), as metrics.jsonl drops its rows, so each step shows once."""
+
+    def __init__(self, log_dir: Path, resume_step: int | None = None) -> None:
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = require_tensorboard()(log_dir=str(log_dir), purge_step=purge)
 
     def write(self, record: dict[str, Any]) -> None:
         step = int(record["step"])

@@ -31,6 +31,22 @@ def test_events_read_back(tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("sample_staleness_hist/1")] == [(1, 1.0), (2, 2.0), (3, 3.0)]
 
 
+def test_resume_purges_the_crashed_runs_steps_past_the_checkpoint(tmp_path):
+    """A run that reached step 5, resumed from the step-3 checkpoint: steps 4 and 5 appear once, re-trained."""
+    tb = TensorBoardLog(tmp_path)
+    for step in range(1, 6):
+        tb.write({"step": step, "reward_mean": 0.1 * step})
+    tb.close()
+    tb = TensorBoardLog(tmp_path, resume_step=3)
+    for step in (4, 5):
+        tb.write({"step": step, "reward_mean": 1.0 + step})
+    tb.close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, round(e.value, 4)) for e in acc.Scalars("reward_mean")] == \
+        [(1, 0.1), (2, 0.2), (3, 0.3), (4, 5.0), (5, 6.0)]
+
+
 def test_missing_package_names_the_option_and_the_fix(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
     with pytest.raises(RuntimeError, match=r"run.tensorboard=true needs the tensorboard package: pip install"):

@@ -48,7 +48,8 @@ class Trainer:
         if resume:
             self._resume()
         self.metrics = JsonlWriter(cfg.run_dir() / "metrics.jsonl")
-        self.tb = TensorBoardLog(cfg.run_dir() / "tensorboard") if cfg.run.tensorboard else None
+        self.tb = (TensorBoardLog(cfg.run_dir() / "tensorboard", resume_step=self.version if resume else None)
+                   if cfg.run.tensorboard else None)
         net, ctx = cfg.net, zmq.Context.instance()
         self.to_ctrl = make_socket(ctx, zmq.PUSH, net.addr(net.trainer_port), bind=False,
                                    max_message_bytes=net.max_message_bytes)
@@ -59,8 +60,8 @@ class Trainer:
     def _resume(self) -> None:
         """Restore the newest usable checkpoint, and cut metrics.jsonl back to its step: the steps after it
         are trained again, so their rows from the crashed run would appear twice (they are kept aside, see
-        `truncate_after_step`). Disk weight files past it go at the first publish (see `save_weights`).
-        TensorBoard event files are not cut: TensorBoard shows both runs' points for those steps."""
+        `truncate_after_step`; TensorBoard purges them, see `TensorBoardLog`). Disk weight files past it go
+        at the first publish (see `save_weights`)."""
         d, state = load_latest_checkpoint(self.ckpt_root, self.learner.modules(), self.learner.optimizers())
         self.version = state["version"]
         self.resume_state = state["controller_state"]
