@@ -2,7 +2,8 @@
 
 One run, same prompts, same per-request output lengths (log-normal, clipped to about 8x the mean
 and at most 512 new tokens, fixed seed, EOS ignored so every request produces exactly its length),
-same sampling (temperature 1, no top-k / top-p), fp32, `torch.set_num_threads(2)`, for:
+same sampling (temperature 1, no top-k / top-p), fp32, `--threads` torch threads (default: the cores
+free at start, areal_py.threads; recorded in the result), for:
 
 - `ours`: `rollout_server.engine.Engine` (continuous batching, `max_running` slots).
 - `hf_static`: Hugging Face `model.generate` in static batches of `max_running` requests in order;
@@ -44,6 +45,7 @@ from transformers import (
     LogitsProcessorList,
 )
 
+from areal_py.threads import auto_threads
 from benchmarks.common import command_line
 from rollout_server.engine import Engine, SamplingParams
 
@@ -314,9 +316,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG (and summary) from <out>'s JSON")
     ap.add_argument("--repeats", type=int, default=None, help="runs per engine, interleaved; the best counts")
     ap.add_argument("--cb-configs", default=None, help="transformers CB cache sizing(s) to try: auto,sized")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = the cores free now; more than "
+                                                           "that slows every engine several-fold)")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(2)
+    threads = args.threads or auto_threads(1)
+    torch.set_num_threads(threads)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -341,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {
         "command": command_line("benchmarks.engine_throughput", argv),
         "quick": quick,
-        "environment": {"torch": torch.__version__, "transformers": transformers.__version__, "threads": 2,
+        "environment": {"torch": torch.__version__, "transformers": transformers.__version__, "threads": threads,
                         "cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
         "models": {},
     }

@@ -27,6 +27,7 @@ import zmq
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from areal_py import protocol as P
+from areal_py.threads import auto_threads
 from areal_py.transport import make_socket, parse, send
 from areal_py.weights import load_weights, named_weights, save_weights
 from rollout_server.engine import Engine, SamplingParams
@@ -103,7 +104,8 @@ def swap_once(eng: Engine, trainer: LlamaForCausalLM, path: str, pub: zmq.Socket
 
 
 def run(size: str, repeats: int, in_flight: int, prompt_len: int, warm_tokens: int) -> dict:
-    torch.set_num_threads(2)
+    threads = auto_threads(1)  # the cores free now: more threads than that slows torch several-fold
+    torch.set_num_threads(threads)
     trainer = build_model(size, seed=1)
     ctx = zmq.Context.instance()
     port = 0
@@ -113,7 +115,7 @@ def run(size: str, repeats: int, in_flight: int, prompt_len: int, warm_tokens: i
     time.sleep(0.3)  # subscription must reach the publisher before the first broadcast
     out: dict = {"model": size, "params": sum(p.numel() for p in trainer.parameters()), "in_flight": in_flight,
                  "prompt_len": prompt_len, "tokens_generated_before_swap": warm_tokens, "repeats": repeats,
-                 "results": {}}
+                 "threads": threads, "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
         version = 0  # strictly increasing across configurations: old weight files are pruned by version
         for mode in ("recompute", "keep"):
