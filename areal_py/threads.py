@@ -60,26 +60,21 @@ def _proc_stat() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def busy_cores(sample_s: float = 0.25) -> float:
-    """Cores that other processes keep busy: the larger of the 1-minute load average and the busy
-    share of the machine over `sample_s` seconds (this process sleeps meanwhile).
+def busy_cores(sample_s: float = 0.5) -> float:
+    """Cores that other processes keep busy now: the machine's busy share over `sample_s` seconds
+    (this process sleeps meanwhile), in cores. Returns 0 where /proc/stat cannot be read.
 
-    The load average lags a change by about a minute; the sample sees the present but only a
-    fraction of a second of it. Taking the larger errs toward fewer threads, the cheap mistake.
-    Returns 0 where neither can be read."""
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = 0.0
+    Not the load average: it lags a change by about a minute, so right after one run ends it still
+    reads ~2 on an idle 2-core machine, and every run of a sweep or benchmark that starts then
+    would get one thread where two are free."""
     try:
         b0, t0 = _proc_stat()
         time.sleep(sample_s)
         b1, t1 = _proc_stat()
-        machine = os.cpu_count() or 1
-        instant = machine * (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
     except (OSError, ValueError):
-        instant = 0.0
-    return max(load, instant)
+        return 0.0
+    machine = os.cpu_count() or 1
+    return machine * (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
 
 
 def auto_threads(processes: int = 1) -> int:

@@ -53,3 +53,15 @@ def test_machine_readings_are_sane():
     cores = available_cores()
     assert cores >= 1
     assert busy_cores(sample_s=0.05) >= 0.0
+
+
+def test_busy_cores_reads_the_present_not_the_lagging_load_average(monkeypatch):
+    """Right after a run ends the 1-minute load average still reads ~2 on an idle machine; the next
+    run must see the idle cores (it got one thread where two were free)."""
+    import areal_py.threads as T
+
+    monkeypatch.setattr(T.os, "getloadavg", lambda: (2.0, 1.5, 1.0))
+    stats = iter([(1000, 5000), (1010, 5200)])  # (busy, total) jiffies: 10 of 200 busy
+    monkeypatch.setattr(T, "_proc_stat", lambda: next(stats))
+    monkeypatch.setattr(T.os, "cpu_count", lambda: 2)
+    assert busy_cores(sample_s=0) == pytest.approx(0.1)
