@@ -60,6 +60,12 @@ def session_slowdown() -> float:
     return measure_slowdown()
 
 
+def scaled(seconds: float) -> float:
+    """A time limit meant for an idle machine, scaled by the slowdown now (or at session start,
+    whichever is larger): for the waits tests make themselves, as `run_cli` does for its runs."""
+    return seconds * max(session_slowdown(), measure_slowdown())
+
+
 def pytest_report_header(config) -> str:
     return f"slowdown factor (wall/CPU time of a fixed workload; scales time limits): {session_slowdown():.2f}"
 
@@ -109,7 +115,7 @@ def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProces
     The run gets its own process group; if it overruns, or the test is interrupted, the whole group
     gets SIGTERM (the launcher cleans up: temp model dir, its roles), then SIGKILL after 10 s."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    limit = timeout * max(session_slowdown(), measure_slowdown())
+    limit = scaled(timeout)
     proc = subprocess.Popen([sys.executable, "-m", "areal_py.cli", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, scaled
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from areal_py.metrics import read_jsonl
@@ -104,12 +104,14 @@ def test_resume_continues_where_it_stopped(tmp_path, small_cfg):
 
 
 def _wait_for(pred, timeout: float, what: str) -> None:
+    """Poll `pred` until it holds; `timeout` is for an idle machine (scaled by the slowdown)."""
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
             return
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def _child_pids(parent: int) -> list[int]:
@@ -147,11 +149,11 @@ def test_resume_after_kill_past_the_last_checkpoint(tmp_path, small_cfg):
     try:
         _wait_for(lambda: len(metrics(tmp_path)) >= 1 or proc.poll() is not None, 600, "the first training step")
         trainer = [p for p in _child_pids(proc.pid) if "trainer" in Path(f"/proc/{p}/cmdline").read_text()]
-        assert len(trainer) == 1, proc.communicate(timeout=60)
+        assert len(trainer) == 1, proc.communicate(timeout=scaled(60))
         # kill anywhere in 11..15: 3+ steps past the checkpoint at 8, before the run's end
         _wait_for(lambda: len(metrics(tmp_path)) >= 11 or proc.poll() is not None, 300, "eleven training steps")
         os.kill(trainer[0], signal.SIGKILL)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=scaled(60))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -179,7 +181,7 @@ def test_crash_in_one_process_stops_all(tmp_path, small_cfg):
         trainer = [p for p in children if "trainer" in Path(f"/proc/{p}/cmdline").read_text()]
         assert len(children) == 3 and len(trainer) == 1
         os.kill(trainer[0], signal.SIGKILL)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=scaled(60))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -197,7 +199,7 @@ def test_server_death_redispatches(tmp_path, small_cfg):
         _wait_for(lambda: len(metrics(tmp_path)) >= 2, 180, "two training steps")
         victim = [p for p in _child_pids(proc.pid) if "rollout-1" in Path(f"/proc/{p}/cmdline").read_text()]
         os.kill(victim[0], signal.SIGKILL)
-        out, err = proc.communicate(timeout=240)
+        out, err = proc.communicate(timeout=scaled(240))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -230,7 +232,7 @@ def test_ctrl_c_stops_everything(tmp_path, small_cfg):
         _wait_for(lambda: len(metrics(tmp_path)) >= 1, 180, "the first training step")
         children = _child_pids(proc.pid)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=scaled(60))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -274,7 +276,7 @@ def test_every_process_serves_prometheus_metrics(tmp_path, small_cfg):
         ctrl, trainer, rollout = _scrape(base), _scrape(base + 1), _scrape(base + 2)
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
+        proc.communicate(timeout=scaled(60))
     assert ctrl["areal_controller_accepted_groups"] > 0
     assert ctrl["areal_controller_sample_staleness_versions_count"] > 0
     assert trainer["areal_trainer_steps_total"] >= 3 and trainer["areal_trainer_trained_tokens_total"] > 0

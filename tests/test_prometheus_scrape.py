@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, free_ports
+from conftest import ROOT, free_ports, scaled
 
 from areal_py.metrics import read_jsonl
 
@@ -59,7 +59,7 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
     if proc.poll() is None:
         proc.send_signal(sig)
         try:
-            proc.communicate(timeout=60)
+            proc.communicate(timeout=scaled(60))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
