@@ -250,7 +250,7 @@ class Config(_Section):
             raise ValueError("task.name=jsonl needs model.path: the embedded model is cold-started only on the "
                              "synthetic tasks (arith, sum_cot)")
         if self.task.name == "sum_cot":
-            from areal_py.sum_cot import check_lengths
+            from areal_py.tasks.sum_cot import check_lengths
 
             check_lengths(self.task, self.rollout, self.model)
         c = self.controller

@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from areal_py.metrics import read_jsonl
-from areal_py.run_stats import RunSummary, summarize_run
+from areal_py.telemetry.metrics import read_jsonl
+from areal_py.telemetry.run_summary import RunSummary, summarize_run
 from benchmarks.common import (
     RESULTS_DIR,
     ROOT,
@@ -60,10 +60,10 @@ QUICK_HELDOUT_N = 128  # --quick: the suite checks the mechanics, and 512 prompt
 
 def start_model(run_dir: Path) -> Path:
     """The (cached, cold-started) model directory a run started from."""
+    from areal_py.app.model_dir import prepare_model
     from areal_py.config import load_config
-    from areal_py.prepare import model_path
 
-    return model_path(load_config(str(run_dir / "config.yaml")))
+    return prepare_model(load_config(str(run_dir / "config.yaml")))
 
 
 def heldout_reward(run_dir: Path, n: int = HELDOUT_N, model_dir: Path | None = None) -> float:
@@ -72,12 +72,12 @@ def heldout_reward(run_dir: Path, n: int = HELDOUT_N, model_dir: Path | None = N
 
     The reward of the last training batches depends on which groups finished first (async trains
     short answers early and has more long ones left at the end); this does not. Plain HF generate
-    (`areal_py.cold_start.evaluate`), prompts sorted by length so each batch stops near its longest.
+    (`trainer.cold_start.evaluate`), prompts sorted by length so each batch stops near its longest.
     """
-    from areal_py.cold_start import evaluate
     from areal_py.config import load_config
+    from areal_py.model_dir import build_task
     from areal_py.models import load_model_and_tokenizer
-    from areal_py.prepare import build_task
+    from trainer.cold_start import evaluate
 
     cfg = load_config(str(run_dir / "config.yaml"))
     task = build_task(cfg, seed=HELDOUT_SEED)

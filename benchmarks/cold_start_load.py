@@ -50,7 +50,7 @@ def one_cold_start(steps: int, threads: int, limit: float) -> dict:
     """Seconds from starting `areal-py run` to its "model ready" line, with a fresh cache; the run is then stopped."""
     with tempfile.TemporaryDirectory(prefix="cold_start_load_") as tmp:
         ports = [f"net.{k}_port={free_port()}" for k in ("rollout", "weights", "trainer", "batch")]
-        cmd = [sys.executable, "-m", "areal_py.cli", "run", "--quiet", f"run.output_dir={tmp}/runs", "run.name=c",
+        cmd = [sys.executable, "-m", "areal_py.app.cli", "run", "--quiet", f"run.output_dir={tmp}/runs", "run.name=c",
                f"model.cache_dir={tmp}/cache", "run.dashboard_port=0", f"cold_start.steps={steps}",
                f"run.torch_threads={threads}", *ports]
         load = os.getloadavg()[0]

@@ -83,7 +83,7 @@ def run_areal(out: Path, name: str, overrides: list[str], config: str | None = N
     machine's CPU busy fraction during the training steps is written to `<run>/machine_cpu.json`.
     """
     ports = [f"net.{k}_port={free_port()}" for k in ("rollout", "weights", "trainer", "batch")]
-    cmd = [sys.executable, "-m", "areal_py.cli", "run", "--quiet", *([config] if config else []),
+    cmd = [sys.executable, "-m", "areal_py.app.cli", "run", "--quiet", *([config] if config else []),
            f"run.output_dir={out}", f"run.name={name}", "run.dashboard_port=0", *ports, *overrides]
     monitor = StepCpuMonitor(out / name / "metrics.jsonl")
     monitor.start()

@@ -5,7 +5,7 @@ and at most 512 new tokens, fixed seed, EOS ignored so every request produces ex
 same sampling (temperature 1, no top-k / top-p), fp32, `--threads` torch threads (default: the cores
 free at start, areal_py.threads; recorded in the result), for:
 
-- `ours`: `rollout_server.engine.Engine` (continuous batching, `max_running` slots).
+- `ours`: `rollout_server.torch_engine.engine.Engine` (continuous batching, `max_running` slots).
 - `hf_static`: Hugging Face `model.generate` in static batches of `max_running` requests in order;
   a batch runs until its longest member is done. Only the requested tokens count as useful.
 - `hf_cb`: transformers' own continuous batching. `generate_batch` takes one `max_new_tokens` for
@@ -47,7 +47,7 @@ from transformers import (
 
 from areal_py.threads import auto_threads
 from benchmarks.common import command_line
-from rollout_server.engine import Engine, SamplingParams
+from rollout_server.torch_engine.engine import Engine, SamplingParams
 
 EOS = 2
 MODELS = {  # name -> Llama shape; parameter counts are measured and reported

@@ -14,7 +14,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from areal_py.metrics import read_jsonl
+from areal_py.telemetry.metrics import read_jsonl
 from benchmarks.common import RESULTS_DIR, free_port, run_areal
 
 RESULTS = RESULTS_DIR / "metrics_overhead.json"

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from areal_py.run_stats import summarize_run
+from areal_py.telemetry.run_summary import summarize_run
 from benchmarks.common import RESULTS_DIR, command_line, run_areal
 
 LOSSES = ("decoupled", "ppo")

@@ -26,11 +26,11 @@ import torch
 import zmq
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from areal_py import protocol as P
 from areal_py.threads import auto_threads
-from areal_py.transport import make_socket, parse, send
-from areal_py.weights import load_weights, named_weights, save_weights
-from rollout_server.engine import Engine, SamplingParams
+from areal_py.wire import protocol as P
+from areal_py.wire.transport import make_socket, parse, send
+from areal_py.wire.weights import load_weights, named_weights, save_weights
+from rollout_server.torch_engine.engine import Engine, SamplingParams
 
 RESULTS = Path(__file__).parent / "results" / "weight_swap.json"
 

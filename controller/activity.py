@@ -1,4 +1,4 @@
-"""Rollout activity between batches: the controller's side of `areal_py.gen_activity`.
+"""Rollout activity between batches: the controller's side of `areal_py.telemetry.gen_activity`.
 
 Servers report cumulative counters; this keeps, per server, what it added since the previous batch
 (slot-seconds, and the seconds they cover on the server's own clock), so each batch gets the mean
@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from areal_py import protocol as P
-from areal_py.gen_activity import MAX_SPANS, merge_spans, slot_occupancy
+from areal_py.telemetry.gen_activity import MAX_SPANS, merge_spans, slot_occupancy
+from areal_py.wire import protocol as P
 
 
 @dataclass

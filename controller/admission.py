@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from areal_py.prom import CONTROLLER as M
-from areal_py.transport import RateLimitedLog
+from areal_py.telemetry.prom import CONTROLLER as M
+from areal_py.wire.transport import RateLimitedLog
 
 log = logging.getLogger("controller")
 

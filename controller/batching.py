@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from areal_py import protocol as P
+from areal_py.wire import protocol as P
 from controller.staleness import sample_staleness
 
 

@@ -18,19 +18,19 @@ from pathlib import Path
 
 import zmq
 
-from areal_py import protocol as P
 from areal_py.config import Config, dump_config
-from areal_py.dashboard import start_dashboard, stop_dashboard
+from areal_py.model_dir import build_task, context_length, model_path
 from areal_py.models import load_tokenizer
-from areal_py.prepare import build_task, context_length, model_path
-from areal_py.prom import CONTROLLER as M
-from areal_py.report import write_report
-from areal_py.reward_pool import RewardHandle, RewardPool
-from areal_py.tasks import Prompt, Task
-from areal_py.transport import RateLimitedLog, WaitTimeout, make_socket, parse, recv, reject, send
+from areal_py.tasks.base import Prompt, Task
+from areal_py.telemetry.dashboard import start_dashboard, stop_dashboard
+from areal_py.telemetry.prom import CONTROLLER as M
+from areal_py.telemetry.report import write_report
+from areal_py.wire import protocol as P
+from areal_py.wire.transport import RateLimitedLog, WaitTimeout, make_socket, parse, recv, reject, send
 from controller.activity import ActivityTracker
 from controller.admission import AdmissionError, LengthGate
 from controller.batching import pick_batch
+from controller.reward_pool import RewardHandle, RewardPool
 from controller.servers import ServerRegistry, ServerState
 from controller.staleness import admission_capacity
 
@@ -462,7 +462,7 @@ class Controller:
         run_dir = self.cfg.run_dir()
         if not (run_dir / "metrics.jsonl").exists():
             log.info("no report: %s has no metrics.jsonl (the trainer writes it); where it does, run "
-                     "`python -m areal_py.report <run_dir>`", run_dir)
+                     "`python -m areal_py.telemetry.report <run_dir>`", run_dir)
             return None
         try:
             path = write_report(run_dir)

@@ -13,15 +13,15 @@ from collections import Counter
 import torch
 import zmq
 
-from areal_py import protocol as P
 from areal_py.config import Config
-from areal_py.gen_activity import BusyMeter
+from areal_py.model_dir import model_path
 from areal_py.models import eos_token_id, load_model_and_tokenizer, load_tokenizer
-from areal_py.prepare import model_path
-from areal_py.prom import ROLLOUT as M
-from areal_py.transport import WaitTimeout, make_socket, parse, reject, send
-from areal_py.weights import load_weights
-from rollout_server.engine import Engine, Finished, SamplingParams
+from areal_py.telemetry.gen_activity import BusyMeter
+from areal_py.telemetry.prom import ROLLOUT as M
+from areal_py.wire import protocol as P
+from areal_py.wire.transport import WaitTimeout, make_socket, parse, reject, send
+from areal_py.wire.weights import load_weights
+from rollout_server.torch_engine.engine import Engine, Finished, SamplingParams
 
 log = logging.getLogger("rollout")
 ROLE = "rollout"
@@ -41,7 +41,7 @@ def build_engine(cfg: Config, seed: int):
     path = model_path(cfg)
     if cfg.rollout.backend == "sglang":
         # lazy: sglang is an optional GPU extra
-        from rollout_server.sglang_engine import SGLangEngine
+        from rollout_server.sglang_engine.engine import SGLangEngine
 
         return SGLangEngine(str(path), eos_token_id=eos_token_id(load_tokenizer(path)),
                             max_running=cfg.rollout.max_running, seed=seed, base_url=cfg.rollout.sglang_url or None)

@@ -88,11 +88,11 @@ def model_cache(tmp_path_factory) -> Path:
     Built here in-process with no time limit of its own, so no timed end-to-end run has to do
     it, and one build serves every test (prepare_embedded_model locks per model, so a test that
     needs another setting builds it once too)."""
+    from areal_py.app.model_dir import prepare_model
     from areal_py.config import load_config
-    from areal_py.prepare import model_path
 
     cache = tmp_path_factory.mktemp("model-cache")
-    model_path(load_config(None, [f"model.cache_dir={cache}", *SMALL_RUN]))
+    prepare_model(load_config(None, [f"model.cache_dir={cache}", *SMALL_RUN]))
     return cache
 
 
@@ -116,7 +116,7 @@ def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProces
     gets SIGTERM (the launcher cleans up: temp model dir, its roles), then SIGKILL after 10 s."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     limit = scaled(timeout)
-    proc = subprocess.Popen([sys.executable, "-m", "areal_py.cli", *args], cwd=ROOT, env=env, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "areal_py.app.cli", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=limit)

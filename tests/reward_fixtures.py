@@ -1,7 +1,7 @@
 """Verifiers that misbehave on purpose, loaded by import path into reward worker processes."""
 import time
 
-from areal_py.tasks import Prompt
+from areal_py.tasks.base import Prompt
 
 
 def sometimes_slow(prompt: Prompt, response_text: str, stopped: bool) -> float:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from areal_py.weights import named_weights, write_error
+from areal_py.wire.weights import named_weights, write_error
 
 log = logging.getLogger("trainer.checkpoint")
 MANIFEST = "manifest.json"

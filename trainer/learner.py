@@ -21,9 +21,9 @@ import time
 import torch
 
 from areal_py.config import Config
-from trainer import algorithm as A
+from trainer.algo import recipe as A
+from trainer.algo.kl import AdaptiveKLController, FixedKLController
 from trainer.critic import ValueModel
-from trainer.kl import AdaptiveKLController, FixedKLController
 from trainer.micro_batching import pack_by_padded_tokens, pack_by_tokens
 from trainer.rollout_batch import RolloutBatch, token_logprobs
 

@@ -15,7 +15,7 @@ the first micro-batch that still has room, opening a new one when none has. FFD 
 
 Gradient accumulation stays exact when every micro-batch loss is divided by the *whole batch's*
 token count (``decoupled_ppo_loss(..., normalizer=total_valid_tokens)``): the micro-batch losses
-then add up to the whole-batch token mean, whatever the packing. ``tests/test_micro_batching.py``
+then add up to the whole-batch token mean, whatever the packing. ``tests/unit/test_micro_batching.py``
 checks this to 1e-5 on a small model.
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from areal_py import protocol as P
+from areal_py.wire import protocol as P
 
 
 @dataclass

@@ -16,16 +16,16 @@ from typing import Any
 import torch
 import zmq
 
-from areal_py import protocol as P
 from areal_py.config import Config
-from areal_py.gen_activity import to_run_time
-from areal_py.metrics import JsonlWriter, truncate_after_step
+from areal_py.model_dir import model_path
 from areal_py.models import load_model_and_tokenizer
-from areal_py.prepare import model_path
-from areal_py.prom import TRAINER as M
-from areal_py.tensorboard_log import TensorBoardLog
-from areal_py.transport import make_socket, recv, reject, send
-from areal_py.weights import named_weights, save_weights
+from areal_py.telemetry.gen_activity import to_run_time
+from areal_py.telemetry.metrics import JsonlWriter, truncate_after_step
+from areal_py.telemetry.prom import TRAINER as M
+from areal_py.telemetry.tensorboard import TensorBoardLog
+from areal_py.wire import protocol as P
+from areal_py.wire.transport import make_socket, recv, reject, send
+from areal_py.wire.weights import named_weights, save_weights
 from trainer.checkpoint import load_latest_checkpoint, save_checkpoint
 from trainer.learner import Learner
 from trainer.rollout_batch import collate, drop_nonfinite_groups
@@ -188,7 +188,7 @@ class Trainer:
 
     def _activity(self, wire: P.Batch) -> dict[str, Any]:
         """Rollout activity for this step, its generation spans moved from epoch seconds to the time base
-        of `wall_time_s` (see areal_py.gen_activity)."""
+        of `wall_time_s` (see areal_py.telemetry.gen_activity)."""
         epoch0 = time.time() - self.wall_time()  # the wall-clock instant of wall_time_s == 0
         out: dict[str, Any] = {"gen_spans": to_run_time(wire.gen_spans, epoch0)}
         for key in ("rollout_slot_occupancy", "gen_busy_s"):

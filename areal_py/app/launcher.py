@@ -1,0 +1,329 @@
+"""`areal-py run`: the one place that knows all three roles, starting them as local processes.
+
+It resolves the config once (so every process agrees on the run name and ports), builds the
+embedded model once, starts controller, trainer and servers with their logs under the run
+directory, shows progress from `metrics.jsonl`, and on Ctrl-C or any process failing stops
+them all and says which one failed and why.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from areal_py.config import Config, ConfigError, dump_config, load_config, with_run_name
+from areal_py.tasks.base import Task
+from areal_py.telemetry.metrics import read_jsonl
+from areal_py.telemetry.tensorboard import require_tensorboard
+
+STOP_GRACE_S = 5.0
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join("    " + x for x in text[-lines:])
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends SIGTERM to the child if the launcher dies, so nothing is orphaned."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def latest_run_name(output_dir: Path) -> str:
+    """The run under `output_dir` whose newest checkpoint was written last."""
+    from trainer.checkpoint import checkpoint_dirs  # imports torch: only for --resume
+
+    runs = {d: ckpts[0] for d in output_dir.glob("*") if (ckpts := checkpoint_dirs(d / "checkpoints"))}
+    if not runs:
+        raise FileNotFoundError(f"--resume: no run with a checkpoint under {output_dir}; set run.name")
+    return max(runs, key=lambda d: runs[d].stat().st_mtime).name
+
+
+def claim_run_dir(cfg: Config, resume: bool) -> None:
+    """Accept the run directory for `run` or `run --resume`, or say exactly what to do, before any process starts.
+
+    --resume needs a checkpoint. A plain run refuses a directory with a checkpoint (resume it or pick another
+    run.name), but takes over one without: a start that failed before its first checkpoint has nothing to
+    resume, and its partial metrics.jsonl is moved to `metrics.jsonl.abandoned-<UTC time>` (not deleted), so
+    the new run's steps are the only ones in the record. Checkpoints are found, not verified: the trainer
+    verifies them and falls back past damaged ones (trainer/checkpoint.py).
+    """
+    d = cfg.run_dir()
+    ckpts = []
+    if (d / "checkpoints").is_dir():
+        from trainer.checkpoint import checkpoint_dirs  # imports torch: only for a directory with checkpoints
+
+        ckpts = checkpoint_dirs(d / "checkpoints")
+    if resume and not ckpts:
+        raise FileNotFoundError(f"--resume: {d} has no checkpoint to resume from (none under {d / 'checkpoints'}); "
+                                "run the same command without --resume to start it afresh")
+    if not resume and ckpts:
+        raise FileExistsError(f"{d} already holds a run with checkpoints (newest {ckpts[0].name}); pass --resume "
+                              "to continue it, or set another run.name to start a new one")
+    metrics = d / "metrics.jsonl"
+    if not resume and metrics.exists():
+        moved = metrics.with_name(f"metrics.jsonl.abandoned-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+        metrics.rename(moved)
+        print(f"areal-py: {d} holds a run that stopped before its first checkpoint; starting afresh "
+              f"(its metrics moved to {moved})", file=sys.stderr)
+
+
+def busy_ports(cfg: Config) -> list[str]:
+    """`key=port` for every port this run will listen on that something on this machine already holds.
+
+    Two runs on the same ports do not fail on their own: a second trainer's PULL socket joins the
+    first run's batch stream and silently takes every other batch. So the launcher refuses to start.
+    """
+    wanted = {f"net.{k}_port": getattr(cfg.net, f"{k}_port") for k in ("rollout", "weights", "trainer", "batch")}
+    if cfg.run.dashboard_port:
+        wanted["run.dashboard_port"] = cfg.run.dashboard_port
+    if cfg.run.metrics_port:  # controller, trainer, then one per rollout server
+        for i in range(2 + cfg.rollout.num_servers):
+            wanted[f"run.metrics_port+{i}"] = cfg.run.metrics_port + i
+    busy = []
+    for key, port in wanted.items():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to reuse
+            try:
+                s.bind((cfg.net.bind_host, port))
+            except OSError:
+                busy.append(f"{key}={port}")
+    return busy
+
+
+def load_task(cfg: Config) -> Task:
+    """The configured task, or a ConfigError naming the key and, for a JSONL file, the file and line.
+
+    Building it parses a JSONL file completely, so a missing file or a bad line is found here,
+    before any process starts, instead of in a role's log after the model is built.
+    """
+    from areal_py.model_dir import build_task
+
+    try:
+        return build_task(cfg)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{'task.path' if cfg.task.name == 'jsonl' else 'task'}: {e}") from None
+
+
+def prepare_run(config: str | None, overrides: list[str], resume: bool) -> Config:
+    cfg = load_config(config, overrides)
+    load_task(cfg)  # fail before any process starts, not after the model is built
+    busy = busy_ports(cfg)
+    if busy:
+        raise ConfigError(f"already in use on {cfg.net.bind_host}: {', '.join(busy)} (another areal-py run?); "
+                          "stop it or override these keys with free ports")
+    if cfg.run.tensorboard:  # fail before any process starts, not in the trainer's log
+        try:
+            require_tensorboard()
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
+    if resume and not cfg.run.name:
+        cfg.run.name = latest_run_name(Path(cfg.run.output_dir).expanduser())
+    with_run_name(cfg)
+    claim_run_dir(cfg, resume)
+    cfg.run_dir().mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, cfg.run_dir() / "config.yaml")
+    return cfg
+
+
+def role_thread_counts(cfg: Config, busy: float) -> dict[str, int]:
+    """torch threads of each role ("controller", "trainer", "rollout"), given the cores others keep busy.
+
+    The launcher measures `busy` before its own cold start and hands the result to the roles, which
+    would otherwise count the launcher's just-finished cold start (the load average lags) as others' work.
+    """
+    from areal_py.threads import available_cores, role_threads
+
+    cores = available_cores()
+    return {r: role_threads(r, cfg.run.mode, cfg.rollout.num_servers, cores, busy, cfg.run.torch_threads)
+            for r in ("controller", "trainer", "rollout")}
+
+
+class ColdStartBar:
+    """Cold-start progress for `areal-py run`: a tqdm bar over the SFT steps with the loss (tqdm adds the ETA)."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def __call__(self, e: dict) -> None:
+        if e["event"] == "wait":
+            tqdm.write(f"areal-py: another process is building this model; waiting for it ({e['lock']})")
+        elif e["event"] == "start":
+            self.bar = tqdm(total=e["steps"], desc=f"cold start ({e['threads']} thread(s))", unit="step")
+        elif e["event"] == "step" and self.bar is not None:
+            self.bar.set_postfix(loss=f"{e['loss']:.3f}", refresh=False)
+            self.bar.update(1)
+        elif e["event"] == "done" and self.bar is not None:
+            self.bar.close()
+
+
+def start_children(cfg: Config, resume: bool, threads: dict[str, int] | None = None) -> list[Child]:
+    """Start every role; `threads` (role -> torch threads, see `role_thread_counts`) becomes each one's
+    run.torch_threads, so the roles do not each guess from a machine the launcher itself just loaded."""
+    cfg_file = str(cfg.run_dir() / "config.yaml")
+    logs = cfg.run_dir() / "logs"
+    logs.mkdir(exist_ok=True)
+    specs = [("controller", ["controller"]), ("trainer", ["trainer"] + (["--resume"] if resume else []))]
+    specs += [(f"rollout-{i}", ["rollout", f"rollout.server_id=rollout-{i}"]) for i in range(cfg.rollout.num_servers)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    children = []
+    for name, args in specs:
+        role, rest = args[0], args[1:]
+        if threads:
+            rest = [*rest, f"run.torch_threads={threads[role]}"]
+        log_path = logs / f"{name}.log"
+        f = log_path.open("a")
+        proc = subprocess.Popen([sys.executable, "-m", "areal_py.app.cli", "serve", role, cfg_file, *rest],
+                                stdout=f, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_die_with_parent)  # noqa: PLW1509 - prctl only, before exec
+        f.close()
+        children.append(Child(name, proc, log_path))
+    return children
+
+
+def stop_children(children: list[Child]) -> None:
+    for c in children:
+        if c.proc.poll() is None:
+            c.proc.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for c in children:
+        try:
+            c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            c.proc.kill()
+            c.proc.wait()
+
+
+def _postfix(rec: dict) -> dict:
+    t = max(rec["wall_time_s"], 1e-6)
+    return {"reward": f"{rec['reward_mean']:.3f}", "stale": f"{rec['staleness_mean']:.2f}/{rec['staleness_max']}",
+            "gen tok/s": f"{rec['generated_tokens'] / t:.0f}", "train tok/s": f"{rec['trained_tokens_total'] / t:.0f}"}
+
+
+def monitor(cfg: Config, children: list[Child], quiet: bool = False) -> int:
+    """Wait for the run to finish; returns the exit code of the whole run."""
+    metrics_path = cfg.run_dir() / "metrics.jsonl"
+    seen = len(read_jsonl(metrics_path))
+    bar = tqdm(total=cfg.trainer.total_steps, initial=seen, desc="train steps", disable=quiet, unit="step")
+    try:
+        while True:
+            records = read_jsonl(metrics_path)
+            if len(records) != seen:  # fewer: a resumed trainer cut back the rows past its checkpoint
+                bar.update(len(records) - seen)
+                seen = len(records)
+                if records:
+                    bar.set_postfix(_postfix(records[-1]))
+            codes = {c.name: c.proc.poll() for c in children}
+            failed = [c for c in children if codes[c.name] not in (None, 0)]
+            servers_left = [c for c in children if c.name.startswith("rollout") and codes[c.name] in (None, 0)]
+            for c in [c for c in failed if c.name.startswith("rollout")]:
+                if servers_left:  # the controller re-dispatches its work; the run goes on
+                    print(f"\nareal-py: process '{c.name}' died with exit code {codes[c.name]}; continuing with "
+                          f"{len(servers_left)} server(s)\n{c.tail(5)}", file=sys.stderr)
+                    children.remove(c)
+                    failed.remove(c)
+            if failed:
+                bar.close()
+                c = failed[0]
+                print(f"\nareal-py: process '{c.name}' failed with exit code {codes[c.name]}; stopping the others."
+                      f"\n  log: {c.log_path}\n{c.tail()}", file=sys.stderr)
+                return 1
+            if codes["trainer"] == 0 and codes["controller"] == 0:
+                bar.close()
+                return 0
+            time.sleep(0.3)
+    except KeyboardInterrupt:
+        bar.close()
+        print("\nareal-py: interrupted; stopping all processes (resume with --resume)", file=sys.stderr)
+        return 130
+    finally:
+        stop_children(children)
+
+
+def summarize(cfg: Config) -> str:
+    recs = read_jsonl(cfg.run_dir() / "metrics.jsonl")
+    if not recs:
+        return "no training steps recorded"
+    k = min(10, len(recs))
+    first = sum(r["reward_mean"] for r in recs[:k]) / k
+    last = sum(r["reward_mean"] for r in recs[-k:]) / k
+    return (f"{len(recs)} steps in {recs[-1]['wall_time_s']:.0f}s; mean reward first {k} steps {first:.3f} -> "
+            f"last {k} steps {last:.3f}; max staleness seen {max(r['staleness_max'] for r in recs)}\n"
+            f"metrics: {cfg.run_dir() / 'metrics.jsonl'}\nfinal model: {cfg.run_dir() / 'final'}")
+
+
+def _token_limit(cfg: Config) -> str:
+    """Shown only when raised above the admission bound: otherwise the two are the same number."""
+    limit = cfg.effective_max_token_staleness
+    return f", max_token_staleness={limit}" if limit != cfg.effective_max_staleness else ""
+
+
+def run(config: str | None, overrides: list[str], resume: bool = False, quiet: bool = False) -> int:
+    cfg = prepare_run(config, overrides, resume)
+    print(f"areal-py: run '{cfg.run.name}' in {cfg.run_dir()} (mode={cfg.run.mode}, "
+          f"max_staleness={cfg.effective_max_staleness}{_token_limit(cfg)}, servers={cfg.rollout.num_servers})")
+    # heavy imports only once the config is known good
+    from areal_py.app.model_dir import prepare_model
+    from areal_py.threads import busy_cores
+    from trainer.cold_start import LogProgress
+
+    try:  # SIGTERM (a test's timeout, a job scheduler) runs the finally-blocks: no temp model dir, no orphan
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    except ValueError:  # not the main thread: leave signals to the caller
+        pass
+    threads = role_thread_counts(cfg, busy_cores())  # before the cold start loads the machine
+    t0 = time.monotonic()
+    quiet_log = LogProgress(every_s=60, log=lambda m: print(f"areal-py: {m}", file=sys.stderr, flush=True))
+    path = prepare_model(cfg, progress=quiet_log if quiet else ColdStartBar())
+    print(f"areal-py: model ready at {path} ({time.monotonic() - t0:.1f}s); torch threads: "
+          + ", ".join(f"{r} {n}" for r, n in threads.items()))
+    children = start_children(cfg, resume, threads)
+    stop_watch = threading.Event()
+    if cfg.run.dashboard_port:  # printed once it answers: the controller serves it only after loading its model
+        from areal_py.telemetry.dashboard import announce_when_serving, local_url
+
+        end_report = cfg.run_dir() / "report.html"
+        announce_when_serving(local_url(cfg.net.bind_host, cfg.run.dashboard_port), lambda url: tqdm.write(
+            f"areal-py: live dashboard {url} (report at the end: {end_report})"), stop_watch)
+    code = monitor(cfg, children, quiet=quiet)
+    stop_watch.set()
+    return finish(cfg, code)
+
+
+def finish(cfg: Config, code: int) -> int:
+    """Write the report (also for a failed or interrupted run: what happened so far) and return the run's
+    exit code `code`, even when the report cannot be written (a full disk): that is one line naming it."""
+    from areal_py.telemetry.report import write_report
+
+    report = cfg.run_dir() / "report.html"
+    try:
+        report = write_report(cfg.run_dir())
+    except OSError as e:
+        print(f"areal-py: could not write the report {report}: {e}", file=sys.stderr)
+        report = None
+    if code == 0:
+        print("areal-py: done. " + summarize(cfg))
+    if report is not None:
+        print(f"areal-py: report {report}")
+    return code

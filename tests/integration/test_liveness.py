@@ -1,0 +1,153 @@
+"""Each role started on its own notices a dead peer within a configured time and exits with an error
+naming what it waited for, instead of idling forever: the controller without a live rollout server,
+a rollout server without word from the controller, the trainer without a batch."""
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import zmq
+from conftest import net_overrides
+from test_sockets import tiny_model
+
+from areal_py.config import load_config
+from areal_py.models import build_char_tokenizer
+from areal_py.tasks.base import ArithTask
+from areal_py.wire import protocol as P
+from areal_py.wire.transport import WaitTimeout, make_socket, recv, send
+from controller.controller import Controller
+from rollout_server.server import RolloutServer
+from rollout_server.torch_engine.engine import Engine
+
+
+def config(tmp_path, *extra: str):
+    return load_config(None, [f"run.output_dir={tmp_path}", "run.name=s", *net_overrides(),
+                              "controller.batch_size=2", "controller.group_size=2", *extra])
+
+
+@pytest.fixture
+def ctx():
+    return zmq.Context.instance()
+
+
+def test_controller_stops_when_its_last_server_stays_silent(tmp_path, ctx):
+    cfg = config(tmp_path, "controller.server_timeout_s=0.3", "controller.no_server_timeout_s=1")
+    ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
+    push = make_socket(ctx, zmq.PUSH, cfg.net.addr(cfg.net.trainer_port), bind=False)
+    srv = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.rollout_port), bind=False, identity="rollout-7")
+    try:
+        send(push, P.TrainerHello(version=0))
+        ctrl.start()
+        send(srv, P.Hello(server_id="rollout-7", version=0))
+        deadline = time.monotonic() + 20
+        while "rollout-7" not in ctrl.registry.servers and time.monotonic() < deadline:
+            ctrl.step(20)
+        assert ctrl.registry.live()
+        with pytest.raises(WaitTimeout, match=r"waiting for a live rollout server.*rollout-7"):
+            while time.monotonic() < deadline + 10:  # the server says nothing more
+                ctrl.step(20)
+    finally:
+        ctrl.close()
+        push.close()
+        srv.close()
+
+
+def test_controller_pings_servers_even_while_waiting_for_the_trainer(tmp_path, ctx):
+    """The ping rides the weights PUB, so a server hears it before the controller knows of the server,
+    and the controller sends it from every wait of its own, the trainer's hello included."""
+    cfg = config(tmp_path, "rollout.heartbeat_s=0.05")
+    ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
+    sub = make_socket(ctx, zmq.SUB, cfg.net.addr(cfg.net.weights_port), bind=False)
+    push = make_socket(ctx, zmq.PUSH, cfg.net.addr(cfg.net.trainer_port), bind=False)
+    started = threading.Thread(target=ctrl.start, daemon=True)
+    started.start()
+    try:
+        _, msg = recv(sub, "test", timeout_s=20, waiting_for="a ping while the controller waits for the trainer")
+        assert msg.type == "ping"
+        send(push, P.TrainerHello(version=0))
+        started.join(20)
+        assert not started.is_alive()
+        while sub.poll(0):
+            sub.recv_multipart()
+        deadline = time.monotonic() + 20
+        while not sub.poll(0) and time.monotonic() < deadline:
+            ctrl.step(20)
+        _, msg = recv(sub, "test", timeout_s=1, waiting_for="a ping from the serving loop")
+        assert msg.type == "ping"
+    finally:
+        started.join(20)
+        ctrl.close()
+        sub.close()
+        push.close()
+
+
+def test_server_exits_when_the_controller_stays_silent(tmp_path, ctx):
+    cfg = config(tmp_path, "rollout.controller_timeout_s=1", "controller.startup_timeout_s=1")
+    router = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.rollout_port, bind=True), bind=True)
+    server = RolloutServer(cfg, "srv", engine=Engine(tiny_model(0), eos_token_id=47, max_running=8))
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            server.serve()
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            errors.append(e)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        recv(router, "test", timeout_s=10, waiting_for="hello", routed=True)  # then silence
+        t.join(30)
+        assert not t.is_alive()
+        assert len(errors) == 1 and isinstance(errors[0], WaitTimeout), errors
+        assert "srv" in str(errors[0]) and "the controller" in str(errors[0])
+        assert cfg.net.addr(cfg.net.rollout_port) in str(errors[0])
+    finally:
+        server.running = False
+        t.join(5)
+        router.close()
+
+
+def test_any_message_from_the_controller_keeps_the_server_going(tmp_path, ctx):
+    cfg = config(tmp_path, "rollout.controller_timeout_s=5", "controller.startup_timeout_s=100")
+    router = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.rollout_port, bind=True), bind=True)
+    pub = make_socket(ctx, zmq.PUB, cfg.net.addr(cfg.net.weights_port, bind=True), bind=True)
+    server = RolloutServer(cfg, "srv", engine=Engine(tiny_model(0), eos_token_id=47, max_running=8))
+    try:
+        recv(router, "test", timeout_s=10, waiting_for="hello", routed=True)
+        server.last_heard -= 50  # before its first word the controller gets startup_timeout_s more
+        server.check_controller()
+        server.last_heard -= 100  # past both
+        with pytest.raises(WaitTimeout, match="the controller"):
+            server.check_controller()
+        deadline = time.monotonic() + 20
+        while server.last_heard < time.monotonic() - 50 and time.monotonic() < deadline:
+            send(pub, P.Ping())  # the SUB subscription may not have arrived yet: repeat
+            server.poll_once(100)
+        server.check_controller()  # heard: no error
+        server.last_heard -= 50  # once heard from, controller_timeout_s alone applies
+        with pytest.raises(WaitTimeout, match="the controller"):
+            server.check_controller()
+        server.last_heard -= 100
+        send(router, P.Shutdown(reason="x"), to=b"srv")  # the work socket counts too
+        server.poll_once(5000)
+        server.check_controller()
+    finally:
+        server.close()
+        router.close()
+        pub.close()
+
+
+def test_trainer_batch_wait_is_bounded_and_named(tmp_path, ctx):
+    from trainer.trainer import Trainer
+
+    cfg = config(tmp_path, "trainer.batch_timeout_s=0.5")
+    pull = make_socket(ctx, zmq.PULL, cfg.net.addr(cfg.net.batch_port), bind=False)
+    try:
+        fake = SimpleNamespace(cfg=cfg, batches=pull, version=3)
+        with pytest.raises(WaitTimeout, match=r"batch 3 from the controller at tcp://127\.0\.0\.1:\d+"):
+            Trainer.next_batch(fake)
+    finally:
+        pull.close()
