@@ -1,5 +1,6 @@
 """The README's promise, checked on the real default over several seeds (minutes each, so kept out
-of CI: pytest -m slow). docs/default-run.md holds the spread these thresholds come from."""
+of CI: pytest -m slow). docs/benchmarks.md (the default run, across seeds) holds the spread these thresholds
+come from."""
 import pytest
 from conftest import net_overrides, run_cli
 
@@ -17,7 +18,7 @@ def window_means(rewards: list[float], width: int) -> list[float]:
 def test_default_run_learns_on_every_seed(tmp_path):
     """Each seed (its own cold start and RL) must climb: its best 20-step mean at least 0.25 above its
     first 20 steps. The seeds' mean gain from the first 10 steps to the last 10 must be at least 0.2:
-    a late collapse of one seed is tolerated (it happens, see docs/default-run.md), a default that
+    a late collapse of one seed is tolerated (it happens, see docs/benchmarks.md), a default that
     stops learning is not."""
     gains = []
     for seed in SEEDS:
