@@ -34,8 +34,8 @@ from areal_py.tasks.base import ArithTask, Prompt, SftTask, Task
 from areal_py.threads import auto_threads
 from trainer.micro_batching import pack_by_padded_tokens
 
-# Defaults measured on the 2-core machine (see the module's report): about 10-20 s of SFT,
-# sampled (T=1) accuracy on 0..9 sums in the 20-40% range, greedy clearly higher.
+# Defaults sized so the cold start stays short on a CPU and leaves the model answering some sums but
+# far from all, so RL has signal and room (the measured time and accuracy: docs/benchmarks.md, Cold start).
 DEFAULT_STEPS = 120
 DEFAULT_LABEL_NOISE = 0.2
 

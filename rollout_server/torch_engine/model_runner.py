@@ -37,8 +37,8 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def pick_linear(device: torch.device, dtype: torch.dtype):
     """oneDNN's linear on CPU when it is there and exact to fp32 rounding, else F.linear.
 
-    On this project's AMD EPYC CI machine the default CPU path (MKL sgemm) runs the per-step
-    matmuls 1.7-1.9x slower than oneDNN's AVX-512 kernels (same fp32 math, IEEE precision).
+    On AVX-512 CPUs oneDNN's kernels run the per-step matmuls faster than the default CPU path
+    (MKL sgemm) with the same fp32 math (the measurement: docs/benchmarks.md, Rollout engine).
     """
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return F.linear
@@ -83,9 +83,10 @@ class FastLlamaRunner:
         self.group = self.num_heads // self.num_kv_heads
         self.silu = getattr(cfg, "hidden_act", "silu") == "silu"
         self.linear = pick_linear(cache.device, cache.dtype)
-        # ~30 us of per-call overhead expressed in K/V row-positions. The attention kernels read K/V at
-        # ~4 GB/s (measured on the CI machine: one small GEMM per row and head, far below a plain
-        # 20 GB/s memory read), so a bucket pays for itself after ~80 padded positions.
+        # A kernel call's fixed overhead (30 us) expressed in K/V row-positions at the attention kernels'
+        # K/V read rate (4 GB/s: one small GEMM per row and head is far below a plain memory read), so a
+        # new bucket is worth it only when it saves more padded positions than that (docs/benchmarks.md,
+        # Rollout engine, for where the two constants come from).
         self.bucket_cost = max(16, int(30e-6 * 4e9 / (2 * self.num_kv_heads * self.head_dim * cache.dtype.itemsize)))
         self.forwards = 0  # number of model passes (tests and benchmarks read it)
 
