@@ -102,3 +102,16 @@ def test_anchor_follows_github() -> None:
     assert anchor("Staleness ablation: decoupled PPO vs naive PPO") == "staleness-ablation-decoupled-ppo-vs-naive-ppo"
     assert anchor("Asynchronous vs synchronous on long chain-of-thought (`sum_cot`)") == (
         "asynchronous-vs-synchronous-on-long-chain-of-thought-sum_cot")
+
+
+def test_docs_pages_named_in_code_and_configs_exist() -> None:
+    """Code comments and config comments point to docs/<page>.md for the numbers and the why; those pages
+    must exist. (Paths with a folder, like an upstream project's docs/x/y.md, are not ours.)"""
+    named = re.compile(r"(?<![\w/.])docs/([\w-]+\.md)")
+    missing = []
+    for folder in ("areal_py", "controller", "trainer", "rollout_server", "benchmarks", "configs", "tests", ".ci"):
+        for f in sorted((ROOT / folder).rglob("*")):
+            if f.suffix in (".py", ".yaml", ".toml", "") and f.is_file():
+                missing += [f"{f.relative_to(ROOT)}: docs/{m}" for m in named.findall(f.read_text(errors="replace"))
+                            if not (ROOT / "docs" / m).exists()]
+    assert missing == []
