@@ -47,7 +47,8 @@ from transformers import (
 
 from areal_py.threads import auto_threads
 from benchmarks.common import command_line
-from rollout_server.torch_engine.engine import Engine, SamplingParams
+from rollout_server.sampling import SamplingParams
+from rollout_server.torch_engine.engine import Engine
 
 EOS = 2
 MODELS = {  # name -> Llama shape; parameter counts are measured and reported

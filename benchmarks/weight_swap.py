@@ -30,7 +30,8 @@ from areal_py.threads import auto_threads
 from areal_py.wire import protocol as P
 from areal_py.wire.transport import make_socket, parse, send
 from areal_py.wire.weights import load_weights, named_weights, save_weights
-from rollout_server.torch_engine.engine import Engine, SamplingParams
+from rollout_server.sampling import SamplingParams
+from rollout_server.torch_engine.engine import Engine
 
 RESULTS = Path(__file__).parent / "results" / "weight_swap.json"
 

@@ -20,8 +20,8 @@ from areal_py.telemetry.gen_activity import BusyMeter
 from areal_py.telemetry.prom import ROLLOUT as M
 from areal_py.wire import protocol as P
 from areal_py.wire.transport import WaitTimeout, make_socket, parse, reject, send
-from areal_py.wire.weights import load_weights
-from rollout_server.torch_engine.engine import Engine, Finished, SamplingParams
+from rollout_server.backend import Backend, Finished
+from rollout_server.sampling import SamplingParams
 
 log = logging.getLogger("rollout")
 ROLE = "rollout"
@@ -36,8 +36,8 @@ def parse_request_id(rid: str) -> tuple[int, int, int]:
     return gid, attempt, idx
 
 
-def build_engine(cfg: Config, seed: int):
-    """The generation backend the config asks for; both speak the same Engine interface."""
+def build_engine(cfg: Config, seed: int) -> Backend:
+    """The generation backend the config asks for (`rollout.backend`)."""
     path = model_path(cfg)
     if cfg.rollout.backend == "sglang":
         # lazy: sglang is an optional GPU extra
@@ -45,16 +45,18 @@ def build_engine(cfg: Config, seed: int):
 
         return SGLangEngine(str(path), eos_token_id=eos_token_id(load_tokenizer(path)),
                             max_running=cfg.rollout.max_running, seed=seed, base_url=cfg.rollout.sglang_url or None)
+    from rollout_server.torch_engine.engine import Engine
+
     model, tokenizer = load_model_and_tokenizer(path, dtype=cfg.model.dtype)
     return Engine(model, eos_token_id(tokenizer), max_running=cfg.rollout.max_running, seed=seed,
                   interrupt_mode=cfg.rollout.interrupt_mode)
 
 
 class RolloutServer:
-    def __init__(self, cfg: Config, server_id: str | None = None, engine: Engine | None = None) -> None:
+    def __init__(self, cfg: Config, server_id: str | None = None, engine: Backend | None = None) -> None:
         self.cfg = cfg
         self.server_id = server_id or cfg.rollout.server_id
-        self.engine = engine or build_engine(cfg, seed=cfg.run.seed * 1000 + sum(self.server_id.encode()))
+        self.engine: Backend = engine or build_engine(cfg, seed=cfg.run.seed * 1000 + sum(self.server_id.encode()))
         self.ctx = zmq.Context.instance()
         net = cfg.net
         self.dealer = make_socket(self.ctx, zmq.DEALER, net.addr(net.rollout_port), bind=False, identity=self.server_id,
@@ -89,11 +91,7 @@ class RolloutServer:
                                 top_p=g.sampling.top_p)
         rids = [request_id(g.gid, g.attempt, idx) for idx in range(g.n)]
         try:
-            if hasattr(self.engine, "add_group"):  # one prefill of the prompt, forked into n slots
-                self.engine.add_group(rids, list(g.prompt_ids), params)
-            else:
-                for rid in rids:
-                    self.engine.add(rid, list(g.prompt_ids), params)
+            self.engine.add_group(rids, list(g.prompt_ids), params)
         except ValueError as e:  # too long, duplicate...: answer so the controller never waits on it
             reject(ROLE, "bad_request", f"group {g.gid}: {e}")
             for rid in rids:
@@ -107,10 +105,7 @@ class RolloutServer:
         try:
             if not u.path and not tensors:
                 raise ValueError("update carries neither a path nor tensors")
-            if isinstance(self.engine, Engine):
-                self.engine.update_weights(load_weights(u.path) if u.path else tensors, u.version)
-            else:  # the SGLang backend loads from a file itself
-                self.engine.update_weights(u.path or tensors, u.version)
+            self.engine.update_weights(u.path or tensors, u.version)
         except (OSError, KeyError, ValueError) as e:
             reject(ROLE, "bad_weights", f"cannot load version {u.version}: {e}")
             return
@@ -125,7 +120,7 @@ class RolloutServer:
 
     def _abort_stale(self, min_version: int) -> None:
         """Stop sequences the controller can no longer use, so long stragglers do not burn slots."""
-        if not min_version or not hasattr(self.engine, "requests_older_than"):
+        if not min_version:
             return
         stale = self.engine.requests_older_than(min_version)
         for rid in stale:
@@ -155,17 +150,13 @@ class RolloutServer:
             send(self.dealer, P.Heartbeat(server_id=self.server_id, version=self.engine.version,
                                           running=self.engine.num_running, waiting=self.engine.num_waiting,
                                           generated_tokens=self.generated_tokens, busy_s=m.busy_s,
-                                          slot_seconds=m.slot_seconds, max_running=self._max_running(),
+                                          slot_seconds=m.slot_seconds, max_running=self.engine.max_running,
                                           started=m.started, at=m.last, spans=m.drain_spans(m.last)))
-
-    def _max_running(self) -> int:
-        return int(getattr(self.engine, "max_running", 0))
 
     def _slots_next_step(self) -> int:
         """Requests that will hold a slot during the coming step: the running ones plus the waiting ones
         it admits (up to max_running), so a step that starts with a prefill is not counted as empty."""
-        n = self.engine.num_running + self.engine.num_waiting
-        return min(n, self._max_running()) if self._max_running() else self.engine.num_running
+        return min(self.engine.num_running + self.engine.num_waiting, self.engine.max_running)
 
     def check_controller(self) -> None:
         """Stop once the controller has been silent for `rollout.controller_timeout_s`.
@@ -225,7 +216,6 @@ class RolloutServer:
             self.close()
 
     def close(self) -> None:
-        if hasattr(self.engine, "close"):
-            self.engine.close()
+        self.engine.close()
         self.dealer.close()
         self.sub.close()

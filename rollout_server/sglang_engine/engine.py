@@ -1,4 +1,4 @@
-"""SGLang as a second generation backend, behind the same interface as the built-in `Engine`.
+"""SGLang as a second generation backend: `rollout_server.backend.Backend` over an sglang server.
 
 NOT YET RUN AGAINST REAL SGLANG: it needs a CUDA GPU. Everything below that does not talk to
 sglang (request/response translation, version tagging, weight staging, the engine's bookkeeping
@@ -79,6 +79,9 @@ Other differences from `Engine`
   (the current attempt's tokens are in sglang's answer, which is not waited for).
 - `kv_usage()` is the fraction of our `max_running` concurrency in use, not sglang's KV pool
   (querying it would cost an HTTP call per heartbeat).
+- `add_group` is the protocol's fallback, one `add` per sample (sglang's radix cache may still
+  share the prompt's prefill); `requests_older_than` is the fallback [] (stale requests run to
+  the end and the controller drops them).
 - Sampling randomness comes from sglang (`--random-seed` at launch), not our `torch.Generator`.
 
 sglang facts relied on (read, not run), with sources (github sgl-project/sglang unless noted)
@@ -126,11 +129,12 @@ import tempfile
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from rollout_server.backend import Finished, WeightSource
 from rollout_server.sampling import SamplingParams
 from rollout_server.sglang_engine.http import (
     HTTPBackend,
@@ -148,7 +152,6 @@ from rollout_server.sglang_engine.wire import (
     response_error,
     stage_weights,
 )
-from rollout_server.torch_engine.engine import Finished
 
 __all__ = ["SGLangEngine"]
 
@@ -157,8 +160,8 @@ log = logging.getLogger("rollout.sglang")
 
 # --- the engine --------------------------------------------------------------------------------------
 class SGLangEngine:
-    """The built-in `Engine`'s interface (add / abort / step / update_weights / has_work / counters)
-    over an sglang server. See the module docstring for the design and its limits.
+    """`rollout_server.backend.Backend` over an sglang server. See the module docstring for the
+    design and its limits.
 
     model_path: HF model directory sglang serves (and whose config files go with staged weights).
     base_url: an sglang server already running (e.g. "http://10.0.0.7:30000"); None = launch one here.
@@ -223,7 +226,7 @@ class SGLangEngine:
         self._by_key: dict[str, str] = {}  # sglang rid of a live attempt -> our rid
         self._done: list[Finished] = []  # finished, not yet returned by step()
 
-    # --- public API (same as Engine) ---------------------------------------------------------------
+    # --- the Backend protocol ----------------------------------------------------------------------
     @property
     def num_running(self) -> int:
         return len(self._active)
@@ -241,7 +244,7 @@ class SGLangEngine:
 
     def add(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; it is submitted at the next step with room under `max_running`."""
-        if rid in self._waiting or rid in self._active or any(f.rid == rid for f in self._done):
+        if self._holds(rid):
             raise ValueError(f"duplicate request id {rid!r}")
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -253,6 +256,17 @@ class SGLangEngine:
             raise ValueError(f"request {rid!r}: negative token ids")
         params.validate()
         self._waiting[rid] = RequestState(rid, prompt, params)
+
+    def add_group(self, rids: list[str], prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue n samples of one prompt: validated as a whole, then one `add` each (the fallback)."""
+        if len(set(rids)) != len(rids):
+            raise ValueError("duplicate request ids in group")
+        for rid in rids:
+            if self._holds(rid):
+                raise ValueError(f"duplicate request id {rid!r}")
+        self.add(rids[0], prompt_ids, params)  # checks prompt and params, which the others share
+        for rid in rids[1:]:
+            self.add(rid, prompt_ids, params)
 
     def abort(self, rid: str) -> Finished | None:
         """Drop a request; its tokens so far (previous attempts only, if one is in flight). None if unknown."""
@@ -270,6 +284,11 @@ class SGLangEngine:
             self.backend.abort(key)
         return state.result("abort")
 
+    def requests_older_than(self, min_version: int) -> list[str]:
+        """Always [] (the protocol's fallback): stale requests here run to the end and the controller
+        drops them when it builds batches."""
+        return []
+
     def step(self) -> list[Finished]:
         """Submit what fits, collect the attempts that ended (waiting up to `poll_timeout_s`), refill."""
         self._fill()
@@ -279,7 +298,7 @@ class SGLangEngine:
         out, self._done = self._done, []
         return out
 
-    def update_weights(self, weights: Mapping[str, Any] | str | os.PathLike, version: int) -> None:
+    def update_weights(self, weights: WeightSource, version: int) -> None:
         """Pause (abort) generation, collect every in-flight attempt, load new weights, resume.
 
         `weights`: the trainer's safetensors path (preferred: linked, not re-written) or name -> tensor.
@@ -321,6 +340,9 @@ class SGLangEngine:
         self.close()
 
     # --- internals ---------------------------------------------------------------------------------
+    def _holds(self, rid: str) -> bool:
+        return rid in self._waiting or rid in self._active or any(f.rid == rid for f in self._done)
+
     def _fill(self) -> None:
         while self._waiting and len(self._active) < self.max_running:
             _, state = self._waiting.popitem(last=False)

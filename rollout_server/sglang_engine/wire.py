@@ -1,7 +1,7 @@
 """Pure translation between our engine interface and sglang's HTTP API: requests, responses,
 per-request version tagging, and staging weight files as a directory sglang can load.
 
-See `sglang_engine.py` for the sglang facts relied on and where they were read.
+See `engine.py` for the sglang facts relied on and where they were read.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rollout_server.backend import Trajectory
 from rollout_server.sampling import SamplingParams
-from rollout_server.torch_engine.engine import Trajectory
 
 log = logging.getLogger("rollout.sglang")
 
@@ -33,7 +33,7 @@ _FINISH_TYPES = {"stop": "stop", "length": "length", "abort": "abort"}
 def _require_sglang() -> None:
     """Import sglang only when we are about to launch it, with an actionable message if missing."""
     try:
-        import sglang  # noqa: F401
+        import sglang  # noqa: F401 - imported only to learn whether it is installed
     except ImportError as e:
         raise ImportError(SGLANG_MISSING) from e
 

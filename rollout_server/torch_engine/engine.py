@@ -24,53 +24,23 @@ Either way a trajectory can span versions, each token tagged with the version th
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import transformers
 
+from areal_py.wire.weights import load_weights
+from rollout_server.backend import Finished, Trajectory, WeightSource
 from rollout_server.sampling import SamplingParams, sample
 from rollout_server.torch_engine.kv_cache import SlotKVCache
 from rollout_server.torch_engine.model_runner import make_runner
 
-__all__ = ["Engine", "Finished", "SamplingParams", "Trajectory"]
+__all__ = ["Engine", "InterruptMode"]
 
 InterruptMode = Literal["recompute", "keep"]
-
-
-@dataclass
-class Finished:
-    rid: str
-    prompt_ids: list[int]
-    output_ids: list[int]
-    logprobs: list[float]  # behaviour logprob of each output token
-    versions: list[int]  # policy version that produced each output token
-    finish_reason: str  # "stop" (EOS emitted, included in output_ids) | "length" | "abort"
-
-
-@dataclass
-class Trajectory:
-    """A request and what has been generated for it so far: each output token with its behaviour
-    logprob and the policy version that sampled it. What every backend keeps per request."""
-
-    rid: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
-
-    @property
-    def tokens(self) -> list[int]:
-        """The prompt followed by every token generated so far."""
-        return self.prompt_ids + self.output_ids
-
-    def result(self, reason: str) -> Finished:
-        return Finished(self.rid, list(self.prompt_ids), list(self.output_ids), list(self.logprobs),
-                        list(self.versions), reason)
 
 
 @dataclass
@@ -88,6 +58,8 @@ class Sequence(Trajectory):
 
 
 class Engine:
+    """The built-in `rollout_server.backend.Backend`: continuous batching over a model in this process."""
+
     def __init__(
         self,
         model: transformers.PreTrainedModel,
@@ -193,16 +165,21 @@ class Engine:
             self._release([seq])
         return seq.result("abort")
 
+    def close(self) -> None:
+        """Nothing to release: the model and its KV cache live in this process."""
+
     def requests_older_than(self, min_version: int) -> list[str]:
         """Running requests holding a token generated before `min_version` (too stale to train on)."""
         return [s.rid for s in self._running.values() if s.versions and s.versions[0] < min_version]
 
-    def update_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> None:
+    def update_weights(self, weights: WeightSource, version: int) -> None:
         """Copy new weights into the live model in place; in "recompute" mode invalidate all cached KV.
 
+        `weights`: name -> tensor, or the path of a published weight file (loaded here first).
         Everything is validated before the first copy, so a bad update leaves the model untouched.
         Tied aliases (e.g. `lm_head.weight` tied to the embeddings) are accepted by either name.
         """
+        named_tensors = load_weights(weights) if isinstance(weights, (str, os.PathLike)) else weights
         params = dict(self.model.named_parameters(remove_duplicate=False))
         for name, tensor in named_tensors.items():
             if name not in params:

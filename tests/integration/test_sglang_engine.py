@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from rollout_server.backend import Finished
 from rollout_server.sampling import SamplingParams
 from rollout_server.sglang_engine.engine import SGLangEngine
 from rollout_server.sglang_engine.http import HTTPBackend, sglang_launch_command
@@ -33,7 +34,6 @@ from rollout_server.sglang_engine.wire import (
     response_error,
     stage_weights,
 )
-from rollout_server.torch_engine.engine import Finished
 
 VOCAB, EOS = 1000, 3
 
@@ -468,7 +468,7 @@ def test_clear_import_error_when_sglang_is_missing(monkeypatch, model_dir) -> No
 
 
 def test_module_does_not_import_sglang() -> None:
-    import rollout_server.sglang_engine.engine  # noqa: F401
+    import rollout_server.sglang_engine.engine  # noqa: F401 - imported for what it loads into sys.modules
     assert sys.modules.get("sglang") is None
 
 

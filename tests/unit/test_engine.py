@@ -5,7 +5,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from rollout_server.torch_engine.engine import Engine, Finished, SamplingParams
+from rollout_server.backend import Finished
+from rollout_server.sampling import SamplingParams
+from rollout_server.torch_engine.engine import Engine
 
 torch.set_num_threads(1)
 VOCAB, EOS = 40, 3

@@ -36,6 +36,8 @@ def test_layering_contract_is_kept() -> None:
     ("areal_py/config.py", "import rollout_server.server", "benchmarks > app > roles"),
     ("areal_py/wire/protocol.py", "import areal_py.app.cli", "every module of the core package"),
     ("areal_py/telemetry/charts.py", "import areal_py.telemetry.report", "no import cycles"),
+    ("rollout_server/sglang_engine/wire.py", "import rollout_server.torch_engine.engine",
+     "the generation backends are independent"),
 ])
 def test_a_forbidden_import_breaks_the_contract(tmp_path: Path, module: str, line: str, broken: str) -> None:
     for pkg in PACKAGES:
