@@ -33,7 +33,7 @@ sglang does not know our policy versions, so they are kept here (`RequestState`)
 makes the tags exact rather than "version at receipt time": every submission to sglang (an
 *attempt*) runs under one weight version from start to end. `update_weights`:
 
-1. stages the new weights as a Hugging Face directory (see below);
+1. stages the new weights as a Hugging Face directory (`wire.stage_weights`, whose module says how);
 2. `POST /pause_generation {"mode": "abort"}`: sglang aborts every queued/running request and
    answers each one with the tokens (and logprobs) generated so far;
 3. waits for the final response of every in-flight attempt (a barrier; `drain_timeout_s`): those
@@ -47,21 +47,6 @@ makes the tags exact rather than "version at receipt time": every submission to 
 So a trajectory can span versions exactly as with the built-in engine's default `recompute`
 mode (prefix re-prefilled under the new weights). sglang's in-place pause (continue on the old
 KV cache, the `keep` mode) is not used.
-
-Weight files
-------------
-sglang reloads weights from a *directory* (`update_weights_from_disk(model_path=...)`); our
-trainer publishes one safetensors file per version (`areal_py/wire/weights.py`, keys are the HF
-`named_parameters()` names, tied weights once). `stage_weights` builds `<staging>/v000123/`
-holding `model.safetensors` (a hard link to the published file, else a symlink, else a copy)
-plus `config.json`/`generation_config.json` from the base model directory (never its
-`*.index.json`, which would name shards we do not have), and keeps the two newest such
-directories. For `weights.transfer=stream` the received tensors are written there instead (put
-`staging_dir` on tmpfs, e.g. /dev/shm, to keep that cheap). `update_weights_from_tensor` was not
-used: over HTTP it carries serialized CUDA-IPC handles, i.e. it needs sglang and the GPU in this
-process. The staging directory must be readable by the sglang server (same host or shared disk).
-Dense Llama/Qwen2/Mistral-style checkpoints only: transformers-v5 fused MoE parameter names are
-not checkpoint names and sglang would not recognise them.
 
 Behaviour logprobs
 ------------------

@@ -2,6 +2,21 @@
 per-request version tagging, and staging weight files as a directory sglang can load.
 
 See `engine.py` for the sglang facts relied on and where they were read.
+
+Weight files
+------------
+sglang reloads weights from a *directory* (`update_weights_from_disk(model_path=...)`); our
+trainer publishes one safetensors file per version (`areal_py/wire/weights.py`, keys are the HF
+`named_parameters()` names, tied weights once). `stage_weights` builds `<staging>/v000123/`
+holding `model.safetensors` (a hard link to the published file, else a symlink, else a copy)
+plus `config.json`/`generation_config.json` from the base model directory (never its
+`*.index.json`, which would name shards we do not have), and keeps the two newest such
+directories. For `weights.transfer=stream` the received tensors are written there instead (put
+`staging_dir` on tmpfs, e.g. /dev/shm, to keep that cheap). `update_weights_from_tensor` was not
+used: over HTTP it carries serialized CUDA-IPC handles, i.e. it needs sglang and the GPU in this
+process. The staging directory must be readable by the sglang server (same host or shared disk).
+Dense Llama/Qwen2/Mistral-style checkpoints only: transformers-v5 fused MoE parameter names are
+not checkpoint names and sglang would not recognise them.
 """
 from __future__ import annotations
 
