@@ -120,6 +120,23 @@ def test_the_fake_is_a_backend() -> None:
     assert isinstance(ScriptedBackend(), Backend)
 
 
+def test_build_engine_gives_the_configured_torch_engine(cfg, monkeypatch, tmp_path) -> None:
+    from tiny_models import tiny_model
+
+    from areal_py.models import build_char_tokenizer
+    from rollout_server import server
+    from rollout_server.torch_engine.engine import Engine
+
+    monkeypatch.setattr(server, "model_path", lambda c: tmp_path)
+    monkeypatch.setattr(server, "load_model_and_tokenizer",
+                        lambda path, dtype: (tiny_model(0), build_char_tokenizer()))
+    cfg.rollout.max_running = 3
+    eng = server.build_engine(cfg, seed=1)
+    assert isinstance(eng, Engine) and isinstance(eng, Backend)
+    assert eng.max_running == 3 and eng.interrupt_mode == cfg.rollout.interrupt_mode
+    assert eng.eos_token_id == build_char_tokenizer().eos_token_id
+
+
 def test_server_drives_any_backend_through_the_protocol(cfg, tmp_path):
     ctx = zmq.Context.instance()
     router = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.rollout_port, bind=True), bind=True)
