@@ -10,7 +10,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from areal_py.tasks.base import DEFAULT_TASK, RunLimits, TaskConfig, UnknownTask, parse_task_config, task_spec
 
 
 class _Section(BaseModel):
@@ -62,25 +73,6 @@ class ColdStartConfig(_Section):
     label_noise: float = Field(0.2, ge=0, le=1, description="Fraction of corrupted labels, so RL has room to improve.")
     seed: int | None = Field(None, description="Seed of the embedded model's init and cold start; null = run.seed. "
                              "Fix it to compare RL runs of several seeds from one starting model.")
-
-
-class TaskConfig(_Section):
-    name: Literal["arith", "sum_cot", "jsonl"] = Field(
-        "arith", description="arith: synthetic a+b sums; sum_cot: long-tailed chain-of-thought sums (partial sums, "
-        "then the answer); jsonl: prompt file + math-verify reward.")
-    min_operand: int = Field(0, ge=0, description="arith: smallest operand.")
-    max_operand: int = Field(9, ge=0, description="arith: largest operand.")
-    min_terms: int = Field(3, ge=1, description="sum_cot: fewest numbers to add.")
-    max_terms: int = Field(120, ge=1, description="sum_cot: most numbers to add (the long tail is cut here).")
-    tail_alpha: float = Field(1.1, gt=0, description="sum_cot: Pareto exponent of the number of terms "
-                              "(smaller = heavier tail of long responses).")
-    sft_max_terms: int = Field(0, ge=0, description="sum_cot: most terms in the cold-start data (0 = task.max_terms). "
-                               "Short sums teach a tiny model to find the i-th term far faster than the long tail.")
-    sft_tail_alpha: float = Field(0.0, ge=0, description="sum_cot: Pareto exponent of the cold-start data's number "
-                                  "of terms (0 = task.tail_alpha; smaller puts more mass on sft_max_terms).")
-    path: str = Field("", description="jsonl: file with one {\"prompt\": ..., \"answer\": ...} object per line.")
-    prompt_key: str = Field("prompt", description="jsonl: key of the prompt text.")
-    answer_key: str = Field("answer", description="jsonl: key of the reference answer.")
 
 
 class RolloutConfig(_Section):
@@ -231,7 +223,9 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity and mode.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
     cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig, description="Supervised warm-up of the embedded model.")
-    task: TaskConfig = Field(default_factory=TaskConfig, description="Prompts and reward.")
+    task: SerializeAsAny[TaskConfig] = Field(
+        default_factory=lambda: parse_task_config({}), description="Prompts and reward: `name` picks a registered "
+        "task (a module of areal_py.tasks), the other keys are that task's settings.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout servers.")
     controller: ControllerConfig = Field(default_factory=ControllerConfig, description="Admission, dispatch, batching.")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Optimisation and checkpoints.")
@@ -240,19 +234,23 @@ class Config(_Section):
     weights: WeightsConfig = Field(default_factory=WeightsConfig, description="Weight transfer trainer -> servers.")
     net: NetConfig = Field(default_factory=NetConfig, description="Socket addresses.")
 
+    @field_validator("task", mode="plain")
+    @classmethod
+    def _task_by_name(cls, value: Any) -> TaskConfig:
+        """The `task` section is validated by the config model its `name` registers (see areal_py.tasks.base)."""
+        if not isinstance(value, (dict, TaskConfig)):
+            raise PydanticCustomError("task_section", "a mapping: `name` (the task) and that task's keys")
+        try:
+            return parse_task_config(value)
+        except UnknownTask as e:
+            name = value.get("name") if isinstance(value, dict) else value
+            raise ValidationError.from_exception_data("task", [InitErrorDetails(
+                type=PydanticCustomError("unknown_task", str(e)), loc=("name",), input=name)]) from None
+
     @model_validator(mode="after")
     def _check(self) -> Config:
-        if self.task.min_operand > self.task.max_operand:
-            raise ValueError("task.min_operand must be <= task.max_operand")
-        if self.task.name == "jsonl" and not self.task.path:
-            raise ValueError("task.path is required when task.name=jsonl")
-        if self.task.name == "jsonl" and not self.model.path:
-            raise ValueError("task.name=jsonl needs model.path: the embedded model is cold-started only on the "
-                             "synthetic tasks (arith, sum_cot)")
-        if self.task.name == "sum_cot":
-            from areal_py.tasks.sum_cot import check_lengths
-
-            check_lengths(self.task, self.rollout, self.model)
+        self.task.check(RunLimits(max_new_tokens=self.rollout.max_new_tokens, model_path=self.model.path,
+                                  embedded_context=self.model.embedded.max_position_embeddings))
         c = self.controller
         if c.max_token_staleness is not None and c.max_token_staleness < c.max_staleness:
             raise ValueError(f"controller.max_token_staleness={c.max_token_staleness} is below controller.max_staleness="
@@ -283,12 +281,13 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def _format_validation_error(err: ValidationError, data: Any = None) -> str:
+    """One line per error, naming the key; `data` (the validated input) tells which task's keys are allowed."""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'; allowed here: {_allowed_keys(e['loc'][:-1])}")
+            lines.append(f"unknown key '{key}'{_allowed_keys(e['loc'][:-1], data)}")
         elif not e["loc"]:  # a cross-field check: its message names the keys; the input is the whole tree
             lines.append(e["msg"].removeprefix("Value error, "))
         else:
@@ -296,14 +295,24 @@ def _format_validation_error(err: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def _allowed_keys(loc: tuple) -> str:
+def _allowed_keys(loc: tuple, data: Any) -> str:
+    """'; allowed here: a, b' for the section at `loc`; the `task` section's keys are those of its task."""
+    if tuple(loc) == ("task",):
+        section = data.get("task") if isinstance(data, dict) else None
+        named = isinstance(section, dict) and "name" in section
+        name = section["name"] if named else DEFAULT_TASK
+        try:
+            fields = task_spec(name).config.model_fields
+        except UnknownTask:
+            return ""
+        return f" for task.name={name}{'' if named else ' (the default)'}; allowed here: {', '.join(fields)}"
     cls: type[BaseModel] = Config
     for part in loc:
         field = cls.model_fields.get(str(part))
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return "?"
+            return "; allowed here: ?"
         cls = field.annotation
-    return ", ".join(cls.model_fields)
+    return f"; allowed here: {', '.join(cls.model_fields)}"
 
 
 def _parse_value(text: str) -> Any:
@@ -360,7 +369,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
+        raise ConfigError(_format_validation_error(err, data)) from None
 
 
 def with_run_name(cfg: Config) -> Config:

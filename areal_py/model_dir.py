@@ -11,22 +11,10 @@ from pathlib import Path
 
 from areal_py.config import Config
 from areal_py.models import EmbeddedModelSpec
-from areal_py.tasks.base import SftTask, Task, make_task
+from areal_py.tasks.base import SftTask, build_task
 
 # Bump when the cold-start recipe changes so stale cached models are not reused.
 CACHE_VERSION = 1
-
-
-def build_task(cfg: Config, seed: int | None = None) -> Task:
-    """The configured task, seeded with `seed` (default: run.seed)."""
-    t = cfg.task
-    seed = cfg.run.seed if seed is None else seed
-    if t.name == "arith":
-        return make_task("arith", min_operand=t.min_operand, max_operand=t.max_operand, seed=seed)
-    if t.name == "sum_cot":
-        return make_task("sum_cot", min_terms=t.min_terms, max_terms=t.max_terms, alpha=t.tail_alpha, seed=seed,
-                         sft_max_terms=t.sft_max_terms or None, sft_alpha=t.sft_tail_alpha or None)
-    return make_task("jsonl", path=t.path, prompt_key=t.prompt_key, answer_key=t.answer_key, seed=seed)
 
 
 class ModelNotPrepared(RuntimeError):

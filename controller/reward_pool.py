@@ -26,11 +26,11 @@ from typing import Any
 from areal_py.rewards.functions import (
     build_reward_fn,
     short_traceback,
-    task_config,
-    task_from_config,
+    task_from_recipe,
+    task_recipe,
     validate_spec,
 )
-from areal_py.tasks.base import Prompt, Task
+from areal_py.tasks.base import Prompt, Task, TaskRecipe
 from areal_py.telemetry.metrics import REWARD_ERRORS, REWARD_TIMEOUTS
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, parent_pid: int, spec: dict[str, float],
-                 task_cfg: dict[str, Any] | None, reward_model: dict[str, Any] | None) -> None:
+                 task: TaskRecipe | None, reward_model: dict[str, Any] | None) -> None:
     """Build the reward function once, then score chunks until told to stop (None) or EOF.
 
     In:  None | list of (prompt index, prompt text, answer, response text, stopped).
@@ -60,7 +60,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, parent_pid: int, s
     """
     _die_with_parent(parent_pid)
     try:
-        reward = build_reward_fn(spec, task_from_config(task_cfg), reward_model)
+        reward = build_reward_fn(spec, task_from_recipe(task), reward_model)
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("init_error", short_traceback()))
         return
@@ -134,8 +134,8 @@ class RewardPool:
     ``RewardPool(spec, task, workers=2, timeout_s=10.0, reward_model=None, chunk_size=8)``:
 
     - ``spec``: ``{name: weight}``, see :func:`build_reward_fn`; validated here.
-    - ``task``: a built-in task or a task config dict ``{"name": ..., **kwargs}`` (workers rebuild
-      it; see :func:`task_config`); None if no ``accuracy`` term.
+    - ``task``: a registered task, or its :class:`TaskRecipe` (workers rebuild it from the recipe;
+      see :func:`task_recipe`); None if no ``accuracy`` term.
     - ``workers``: worker processes (``spawn`` context). Each builds the reward function (and
       loads the reward model, if any) once at start. ``workers=0`` scores in the calling thread
       inside ``submit``, for cheap rule rewards where process overhead dominates; then there is
@@ -156,7 +156,7 @@ class RewardPool:
     is killed): create the pool on a long-lived thread, e.g. the main one.
     """
 
-    def __init__(self, spec: dict[str, float], task: Task | dict[str, Any] | None = None, *, workers: int = 2,
+    def __init__(self, spec: dict[str, float], task: Task | TaskRecipe | None = None, *, workers: int = 2,
                  timeout_s: float = 10.0, reward_model: dict[str, Any] | None = None, chunk_size: int = 8) -> None:
         if workers < 0 or chunk_size < 1 or not timeout_s > 0:
             raise ValueError("need workers >= 0, chunk_size >= 1, timeout_s > 0")
@@ -174,12 +174,12 @@ class RewardPool:
         self._queue: deque[_Chunk] = deque()
         self._workers: list[_Worker] = []
         if workers == 0:
-            local_task = task if task is None or not isinstance(task, dict) else task_from_config(task)
+            local_task = task_from_recipe(task) if isinstance(task, TaskRecipe) else task
             self._local = build_reward_fn(self.spec, local_task, reward_model)
         else:
             if "accuracy" in self.spec and task is None:
                 raise ValueError("reward function 'accuracy' needs a task")
-            self._task_cfg = task_config(task)
+            self._task_recipe = task_recipe(task)
             self._ctx = multiprocessing.get_context("spawn")
             for _ in range(workers):
                 self._workers.append(self._start_worker())
@@ -276,7 +276,7 @@ class RewardPool:
     def _start_worker(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe()
         proc = self._ctx.Process(target=_worker_main, name="reward-worker", daemon=True,
-                                 args=(child_conn, os.getpid(), self.spec, self._task_cfg, self.reward_model))
+                                 args=(child_conn, os.getpid(), self.spec, self._task_recipe, self.reward_model))
         proc.start()
         child_conn.close()
         return _Worker(proc, parent_conn)

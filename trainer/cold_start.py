@@ -30,7 +30,8 @@ from areal_py.models import (
     eos_token_id,
     load_model_and_tokenizer,
 )
-from areal_py.tasks.base import ArithTask, Prompt, SftTask, Task
+from areal_py.tasks.arith import ArithTask
+from areal_py.tasks.base import Prompt, SftTask, Task
 from areal_py.threads import auto_threads
 from trainer.micro_batching import pack_by_padded_tokens
 

@@ -30,6 +30,7 @@ from areal_py.app.sweep_report import (
 )
 from areal_py.app.sweep_rule import baseline_of, recommend
 from areal_py.config import Config, ConfigError, load_config
+from areal_py.tasks.base import TaskConfig, task_names, task_spec
 from areal_py.telemetry.run_summary import RunSummary, summarize_run
 
 QUICK = ["trainer.total_steps=30", "controller.batch_size=16", "trainer.checkpoint_every=0"]
@@ -37,11 +38,14 @@ RESERVED = ("run.name", "run.output_dir")  # the sweep sets these per run
 
 
 def leaf_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    """Every settable dotted key of the config tree."""
+    """Every settable dotted key of the config tree; the task section has every registered task's keys."""
     keys = []
     for name, field in model.model_fields.items():
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
+        if ann is TaskConfig:
+            task_keys = (k for t in task_names() for k in leaf_keys(task_spec(t).config, f"{prefix}{name}."))
+            keys += dict.fromkeys(task_keys)  # one key per name, in order: tasks share `name`
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += leaf_keys(ann, f"{prefix}{name}.")
         else:
             keys.append(prefix + name)

@@ -27,8 +27,8 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from areal_py.tasks.base import ArithTask, JsonlTask, Prompt, Task, make_task, math_reward
-from areal_py.tasks.sum_cot import SumCotTask
+from areal_py.tasks.base import Prompt, Task, TaskRecipe, build_task, recipe_of
+from areal_py.tasks.math_answer import math_reward
 
 RewardFn = Callable[[Prompt, str, bool], float]
 
@@ -247,28 +247,15 @@ def build_reward_fn(spec: dict[str, float], task: Task | None,
     return WeightedReward(terms)
 
 
-def task_config(task: Task | dict[str, Any] | None) -> dict[str, Any] | None:
-    """Plain-data description of a task, rebuilt in workers with ``make_task(**config)``.
+def task_recipe(task: Task | TaskRecipe | None) -> TaskRecipe | None:
+    """What a reward worker rebuilds the task from: the task's registered config model and seed.
 
-    Built-in tasks are converted; for your own task pass a dict ``{"name": ..., **kwargs}``
-    that ``areal_py.tasks.base.make_task`` understands.
-    """
-    if task is None or isinstance(task, dict):
+    Any registered task (a module of :mod:`areal_py.tasks`) can be described; None stays None."""
+    if task is None or isinstance(task, TaskRecipe):
         return task
-    if isinstance(task, ArithTask):
-        return {"name": "arith", "min_operand": task.min_operand, "max_operand": task.max_operand, "seed": task.seed}
-    if isinstance(task, JsonlTask):
-        return {"name": "jsonl", "path": str(task.path), "prompt_key": task.prompt_key,
-                "answer_key": task.answer_key, "seed": task.seed}
-    if isinstance(task, SumCotTask):
-        return {"name": "sum_cot", "min_terms": task.min_terms, "max_terms": task.max_terms, "alpha": task.alpha,
-                "seed": task.seed}
-    raise TypeError(f"cannot describe task {type(task).__name__} as plain data; pass a task config dict")
+    return recipe_of(task)
 
 
-def task_from_config(config: dict[str, Any] | None) -> Task | None:
-    """The inverse of :func:`task_config`: ``make_task(**config)``; None stays None."""
-    if config is None:
-        return None
-    config = dict(config)
-    return make_task(config.pop("name"), **config)
+def task_from_recipe(recipe: TaskRecipe | None) -> Task | None:
+    """The inverse of :func:`task_recipe`, by the same ``build_task`` the controller's task came from."""
+    return None if recipe is None else build_task(recipe.config, recipe.seed)

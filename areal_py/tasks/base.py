@@ -1,26 +1,37 @@
-"""Tasks: a deterministic prompt stream plus a reward function.
+"""What a task is, and the registry that finds tasks by name.
 
-`Task.prompt(i)` is a pure function of the integer `i`, so the whole data position of a run
-is one integer and resuming from a checkpoint replays exactly the same prompts.
+A task is a deterministic prompt stream plus a reward rule. `Task.prompt(i)` is a pure function of
+the integer `i`, so the whole data position of a run is one integer and resuming from a checkpoint
+replays exactly the same prompts.
+
+A task is one module of this package: it declares a pydantic config model (a subclass of
+:class:`TaskConfig` whose `name` is a ``Literal`` with that name as default), the task class, and
+calls :func:`register_task`. Every module of the package is imported on the first lookup that
+misses (:func:`pkgutil.iter_modules` over the package's ``__path__``), so dropping a file into the
+package makes its task available to the config (`task.name=...`), to :func:`build_task` and to the
+reward workers, with nothing else edited.
+
+Invariant: a task is built only by its registered `build(config, seed)`, and a built task is
+described back by its registered `recipe(task)`; reward workers rebuild the task from that recipe,
+so the controller and its workers score with the same settings.
+
+This module imports nothing from `areal_py.config`: the config imports the registry, never the reverse.
 """
 
 from __future__ import annotations
 
-import io
-import json
+import importlib
+import pkgutil
 import random
-import threading
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-import math_verify
+from pydantic import BaseModel, ConfigDict, Field
 
-# math-verify enforces its timeouts with signal.alarm, which only works on the main thread
-# (elsewhere it raises). Rewards may be computed in worker threads, so there we pass None,
-# which disables the alarm; a pathological expression could then take long, which is the
-# price of threading. On the main thread the usual signal timeout is kept.
-MATH_VERIFY_TIMEOUT_SECONDS = 5
+DEFAULT_TASK = "arith"
+"""The task of a config whose `task` section names none."""
 
 
 @dataclass(frozen=True)
@@ -52,172 +63,136 @@ class SftTask(Task, Protocol):
         ...
 
 
-class ArithTask:
-    """"a+b=" with operands in [min_operand, max_operand]; reward is exact match plus EOS."""
+@dataclass(frozen=True)
+class RunLimits:
+    """What a task's config check may know of the rest of the config (tasks never import the config)."""
 
-    name = "arith"
-
-    def __init__(self, min_operand: int = 0, max_operand: int = 9, seed: int = 0) -> None:
-        if min_operand < 0 or max_operand < min_operand:
-            raise ValueError(
-                f"need 0 <= min_operand <= max_operand, got {min_operand}..{max_operand}"
-            )
-        self.min_operand = min_operand
-        self.max_operand = max_operand
-        self.seed = seed
-
-    def operands(self, index: int) -> tuple[int, int]:
-        # A string seed is hashed deterministically (unlike tuple hash, stable across runs).
-        rng = random.Random(f"arith:{self.seed}:{index}")
-        return (
-            rng.randint(self.min_operand, self.max_operand),
-            rng.randint(self.min_operand, self.max_operand),
-        )
-
-    def prompt(self, index: int) -> Prompt:
-        a, b = self.operands(index)
-        return Prompt(index=index, text=f"{a}+{b}=", answer=str(a + b))
-
-    def reward(self, prompt: Prompt, response_text: str, stopped: bool) -> float:
-        return 1.0 if stopped and response_text == prompt.answer else 0.0
-
-    def sft_example(self, rng: random.Random, label_noise: float) -> tuple[str, str]:
-        """Any index works: the task is synthetic, so SFT and RL prompts share a distribution.
-
-        With prob. `label_noise` the answer is wrong: half the time off by 1..9 (kept >= 0),
-        otherwise uniform over the possible sums.
-        """
-        p = self.prompt(rng.randrange(1 << 31))
-        answer = int(p.answer)
-        if rng.random() < label_noise:
-            if rng.random() < 0.5:
-                delta = rng.randint(1, 9)
-                down = answer - delta
-                answer = down if rng.random() < 0.5 and down >= 0 else answer + delta
-            else:
-                answer = rng.randint(2 * self.min_operand, 2 * self.max_operand)
-        return p.text, str(answer)
+    max_new_tokens: int  # rollout.max_new_tokens
+    model_path: str  # model.path; empty = the embedded model
+    embedded_context: int  # model.embedded.max_position_embeddings
 
 
-class JsonlTask:
-    """Prompts from a JSONL file of {"prompt", "answer"} records, graded by math-verify.
+class TaskConfig(BaseModel):
+    """The `task` section of the config; each task subclasses it with its own fields.
 
-    Positions cycle through epochs; each epoch is a fresh permutation seeded by (seed, epoch).
-    """
+    Unknown keys are errors (a field of another task is a typo here, not a setting)."""
 
-    name = "jsonl"
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    def __init__(
-        self,
-        path: str | Path,
-        prompt_key: str = "prompt",
-        answer_key: str = "answer",
-        seed: int = 0,
-    ) -> None:
-        self.path = Path(path)
-        self.prompt_key = prompt_key
-        self.answer_key = answer_key
-        self.seed = seed
-        self.records = self._load()
-        self._perm_cache: dict[int, list[int]] = {}
-        self._lock = threading.Lock()
+    name: str = Field(DEFAULT_TASK, description="Which registered task (a module of areal_py.tasks).")
 
-    def _load(self) -> list[tuple[str, str]]:
-        if not self.path.is_file():
-            raise FileNotFoundError(f"JSONL task file not found: {self.path}")
-        records: list[tuple[str, str]] = []
-        for lineno, line in enumerate(io.StringIO(_read_utf8(self.path), newline=None), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{self.path}:{lineno}: invalid JSON: {e.msg}") from e
-            if not isinstance(obj, dict):
-                raise ValueError(f"{self.path}:{lineno}: expected a JSON object")
-            for key in (self.prompt_key, self.answer_key):
-                if key not in obj:
-                    raise ValueError(f"{self.path}:{lineno}: missing key {key!r}")
-            records.append((str(obj[self.prompt_key]), str(obj[self.answer_key])))
-        if not records:
-            raise ValueError(f"{self.path}: no records")
-        return records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def _permutation(self, epoch: int) -> list[int]:
-        with self._lock:
-            perm = self._perm_cache.get(epoch)
-            if perm is None:
-                perm = list(range(len(self.records)))
-                random.Random(f"jsonl:{self.seed}:{epoch}").shuffle(perm)
-                if len(self._perm_cache) > 4:  # positions move forward; keep a few epochs
-                    self._perm_cache.pop(min(self._perm_cache))
-                self._perm_cache[epoch] = perm
-            return perm
-
-    def prompt(self, index: int) -> Prompt:
-        if index < 0:
-            raise IndexError(f"prompt index must be >= 0, got {index}")
-        epoch, offset = divmod(index, len(self.records))
-        text, answer = self.records[self._permutation(epoch)[offset]]
-        return Prompt(index=index, text=text, answer=answer)
-
-    def reward(self, prompt: Prompt, response_text: str, stopped: bool) -> float:
-        # `stopped` is not required: a truncated response that already contains the answer
-        # is still graded (the answer extraction decides).
-        return math_reward(prompt.answer, response_text)
+    def check(self, limits: RunLimits) -> None:
+        """Cross-field checks against the rest of the config; raise ValueError naming the keys."""
 
 
-def _read_utf8(path: Path) -> str:
-    """The file's text, or ``ValueError("path:line: not valid UTF-8 (byte 0x.. at column c)")``.
+C = TypeVar("C", bound=TaskConfig)
 
-    Lines and columns (1-based, in characters) are counted as text-mode reading splits lines
-    (universal newlines), so they match the line numbers of the JSON errors.
-    """
-    data = path.read_bytes()
+
+@dataclass(frozen=True)
+class TaskRecipe:
+    """Everything a task is built from: plain data that crosses processes (reward workers)."""
+
+    config: TaskConfig
+    seed: int
+
+
+@dataclass(frozen=True)
+class TaskSpec(Generic[C]):
+    name: str
+    config: type[C]
+    build: Callable[[C, int], Task]
+    recipe: Callable[[Any], TaskRecipe]
+
+
+class UnknownTask(ValueError):
+    """No module of the task package registers this name."""
+
+
+_REGISTRY: dict[str, TaskSpec] = {}
+_PACKAGE = __name__.rpartition(".")[0]
+
+
+def register_task(config: type[C], build: Callable[[C, int], Task], recipe: Callable[[Any], TaskRecipe]) -> None:
+    """Make the task named by `config`'s `name` default available; called by the task's module.
+
+    `build(config, seed)` makes the task; `recipe(task)` is its inverse (the config and seed that
+    build an equal task), used to rebuild the task in another process."""
+    name = config.model_fields["name"].default
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{config.__name__}: the `name` field needs the task's name as its default")
+    old = _REGISTRY.get(name)
+    if old is not None and old.config.__module__ != config.__module__:
+        raise ValueError(f"task {name!r} is registered twice: by {old.config.__module__} and {config.__module__}")
+    _REGISTRY[name] = TaskSpec(name, config, build, recipe)
+
+
+def _discover() -> None:
+    """Import every module of the task package not imported yet; each registers its task."""
+    package = importlib.import_module(_PACKAGE)
+    for info in pkgutil.iter_modules(package.__path__):
+        module = f"{_PACKAGE}.{info.name}"
+        if module not in sys.modules:
+            importlib.import_module(module)
+
+
+def task_names() -> list[str]:
+    """Every registered task, sorted."""
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def task_spec(name: str) -> TaskSpec:
+    """The registered task `name`; UnknownTask lists the allowed names."""
+    if isinstance(name, str) and name not in _REGISTRY:
+        _discover()
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise UnknownTask(f"unknown task {name!r}; allowed: {task_names()}")
+    return _REGISTRY[name]
+
+
+def parse_task_config(data: TaskConfig | Mapping[str, Any]) -> TaskConfig:
+    """The config model of the task `data["name"]` (default DEFAULT_TASK), validated.
+
+    Raises UnknownTask for an unknown name and pydantic's ValidationError for bad or foreign fields."""
+    if isinstance(data, TaskConfig):
+        if type(data) is task_spec(data.name).config:
+            return data
+        data = data.model_dump()  # a base or foreign model: validated as its task's config below
+    if not isinstance(data, Mapping):
+        raise ValueError(f"a task config is a mapping with a `name`, got {data!r}")
+    return task_spec(data.get("name", DEFAULT_TASK)).config.model_validate(dict(data))
+
+
+class _RunLike(Protocol):
+    @property
+    def seed(self) -> int: ...
+
+
+class _ConfigLike(Protocol):
+    """The parts of `areal_py.config.Config` that build_task reads."""
+
+    @property
+    def task(self) -> TaskConfig: ...
+
+    @property
+    def run(self) -> _RunLike: ...
+
+
+def build_task(source: TaskConfig | _ConfigLike, seed: int | None = None) -> Task:
+    """The task `source` describes, seeded with `seed`.
+
+    `source` is a task config model (default seed 0) or a whole config (default seed: run.seed)."""
+    if isinstance(source, TaskConfig):
+        config, default_seed = source, 0
+    else:
+        config, default_seed = source.task, source.run.seed
+    return task_spec(config.name).build(config, default_seed if seed is None else seed)
+
+
+def recipe_of(task: Task) -> TaskRecipe:
+    """The config and seed that rebuild `task` (the registered inverse of its build)."""
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        lines = io.StringIO(data[: e.start].decode("utf-8"), newline=None).read().split("\n")
-        raise ValueError(f"{path}:{len(lines)}: not valid UTF-8 "
-                         f"(byte 0x{data[e.start]:02x} at column {len(lines[-1]) + 1})") from e
-
-
-def _timeout() -> int | None:
-    on_main = threading.current_thread() is threading.main_thread()
-    return MATH_VERIFY_TIMEOUT_SECONDS if on_main else None
-
-
-def math_reward(gold: str, response_text: str) -> float:
-    """1.0 if math-verify finds the response equivalent to `gold`; any failure gives 0.0."""
-    try:
-        timeout = _timeout()
-        gold_parsed = math_verify.parse(gold, parsing_timeout=timeout)
-        if not gold_parsed:
-            # Plain-text gold that math-verify cannot parse: fall back to exact match.
-            return 1.0 if response_text.strip() == gold.strip() else 0.0
-        pred_parsed = math_verify.parse(response_text, parsing_timeout=timeout)
-        if not pred_parsed:
-            return 0.0
-        return 1.0 if math_verify.verify(gold_parsed, pred_parsed, timeout_seconds=timeout) else 0.0
-    except Exception:  # noqa: BLE001 - a verifier failure must never crash a rollout
-        return 0.0
-
-
-def _task_classes() -> dict[str, type]:
-    # sum_cot imports Prompt from this module, so it is resolved late.
-    from areal_py.tasks.sum_cot import SumCotTask
-
-    return {"arith": ArithTask, "jsonl": JsonlTask, "sum_cot": SumCotTask}
-
-
-def make_task(name: str, **kwargs: Any) -> Task:
-    """Instantiate a task by name ("arith", "sum_cot" or "jsonl")."""
-    classes = _task_classes()
-    try:
-        cls = classes[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; allowed: {sorted(classes)}") from None
-    return cls(**kwargs)
+        spec = task_spec(task.name)
+    except UnknownTask as e:
+        raise TypeError(f"cannot describe task {type(task).__name__} as a config: {e}") from None
+    return spec.recipe(task)

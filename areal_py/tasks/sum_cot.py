@@ -17,14 +17,29 @@ model cannot learn to find the i-th term from the long tail, but learns it on sh
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
+from typing import Literal
 
-from areal_py.tasks.base import Prompt
+from pydantic import Field
 
-if TYPE_CHECKING:
-    from areal_py.config import ModelConfig, RolloutConfig, TaskConfig
+from areal_py.tasks.base import Prompt, RunLimits, TaskConfig, TaskRecipe, register_task
 
 ANSWER_SEP = ";"
+
+
+class SumCotConfig(TaskConfig):
+    name: Literal["sum_cot"] = Field("sum_cot", description="sum_cot: long-tailed chain-of-thought sums "
+                                     "(partial sums, then the answer).")
+    min_terms: int = Field(3, ge=1, description="sum_cot: fewest numbers to add.")
+    max_terms: int = Field(120, ge=1, description="sum_cot: most numbers to add (the long tail is cut here).")
+    tail_alpha: float = Field(1.1, gt=0, description="sum_cot: Pareto exponent of the number of terms "
+                              "(smaller = heavier tail of long responses).")
+    sft_max_terms: int = Field(0, ge=0, description="sum_cot: most terms in the cold-start data (0 = task.max_terms). "
+                               "Short sums teach a tiny model to find the i-th term far faster than the long tail.")
+    sft_tail_alpha: float = Field(0.0, ge=0, description="sum_cot: Pareto exponent of the cold-start data's number "
+                                  "of terms (0 = task.tail_alpha; smaller puts more mass on sft_max_terms).")
+
+    def check(self, limits: RunLimits) -> None:
+        check_lengths(self, limits)
 
 
 def response_for(terms: list[int]) -> str:
@@ -50,7 +65,7 @@ def max_response_chars(max_terms: int, max_digit: int = 9) -> int:
     return len(response_for([max_digit] * max_terms))
 
 
-def check_lengths(t: TaskConfig, rollout: RolloutConfig, model: ModelConfig) -> None:
+def check_lengths(t: SumCotConfig, limits: RunLimits) -> None:
     """Config check: a response cut short or a context too small for the longest sum would silently score 0."""
     if t.min_terms > t.max_terms:
         raise ValueError("task.min_terms must be <= task.max_terms")
@@ -58,12 +73,12 @@ def check_lengths(t: TaskConfig, rollout: RolloutConfig, model: ModelConfig) -> 
         raise ValueError(f"task.sft_max_terms={t.sft_max_terms} must be 0 or within task.min_terms..task.max_terms "
                          f"({t.min_terms}..{t.max_terms}): the cold start must fit the model's context")
     need_new = max_response_chars(t.max_terms) + 1  # + EOS
-    if rollout.max_new_tokens < need_new:
-        raise ValueError(f"rollout.max_new_tokens={rollout.max_new_tokens} is too small for "
+    if limits.max_new_tokens < need_new:
+        raise ValueError(f"rollout.max_new_tokens={limits.max_new_tokens} is too small for "
                          f"task.max_terms={t.max_terms}: the longest answer needs {need_new}")
     need_ctx = 1 + 2 * t.max_terms + need_new
-    if not model.path and model.embedded.max_position_embeddings < need_ctx:
-        raise ValueError(f"model.embedded.max_position_embeddings={model.embedded.max_position_embeddings} "
+    if not limits.model_path and limits.embedded_context < need_ctx:
+        raise ValueError(f"model.embedded.max_position_embeddings={limits.embedded_context} "
                          f"is too small for task.max_terms={t.max_terms}: need {need_ctx}")
 
 
@@ -129,3 +144,22 @@ class SumCotTask:
 
     def max_prompt_tokens(self) -> int:
         return 2 * self.max_terms
+
+
+def build(config: SumCotConfig, seed: int) -> SumCotTask:
+    """0 in sft_max_terms / sft_tail_alpha means "as the RL prompts" (the task's None)."""
+    return SumCotTask(min_terms=config.min_terms, max_terms=config.max_terms, alpha=config.tail_alpha, seed=seed,
+                      sft_max_terms=config.sft_max_terms or None, sft_alpha=config.sft_tail_alpha or None)
+
+
+def recipe(task: SumCotTask) -> TaskRecipe:
+    """The inverse of `build`; a cold-start setting equal to the RL one is written as 0 ("the same")."""
+    if not isinstance(task, SumCotTask):
+        raise TypeError(f"cannot describe task {type(task).__name__} as a sum_cot config")
+    config = SumCotConfig(min_terms=task.min_terms, max_terms=task.max_terms, tail_alpha=task.alpha,
+                          sft_max_terms=0 if task.sft_max_terms == task.max_terms else task.sft_max_terms,
+                          sft_tail_alpha=0.0 if task.sft_alpha == task.alpha else task.sft_alpha)
+    return TaskRecipe(config, task.seed)
+
+
+register_task(SumCotConfig, build, recipe)

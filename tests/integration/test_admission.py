@@ -11,7 +11,8 @@ from conftest import net_overrides
 import controller.controller as ctrl_mod
 from areal_py.config import load_config
 from areal_py.models import build_char_tokenizer
-from areal_py.tasks.base import ArithTask, Prompt
+from areal_py.tasks.arith import ArithTask
+from areal_py.tasks.base import Prompt
 from areal_py.telemetry.metrics import rejected_count
 from areal_py.telemetry.prom import CONTROLLER as M
 from areal_py.wire import protocol as P

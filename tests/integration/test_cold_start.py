@@ -17,7 +17,7 @@ from areal_py.models import (
     create_embedded_model,
     load_model_and_tokenizer,
 )
-from areal_py.tasks.base import ArithTask
+from areal_py.tasks.arith import ArithTask
 from trainer.cold_start import LogProgress, cold_start, evaluate, lr_factor, prepare_embedded_model
 
 SMALL = EmbeddedModelSpec(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,

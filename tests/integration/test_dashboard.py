@@ -192,7 +192,7 @@ def test_controller_writes_the_report_when_its_serve_ends(tmp_path: Path) -> Non
 
     from areal_py.config import load_config
     from areal_py.models import build_char_tokenizer
-    from areal_py.tasks.base import ArithTask
+    from areal_py.tasks.arith import ArithTask
     from areal_py.wire import protocol as P
     from areal_py.wire.transport import make_socket, send
     from controller.controller import Controller
@@ -225,7 +225,7 @@ def test_controller_report_without_metrics_is_skipped(tmp_path: Path) -> None:
 
     from areal_py.config import load_config
     from areal_py.models import build_char_tokenizer
-    from areal_py.tasks.base import ArithTask
+    from areal_py.tasks.arith import ArithTask
     from controller.controller import Controller
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=apart", *net_overrides(), "run.dashboard_port=0"])

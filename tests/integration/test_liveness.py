@@ -14,7 +14,7 @@ from test_sockets import tiny_model
 
 from areal_py.config import load_config
 from areal_py.models import build_char_tokenizer
-from areal_py.tasks.base import ArithTask
+from areal_py.tasks.arith import ArithTask
 from areal_py.wire import protocol as P
 from areal_py.wire.transport import WaitTimeout, make_socket, recv, send
 from controller.controller import Controller

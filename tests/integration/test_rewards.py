@@ -17,10 +17,12 @@ from areal_py.rewards.functions import (
     accuracy,
     build_reward_fn,
     math_accuracy,
-    task_config,
+    task_recipe,
     think_answer_format,
 )
-from areal_py.tasks.base import ArithTask, Prompt
+from areal_py.tasks.arith import ArithConfig, ArithTask
+from areal_py.tasks.base import Prompt, TaskRecipe
+from areal_py.tasks.sum_cot import SumCotTask
 from controller.reward_pool import RewardPool
 
 P = Prompt(index=0, text="7+5=", answer="12")
@@ -128,8 +130,17 @@ def test_unknown_or_bad_names_are_refused() -> None:
         build_reward_fn({"math_accuracy": float("nan")}, None)
 
 
-def test_task_config_round_trip() -> None:
-    assert task_config(ArithTask(1, 5, seed=3)) == {"name": "arith", "min_operand": 1, "max_operand": 5, "seed": 3}
+def test_task_recipe_round_trip() -> None:
+    assert task_recipe(ArithTask(1, 5, seed=3)) == TaskRecipe(ArithConfig(min_operand=1, max_operand=5), 3)
+    with pytest.raises(TypeError, match="cannot describe"):
+        task_recipe(type("Unregistered", (), {"name": "nope"})())
+
+
+def test_worker_process_scores_with_the_task_rebuilt_from_its_recipe() -> None:
+    task = SumCotTask(max_terms=20, sft_max_terms=12, sft_alpha=0.5, seed=5)
+    p = task.prompt(3)
+    with RewardPool({"accuracy": 1.0}, task, workers=1, timeout_s=60) as pool:
+        assert pool.submit([(p, f"0;{p.answer}", True), (p, p.answer, True)]).result() == [1.0, 0.0]
 
 
 # -- in-thread mode ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 
 from areal_py.config import load_config
 from areal_py.models import build_char_tokenizer
-from areal_py.tasks.base import ArithTask
+from areal_py.tasks.arith import ArithTask
 from areal_py.telemetry.metrics import rejected_count
 from areal_py.wire import protocol as P
 from areal_py.wire.transport import make_socket, recv, send

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from areal_py.config import Config, ConfigError, load_config
+from areal_py.config import Config, ConfigError, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,3 +105,17 @@ def test_every_field_has_a_description():
                 walk(f.annotation, f"{prefix}{name}.")
 
     walk(Config, "")
+    from areal_py.tasks.base import task_names, task_spec
+
+    for name in task_names():  # the task section is one of these, chosen by task.name
+        walk(task_spec(name).config, f"task[{name}].")
+
+
+def test_task_section_round_trips_and_names_unknown_tasks(tmp_path):
+    for cfg in (load_config(None), load_config(ROOT / "configs" / "sum_cot.yaml")):
+        dump_config(cfg, tmp_path / "config.yaml")
+        assert load_config(tmp_path / "config.yaml") == cfg
+    with pytest.raises(ConfigError, match=r"task.name: unknown task 'sums'; allowed: \['arith', 'jsonl', 'sum_cot'\]"):
+        load_config(None, ["task.name=sums"])
+    with pytest.raises(ConfigError, match=r"task: a mapping"):
+        load_config(None, ["task=3"])

@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from areal_py.config import ConfigError, load_config
-from areal_py.model_dir import build_task
+from areal_py.model_dir import embedded_model_request
 from areal_py.models import (
     EmbeddedModelSpec,
     create_embedded_model,
     load_model_and_tokenizer,
 )
-from areal_py.tasks.base import SftTask, make_task
-from areal_py.tasks.sum_cot import SumCotTask, max_response_chars, num_terms, response_for
+from areal_py.rewards.functions import task_from_recipe, task_recipe
+from areal_py.tasks.base import SftTask, build_task
+from areal_py.tasks.sum_cot import SumCotConfig, SumCotTask, max_response_chars, num_terms, response_for
 from trainer.cold_start import _padded, _sft_rows, cold_start, task_identity
 from trainer.micro_batching import pack_by_padded_tokens
 
@@ -108,13 +109,43 @@ def test_cold_start_data_can_be_shorter_than_the_rl_prompts() -> None:
         SumCotTask(sft_alpha=0.0)
 
 
-def test_make_task_and_protocol() -> None:
-    task = make_task("sum_cot", min_terms=2, max_terms=5, alpha=2.0, seed=1)
-    assert isinstance(task, SftTask) and task.max_terms == 5
+def test_build_task_and_protocol() -> None:
+    task = build_task(SumCotConfig(min_terms=2, max_terms=5, tail_alpha=2.0), seed=1)
+    assert isinstance(task, SftTask) and (task.max_terms, task.alpha, task.seed) == (5, 2.0, 1)
     with pytest.raises(ValueError, match="min_terms"):
         SumCotTask(min_terms=6, max_terms=5)
-    with pytest.raises(ValueError, match="allowed"):
-        make_task("nope")
+    with pytest.raises(ConfigError, match="allowed"):
+        load_config(None, ["task.name=nope"])
+
+
+def test_reward_workers_rebuild_the_cold_start_settings_too() -> None:
+    """The worker's task came from a recipe that once dropped sft_max_terms / sft_alpha."""
+    task = SumCotTask(max_terms=20, alpha=1.5, sft_max_terms=12, sft_alpha=0.5, seed=2)
+    again = task_from_recipe(task_recipe(task))
+    assert task_identity(again) == task_identity(task)
+    assert (again.sft_max_terms, again.sft_alpha) == (12, 0.5)
+    default = task_from_recipe(task_recipe(SumCotTask(max_terms=20)))
+    assert (default.sft_max_terms, default.sft_alpha) == (20, 1.1)
+
+
+def test_sum_cot_yaml_cache_key_is_unchanged() -> None:
+    """The embedded model's cache directory is named by this key: a change orphans the cached model."""
+    settings = embedded_model_request(load_config(str(ROOT / "configs/sum_cot.yaml"))).settings
+    assert settings.task == {"name": "sum_cot", "min_terms": 3, "max_terms": 120, "alpha": 1.1, "seed": 0,
+                             "sft_max_terms": 12, "sft_alpha": 0.5}
+    assert settings.key() == "b9f62350c5641b77"
+
+
+def test_task_keys_of_another_task_name_the_task_and_its_keys() -> None:
+    cfg = load_config(None, ["task.name=sum_cot", "task.max_terms=40", "rollout.max_new_tokens=200",
+                             "model.embedded.max_position_embeddings=300"])
+    assert (cfg.task.name, cfg.task.max_terms) == ("sum_cot", 40)
+    with pytest.raises(ConfigError, match=r"unknown key 'task.max_terms' for task.name=arith \(the default\); "
+                                          r"allowed here: name, min_operand, max_operand"):
+        load_config(None, ["task.max_terms=40"])
+    with pytest.raises(ConfigError, match=r"unknown key 'task.min_operand' for task.name=sum_cot; allowed here: "
+                                          r"name, min_terms, max_terms, tail_alpha, sft_max_terms, sft_tail_alpha"):
+        load_config(str(ROOT / "configs/sum_cot.yaml"), ["task.min_operand=1"])
 
 
 def test_config_rejects_lengths_that_cannot_hold_the_longest_answer() -> None:

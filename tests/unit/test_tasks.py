@@ -1,13 +1,30 @@
-"""Tasks: deterministic prompts, exact-match and math-verify rewards."""
+"""Tasks: deterministic prompts, exact-match and math-verify rewards, the registry."""
 
 import json
+import sys
 import threading
 from pathlib import Path
 
 import math_verify
 import pytest
 
-from areal_py.tasks.base import ArithTask, JsonlTask, Prompt, Task, make_task
+import areal_py.tasks
+from areal_py.config import ConfigError, dump_config, load_config
+from areal_py.model_dir import embedded_model_request, task_identity
+from areal_py.rewards.functions import build_reward_fn, task_from_recipe, task_recipe
+from areal_py.tasks import base
+from areal_py.tasks.arith import ArithConfig, ArithTask
+from areal_py.tasks.base import (
+    Prompt,
+    Task,
+    UnknownTask,
+    build_task,
+    recipe_of,
+    register_task,
+    task_names,
+    task_spec,
+)
+from areal_py.tasks.jsonl import JsonlConfig, JsonlTask
 
 
 def test_arith_prompts_are_deterministic() -> None:
@@ -62,7 +79,7 @@ def test_jsonl_task_cycles_epochs_with_shuffle(tmp_path: Path) -> None:
 
 def test_jsonl_custom_keys(tmp_path: Path) -> None:
     path = _write(tmp_path / "d.jsonl", [json.dumps({"q": "1+1?", "a": 2})])
-    p = make_task("jsonl", path=path, prompt_key="q", answer_key="a").prompt(0)
+    p = build_task(JsonlConfig(path=str(path), prompt_key="q", answer_key="a")).prompt(0)
     assert (p.text, p.answer) == ("1+1?", "2")
 
 
@@ -128,8 +145,99 @@ def test_jsonl_reward_verifier_exception_is_zero(tmp_path: Path, monkeypatch) ->
     assert task.reward(task.prompt(0), "4", stopped=True) == 0.0
 
 
-def test_make_task() -> None:
-    task = make_task("arith", max_operand=5)
-    assert isinstance(task, ArithTask) and task.max_operand == 5
-    with pytest.raises(ValueError, match=r"'arith'.*'jsonl'"):
-        make_task("gsm8k")
+def test_build_task_by_name() -> None:
+    task = build_task(ArithConfig(max_operand=5), seed=2)
+    assert isinstance(task, ArithTask) and (task.max_operand, task.seed) == (5, 2)
+    with pytest.raises(UnknownTask, match=r"'arith'.*'jsonl'"):
+        task_spec("gsm8k")
+    cfg = load_config(None, ["task.max_operand=5", "run.seed=4"])
+    assert task_identity(build_task(cfg)) == task_identity(ArithTask(0, 5, seed=4))  # seed: run.seed
+    assert build_task(cfg, seed=1).seed == 1
+
+
+def test_every_registered_task_is_rebuilt_equal_from_its_recipe(tmp_path: Path) -> None:
+    """Reward workers rebuild the controller's task from `recipe_of`: it must invert `build`."""
+    data = _write(tmp_path / "d.jsonl", [json.dumps({"prompt": "p", "answer": "1"})])
+    assert {"arith", "jsonl", "sum_cot"} <= set(task_names())
+    for name in task_names():
+        config = task_spec(name).config.model_validate({"name": name, **({"path": str(data)} if name == "jsonl" else {})})
+        task = build_task(config, seed=7)
+        again = build_task(recipe_of(task).config, recipe_of(task).seed)
+        assert type(again) is type(task) and task_identity(again) == task_identity(task)
+        assert again.prompt(3) == task.prompt(3)
+
+
+def test_a_task_registered_twice_by_two_modules_is_refused(monkeypatch) -> None:
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    impostor = type("ArithConfig", (ArithConfig,), {"__module__": "somewhere.else"})
+    with pytest.raises(ValueError, match="registered twice"):
+        register_task(impostor, lambda c, seed: ArithTask(), lambda t: recipe_of(t))
+
+
+def test_the_default_configs_cache_key_is_unchanged() -> None:
+    """The embedded model's cache directory is named by this key: a change orphans every cached model."""
+    request = embedded_model_request(load_config(None))
+    assert request.settings.task == {"name": "arith", "min_operand": 0, "max_operand": 9, "seed": 0}
+    assert request.settings.key() == "5ae0e4ea2bc1c60c"
+
+
+NEW_TASK = """
+from typing import Literal
+
+from pydantic import Field
+
+from areal_py.tasks.base import Prompt, RunLimits, TaskConfig, TaskRecipe, register_task
+
+
+class EchoConfig(TaskConfig):
+    name: Literal["echo_tmp"] = Field("echo_tmp", description="echo_tmp: repeat a numbered word.")
+    word: str = Field("hi", description="echo_tmp: the word.")
+
+    def check(self, limits: RunLimits) -> None:
+        if len(self.word) + 3 > limits.max_new_tokens:
+            raise ValueError("rollout.max_new_tokens is too small for task.word")
+
+
+class EchoTask:
+    name = "echo_tmp"
+
+    def __init__(self, word: str, seed: int) -> None:
+        self.word, self.seed = word, seed
+
+    def prompt(self, index: int) -> Prompt:
+        return Prompt(index=index, text=f"say {self.word}{index}:", answer=f"{self.word}{index}")
+
+    def reward(self, prompt: Prompt, response_text: str, stopped: bool) -> float:
+        return 1.0 if stopped and response_text == prompt.answer else 0.0
+
+
+register_task(EchoConfig, lambda c, seed: EchoTask(c.word, seed), lambda t: TaskRecipe(EchoConfig(word=t.word), t.seed))
+"""
+
+
+def test_a_new_task_is_one_file(tmp_path: Path, monkeypatch) -> None:
+    """Dropping one module into the task package makes the task configurable, buildable and scorable."""
+    (tmp_path / "echo_tmp.py").write_text(NEW_TASK)
+    monkeypatch.setattr(areal_py.tasks, "__path__", [*areal_py.tasks.__path__, str(tmp_path)])
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # forgets the task afterwards
+    try:
+        cfg = load_config(None, ["task.name=echo_tmp", "task.word=yo", "run.seed=3"])
+        assert "echo_tmp" in task_names() and cfg.task.word == "yo"
+        task = build_task(cfg)
+        assert isinstance(task, Task) and task.seed == 3
+        p = task.prompt(4)
+        assert (p.text, p.answer) == ("say yo4:", "yo4")
+        reward = build_reward_fn({"accuracy": 1.0}, task)
+        assert reward(p, "yo4", True) == 1.0 and reward(p, "yo5", True) == 0.0
+        again = task_from_recipe(task_recipe(task))
+        assert (again.word, again.seed, again.prompt(4)) == ("yo", 3, p)
+        dump_config(cfg, tmp_path / "run" / "config.yaml")
+        assert load_config(tmp_path / "run" / "config.yaml") == cfg
+        with pytest.raises(ConfigError, match="too small for task.word"):  # its own config check runs
+            load_config(None, ["task.name=echo_tmp", "task.word=yo", "rollout.max_new_tokens=2"])
+        with pytest.raises(ConfigError, match=r"unknown key 'task.max_operand' for task.name=echo_tmp; "
+                                              r"allowed here: name, word"):
+            load_config(None, ["task.name=echo_tmp", "task.max_operand=3"])
+    finally:
+        sys.modules.pop(f"{areal_py.tasks.__name__}.echo_tmp", None)
+
