@@ -38,6 +38,11 @@ def test_short_keys_resolve_when_unique():
     assert resolve_key("max_staleness") == "controller.max_staleness"
     assert resolve_key("hidden_size") == "model.embedded.hidden_size"  # two levels deep
     assert resolve_key("trainer.lr") == "trainer.lr"
+    # the task section holds every registered task's keys, whichever task.name the base config picks
+    assert resolve_key("max_terms") == "task.max_terms" and resolve_key("task.max_operand") == "task.max_operand"
+    assert resolve_key("prompt_key") == "task.prompt_key"
+    with pytest.raises(ConfigError, match="ambiguous: run.name, task.name"):
+        resolve_key("name")
     with pytest.raises(ConfigError, match="ambiguous: cold_start.lr, trainer.lr"):
         resolve_key("lr")
     with pytest.raises(ConfigError, match="unknown sweep key 'nope'; valid keys: run.name, .*controller.max_staleness"):
