@@ -160,7 +160,22 @@ def parse_task_config(data: TaskConfig | Mapping[str, Any]) -> TaskConfig:
         data = data.model_dump()  # a base or foreign model: validated as its task's config below
     if not isinstance(data, Mapping):
         raise ValueError(f"a task config is a mapping with a `name`, got {data!r}")
-    return task_spec(data.get("name", DEFAULT_TASK)).config.model_validate(dict(data))
+    config = task_spec(data.get("name", DEFAULT_TASK)).config
+    return config.model_validate(drop_other_tasks_defaults(config, data))
+
+
+def drop_other_tasks_defaults(config: type[TaskConfig], data: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` less the keys that `config` lacks but another registered task has, at that task's default.
+
+    A `config.yaml` written before each task owned its config holds every task's fields, almost all at
+    their defaults; those still load. A foreign key with a value of its own stays, so the validation
+    error names it (a setting meant for another task is a mistake worth reporting)."""
+    own = config.model_fields
+    defaults: dict[str, list[Any]] = {}
+    for name in task_names():
+        for key, field in _REGISTRY[name].config.model_fields.items():
+            defaults.setdefault(key, []).append(field.default)
+    return {k: v for k, v in data.items() if k in own or k not in defaults or v not in defaults[k]}
 
 
 class _RunLike(Protocol):

@@ -241,3 +241,18 @@ def test_a_new_task_is_one_file(tmp_path: Path, monkeypatch) -> None:
     finally:
         sys.modules.pop(f"{areal_py.tasks.__name__}.echo_tmp", None)
 
+
+
+def test_a_config_dumped_before_tasks_owned_their_config_still_loads(tmp_path) -> None:
+    """Old run folders hold every task's fields, at their defaults; a foreign key with its own value is an error."""
+    from areal_py.config import ConfigError, load_config
+
+    old = tmp_path / "config.yaml"
+    old.write_text("task:\n  name: arith\n  min_operand: 2\n  max_operand: 9\n  min_terms: 3\n  max_terms: 120\n"
+                   "  tail_alpha: 1.1\n  sft_max_terms: 0\n  sft_tail_alpha: 0.0\n  path: ''\n"
+                   "  prompt_key: prompt\n  answer_key: answer\n")
+    cfg = load_config(str(old))
+    assert cfg.task.name == "arith" and cfg.task.min_operand == 2
+    assert "max_terms" not in cfg.task.model_dump()
+    with pytest.raises(ConfigError, match="max_terms"):
+        load_config(None, ["task.max_terms=40"])
