@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from areal_py.telemetry.metrics import read_jsonl
 from areal_py.telemetry.run_summary import RunSummary, summarize_run
+from areal_py.telemetry.step_record import read_step_records
 from benchmarks.common import (
     RESULTS_DIR,
     ROOT,
@@ -168,11 +168,11 @@ def plot(path: Path, curves: dict[str, list[list[tuple[float, float]]]], thresho
 
 
 def reward_curve(run_dir: Path, window: int = 5) -> list[tuple[float, float]]:
-    recs = read_jsonl(run_dir / "metrics.jsonl")
+    recs = read_step_records(run_dir / "metrics.jsonl")
     out = []
     for i, r in enumerate(recs):
         tail = recs[max(0, i - window + 1): i + 1]
-        out.append((r["wall_time_s"], statistics.fmean(x["reward_mean"] for x in tail)))
+        out.append((r.wall_time_s, statistics.fmean(x.reward_mean for x in tail)))
     return out
 
 

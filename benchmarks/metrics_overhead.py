@@ -14,7 +14,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from areal_py.telemetry.metrics import read_jsonl
+from areal_py.telemetry.step_record import read_step_records
 from benchmarks.common import RESULTS_DIR, free_port, run_areal
 
 RESULTS = RESULTS_DIR / "metrics_overhead.json"
@@ -25,10 +25,10 @@ def one_run(out: Path, name: str, steps: int, observe: bool, extra: list[str]) -
     obs = [f"run.metrics_port={free_port()}", f"run.dashboard_port={free_port()}"] if observe else \
         ["run.metrics_port=0", "run.dashboard_port=0"]
     run_dir = run_areal(out, name, [f"trainer.total_steps={steps}", *obs, *extra], timeout_s=1200)
-    recs = read_jsonl(run_dir / "metrics.jsonl")
+    recs = read_step_records(run_dir / "metrics.jsonl")
     skip = max(1, len(recs) // 10)
     a, b = recs[skip - 1], recs[-1]
-    return (b["trained_tokens_total"] - a["trained_tokens_total"]) / (b["wall_time_s"] - a["wall_time_s"])
+    return (b.trained_tokens_total - a.trained_tokens_total) / (b.wall_time_s - a.wall_time_s)
 
 
 def main() -> None:

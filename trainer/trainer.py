@@ -11,17 +11,15 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
-import torch
 import zmq
 
 from areal_py.config import Config
 from areal_py.model_dir import model_path
 from areal_py.models import load_model_and_tokenizer
-from areal_py.telemetry.gen_activity import to_run_time
 from areal_py.telemetry.metrics import JsonlWriter, truncate_after_step
 from areal_py.telemetry.prom import TRAINER as M
+from areal_py.telemetry.step_record import StepRecord
 from areal_py.telemetry.tensorboard import TensorBoardLog
 from areal_py.wire import protocol as P
 from areal_py.wire.transport import make_socket, recv, reject, send
@@ -29,6 +27,7 @@ from areal_py.wire.weights import named_weights, save_weights
 from trainer.checkpoint import load_latest_checkpoint, save_checkpoint
 from trainer.learner import Learner
 from trainer.rollout_batch import collate, drop_nonfinite_groups
+from trainer.step_metrics import StepTiming, build_step_record
 
 log = logging.getLogger("trainer")
 ROLE = "trainer"
@@ -111,14 +110,10 @@ class Trainer:
             self.close()
 
     def _step(self, wire: P.Batch, wait_s: float) -> None:
+        """Batch, learner step, publish the weights, write the step record."""
         t0 = time.perf_counter()
         batch, dropped = drop_nonfinite_groups(collate(wire.groups, self.tokenizer.pad_token_id))
         self._report_dropped(wire, dropped)
-        mask = batch.loss_mask.bool()
-        token_stale = (self.version - batch.token_versions)[mask]
-        sample_oldest = torch.where(mask, batch.token_versions, torch.iinfo(torch.long).max).min(dim=1).values
-        has_tokens = mask.any(dim=1)
-        sample_stale = (self.version - sample_oldest[has_tokens]).tolist()
         stats = (self.learner.train_step(batch, self.version) if batch.num_samples else
                  self.learner.skip_step(self.version, "every group of its batch held a non-finite value"))
         train_s = time.perf_counter() - t0
@@ -126,34 +121,20 @@ class Trainer:
         self.version += 1
         self.publish()
         publish_s = time.perf_counter() - t1
-        trained = int(batch.attention_mask.sum())
-        self.trained_tokens_total += trained
-        hist: dict[str, int] = {}
-        for s in sample_stale:
-            hist[str(s)] = hist.get(str(s), 0) + 1
-        record: dict[str, Any] = {
-            "step": self.version, "version": self.version, "wall_time_s": round(self.wall_time(), 3),
-            "reward_mean": float(batch.rewards.mean()) if batch.num_samples else 0.0, **self._scored_reward(wire),
-            "response_len_mean": float(batch.response_lengths.float().mean()) if batch.num_samples else 0.0,
-            **{f"rejected_groups_{reason}": len(idx) for reason, idx in dropped.items()},
-            "staleness_mean": float(token_stale.float().mean()) if token_stale.numel() else 0.0,
-            "staleness_max": int(token_stale.max()) if token_stale.numel() else 0,
-            "sample_staleness_hist": hist, "max_staleness": self.cfg.effective_max_staleness,
-            "max_token_staleness": self.cfg.effective_max_token_staleness,
-            "trained_tokens": trained, "trained_tokens_total": self.trained_tokens_total,
-            "response_tokens": int(mask.sum()), "samples": batch.num_samples,
-            "generated_tokens": wire.state.get("generated_tokens", 0),
-            "server_generated_tokens": {k.split("/", 1)[1]: int(v) for k, v in wire.stats.items() if k.startswith("gen_tokens/")},
-            "wait_s": round(wait_s, 4), "train_s": round(train_s, 4), "publish_s": round(publish_s, 4),
-            **self._activity(wire),
-            **{k: round(v, 6) for k, v in stats.items()}, **{f"ctrl_{k}": v for k, v in wire.state.items()},
-        }
-        self.metrics.write(record)
+        self.trained_tokens_total += int(batch.attention_mask.sum())
+        wall = self.wall_time()
+        record = build_step_record(
+            trained_version=self.version - 1, batch=batch, dropped=dropped, wire=wire, stats=stats,
+            timing=StepTiming(wall_time_s=wall, epoch0=time.time() - wall, wait_s=wait_s, train_s=train_s,
+                              publish_s=publish_s),
+            trained_tokens_total=self.trained_tokens_total, max_staleness=self.cfg.effective_max_staleness,
+            max_token_staleness=self.cfg.effective_max_token_staleness)
+        self.metrics.write(record.to_dict())
         if self.tb is not None:
             self.tb.write(record)
-        self._export(record, stats, wait_s, train_s, publish_s, trained)
-        log.info("step %d reward %.3f staleness max %d loss %.4f", self.version, record["reward_mean"],
-                 record["staleness_max"], stats["loss"])
+        self._export(record, wait_s, train_s, publish_s)
+        log.info("step %d reward %.3f staleness max %d loss %.4f", record.step, record.reward_mean,
+                 record.staleness_max, record.loss)
 
     def _report_dropped(self, wire: P.Batch, dropped: dict[str, list[int]]) -> None:
         """Count and log the groups `drop_nonfinite_groups` kept out of the loss (gids: the first 10)."""
@@ -165,36 +146,20 @@ class Trainer:
                             len(gids), reason, gids[:10], " ..." if len(gids) > 10 else "")
 
     @staticmethod
-    def _scored_reward(wire: P.Batch) -> dict[str, float]:
-        """Mean reward of every sample the controller scored since the previous batch, those dynamic
-        sampling dropped included (absent if none was scored in between)."""
-        v = wire.stats.get("scored_reward_mean")
-        return {} if v is None else {"scored_reward_mean": round(v, 6)}
-
-    @staticmethod
-    def _export(record: dict, stats: dict, wait_s: float, train_s: float, publish_s: float, trained: int) -> None:
-        prox = stats.get("prox_time_s", 0.0)
+    def _export(record: StepRecord, wait_s: float, train_s: float, publish_s: float) -> None:
+        """The step to Prometheus; phase times unrounded (the record's are rounded for the file)."""
+        prox = record.prox_time_s or 0.0
         for phase, secs in (("wait", wait_s), ("proximal", prox), ("forward_backward", max(0.0, train_s - prox)),
                             ("publish", publish_s)):
             M.step_phase_seconds.labels(phase=phase).observe(secs)
         M.busy.set(train_s / max(wait_s + train_s + publish_s, 1e-9))
-        M.trained_tokens.inc(trained)
+        M.trained_tokens.inc(record.trained_tokens or 0)
         M.steps.inc()
-        M.skipped_updates.inc(stats.get("skipped_updates", 0.0))
-        M.policy_version.set(record["version"])
-        for gauge, key in ((M.loss, "loss"), (M.clip, "clip_fraction"), (M.approx_kl, "approx_kl"),
-                           (M.entropy, "entropy"), (M.grad_norm, "grad_norm")):
-            gauge.set(stats.get(key, 0.0))
-
-    def _activity(self, wire: P.Batch) -> dict[str, Any]:
-        """Rollout activity for this step, its generation spans moved from epoch seconds to the time base
-        of `wall_time_s` (see areal_py.telemetry.gen_activity)."""
-        epoch0 = time.time() - self.wall_time()  # the wall-clock instant of wall_time_s == 0
-        out: dict[str, Any] = {"gen_spans": to_run_time(wire.gen_spans, epoch0)}
-        for key in ("rollout_slot_occupancy", "gen_busy_s"):
-            if key in wire.stats:
-                out[key] = round(wire.stats[key], 4)
-        return out
+        M.skipped_updates.inc(record.skipped_updates or 0.0)
+        M.policy_version.set(record.step)
+        for gauge, value in ((M.loss, record.loss), (M.clip, record.clip_fraction), (M.approx_kl, record.approx_kl),
+                             (M.entropy, record.entropy), (M.grad_norm, record.grad_norm)):
+            gauge.set(value or 0.0)
 
     def wall_time(self) -> float:
         return self.wall_offset + time.monotonic() - self.start_time

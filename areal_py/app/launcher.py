@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from areal_py.config import Config, ConfigError, dump_config, load_config, with_run_name
 from areal_py.tasks.base import Task
-from areal_py.telemetry.metrics import read_jsonl
+from areal_py.telemetry.step_record import StepRecord, read_step_records
 from areal_py.telemetry.tensorboard import require_tensorboard
 
 STOP_GRACE_S = 5.0
@@ -215,20 +215,22 @@ def stop_children(children: list[Child]) -> None:
             c.proc.wait()
 
 
-def _postfix(rec: dict) -> dict:
-    t = max(rec["wall_time_s"], 1e-6)
-    return {"reward": f"{rec['reward_mean']:.3f}", "stale": f"{rec['staleness_mean']:.2f}/{rec['staleness_max']}",
-            "gen tok/s": f"{rec['generated_tokens'] / t:.0f}", "train tok/s": f"{rec['trained_tokens_total'] / t:.0f}"}
+def _postfix(rec: StepRecord) -> dict:
+    """The progress bar's numbers from the newest step record (an unrecorded field shows as 0)."""
+    t = max(rec.wall_time_s or 0.0, 1e-6)
+    return {"reward": f"{rec.reward_mean or 0.0:.3f}", "stale": f"{rec.staleness_mean or 0.0:.2f}/{rec.staleness_max or 0}",
+            "gen tok/s": f"{(rec.generated_tokens or 0) / t:.0f}",
+            "train tok/s": f"{(rec.trained_tokens_total or 0) / t:.0f}"}
 
 
 def monitor(cfg: Config, children: list[Child], quiet: bool = False) -> int:
     """Wait for the run to finish; returns the exit code of the whole run."""
     metrics_path = cfg.run_dir() / "metrics.jsonl"
-    seen = len(read_jsonl(metrics_path))
+    seen = len(read_step_records(metrics_path))
     bar = tqdm(total=cfg.trainer.total_steps, initial=seen, desc="train steps", disable=quiet, unit="step")
     try:
         while True:
-            records = read_jsonl(metrics_path)
+            records = read_step_records(metrics_path)
             if len(records) != seen:  # fewer: a resumed trainer cut back the rows past its checkpoint
                 bar.update(len(records) - seen)
                 seen = len(records)
@@ -262,14 +264,14 @@ def monitor(cfg: Config, children: list[Child], quiet: bool = False) -> int:
 
 
 def summarize(cfg: Config) -> str:
-    recs = read_jsonl(cfg.run_dir() / "metrics.jsonl")
+    recs = read_step_records(cfg.run_dir() / "metrics.jsonl")
     if not recs:
         return "no training steps recorded"
     k = min(10, len(recs))
-    first = sum(r["reward_mean"] for r in recs[:k]) / k
-    last = sum(r["reward_mean"] for r in recs[-k:]) / k
-    return (f"{len(recs)} steps in {recs[-1]['wall_time_s']:.0f}s; mean reward first {k} steps {first:.3f} -> "
-            f"last {k} steps {last:.3f}; max staleness seen {max(r['staleness_max'] for r in recs)}\n"
+    first = sum(r.reward_mean or 0.0 for r in recs[:k]) / k
+    last = sum(r.reward_mean or 0.0 for r in recs[-k:]) / k
+    return (f"{len(recs)} steps in {recs[-1].wall_time_s or 0.0:.0f}s; mean reward first {k} steps {first:.3f} -> "
+            f"last {k} steps {last:.3f}; max staleness seen {max(r.staleness_max or 0 for r in recs)}\n"
             f"metrics: {cfg.run_dir() / 'metrics.jsonl'}\nfinal model: {cfg.run_dir() / 'final'}")
 
 

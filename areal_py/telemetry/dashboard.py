@@ -31,7 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from areal_py.telemetry.report import _config_mapping, _load_config, load_records, render_html
+from areal_py.telemetry.report import config_mapping, load_config_rows, load_records, render_html
+from areal_py.telemetry.step_record import StepRecord
 
 __all__ = ["REFRESH_S", "announce_when_serving", "local_url", "render_fragment", "render_page", "start_dashboard",
            "stop_dashboard"]
@@ -67,10 +68,10 @@ def _body(html: str) -> str:
     return html[start:html.rindex("</body>")]
 
 
-def _snapshot(run_dir: Path) -> tuple[list[dict[str, Any]], str]:
+def _snapshot(run_dir: Path) -> tuple[list[StepRecord], str]:
     """(records, rendered report page) for the run's files as they are now."""
     records, cfg = load_records(run_dir / "metrics.jsonl"), run_dir / "config.yaml"
-    return records, render_html(run_dir.name, records, _load_config(cfg), _config_mapping(cfg))
+    return records, render_html(run_dir.name, records, load_config_rows(cfg), config_mapping(cfg))
 
 
 def render_fragment(run_dir: Path) -> str:
@@ -115,7 +116,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, "text/html; charset=utf-8", render_fragment(run_dir).encode())
             elif path == "/metrics.json":
                 records = load_records(run_dir / "metrics.jsonl")
-                self._send(200, "application/json", json.dumps(_finite(records), allow_nan=False).encode())
+                self._send(200, "application/json", json.dumps(_finite([r.to_dict() for r in records]), allow_nan=False).encode())
             else:
                 self._send(404, "text/plain; charset=utf-8", b"not found: try / or /metrics.json\n")
         except (BrokenPipeError, ConnectionResetError):

@@ -1,4 +1,4 @@
-"""Optional TensorBoard event files (`run.tensorboard=true`): every numeric field of each step record.
+"""Optional TensorBoard event files (`run.tensorboard=true`): every numeric field of each `StepRecord`.
 
 `metrics.jsonl` stays the source of truth; this mirrors it for people whose tooling is TensorBoard.
 The `tensorboard` package is an optional extra, imported only when the option is on; the launcher
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from areal_py.telemetry.step_record import StepRecord
 
 INSTALL_HINT = "pip install 'areal-py[tensorboard]' (or: pip install tensorboard)"
 
@@ -21,14 +23,19 @@ def require_tensorboard() -> type:
     return SummaryWriter
 
 
-def scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Every number in a record, nested dicts as `outer/inner` (e.g. `sample_staleness_hist/2`); `step`
-    is the x axis, and bools and lists (`gen_spans`) are not scalars."""
+def scalars(record: StepRecord) -> dict[str, float]:
+    """Every numeric field of a record (extras included) under its metrics.jsonl name, nested maps as
+    `outer/inner` (e.g. `sample_staleness_hist/2`, `ctrl_accepted`); `step` is the x axis, and bools,
+    strings and lists (`gen_spans`) are not scalars."""
+    return _numbers(record.to_dict())
+
+
+def _numbers(d: dict[Any, Any], prefix: str = "") -> dict[str, float]:
     out: dict[str, float] = {}
-    for k, v in record.items():
+    for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(scalars(v, f"{key}/"))
+            out.update(_numbers(v, f"{key}/"))
         elif isinstance(v, (int, float)) and not isinstance(v, bool) and key != "step":
             out[key] = float(v)
     return out
@@ -42,10 +49,9 @@ class TensorBoardLog:
         purge = None if resume_step is None else resume_step + 1
         self.writer = require_tensorboard()(log_dir=str(log_dir), purge_step=purge)
 
-    def write(self, record: dict[str, Any]) -> None:
-        step = int(record["step"])
+    def write(self, record: StepRecord) -> None:
         for key, value in scalars(record).items():
-            self.writer.add_scalar(key, value, step)
+            self.writer.add_scalar(key, value, record.step)
         self.writer.flush()  # a live TensorBoard sees each step as it lands
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from areal_py.telemetry.metrics import read_jsonl
 from areal_py.telemetry.report import timeline_lanes
+from areal_py.telemetry.step_record import StepRecord
 
 
 def metrics(tmp_path: Path) -> list[dict]:
@@ -56,7 +57,7 @@ def test_sync_mode_is_on_policy(tmp_path, small_cfg):
     # that complete a batch), and in sync mode no generation overlaps training in the report's timeline
     # (the tolerance only absorbs the ms rounding of the records)
     assert all(r["gen_spans"] and r["gen_busy_s"] > 0 and 0 < r["rollout_slot_occupancy"] <= 1 for r in recs), recs
-    lanes = dict(timeline_lanes(recs))
+    lanes = dict(timeline_lanes([StepRecord.from_dict(r) for r in recs]))
     gen = [(s.start, s.end) for s in lanes["generation"]]
     train = [(s.start, s.end) for s in lanes["trainer"] if s.kind in ("proximal", "train")]
     assert not [(g, t) for g in gen for t in train if min(g[1], t[1]) - max(g[0], t[0]) > 0.01], (gen, train)

@@ -172,6 +172,20 @@ def test_measured_generation_in_sync_mode(tmp_path: Path) -> None:
     assert f"{mean:.0%}" in " ".join(p.text) and "rollout slot occupancy" in " ".join(p.text)
 
 
+def test_controller_counters_of_the_last_step_are_tabled(tmp_path: Path) -> None:
+    """The `ctrl_*` keys of the last record, counters the record type does not know included, in file order."""
+    recs = synthetic_records(3)
+    recs[-1]["ctrl_a_newer_counter"] = 5
+    d = tmp_path / "ctrl"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    html = write_report(d).read_text()
+    table = html[html.index('<table class="ctrl">'):]
+    table = table[:table.index("</table>")]
+    assert re.findall(r"<th>(\w+)</th><td>(\w+)</td>", table) == [
+        ("ctrl_accepted", "96"), ("ctrl_dropped_stale", "0"), ("ctrl_a_newer_counter", "5")]
+
+
 def test_empty_and_partial_metrics(tmp_path: Path) -> None:
     d = tmp_path / "fresh"
     d.mkdir()

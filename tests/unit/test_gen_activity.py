@@ -10,6 +10,7 @@ from areal_py.telemetry.gen_activity import (
     to_run_time,
 )
 from areal_py.telemetry.report import timeline_lanes
+from areal_py.telemetry.step_record import StepRecord
 from areal_py.wire import protocol as P
 from controller.activity import ActivityTracker
 
@@ -108,8 +109,8 @@ def test_tracker_keeps_its_span_list_bounded():
 
 def test_sync_like_timeline_keeps_generation_and_training_apart():
     """Sync mode: generation happens while the trainer waits; the measured spans must show that."""
-    recs = [{"wall_time_s": 3.0, "wait_s": 2.0, "train_s": 1.0, "publish_s": 0.0, "gen_spans": [[0.9, 2.0]]},
-            {"wall_time_s": 6.0, "wait_s": 2.0, "train_s": 1.0, "publish_s": 0.0, "gen_spans": [[3.0, 4.9]]}]
+    recs = [StepRecord(step=1, wall_time_s=3.0, wait_s=2.0, train_s=1.0, publish_s=0.0, gen_spans=[(0.9, 2.0)]),
+            StepRecord(step=2, wall_time_s=6.0, wait_s=2.0, train_s=1.0, publish_s=0.0, gen_spans=[(3.0, 4.9)])]
     lanes = dict(timeline_lanes(recs))
     train = [(s.start, s.end) for s in lanes["trainer"] if s.kind == "train"]
     gen = [(s.start, s.end) for s in lanes["generation"]]
@@ -117,7 +118,6 @@ def test_sync_like_timeline_keeps_generation_and_training_apart():
     assert not any(a < d and c < b for a, b in gen for c, d in train)  # no overlap
     # the same run without gen_spans (an old metrics.jsonl) falls back to step-interval rollout lanes,
     # which cover the training phases: the picture the spans replace
-    old = [{k: v for k, v in r.items() if k != "gen_spans"} | {"generated_tokens": 10 * (i + 1)}
-           for i, r in enumerate(recs)]
+    old = [r.model_copy(update={"gen_spans": None, "generated_tokens": 10 * (i + 1)}) for i, r in enumerate(recs)]
     lanes = dict(timeline_lanes(old))
     assert "generation" not in lanes and [(s.start, s.end) for s in lanes["rollout"]] == [(0.0, 3.0), (3.0, 6.0)]

@@ -9,11 +9,17 @@ from areal_py.telemetry.run_summary import (
     time_to_threshold,
     window_for,
 )
+from areal_py.telemetry.step_record import StepRecord
 
 
-def rec(step: int, t: float, reward: float, **kw) -> dict:
+def row(step: int, t: float, reward: float, **kw) -> dict:
+    """A metrics.jsonl row as the trainer writes it (the fields the summary reads)."""
     return {"step": step, "wall_time_s": t, "reward_mean": reward, "samples": 4, "trained_tokens": 10,
             "train_s": 0.5, "staleness_mean": 1.0, "staleness_max": 1, "response_len_mean": 3.0, **kw}
+
+
+def rec(step: int, t: float, reward: float, **kw) -> StepRecord:
+    return StepRecord.from_dict(row(step, t, reward, **kw))
 
 
 def test_rates_and_windows_by_hand():
@@ -50,7 +56,7 @@ def test_window_and_errors(tmp_path):
         summarize_records([])
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         summarize_run(tmp_path)
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(rec(i, i + 1.0, 0.5)) + "\n" for i in range(3)))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row(i, i + 1.0, 0.5)) + "\n" for i in range(3)))
     assert summarize_run(tmp_path).steps == 3
 
 

@@ -8,20 +8,23 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from areal_py.app.launcher import prepare_run
 from areal_py.config import ConfigError
+from areal_py.telemetry.step_record import StepRecord
 from areal_py.telemetry.tensorboard import TensorBoardLog, scalars
 
 
 def test_scalars_are_every_number_nested_dicts_flattened():
-    rec = {"step": 3, "reward_mean": 0.5, "samples": 64, "flag": True, "gen_spans": [[0, 1]], "mode": "sync",
-           "server_generated_tokens": {"rollout-0": 7}, "sample_staleness_hist": {"0": 10, "2": 6}}
+    rec = StepRecord.from_dict({"step": 3, "reward_mean": 0.5, "samples": 64, "flag": True, "gen_spans": [[0, 1]],
+                                "mode": "sync", "server_generated_tokens": {"rollout-0": 7},
+                                "sample_staleness_hist": {"0": 10, "2": 6}, "ctrl_accepted": 5, "informative_groups": 2})
     assert scalars(rec) == {"reward_mean": 0.5, "samples": 64.0, "server_generated_tokens/rollout-0": 7.0,
-                            "sample_staleness_hist/0": 10.0, "sample_staleness_hist/2": 6.0}
+                            "sample_staleness_hist/0": 10.0, "sample_staleness_hist/2": 6.0,
+                            "informative_groups": 2.0, "ctrl_accepted": 5.0}  # extras and controller counters too
 
 
 def test_events_read_back(tmp_path):
     tb = TensorBoardLog(tmp_path)
     for step, reward in [(1, 0.25), (2, 0.5), (3, 0.75)]:
-        tb.write({"step": step, "reward_mean": reward, "loss": -reward, "sample_staleness_hist": {"1": step}})
+        tb.write(StepRecord(step=step, reward_mean=reward, loss=-reward, sample_staleness_hist={1: step}))
     tb.close()
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
@@ -35,11 +38,11 @@ def test_resume_purges_the_crashed_runs_steps_past_the_checkpoint(tmp_path):
     """A run that reached step 5, resumed from the step-3 checkpoint: steps 4 and 5 appear once, re-trained."""
     tb = TensorBoardLog(tmp_path)
     for step in range(1, 6):
-        tb.write({"step": step, "reward_mean": 0.1 * step})
+        tb.write(StepRecord(step=step, reward_mean=0.1 * step))
     tb.close()
     tb = TensorBoardLog(tmp_path, resume_step=3)
     for step in (4, 5):
-        tb.write({"step": step, "reward_mean": 1.0 + step})
+        tb.write(StepRecord(step=step, reward_mean=1.0 + step))
     tb.close()
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()

@@ -1,0 +1,81 @@
+"""Build one step's `StepRecord` (a metrics.jsonl row) from what the step saw and did.
+
+Pure over its inputs: the trainer passes the batch it trained, the wire batch it came in, the
+learner's stats and the measured phase times; nothing here touches a socket, the model or the clock.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from areal_py.telemetry.gen_activity import to_run_time
+from areal_py.telemetry.step_record import ControllerCounters, StepRecord
+from areal_py.wire import protocol as P
+from trainer.rollout_batch import RolloutBatch
+
+GEN_TOKENS_PREFIX = "gen_tokens/"
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """Measured by the trainer around one step, in seconds. `wall_time_s`: the run clock when the step
+    finished; `epoch0`: the wall-clock (epoch) instant of `wall_time_s == 0`, to place generation spans."""
+    wall_time_s: float
+    epoch0: float
+    wait_s: float
+    train_s: float
+    publish_s: float
+
+
+def _flat(x: Mapping[str, Any] | BaseModel) -> dict[str, Any]:
+    """A wire map as its flat key -> value form (a typed wire record dumps to the same keys)."""
+    return x.model_dump() if isinstance(x, BaseModel) else dict(x)
+
+
+def staleness(batch: RolloutBatch, trained_version: int) -> tuple[torch.Tensor, dict[int, int]]:
+    """Per-token staleness of the loss tokens (versions behind `trained_version`), and the samples by
+    the staleness of their oldest loss token ({versions: samples}; samples without one are left out)."""
+    mask = batch.loss_mask.bool()
+    token_stale = (trained_version - batch.token_versions)[mask]
+    oldest = torch.where(mask, batch.token_versions, torch.iinfo(torch.long).max).min(dim=1).values
+    hist: dict[int, int] = {}
+    for s in (trained_version - oldest[mask.any(dim=1)]).tolist():
+        hist[s] = hist.get(s, 0) + 1
+    return token_stale, hist
+
+
+def build_step_record(*, trained_version: int, batch: RolloutBatch, dropped: Mapping[str, list[int]],
+                      wire: P.Batch, stats: Mapping[str, float], timing: StepTiming, trained_tokens_total: int,
+                      max_staleness: int, max_token_staleness: int) -> StepRecord:
+    """The record of the step that trained `batch` (version `trained_version`, publishing the next):
+    `dropped` the groups kept out of the loss per reason (`drop_nonfinite_groups`), `stats` the
+    learner's. Values are rounded as the file has always held them."""
+    token_stale, hist = staleness(batch, trained_version)
+    some = batch.num_samples > 0
+    state, wstats = _flat(wire.state), _flat(wire.stats)
+    activity = {k: round(wstats[k], 4) for k in ("rollout_slot_occupancy", "gen_busy_s") if wstats.get(k) is not None}
+    scored = wstats.get("scored_reward_mean")
+    step = trained_version + 1
+    return StepRecord(
+        step=step, version=step, wall_time_s=round(timing.wall_time_s, 3),
+        reward_mean=float(batch.rewards.mean()) if some else 0.0,
+        scored_reward_mean=None if scored is None else round(scored, 6),
+        response_len_mean=float(batch.response_lengths.float().mean()) if some else 0.0,
+        **{f"rejected_groups_{reason}": len(idx) for reason, idx in dropped.items()},
+        staleness_mean=float(token_stale.float().mean()) if token_stale.numel() else 0.0,
+        staleness_max=int(token_stale.max()) if token_stale.numel() else 0,
+        sample_staleness_hist=hist, max_staleness=max_staleness, max_token_staleness=max_token_staleness,
+        trained_tokens=int(batch.attention_mask.sum()), trained_tokens_total=trained_tokens_total,
+        response_tokens=int(batch.loss_mask.bool().sum()), samples=batch.num_samples,
+        generated_tokens=state.get("generated_tokens", 0),
+        server_generated_tokens={k[len(GEN_TOKENS_PREFIX):]: int(v) for k, v in wstats.items()
+                                 if k.startswith(GEN_TOKENS_PREFIX)},
+        wait_s=round(timing.wait_s, 4), train_s=round(timing.train_s, 4), publish_s=round(timing.publish_s, 4),
+        gen_spans=to_run_time(wire.gen_spans, timing.epoch0), **activity,
+        **{k: round(v, 6) for k, v in stats.items()},
+        controller=ControllerCounters.model_validate(state),
+    )
