@@ -135,7 +135,8 @@ def _alive(pid: int) -> bool:
 def _long_run(small_cfg: list[str]) -> subprocess.Popen:
     """A run far longer than any test waits: the test stops it (or one of its processes) itself."""
     # SIGINT back to default in the child: a background shell (nohup ... &) starts us with it ignored,
-    # and Python then never turns Ctrl-C into KeyboardInterrupt.
+    # and Python then never turns Ctrl-C into KeyboardInterrupt. (noqa PLW1509: the preexec_fn only resets
+    # one signal handler before exec; Popen's restore_signals does not cover SIGINT.)
     return subprocess.Popen([sys.executable, "-m", "areal_py.app.cli", "run", "--quiet", *small_cfg,
                              "trainer.total_steps=500"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
