@@ -40,7 +40,7 @@ class Trainer:
         self.model, self.tokenizer = load_model_and_tokenizer(path, dtype=cfg.model.dtype)
         self.learner = Learner(cfg, self.model, path)
         self.version = 0
-        self.resume_state: dict[str, int] | None = None
+        self.resume_state: P.ControllerState | None = None
         self.wall_offset = 0.0
         self.trained_tokens_total = 0
         self.ckpt_root = cfg.run_dir() / "checkpoints"
@@ -63,7 +63,8 @@ class Trainer:
         at the first publish (see `save_weights`)."""
         d, state = load_latest_checkpoint(self.ckpt_root, self.learner.modules(), self.learner.optimizers())
         self.version = state["version"]
-        self.resume_state = state["controller_state"]
+        saved = state["controller_state"]  # {}: checkpointed before any batch
+        self.resume_state = P.ControllerState.model_validate(saved) if saved else None
         self.wall_offset = state["wall_time_s"]
         self.trained_tokens_total = state.get("trained_tokens_total", 0)
         log.info("resumed from %s at version %d", d, self.version)
@@ -95,7 +96,7 @@ class Trainer:
         if self.version > 0:
             self.publish()  # servers start from the base model; give them the resumed weights
         t = self.cfg.trainer
-        last_state = self.resume_state or {}
+        last_state = self.resume_state
         try:
             while self.version < t.total_steps:
                 wire, wait_s = self.next_batch()
@@ -164,8 +165,9 @@ class Trainer:
     def wall_time(self) -> float:
         return self.wall_offset + time.monotonic() - self.start_time
 
-    def checkpoint(self, controller_state: dict[str, int]) -> None:
-        state = {"version": self.version, "controller_state": controller_state, "wall_time_s": self.wall_time(),
+    def checkpoint(self, controller_state: P.ControllerState | None) -> None:
+        saved = controller_state.model_dump() if controller_state is not None else {}
+        state = {"version": self.version, "controller_state": saved, "wall_time_s": self.wall_time(),
                  "trained_tokens_total": self.trained_tokens_total}
         d = save_checkpoint(self.ckpt_root, self.learner.modules(), self.learner.optimizers(), state,
                             keep=self.cfg.trainer.keep_checkpoints)

@@ -10,13 +10,23 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgpack
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
+MAX_COUNT = 2**62  # bound of every counter on the wire: far above any run, far below msgpack's int64
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -122,9 +132,33 @@ class Ping(_Body):
 
 
 # --- controller <-> trainer --------------------------------------------------------------------
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+MAX_SERVERS = 4096  # per-server entries a batch's stats may carry
+ServerId = Annotated[str, StringConstraints(max_length=255)]  # a ZeroMQ routing id is at most 255 bytes
+
+
+class ControllerState(_Body):
+    """The controller's counters as of one batch; the trainer checkpoints the last trained batch's and
+    hands it back in `TrainerHello.resume_state`, so a resumed controller goes on from them.
+
+    Every field defaults to 0, so a state written before a counter existed still loads (the counter
+    starts from 0). The JSON of `model_dump()` is what a checkpoint's state.json holds.
+    """
+    data_position: Count = 0     # prompts taken from the task, skipped ones included
+    accepted: Count = 0          # groups scored and kept: in the buffer or already trained
+    running: Count = 0           # groups admitted and not yet scored
+    dropped_stale: Count = 0     # groups too stale for any batch to come
+    dropped_uniform: Count = 0   # groups dynamic sampling dropped (one reward for every sample)
+    reward_timeouts: Count = 0   # samples scored 0 because a reward function timed out...
+    reward_errors: Count = 0     # ...or raised
+    generated_tokens: Count = 0  # every token the servers returned for an awaited result
+    skipped_too_long: Count = 0  # prompts longer than the model's context, never dispatched
+    dropped_aborted: Count = 0   # groups a server refused (finish_reason abort)
+
+
 class TrainerHello(_Body):
     version: int = Field(ge=0)
-    resume_state: dict[str, int] | None = None
+    resume_state: ControllerState | None = None
 
 
 class WeightsReady(UpdateWeights):
@@ -150,12 +184,52 @@ class Group(_Body):
     samples: list[Sample] = Field(min_length=1)
 
 
+GEN_TOKENS_PREFIX = "gen_tokens/"
+
+
+class BatchStats(_Body):
+    """What the controller saw since the previous batch (rollout activity, scored reward) and the tokens
+    each server generated since the controller started.
+
+    On the wire this is one flat map of numbers: `gen_tokens` travels as one `gen_tokens/<server>` key
+    per server and an absent optional field as no key, so receivers of the flat map read it unchanged.
+    """
+    servers_live: Count = 0
+    gen_busy_s: float = Field(0.0, ge=0, allow_inf_nan=False)  # seconds any server spent generating
+    # mean slot occupancy of the live servers that reported (None: none did)
+    rollout_slot_occupancy: float | None = Field(None, ge=0, allow_inf_nan=False)
+    # mean reward of every sample scored, dynamic sampling's drops included (None: none was scored)
+    scored_reward_mean: float | None = Field(None, allow_inf_nan=False)
+    gen_tokens: dict[ServerId, Count] = Field(default_factory=dict, max_length=MAX_SERVERS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unflatten(cls, data: Any) -> Any:
+        """Gather the wire's `gen_tokens/<server>` keys into `gen_tokens` (both forms at once: rejected)."""
+        if not isinstance(data, dict) or not any(isinstance(k, str) and k.startswith(GEN_TOKENS_PREFIX) for k in data):
+            return data
+        if "gen_tokens" in data:
+            raise ValueError("gen_tokens given both as a map and as gen_tokens/<server> keys")
+        if len(data) > MAX_SERVERS + len(cls.model_fields):
+            raise ValueError(f"more than {MAX_SERVERS} servers")
+        out = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith(GEN_TOKENS_PREFIX))}
+        out["gen_tokens"] = {k[len(GEN_TOKENS_PREFIX):]: v for k, v in data.items()
+                             if isinstance(k, str) and k.startswith(GEN_TOKENS_PREFIX)}
+        return out
+
+    @model_serializer(mode="wrap")
+    def _flatten(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        d = {k: v for k, v in handler(self).items() if v is not None}
+        per_server = d.pop("gen_tokens")
+        return {**d, **{f"{GEN_TOKENS_PREFIX}{k}": v for k, v in per_server.items()}}
+
+
 class Batch(_Body):
     """`version` is the trainer version that will train on it: batches are numbered by it."""
     version: int = Field(ge=0)
     groups: list[Group] = Field(min_length=1)
-    state: dict[str, int]
-    stats: dict[str, float] = Field(default_factory=dict)
+    state: ControllerState
+    stats: BatchStats = Field(default_factory=BatchStats)
     # when any server was generating since the previous batch: [start, end] in epoch seconds
     gen_spans: list[tuple[float, float]] = Field(default_factory=list, max_length=256)
 

@@ -71,14 +71,14 @@ def test_all_prompts_too_long_stop_the_run_with_a_clear_error(cfg, monkeypatch):
     try:
         with pytest.raises(AdmissionError) as err:
             for _ in range(100):  # bounded: the error comes within the first admission round
-                ctrl.admit()
-                ctrl.dispatch()
+                ctrl.rollouts.admit()
+                ctrl.rollouts.dispatch()
         msg = str(err.value)
         assert "long_arith" in msg and "50 prompts" in msg and f"context of {CONTEXT} tokens" in msg
         n = len(build_char_tokenizer()(LongPrompts().prompt(0).text).input_ids)
         assert n > CONTEXT and f"{n} tokens" in msg  # every prompt here has n tokens
-        assert ctrl.skipped_too_long == 50 and skipped_metric() - before == 50
-        assert ctrl.next_gid == 0 and ctrl.running == 0
+        assert ctrl.rollouts.skipped_too_long == 50 and skipped_metric() - before == 50
+        assert ctrl.counts.next_gid == 0 and ctrl.counts.running == 0
         assert not [b for b in sent if isinstance(b, P.Generate)]  # nothing dispatched
     finally:
         ctrl.close()
@@ -88,22 +88,22 @@ def test_mixed_prompts_run_and_count_the_skipped_ones(cfg, monkeypatch):
     ctrl, sent = ready_controller(cfg, LongPrompts(long=lambda i: i % 3 == 0), monkeypatch)
     before = skipped_metric()
     try:
-        ctrl.admit()
-        ctrl.dispatch()
+        ctrl.rollouts.admit()
+        ctrl.rollouts.dispatch()
         work = [b for b in sent if isinstance(b, P.Generate)]
         cap = (0 + cfg.controller.max_staleness + 1) * cfg.controller.batch_size
-        assert len(work) == cap == ctrl.running
+        assert len(work) == cap == ctrl.counts.running
         assert all(len(g.prompt_ids) < CONTEXT for g in work)
-        skipped = sum(1 for i in range(ctrl.data_position) if i % 3 == 0)
-        assert ctrl.skipped_too_long == skipped > 0 and skipped_metric() - before == skipped
+        skipped = sum(1 for i in range(ctrl.counts.data_position) if i % 3 == 0)
+        assert ctrl.rollouts.skipped_too_long == skipped > 0 and skipped_metric() - before == skipped
         for g in work[:2]:  # two groups finish: a batch goes out carrying the count (metrics.jsonl ctrl_*)
             for idx in range(2):
-                ctrl.on_result("a", P.Result(gid=g.gid, attempt=0, idx=idx, output_ids=[2], logprobs=[-0.1],
+                ctrl.rollouts.on_result("a", P.Result(gid=g.gid, attempt=0, idx=idx, output_ids=[2], logprobs=[-0.1],
                                              versions=[0], finish_reason="stop"))
-        ctrl.harvest_rewards()
+        ctrl.rollouts.harvest_rewards()
         ctrl.assemble_batches()
         batch = next(b for b in sent if isinstance(b, P.Batch))
-        assert batch.state["skipped_too_long"] == skipped
+        assert batch.state.skipped_too_long == skipped
     finally:
         ctrl.close()
 
@@ -114,19 +114,19 @@ def test_groups_the_servers_all_refuse_stop_the_run_and_are_counted(cfg, monkeyp
     cfg.controller.max_consecutive_skipped_prompts = 5
     ctrl, sent = ready_controller(cfg, ArithTask(), monkeypatch)
     clock = FakeClock()
-    ctrl.drop_log = RateLimitedLog(ctrl_mod.log, clock=clock)
+    ctrl.rollouts.drop_log = RateLimitedLog(ctrl_mod.log, clock=clock)
     before = M.aborted_groups._value.get()
 
     pending: list[P.Generate] = []
 
     def finish(reason: str) -> None:
-        ctrl.admit()
-        ctrl.dispatch()
+        ctrl.rollouts.admit()
+        ctrl.rollouts.dispatch()
         pending.extend(b for b in sent if isinstance(b, P.Generate))
         sent.clear()
         g = pending.pop(0)
         for idx in range(2):
-            ctrl.on_result("a", P.Result(gid=g.gid, attempt=g.attempt, idx=idx, output_ids=[], logprobs=[],
+            ctrl.rollouts.on_result("a", P.Result(gid=g.gid, attempt=g.attempt, idx=idx, output_ids=[], logprobs=[],
                                          versions=[], finish_reason=reason))
 
     try:
@@ -135,7 +135,7 @@ def test_groups_the_servers_all_refuse_stop_the_run_and_are_counted(cfg, monkeyp
         finish("stop")  # one that works: refusals are not "in a row" any more
         for _ in range(4):
             finish("abort")
-        assert ctrl.dropped_aborted == 8 and M.aborted_groups._value.get() - before == 8
+        assert ctrl.counts.dropped_aborted == 8 and M.aborted_groups._value.get() - before == 8
         with pytest.raises(AdmissionError, match=r"5 groups in a row .*refused"):
             finish("abort")
     finally:
@@ -144,18 +144,18 @@ def test_groups_the_servers_all_refuse_stop_the_run_and_are_counted(cfg, monkeyp
 
 def test_refused_groups_log_rate_limited(cfg, monkeypatch, caplog):
     ctrl, sent = ready_controller(cfg, ArithTask(), monkeypatch)
-    ctrl.drop_log = RateLimitedLog(ctrl_mod.log, clock=FakeClock())
+    ctrl.rollouts.drop_log = RateLimitedLog(ctrl_mod.log, clock=FakeClock())
     before = rejected_count("controller")
     try:
-        ctrl.admit()
-        ctrl.dispatch()
+        ctrl.rollouts.admit()
+        ctrl.rollouts.dispatch()
         work = [b for b in sent if isinstance(b, P.Generate)]
         with caplog.at_level(logging.WARNING, logger="controller"):
             for g in work:
                 for idx in range(2):
-                    ctrl.on_result("a", P.Result(gid=g.gid, attempt=0, idx=idx, output_ids=[], logprobs=[],
+                    ctrl.rollouts.on_result("a", P.Result(gid=g.gid, attempt=0, idx=idx, output_ids=[], logprobs=[],
                                                  versions=[], finish_reason="abort"))
-        assert ctrl.dropped_aborted == len(work) > 1
+        assert ctrl.counts.dropped_aborted == len(work) > 1
         assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1
         assert rejected_count("controller") == before
     finally:

@@ -216,7 +216,7 @@ def test_dead_server_work_is_redispatched_and_never_counted_twice(cfg, ctx):
             ctrl.step(20)
             if a.poll(0):
                 got.append(recv(a, "test", timeout_s=1, waiting_for="work")[1].body)
-        assert ctrl.running == 6 and ctrl.accepted == 0
+        assert ctrl.counts.running == 6 and ctrl.counts.accepted == 0
         first = got[0]
         # server a answers one sample of its first group, then dies
         send(a, P.Result(gid=first.gid, attempt=0, idx=0, output_ids=[2], logprobs=[-0.5], versions=[0],
@@ -232,7 +232,7 @@ def test_dead_server_work_is_redispatched_and_never_counted_twice(cfg, ctx):
                 redispatched[g.gid] = g
         assert not ctrl.registry.servers["a"].alive
         assert first.gid in redispatched and redispatched[first.gid].attempt == 1
-        assert ctrl.running == 6  # moved, not re-admitted
+        assert ctrl.counts.running == 6  # moved, not re-admitted
         before = rejected_count("controller", "stale_result")
         # a's late answer for the old attempt is ignored
         send(a, P.Result(gid=first.gid, attempt=0, idx=1, output_ids=[2], logprobs=[-0.5], versions=[0],
@@ -241,11 +241,11 @@ def test_dead_server_work_is_redispatched_and_never_counted_twice(cfg, ctx):
             send(b, P.Result(gid=first.gid, attempt=1, idx=idx, output_ids=[2], logprobs=[-0.5], versions=[0],
                              finish_reason="stop"))
         end = time.monotonic() + 5
-        while ctrl.accepted + len(ctrl.ready) < 2 and time.monotonic() < end:
+        while ctrl.counts.accepted + len(ctrl.rollouts.ready) < 2 and time.monotonic() < end:
             ctrl.step(20)
         assert rejected_count("controller", "stale_result") - before == 1
-        assert ctrl.accepted == 1 and len(ctrl.ready) == 1 and ctrl.running == 5
-        assert [s.output_ids for s in ctrl.ready[0].samples] == [[2], [2]]
+        assert ctrl.counts.accepted == 1 and len(ctrl.rollouts.ready) == 1 and ctrl.counts.running == 5
+        assert [s.output_ids for s in ctrl.rollouts.ready[0].samples] == [[2], [2]]
     finally:
         ctrl.close()
         for s in (push, a, b):
@@ -301,23 +301,23 @@ def test_controller_counts_stale_aborts_and_tells_servers_the_floor(cfg, ctx):
             ctrl.step(20)
             if a.poll(0):
                 work = recv(a, "test", timeout_s=1, waiting_for="work")[1].body
-        running, admitted = ctrl.running, ctrl.next_gid
+        running, admitted = ctrl.counts.running, ctrl.counts.next_gid
         for idx in range(cfg.controller.group_size):
             send(a, P.Result(gid=work.gid, attempt=0, idx=idx, output_ids=[2, 3], logprobs=[-0.5, -0.5],
                              versions=[0, 0], finish_reason="stale"))
         end = time.monotonic() + 5
-        while ctrl.dropped_stale == 0 and time.monotonic() < end:
+        while ctrl.counts.dropped_stale == 0 and time.monotonic() < end:
             ctrl.step(20)
         # the doomed group leaves `running`, and the capacity it held admits a fresh prompt at once
-        assert ctrl.dropped_stale == 1 and ctrl.accepted == 0
-        assert ctrl.running == running and ctrl.next_gid == admitted + 1
-        ctrl.next_batch_version = 5  # five batches assembled: with max_staleness 2, tokens < 3 are doomed
-        assert ctrl._update_message(5, None).min_token_version == 3
-        ctrl.next_batch_version = 1
-        assert ctrl._update_message(1, None).min_token_version == 0
-        ctrl.max_token_staleness = 4  # a raised hard limit moves the floor, not the admission bound
-        ctrl.next_batch_version = 5
-        assert ctrl._update_message(5, None).min_token_version == 1
+        assert ctrl.counts.dropped_stale == 1 and ctrl.counts.accepted == 0
+        assert ctrl.counts.running == running and ctrl.counts.next_gid == admitted + 1
+        ctrl.counts.next_batch_version = 5  # five batches assembled: with max_staleness 2, tokens < 3 are doomed
+        assert ctrl.weights.update_message(5, None).min_token_version == 3
+        ctrl.counts.next_batch_version = 1
+        assert ctrl.weights.update_message(1, None).min_token_version == 0
+        ctrl.weights.max_token_staleness = 4  # a raised hard limit moves the floor, not the admission bound
+        ctrl.counts.next_batch_version = 5
+        assert ctrl.weights.update_message(5, None).min_token_version == 1
     finally:
         ctrl.close()
         push.close()
@@ -337,12 +337,12 @@ def test_batches_take_the_oldest_groups_first(cfg, monkeypatch):
             s = P.Sample(output_ids=[2], logprobs=[-0.1], versions=[version], finish_reason="stop", reward=1.0)
             return P.Group(gid=gid, prompt_index=gid, prompt_ids=[1, 2], samples=[s, s])
 
-        ctrl.next_batch_version = 3
-        ctrl.ready.extend([group(1, 3), group(2, 1), group(3, 2)])  # completion order: fresh one first
-        ctrl.accepted = 3
+        ctrl.counts.next_batch_version = 3
+        ctrl.rollouts.ready.extend([group(1, 3), group(2, 1), group(3, 2)])  # completion order: fresh one first
+        ctrl.counts.accepted = 3
         ctrl.assemble_batches()
         assert [g.gid for g in sent[0].groups] == [2, 3] and sent[0].version == 3
-        assert [g.gid for g in ctrl.ready] == [1] and ctrl.dropped_stale == 0
+        assert [g.gid for g in ctrl.rollouts.ready] == [1] and ctrl.counts.dropped_stale == 0
     finally:
         ctrl.close()
 
@@ -363,15 +363,15 @@ def test_a_raised_token_limit_keeps_long_responses_and_drops_only_past_it(tmp_pa
                          finish_reason="stop", reward=1.0)
             return P.Group(gid=gid, prompt_index=gid, prompt_ids=[1, 2], samples=[s, s])
 
-        ctrl.next_batch_version = 5
+        ctrl.counts.next_batch_version = 5
         # ages at batch 5: 4 (spans versions 1..5: too old even for the raised limit), 3 (kept: over
         # max_staleness, within max_token_staleness), 0 and 1
-        ctrl.ready.extend([group(1, [5]), group(2, [1, 3, 5]), group(3, [2, 4, 5]), group(4, [4])])
-        ctrl.accepted = 4
+        ctrl.rollouts.ready.extend([group(1, [5]), group(2, [1, 3, 5]), group(3, [2, 4, 5]), group(4, [4])])
+        ctrl.counts.accepted = 4
         ctrl.assemble_batches()
         assert [g.gid for g in sent[0].groups] == [3, 4] and sent[0].version == 5
-        assert ctrl.dropped_stale == 1 and ctrl.accepted == 3
-        assert [g.gid for g in ctrl.ready] == [1]
+        assert ctrl.counts.dropped_stale == 1 and ctrl.counts.accepted == 3
+        assert [g.gid for g in ctrl.rollouts.ready] == [1]
     finally:
         ctrl.close()
 
@@ -380,7 +380,7 @@ def test_scored_reward_counts_what_dynamic_sampling_drops(tmp_path, monkeypatch)
     """DAPO trains only mixed groups, so the batch reward is biased toward 0.5; the batch also carries the
     mean reward of everything scored since the previous batch: here groups [1, 1] (dropped) and [0, 1]."""
     import controller.controller as ctrl_mod
-    from controller.controller import InflightGroup
+    from controller.rollouts import InflightGroup
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=s", *net_overrides(), "controller.batch_size=1",
                              "controller.group_size=2", "controller.dynamic_sampling=true"])
@@ -403,14 +403,14 @@ def test_scored_reward_counts_what_dynamic_sampling_drops(tmp_path, monkeypatch)
         for gid, rewards in ((0, [1.0, 1.0]), (1, [0.0, 1.0])):
             res = {i: P.Result(gid=gid, attempt=0, idx=i, output_ids=[2], logprobs=[-0.1], versions=[0],
                                finish_reason="stop") for i in range(2)}
-            ctrl.scoring.append((InflightGroup(gid, task.prompt(gid), [1, 2], results=res), Done(rewards)))
-            ctrl.running += 1
-        ctrl.harvest_rewards()
+            ctrl.rollouts.scoring.append((InflightGroup(gid, task.prompt(gid), [1, 2], results=res), Done(rewards)))
+            ctrl.counts.running += 1
+        ctrl.rollouts.harvest_rewards()
         ctrl.assemble_batches()
-        assert ctrl.dropped_uniform == 1 and [g.gid for g in sent[0].groups] == [1]
-        assert sent[0].stats["scored_reward_mean"] == 0.75  # (1 + 1 + 0 + 1) / 4; the trained group's is 0.5
-        ctrl.ready.append(sent[0].groups[0])
+        assert ctrl.counts.dropped_uniform == 1 and [g.gid for g in sent[0].groups] == [1]
+        assert sent[0].stats.scored_reward_mean == 0.75  # (1 + 1 + 0 + 1) / 4; the trained group's is 0.5
+        ctrl.rollouts.ready.append(sent[0].groups[0])
         ctrl.assemble_batches()  # nothing scored since the last batch: no number rather than a stale one
-        assert "scored_reward_mean" not in sent[1].stats
+        assert sent[1].stats.scored_reward_mean is None
     finally:
         ctrl.close()

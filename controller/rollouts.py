@@ -1,0 +1,201 @@
+"""The rollout side of the controller: admission under the staleness bound, dispatch, results, scoring.
+
+A group goes admitted -> undispatched -> on a server (`inflight`) -> scoring -> `ready` (or dropped);
+every step of the way is counted in the shared `RunCounters` (see controller.run_state for what
+`running` and `accepted` mean). Rewards are computed in a worker pool so scoring never delays
+dispatch or batching.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from areal_py.config import Config
+from areal_py.tasks.base import Prompt, Task
+from areal_py.telemetry.prom import CONTROLLER as M
+from areal_py.wire import protocol as P
+from areal_py.wire.transport import RateLimitedLog, reject
+from controller.admission import AdmissionError, LengthGate
+from controller.reward_pool import RewardHandle, RewardPool
+from controller.run_state import RunCounters
+from controller.servers import ServerRegistry, ServerState
+from controller.staleness import admission_capacity
+
+log = logging.getLogger("controller")
+ROLE = "controller"
+
+ToServer = Callable[[ServerState, P.Generate], None]
+
+
+@dataclass
+class InflightGroup:
+    gid: int
+    prompt: Prompt
+    prompt_ids: list[int]
+    attempt: int = 0
+    server: str | None = None
+    results: dict[int, P.Result] = field(default_factory=dict)
+
+
+class Rollouts:
+    def __init__(self, cfg: Config, task: Task, tokenizer, length_gate: LengthGate, registry: ServerRegistry,
+                 rewards: RewardPool, counts: RunCounters, to_server: ToServer) -> None:
+        self.cfg = cfg
+        self.task = task
+        self.tokenizer = tokenizer
+        self.length_gate = length_gate
+        self.registry = registry
+        self.rewards = rewards
+        self.counts = counts
+        self.to_server = to_server
+        self.drop_log = RateLimitedLog(log)
+        self.n = cfg.controller.group_size
+        self.batch_size = cfg.controller.batch_size
+        self.max_staleness = cfg.effective_max_staleness  # admission
+        self.total_steps = cfg.trainer.total_steps
+
+        self.inflight: dict[int, InflightGroup] = {}
+        self.undispatched: deque[int] = deque()
+        self.scoring: list[tuple[InflightGroup, RewardHandle]] = []
+        self.ready: deque[P.Group] = deque()
+
+    # --- the admission rule ------------------------------------------------------------------------
+    @property
+    def version(self) -> int | None:
+        """The version every live server runs: what admission may count on (None: not synced yet)."""
+        v = self.registry.min_version()
+        return v if v is not None and v >= self.counts.base_version else None
+
+    def capacity(self) -> int:
+        v = self.version
+        if v is None:
+            return 0
+        c = self.counts
+        cap = admission_capacity(v, self.max_staleness, self.batch_size, c.accepted, c.running)
+        needed = self.total_steps * self.batch_size - (c.accepted + c.running)  # no work past the last step
+        return max(0, min(cap, needed))
+
+    def admit(self) -> None:
+        for _ in range(self.capacity()):
+            prompt, ids = self.next_prompt()
+            g = InflightGroup(self.counts.next_gid, prompt, ids)
+            self.counts.next_gid += 1
+            self.inflight[g.gid] = g
+            self.counts.running += 1
+            self.undispatched.append(g.gid)
+
+    def next_prompt(self) -> tuple[Prompt, list[int]]:
+        """The next prompt that fits the model's context; longer ones are skipped, counted, never dispatched
+        (the length gate raises AdmissionError after max_consecutive_skipped_prompts in a row)."""
+        while True:
+            prompt = self.task.prompt(self.counts.data_position)
+            self.counts.data_position += 1
+            ids = list(self.tokenizer(prompt.text).input_ids)
+            if self.length_gate.fits(prompt.index, len(ids)):
+                return prompt, ids
+
+    @property
+    def skipped_too_long(self) -> int:
+        return self.length_gate.total
+
+    def dispatch(self) -> None:
+        r = self.cfg.rollout
+        sampling = P.SamplingBody(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
+        while self.undispatched:
+            server = self.registry.least_loaded()
+            if server is None:
+                return
+            g = self.inflight[self.undispatched.popleft()]
+            g.server, g.results = server.server_id, {}
+            server.inflight[g.gid] = self.n
+            self.to_server(server, P.Generate(gid=g.gid, attempt=g.attempt, prompt_ids=g.prompt_ids, n=self.n,
+                                              sampling=sampling))
+
+    # --- results -----------------------------------------------------------------------------------
+    def on_result(self, server_id: str, r: P.Result) -> None:
+        g = self.inflight.get(r.gid)
+        if g is None or g.attempt != r.attempt or g.server != server_id or r.idx >= self.n or r.idx in g.results:
+            reject(ROLE, "stale_result", f"result {r.gid}:{r.attempt}:{r.idx} from {server_id} is not awaited")
+            return
+        g.results[r.idx] = r
+        c = self.counts
+        c.add_generated(server_id, len(r.output_ids))
+        server = self.registry.servers[server_id]
+        server.inflight[g.gid] -= 1
+        if server.inflight[g.gid] == 0:
+            del server.inflight[g.gid]
+        if len(g.results) == self.n:
+            del self.inflight[g.gid]
+            if any(x.finish_reason == "stale" for x in g.results.values()):
+                c.running -= 1  # aborted by the server as too stale for any batch to come
+                c.dropped_stale += 1
+                c.aborted_in_a_row = 0
+            elif any(x.finish_reason == "abort" for x in g.results.values()):
+                c.running -= 1  # refused by the server: forget it, capacity admits a fresh prompt
+                self.on_refused(g, server_id)
+            else:
+                c.aborted_in_a_row = 0
+                self.scoring.append((g, self.rewards.submit([self._scoring_item(g.prompt, g.results[i])
+                                                             for i in range(self.n)])))
+
+    def on_refused(self, g: InflightGroup, server_id: str) -> None:
+        """Count a group a server refused; max_consecutive_skipped_prompts of them in a row stop the run:
+        prompts that pass the length gate but that no server takes (another context, a tokenizer whose ids
+        the model lacks) would otherwise be admitted and dropped in a tight loop forever."""
+        c = self.counts
+        c.dropped_aborted += 1
+        c.aborted_in_a_row += 1
+        M.aborted_groups.inc()
+        self.drop_log.warning("refused", "group %d (prompt %d, %d tokens) refused by %s; dropped (%d so far; the "
+                              "server's log says why)", g.gid, g.prompt.index, len(g.prompt_ids), server_id,
+                              c.dropped_aborted)
+        limit = self.cfg.controller.max_consecutive_skipped_prompts
+        if c.aborted_in_a_row >= limit:
+            raise AdmissionError(f"controller: {c.aborted_in_a_row} groups in a row of task {self.length_gate.task_name!r} "
+                                 f"were refused by the rollout servers (finish_reason abort; last: prompt "
+                                 f"{g.prompt.index}, {len(g.prompt_ids)} tokens, by {server_id}; controller."
+                                 f"max_consecutive_skipped_prompts={limit}); their logs say why (a prompt too long for "
+                                 f"the engine's context, token ids outside its vocabulary...)")
+
+    def _scoring_item(self, prompt: Prompt, r: P.Result) -> tuple[Prompt, str, bool]:
+        ids = [t for t in r.output_ids if t not in self.tokenizer.all_special_ids]
+        return prompt, self.tokenizer.decode(ids, skip_special_tokens=True), r.finish_reason == "stop"
+
+    def _group(self, g: InflightGroup, rewards: list[float]) -> P.Group:
+        samples = [P.Sample(output_ids=r.output_ids, logprobs=r.logprobs, versions=r.versions,
+                            finish_reason=r.finish_reason, reward=reward)
+                   for r, reward in zip((g.results[i] for i in range(self.n)), rewards)]
+        return P.Group(gid=g.gid, prompt_index=g.prompt.index, prompt_ids=g.prompt_ids, samples=samples)
+
+    def harvest_rewards(self) -> None:
+        """Collect scored groups; a verifier that hangs or raises scores 0 (counted by the pool), never stalls."""
+        c = self.counts
+        still = []
+        for g, handle in self.scoring:
+            if not handle.done():
+                still.append((g, handle))
+                continue
+            c.running -= 1
+            group = self._group(g, handle.result())
+            c.add_scored([s.reward for s in group.samples])
+            if self.cfg.controller.dynamic_sampling and len({s.reward for s in group.samples}) == 1:
+                c.dropped_uniform += 1  # DAPO: no signal in it; capacity frees and a fresh prompt is admitted
+                continue
+            self.ready.append(group)
+            c.accepted += 1
+        self.scoring = still
+
+    def expire_servers(self) -> None:
+        """Declare silent servers dead and queue their groups for re-dispatch (still `running`)."""
+        for server in self.registry.expire():
+            moved = list(server.inflight)
+            log.error("server %s silent for %.0fs: declared dead, re-dispatching %d groups",
+                      server.server_id, self.registry.timeout_s, len(moved))
+            for gid in moved:
+                g = self.inflight[gid]
+                g.attempt += 1  # late results of the old attempt are rejected, nothing counts twice
+                g.server, g.results = None, {}
+                self.undispatched.appendleft(gid)
+            server.inflight.clear()

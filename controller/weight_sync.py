@@ -1,0 +1,73 @@
+"""Weight sync: publish the trainer's new weights to every server and bring laggards up to date.
+
+The newest weights are broadcast once on the PUB socket; a server that joins later, or is still
+behind CATCH_UP_AFTER_S after a publish, gets them sent directly. Every update carries the oldest
+token version a batch still to come can take, so servers abort doomed sequences early.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq
+
+from areal_py.wire import protocol as P
+from areal_py.wire.transport import WaitTimeout, send
+from controller.run_state import RunCounters
+from controller.servers import ServerRegistry, ServerState
+
+CATCH_UP_AFTER_S = 2.0  # resend weights directly to a server still behind after this long
+
+ToServer = Callable[[ServerState, P.UpdateWeights, dict | None], None]
+
+
+@dataclass
+class PublishedWeights:
+    version: int
+    path: str | None
+    tensors: dict
+    at: float = field(default_factory=time.monotonic)
+
+
+class WeightSync:
+    def __init__(self, pub: zmq.Socket, registry: ServerRegistry, counts: RunCounters, to_server: ToServer, *,
+                 max_token_staleness: int, sync_timeout_s: float) -> None:
+        self.pub = pub
+        self.registry = registry
+        self.counts = counts
+        self.to_server = to_server
+        self.max_token_staleness = max_token_staleness
+        self.sync_timeout_s = sync_timeout_s
+        self.latest: PublishedWeights | None = None
+
+    def publish(self, w: P.WeightsReady, tensors: dict) -> None:
+        self.latest = PublishedWeights(w.version, w.path, tensors)
+        send(self.pub, self.update_message(w.version, w.path), tensors or None)
+        for s in self.registry.live():
+            s.last_weights_sent = time.monotonic()
+
+    def catch_up(self, server: ServerState, force: bool = False) -> None:
+        """Send the newest weights straight to `server` if it is behind: at once when `force` (it just
+        joined), else once the broadcast had CATCH_UP_AFTER_S to arrive."""
+        w = self.latest
+        if w is None or server.version >= w.version:
+            return
+        if force or time.monotonic() - server.last_weights_sent > CATCH_UP_AFTER_S:
+            server.last_weights_sent = time.monotonic()
+            self.to_server(server, self.update_message(w.version, w.path), w.tensors or None)
+
+    def update_message(self, version: int, path: str | None) -> P.UpdateWeights:
+        """Weights plus the oldest token version a batch still to come can take (older work is doomed)."""
+        floor = max(0, self.counts.next_batch_version - self.max_token_staleness)
+        return P.UpdateWeights(version=version, path=path, min_token_version=floor)
+
+    def check(self) -> None:
+        """Raise WaitTimeout once a live server stays behind the newest weights past the sync timeout."""
+        w = self.latest
+        if w is None:
+            return
+        behind = [s.server_id for s in self.registry.live() if s.version < w.version]
+        if behind and time.monotonic() - w.at > self.sync_timeout_s:
+            raise WaitTimeout(f"controller: timed out after {self.sync_timeout_s:.0f}s "
+                              f"waiting for servers {behind} to load weight version {w.version}")
