@@ -7,17 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from pydantic import BaseModel
 
 from areal_py.telemetry.gen_activity import to_run_time
 from areal_py.telemetry.step_record import ControllerCounters, StepRecord
 from areal_py.wire import protocol as P
 from trainer.rollout_batch import RolloutBatch
-
-GEN_TOKENS_PREFIX = "gen_tokens/"
 
 
 @dataclass(frozen=True)
@@ -29,11 +25,6 @@ class StepTiming:
     wait_s: float
     train_s: float
     publish_s: float
-
-
-def _flat(x: Mapping[str, Any] | BaseModel) -> dict[str, Any]:
-    """A wire map as its flat key -> value form (a typed wire record dumps to the same keys)."""
-    return x.model_dump() if isinstance(x, BaseModel) else dict(x)
 
 
 def staleness(batch: RolloutBatch, trained_version: int) -> tuple[torch.Tensor, dict[int, int]]:
@@ -56,14 +47,12 @@ def build_step_record(*, trained_version: int, batch: RolloutBatch, dropped: Map
     learner's. Values are rounded as the file has always held them."""
     token_stale, hist = staleness(batch, trained_version)
     some = batch.num_samples > 0
-    state, wstats = _flat(wire.state), _flat(wire.stats)
-    activity = {k: round(wstats[k], 4) for k in ("rollout_slot_occupancy", "gen_busy_s") if wstats.get(k) is not None}
-    scored = wstats.get("scored_reward_mean")
+    ws = wire.stats
     step = trained_version + 1
     return StepRecord(
         step=step, version=step, wall_time_s=round(timing.wall_time_s, 3),
         reward_mean=float(batch.rewards.mean()) if some else 0.0,
-        scored_reward_mean=None if scored is None else round(scored, 6),
+        scored_reward_mean=None if ws.scored_reward_mean is None else round(ws.scored_reward_mean, 6),
         response_len_mean=float(batch.response_lengths.float().mean()) if some else 0.0,
         **{f"rejected_groups_{reason}": len(idx) for reason, idx in dropped.items()},
         staleness_mean=float(token_stale.float().mean()) if token_stale.numel() else 0.0,
@@ -71,11 +60,11 @@ def build_step_record(*, trained_version: int, batch: RolloutBatch, dropped: Map
         sample_staleness_hist=hist, max_staleness=max_staleness, max_token_staleness=max_token_staleness,
         trained_tokens=int(batch.attention_mask.sum()), trained_tokens_total=trained_tokens_total,
         response_tokens=int(batch.loss_mask.bool().sum()), samples=batch.num_samples,
-        generated_tokens=state.get("generated_tokens", 0),
-        server_generated_tokens={k[len(GEN_TOKENS_PREFIX):]: int(v) for k, v in wstats.items()
-                                 if k.startswith(GEN_TOKENS_PREFIX)},
+        generated_tokens=wire.state.generated_tokens, server_generated_tokens=dict(ws.gen_tokens),
         wait_s=round(timing.wait_s, 4), train_s=round(timing.train_s, 4), publish_s=round(timing.publish_s, 4),
-        gen_spans=to_run_time(wire.gen_spans, timing.epoch0), **activity,
+        gen_spans=to_run_time(wire.gen_spans, timing.epoch0),
+        rollout_slot_occupancy=None if ws.rollout_slot_occupancy is None else round(ws.rollout_slot_occupancy, 4),
+        gen_busy_s=round(ws.gen_busy_s, 4),
         **{k: round(v, 6) for k, v in stats.items()},
-        controller=ControllerCounters.model_validate(state),
+        controller=ControllerCounters.model_validate(wire.state.model_dump()),
     )
