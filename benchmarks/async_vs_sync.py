@@ -75,8 +75,8 @@ def heldout_reward(run_dir: Path, n: int = HELDOUT_N, model_dir: Path | None = N
     (`trainer.cold_start.evaluate`), prompts sorted by length so each batch stops near its longest.
     """
     from areal_py.config import load_config
-    from areal_py.model_dir import build_task
     from areal_py.models import load_model_and_tokenizer
+    from areal_py.tasks.base import build_task
     from trainer.cold_start import evaluate
 
     cfg = load_config(str(run_dir / "config.yaml"))

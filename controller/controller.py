@@ -14,9 +14,9 @@ from pathlib import Path
 import zmq
 
 from areal_py.config import Config, dump_config
-from areal_py.model_dir import build_task, context_length, model_path
+from areal_py.model_dir import context_length, model_path
 from areal_py.models import load_tokenizer
-from areal_py.tasks.base import Task
+from areal_py.tasks.base import Task, build_task
 from areal_py.telemetry.dashboard import start_dashboard, stop_dashboard
 from areal_py.telemetry.prom import CONTROLLER as M
 from areal_py.telemetry.report import write_report

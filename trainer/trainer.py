@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import zmq
+from pydantic import ValidationError
 
 from areal_py.config import Config
 from areal_py.model_dir import model_path
@@ -24,7 +25,7 @@ from areal_py.telemetry.tensorboard import TensorBoardLog
 from areal_py.wire import protocol as P
 from areal_py.wire.transport import make_socket, recv, reject, send
 from areal_py.wire.weights import named_weights, save_weights
-from trainer.checkpoint import load_latest_checkpoint, save_checkpoint
+from trainer.checkpoint import CheckpointError, load_latest_checkpoint, save_checkpoint
 from trainer.learner import Learner
 from trainer.rollout_batch import collate, drop_nonfinite_groups
 from trainer.step_metrics import StepTiming, build_step_record
@@ -64,7 +65,10 @@ class Trainer:
         d, state = load_latest_checkpoint(self.ckpt_root, self.learner.modules(), self.learner.optimizers())
         self.version = state["version"]
         saved = state["controller_state"]  # {}: checkpointed before any batch
-        self.resume_state = P.ControllerState.model_validate(saved) if saved else None
+        try:
+            self.resume_state = P.ControllerState.model_validate(saved) if saved else None
+        except ValidationError as e:
+            raise CheckpointError(f"{d / 'state.json'}: controller_state is not a valid controller state: {e}") from None
         self.wall_offset = state["wall_time_s"]
         self.trained_tokens_total = state.get("trained_tokens_total", 0)
         log.info("resumed from %s at version %d", d, self.version)

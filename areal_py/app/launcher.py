@@ -118,7 +118,7 @@ def load_task(cfg: Config) -> Task:
     Building it parses a JSONL file completely, so a missing file or a bad line is found here,
     before any process starts, instead of in a role's log after the model is built.
     """
-    from areal_py.model_dir import build_task
+    from areal_py.tasks.base import build_task
 
     try:
         return build_task(cfg)

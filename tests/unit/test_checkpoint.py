@@ -117,3 +117,19 @@ def test_disk_full_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, mo
     monkeypatch.undo()
     _, state, _ = _load(tmp_path)
     assert state["version"] == 4
+
+
+def test_a_controller_state_that_does_not_validate_is_an_error_naming_the_file(tmp_path):
+    """A checkpoint whose manifest verifies but whose controller_state is not a ControllerState (edited by
+    hand, or written by a newer version) stops the resume with the file's path, not a bare pydantic error."""
+    from types import SimpleNamespace
+
+    from trainer.trainer import Trainer
+
+    m, opt = _model_and_opt()
+    C.save_checkpoint(tmp_path, {"policy": m}, {"policy": opt},
+                      {"version": 3, "controller_state": {"accepted": -5}, "wall_time_s": 1.0})
+    fake = SimpleNamespace(ckpt_root=tmp_path,
+                           learner=SimpleNamespace(modules=lambda: {"policy": m}, optimizers=lambda: {"policy": opt}))
+    with pytest.raises(C.CheckpointError, match=r"state\.json: controller_state is not a valid controller state"):
+        Trainer._resume(fake)
