@@ -13,6 +13,15 @@ from areal_py.telemetry.gen_activity import MAX_SPANS, merge_spans, slot_occupan
 from areal_py.wire import protocol as P
 
 
+@dataclass(frozen=True)
+class Activity:
+    """Rollout activity over one batch interval, as it goes into the batch's stats and spans."""
+
+    gen_busy_s: float                      # seconds any server spent generating, summed over servers
+    rollout_slot_occupancy: float | None   # mean over the live servers that reported; None if none did
+    spans: list[tuple[float, float]]       # merged generation spans (server clocks), at most MAX_SPANS
+
+
 @dataclass
 class _Server:
     started: float       # the server's meter start; a new value means its counters restarted from 0
@@ -47,17 +56,14 @@ class ActivityTracker:
         if len(self.spans) > 4 * MAX_SPANS:
             self.spans = merge_spans(self.spans)
 
-    def take(self, live: Iterable[str]) -> tuple[dict[str, float], list[tuple[float, float]]]:
-        """Since the previous call: `gen_busy_s` (summed over servers), `rollout_slot_occupancy` (mean
-        over the live servers that reported, absent if none did) and the merged generation spans."""
+    def take(self, live: Iterable[str]) -> Activity:
+        """What happened since the previous call (see `Activity`); starts the next interval."""
         occ = [slot_occupancy(s.acc_slot_seconds, s.acc_seconds, s.max_running)
                for s in (self.servers.get(i) for i in live) if s is not None]
         occ = [o for o in occ if o is not None]
-        stats = {"gen_busy_s": self.busy_s}
-        if occ:
-            stats["rollout_slot_occupancy"] = sum(occ) / len(occ)
-        spans = merge_spans(self.spans)
+        out = Activity(gen_busy_s=self.busy_s, rollout_slot_occupancy=sum(occ) / len(occ) if occ else None,
+                       spans=merge_spans(self.spans))
         for s in self.servers.values():
             s.acc_slot_seconds = s.acc_seconds = 0.0
         self.busy_s, self.spans = 0.0, []
-        return stats, spans
+        return out

@@ -143,13 +143,15 @@ class Controller:
             state = c.snapshot(reward_timeouts=self.rewards.timeouts, reward_errors=self.rewards.errors,
                                skipped_too_long=ro.skipped_too_long)
             live = self.registry.live()
-            activity, spans = self.activity.take(s.server_id for s in live)
+            activity = self.activity.take(s.server_id for s in live)
             # The reward of everything scored since the last batch, groups dynamic sampling dropped
             # included: with DAPO the trained batch's reward is biased toward 0.5, this one is not.
-            stats = P.BatchStats(servers_live=len(live), **activity, scored_reward_mean=c.take_scored_reward_mean(),
-                                 gen_tokens=dict(c.gen_tokens_by_server))
+            stats = P.BatchStats(servers_live=len(live), gen_busy_s=activity.gen_busy_s,
+                                 rollout_slot_occupancy=activity.rollout_slot_occupancy,
+                                 scored_reward_mean=c.take_scored_reward_mean(), gen_tokens=dict(c.gen_tokens_by_server))
             try:
-                send(self.to_trainer, P.Batch(version=b, groups=groups, state=state, stats=stats, gen_spans=spans))
+                send(self.to_trainer, P.Batch(version=b, groups=groups, state=state, stats=stats,
+                                              gen_spans=activity.spans))
             except zmq.Again:
                 raise WaitTimeout(f"controller: timed out after {self.cfg.trainer.batch_timeout_s:.0f}s "
                                   f"waiting for the trainer to take batch {b}") from None

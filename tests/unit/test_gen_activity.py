@@ -12,7 +12,7 @@ from areal_py.telemetry.gen_activity import (
 from areal_py.telemetry.report import timeline_lanes
 from areal_py.telemetry.step_record import StepRecord
 from areal_py.wire import protocol as P
-from controller.activity import ActivityTracker
+from controller.activity import Activity, ActivityTracker
 
 
 def test_merge_spans_unions_close_intervals_and_bounds_the_count():
@@ -73,16 +73,16 @@ def test_tracker_averages_occupancy_over_live_servers_per_batch():
     t = ActivityTracker()
     t.add("a", hb("a", 100.0, 104.0, slot_seconds=8.0, busy_s=2.0, spans=[(101.0, 103.0)]), received=0)
     t.add("b", hb("b", 100.0, 110.0, slot_seconds=4.0, busy_s=1.0, max_running=2, spans=[(102.5, 103.5)]), received=0)
-    stats, spans = t.take(["a", "b"])
+    a = t.take(["a", "b"])
     # a: 8 slot-s over 4 s of 4 slots = 0.5; b: 4 over 10 s of 2 slots = 0.2; mean over servers 0.35
-    assert stats == {"gen_busy_s": pytest.approx(3.0), "rollout_slot_occupancy": pytest.approx(0.35)}
-    assert spans == [(101.0, 103.5)]
+    assert (a.gen_busy_s, a.rollout_slot_occupancy) == (pytest.approx(3.0), pytest.approx(0.35))
+    assert a.spans == [(101.0, 103.5)]
     # the next batch counts only what came after: a adds 4 slot-s over 2 s (0.5); b is dead, not averaged
     t.add("a", hb("a", 100.0, 106.0, slot_seconds=12.0, busy_s=3.0, spans=[(105.0, 106.0)]), received=0)
-    stats, spans = t.take(["a"])
-    assert stats == {"gen_busy_s": pytest.approx(1.0), "rollout_slot_occupancy": pytest.approx(0.5)}
-    assert spans == [(105.0, 106.0)]
-    assert t.take(["a"]) == ({"gen_busy_s": 0.0}, [])  # no heartbeat since: no occupancy to report
+    a = t.take(["a"])
+    assert (a.gen_busy_s, a.rollout_slot_occupancy) == (pytest.approx(1.0), pytest.approx(0.5))
+    assert a.spans == [(105.0, 106.0)]
+    assert t.take(["a"]) == Activity(0.0, None, [])  # no heartbeat since: no occupancy to report
 
 
 def test_tracker_handles_a_restarted_server_and_old_heartbeats():
@@ -90,12 +90,12 @@ def test_tracker_handles_a_restarted_server_and_old_heartbeats():
     t.add("a", hb("a", 100.0, 110.0, slot_seconds=20.0, busy_s=5.0), received=0)
     t.take(["a"])
     t.add("a", hb("a", 200.0, 202.0, slot_seconds=2.0, busy_s=1.0), received=0)  # new process, same id
-    stats, _ = t.take(["a"])
-    assert stats == {"gen_busy_s": pytest.approx(1.0), "rollout_slot_occupancy": pytest.approx(0.25)}
+    a = t.take(["a"])
+    assert (a.gen_busy_s, a.rollout_slot_occupancy) == (pytest.approx(1.0), pytest.approx(0.25))
     old = P.Heartbeat(server_id="o", version=0, running=0, waiting=0, generated_tokens=0)  # before activity fields
     t.add("o", old, received=300.0)
     t.add("o", old, received=301.0)
-    assert t.take(["o"]) == ({"gen_busy_s": 0.0}, [])  # counted as nothing, never an error
+    assert t.take(["o"]) == Activity(0.0, None, [])  # counted as nothing, never an error
 
 
 def test_tracker_keeps_its_span_list_bounded():
@@ -104,7 +104,7 @@ def test_tracker_keeps_its_span_list_bounded():
         t.add("a", hb("a", 0.0, i + 1.0, slot_seconds=0.0, busy_s=0.0,
                       spans=[(i + k / 20, i + k / 20 + 0.01) for k in range(20)]), received=0)
         assert len(t.spans) <= 4 * MAX_SPANS + 20
-    assert len(t.take(["a"])[1]) == MAX_SPANS
+    assert len(t.take(["a"]).spans) == MAX_SPANS
 
 
 def test_sync_like_timeline_keeps_generation_and_training_apart():
