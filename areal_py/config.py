@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -96,6 +96,11 @@ class RolloutConfig(_Section):
     interrupt_mode: Literal["recompute", "keep"] = Field(
         "recompute", description="On a weight update: recompute the KV cache of in-flight requests under the new "
         "weights (AReaL), or keep decoding on the old cache (PipelineRL, prime-rl).")
+    compile_decode: bool = Field(
+        False, description="torch backend, fast runner: run decode steps through torch.compile'd dense layers, "
+        "each new batch-size bucket checked against eager first (logits to 1e-4); any error or mismatch falls back "
+        "to eager with the reason logged. Off by default: compile time and gain on this CPU are in "
+        "docs/benchmarks.md (Rollout engine).")
 
 
 class ControllerConfig(_Section):
@@ -123,6 +128,10 @@ class ControllerConfig(_Section):
                                    "admitting (within the staleness bound) until the batch is full.")
 
 
+# A cost-model coefficient: finite and >= 0 (trainer.micro_batching.PackCost checks the same).
+_Coef = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
 class TrainerConfig(_Section):
     total_steps: int = Field(200, ge=1, description="Training steps (one optimizer update per batch per minibatch).")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
@@ -136,9 +145,15 @@ class TrainerConfig(_Section):
     micro_batch_size: int = Field(128, ge=1, description="Sequences per forward pass (gradients accumulate over micro-batches).")
     max_tokens_per_micro_batch: int = Field(0, ge=0, description="Pack micro-batches by a token budget "
                                             "instead of micro_batch_size; 0 = off.")
-    micro_batch_packing: Literal["padded", "ffd"] = Field(
+    micro_batch_packing: Literal["padded", "ffd", "cost"] = Field(
         "padded", description="padded: length-sorted runs with rows x longest <= the budget (padded tensors; "
-        "right for long-tailed lengths); ffd: first-fit-decreasing on summed lengths.")
+        "right for long-tailed lengths); ffd: first-fit-decreasing on summed lengths; cost: length-sorted runs "
+        "within the same padded budget, cut where a measured cost model (per-micro-batch overhead, linear "
+        "layers, attention; trainer.pack_cost or timed at start, cached per machine) says it is cheapest.")
+    pack_cost: tuple[_Coef, _Coef, _Coef] | None = Field(
+        None, description="micro_batch_packing=cost: the cost model's coefficients (c0, c1, c2) in seconds for "
+        "c0 + c1 * rows*maxlen + c2 * rows*maxlen^2; null = time the model at start (cached under "
+        "model.cache_dir). Set it for the same packing on every machine.")
     checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = Field(3, ge=0, description="Checkpoints kept on disk, newest first (older ones are "
                                   "deleted after each save; more than 1 leaves a fallback if the newest is "

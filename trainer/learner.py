@@ -24,7 +24,8 @@ from areal_py.config import Config
 from trainer.algo import recipe as A
 from trainer.algo.kl import AdaptiveKLController, FixedKLController
 from trainer.critic import ValueModel
-from trainer.micro_batching import pack_by_padded_tokens, pack_by_tokens
+from trainer.micro_batching import PackCost, pack_by_cost, pack_by_padded_tokens, pack_by_tokens
+from trainer.pack_cost import pack_cost_for
 from trainer.rollout_batch import RolloutBatch, token_logprobs
 
 STAT_KEYS = ("loss", "clip_fraction", "approx_kl", "behav_weight_mean", "kl_loss", "entropy", "value_loss")
@@ -40,12 +41,15 @@ def first_nonfinite(module: torch.nn.Module) -> str | None:
 
 
 class Learner:
-    def __init__(self, cfg: Config, model: torch.nn.Module, model_dir) -> None:
+    def __init__(self, cfg: Config, model: torch.nn.Module, model_dir, pack_cost: PackCost | None = None) -> None:
+        """``pack_cost``: the micro-batch cost model for ``micro_batch_packing=cost``; None = from the
+        config or timed on ``model`` (trainer/pack_cost.py), before any other state is built."""
         self.cfg = cfg
         self.algo = cfg.algo
         t = cfg.trainer
         self.model = model
         self.model.train()
+        self.pack_cost = pack_cost or pack_cost_for(cfg, model)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.temperature = cfg.rollout.temperature
         self.ref = copy.deepcopy(model).eval().requires_grad_(False) if self.algo.kl_coef > 0 else None
@@ -60,6 +64,7 @@ class Learner:
         # one forward pass fewer per step); False forces the separate recompute (tests compare the two).
         self.prox_from_training_forward = True
         self.skipped_in_a_row = 0  # steps since the last applied update that were skipped for non-finite values
+        self._tokens = [0, 0]  # this step's training micro-batches: [real, computed (rows x padded width)] tokens
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """What a checkpoint must hold (the reference is the initial policy: rebuilt, not saved)."""
@@ -72,8 +77,14 @@ class Learner:
         t = self.cfg.trainer
         if t.max_tokens_per_micro_batch:
             lengths = batch.attention_mask[rows].sum(dim=1).tolist()
-            pack = pack_by_padded_tokens if t.micro_batch_packing == "padded" else pack_by_tokens
-            return [rows[torch.tensor(mb)] for mb in pack(lengths, t.max_tokens_per_micro_batch)]
+            if t.micro_batch_packing == "cost":
+                if self.pack_cost is None:
+                    raise ValueError("micro_batch_packing=cost needs a cost model (Learner(pack_cost=...))")
+                mbs = pack_by_cost(lengths, t.max_tokens_per_micro_batch, self.pack_cost)
+            else:
+                pack = pack_by_padded_tokens if t.micro_batch_packing == "padded" else pack_by_tokens
+                mbs = pack(lengths, t.max_tokens_per_micro_batch)
+            return [rows[torch.tensor(mb)] for mb in mbs]
         return list(rows.split(t.micro_batch_size))
 
     @torch.no_grad()
@@ -109,6 +120,7 @@ class Learner:
                                                                 "skipped_updates": 0.0}
         if rows.numel() == 0:
             return stats
+        self._tokens = [0, 0]
         sub = batch.rows(rows)
         t0 = time.perf_counter()
         need_prox = algo.loss != "ppo" and algo.prox_method == "recompute"
@@ -129,6 +141,7 @@ class Learner:
         minibatches = torch.arange(sub.num_samples).chunk(t.ppo_minibatches)
         applied = sum(self._update(sub, minibatch, targets, version, stats) for minibatch in minibatches)
         stats["skipped_updates"] = float(len(minibatches) - applied)
+        stats["real_token_fraction"] = self._tokens[0] / max(self._tokens[1], 1)
         for k in STAT_KEYS:  # means over the applied updates: a skipped one's NaN loss is left out
             stats[k] /= max(applied, 1)
         if applied:
@@ -174,6 +187,8 @@ class Learner:
         for idx in self.micro_batches(sub, minibatch):
             mb = sub.rows(idx, trim=True)
             width = mb.loss_mask.shape[1]
+            self._tokens[0] += int(mb.attention_mask.sum())
+            self._tokens[1] += mb.attention_mask.numel()
             tmb = A.Targets(*(None if x is None else x[idx, :width] for x in
                               (tg.advantages, tg.prox, tg.ref, tg.old_values, tg.returns)),
                             prox_is_current=tg.prox_is_current)

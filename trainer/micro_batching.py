@@ -1,11 +1,15 @@
 """Dynamic micro-batching: pack sequences into micro-batches by a token budget, not a fixed count.
 
-Two packers. `pack_by_padded_tokens` (the trainer's default) sorts by length and cuts runs whose
+Three packers. `pack_by_padded_tokens` sorts by length and cuts runs whose
 *padded* size ``rows x longest`` stays within the budget: a micro-batch is a padded tensor, so
 that is what costs memory and compute, and with long-tailed lengths (a few 500-token responses
 among many 20-token ones) it keeps the long ones together instead of padding short ones to 500.
 `pack_by_tokens` (first-fit-decreasing, below) bounds the *summed* lengths instead: the right
 packer for padding-free (varlen) kernels, where it uses the fewest micro-batches.
+`pack_by_cost` (the trainer's default) also cuts the length-sorted order into contiguous runs
+under the padded budget, but chooses the cuts by dynamic programming to minimise a measured cost
+per micro-batch (`PackCost`: fixed overhead + linear layers + attention), so it pays for a padded
+token only where one more forward pass would cost more than the padding.
 
 With long-tailed response lengths a fixed number of sequences per forward pass either wastes
 memory on short ones or runs out of it on long ones. Packing by tokens keeps every micro-batch
@@ -20,7 +24,34 @@ checks this to 1e-5 on a small model.
 """
 from __future__ import annotations
 
-__all__ = ["pack_by_padded_tokens", "pack_by_tokens"]
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["PackCost", "computed_tokens", "pack_by_cost", "pack_by_padded_tokens", "pack_by_tokens"]
+
+
+@dataclass(frozen=True)
+class PackCost:
+    """Cost (seconds, or any unit: only ratios matter) of one padded micro-batch of ``rows`` sequences
+    padded to ``maxlen``: ``c0 + c1 * rows * maxlen + c2 * rows * maxlen**2``.
+
+    ``c0`` is the fixed per-forward/backward overhead (kernel launches, Python, the optimizer-free part
+    of one micro-batch), ``c1`` the per-token cost of the linear layers (and everything else linear in
+    tokens), ``c2`` the attention over full ``maxlen`` squares. All three must be finite and >= 0.
+    """
+    c0: float
+    c1: float
+    c2: float
+
+    def __post_init__(self) -> None:
+        for name in ("c0", "c1", "c2"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or v < 0:
+                raise ValueError(f"PackCost.{name} must be a finite number >= 0, got {v!r}")
+
+    def of(self, rows: int, maxlen: int) -> float:
+        return self.c0 + self.c1 * rows * maxlen + self.c2 * rows * maxlen * maxlen
 
 
 def pack_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -73,6 +104,46 @@ def pack_by_padded_tokens(lengths: list[int], max_tokens: int) -> list[list[int]
         else:
             bins.append([i])
     return [sorted(b) for b in bins]
+
+
+def pack_by_cost(lengths: list[int], max_tokens: int, cost: PackCost) -> list[list[int]]:
+    """Indices grouped into contiguous runs of the length-sorted order that minimise the summed
+    ``cost.of(len(run), longest in run)`` subject to ``len(run) * longest <= max_tokens`` (the memory
+    budget of a padded micro-batch); a sequence longer than the budget gets a run of its own.
+
+    Sorted shortest first (ties: lower index first). Exact dynamic programming over the cut points:
+    ``best[j] = min over i of best[i] + cost(j - i, lengths[j - 1])`` for the runs ``i..j-1`` that fit,
+    O(n * rows-that-fit) vectorised. Among equal-cost packings the one with the longest last run wins
+    (fewer micro-batches). Restricting to contiguous runs of the sorted order loses nothing: the cost
+    grows with ``maxlen``, so swapping a long sequence into a run of short ones never helps.
+    Returns micro-batches shortest first, each a list of indices in ascending order.
+    """
+    _check(lengths, max_tokens)
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    n = len(order)
+    if n == 0:
+        return []
+    sl = np.array([lengths[i] for i in order], dtype=np.float64)
+    best = np.zeros(n + 1)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        longest = sl[j - 1]
+        fit = int(max_tokens // longest) if longest > 0 else j
+        rows = np.arange(min(j, max(fit, 1)), 0, -1, dtype=np.float64)  # longest run first
+        total = best[j - rows.astype(np.int64)] + cost.c0 + rows * longest * (cost.c1 + cost.c2 * longest)
+        k = int(np.argmin(total))
+        best[j], cut[j] = total[k], j - int(rows[k])
+    bins: list[list[int]] = []
+    j = n
+    while j > 0:
+        bins.append(sorted(order[cut[j]:j]))
+        j = int(cut[j])
+    return bins[::-1]
+
+
+def computed_tokens(lengths: list[int], bins: list[list[int]]) -> int:
+    """Tokens a forward pass computes over ``bins`` as padded micro-batches: sum of rows x longest."""
+    return sum(len(b) * max(lengths[i] for i in b) for b in bins if b)
 
 
 def _check(lengths: list[int], max_tokens: int) -> None:

@@ -131,6 +131,9 @@ class StepRecord(BaseModel):
     prox_skipped: float | None = Field(None, description="1 when the proximal recompute forward was skipped, else 0")
     prox_time_s: float | None = Field(None, description="seconds of the proximal logprob recompute (part of train_s)")
     ref_kl: float | None = Field(None, description="observed KL(behaviour || reference) per token (nats)")
+    real_token_fraction: float | None = Field(None, description="real (not padding) share of the tokens the "
+                                                               "training forward passes computed: summed lengths / "
+                                                               "summed rows x padded width of the micro-batches")
     controller: ControllerCounters = Field(default_factory=ControllerCounters,
                                            description="controller counters, on disk as ctrl_<name> keys")
 

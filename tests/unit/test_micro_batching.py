@@ -1,5 +1,7 @@
-"""Dynamic micro-batching: first-fit-decreasing packing by a token budget (hand-worked), and
-gradient accumulation over the packed micro-batches equal to one big batch to 1e-5."""
+"""Dynamic micro-batching: first-fit-decreasing, padded and cost-model packing by a token budget
+(hand-worked), and gradient accumulation over the packed micro-batches equal to one big batch to 1e-5."""
+import itertools
+import math
 import random
 
 import pytest
@@ -7,7 +9,7 @@ import torch
 from torch import nn
 
 from trainer.algo.policy_loss import decoupled_ppo_loss, gspo_loss, policy_loss
-from trainer.micro_batching import pack_by_padded_tokens, pack_by_tokens
+from trainer.micro_batching import PackCost, computed_tokens, pack_by_cost, pack_by_padded_tokens, pack_by_tokens
 
 # ----------------------------------------------------------------------------- packing by hand
 
@@ -125,7 +127,7 @@ def gradients(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("packer", ["ffd", "padded"])
+@pytest.mark.parametrize("packer", ["ffd", "padded", "cost"])
 @pytest.mark.parametrize("kind", list(GLOBAL_NORMALIZER))
 def test_micro_batched_gradient_equals_big_batch(kind, packer):
     torch.manual_seed(0)
@@ -145,8 +147,11 @@ def test_micro_batched_gradient_equals_big_batch(kind, packer):
     if packer == "ffd":
         micro_batches = pack_by_tokens(LENGTHS, BUDGET)
         assert micro_batches == PACKED
-    else:
+    elif packer == "padded":
         micro_batches = pack_by_padded_tokens(LENGTHS, BUDGET)
+        assert len(micro_batches) > 1
+    else:
+        micro_batches = pack_by_cost(LENGTHS, BUDGET, PackCost(1.0, 0.1, 0.01))
         assert len(micro_batches) > 1
     model.zero_grad()
     total = 0.0
@@ -204,3 +209,108 @@ def test_padded_packing_beats_ffd_on_a_long_tail():
     for bins in (ffd, pad):
         assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
     assert all(len(b) * max(lengths[i] for i in b) <= 1024 for b in pad)
+
+
+# ----------------------------------------------------------------------------- packing by a cost model
+
+
+def test_cost_packing_splits_where_one_more_pass_is_cheaper_than_the_padding():
+    """[1,1,1,1,10], budget 50, cost 3 + rows*maxlen: all together 3 + 5*10 = 53; the four short ones,
+    then 10 alone: (3 + 4) + (3 + 10) = 20; [1,1][1,1][10]: 23. Greedy padded packing takes all five
+    (5 x 10 = 50 fits)."""
+    lengths = [1, 1, 1, 1, 10]
+    assert pack_by_cost(lengths, 50, PackCost(3.0, 1.0, 0.0)) == [[0, 1, 2, 3], [4]]
+    assert pack_by_padded_tokens(lengths, 50) == [[0, 1, 2, 3, 4]]
+
+
+def test_cost_packing_the_attention_term_decides():
+    """[4,4,8], budget 100. With c0=10, c1=1: one batch 10 + 24 = 34 < [4,4][8] 18 + 18 = 36.
+    With c0=10, c2=1 (rows x maxlen^2): one batch 10 + 192 = 202; [4,4][8] (10 + 32) + (10 + 64) = 116;
+    [4][4][8] 26 + 26 + 74 = 126."""
+    assert pack_by_cost([4, 4, 8], 100, PackCost(10.0, 1.0, 0.0)) == [[0, 1, 2]]
+    assert pack_by_cost([4, 4, 8], 100, PackCost(10.0, 0.0, 1.0)) == [[0, 1], [2]]
+    assert pack_by_cost([8, 4, 4], 100, PackCost(10.0, 0.0, 1.0)) == [[1, 2], [0]]  # indices, shortest first
+
+
+def test_cost_packing_edge_cases():
+    c = PackCost(1.0, 1.0, 0.0)
+    assert pack_by_cost([], 8, c) == []
+    assert pack_by_cost([7], 8, c) == [[0]]
+    assert pack_by_cost([9], 8, c) == [[0]]                                   # over budget: alone
+    assert pack_by_cost([20, 2, 2], 10, c) == [[1, 2], [0]]                   # over budget: alone, others share
+    assert pack_by_cost([3, 3, 3, 3], 6, c) == [[0, 1], [2, 3]]               # equal lengths: rows <= 6 // 3
+    assert pack_by_cost([3, 3, 3, 3], 12, c) == [[0, 1, 2, 3]]                # no padding, one overhead
+    assert pack_by_cost([0, 0, 3], 3, c) == [[0, 1], [2]]                     # zero lengths cost only c0
+    # no overhead: padding is never worth it, and runs without padding are kept whole (ties: fewer runs)
+    assert pack_by_cost([2, 2, 3, 3, 5], 100, PackCost(0.0, 1.0, 0.0)) == [[0, 1], [2, 3], [4]]
+    # only overhead: the fewest micro-batches the budget allows
+    assert len(pack_by_cost([1] * 10 + [5] * 4, 10, PackCost(1.0, 0.0, 0.0))) == 3  # 10 ones, then 2 + 2 fives
+
+
+def _cost(lengths, bins, c: PackCost) -> float:
+    return sum(c.of(len(b), max(lengths[i] for i in b)) for b in bins)
+
+
+def _set_partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _set_partitions(rest):
+        yield [[first], *part]
+        for k in range(len(part)):
+            yield [*part[:k], [first, *part[k]], *part[k + 1:]]
+
+
+def test_cost_packing_is_optimal_over_every_partition():
+    """Against brute force over all set partitions (not only contiguous runs) of small random cases."""
+    rng = random.Random(0)
+    for _ in range(60):
+        n = rng.randint(1, 6)
+        lengths = [rng.randint(0, 12) for _ in range(n)]
+        budget = rng.randint(1, 40)
+        c = PackCost(rng.choice([0.0, 1.0, 5.0, 30.0]), rng.choice([0.0, 1.0]), rng.choice([0.0, 0.1]))
+        bins = pack_by_cost(lengths, budget, c)
+        assert sorted(i for b in bins for i in b) == list(range(n)) and all(b == sorted(b) for b in bins)
+        assert all(len(b) * max(lengths[i] for i in b) <= budget or len(b) == 1 for b in bins)
+        feasible = [p for p in _set_partitions(list(range(n)))
+                    if all(len(b) * max(lengths[i] for i in b) <= budget or len(b) == 1 for b in p)]
+        assert math.isclose(_cost(lengths, bins, c), min(_cost(lengths, p, c) for p in feasible), abs_tol=1e-9)
+
+
+def test_cost_packing_beats_greedy_padding_on_sum_cot_like_lengths():
+    """A long tail (most sequences 20-60 tokens, a few up to 494): with a per-pass overhead worth ~200
+    tokens the cost packing computes far fewer padded tokens than greedy padded packing at 8192."""
+    rng = random.Random(1)
+    lengths = [min(494, int(20 / (1 - rng.random()) ** (1 / 1.1))) for _ in range(128)]
+    c = PackCost(200.0, 1.0, 0.0)
+    cost_bins, greedy = pack_by_cost(lengths, 8192, c), pack_by_padded_tokens(lengths, 8192)
+    assert _cost(lengths, cost_bins, c) <= _cost(lengths, greedy, c)
+    assert sum(lengths) / computed_tokens(lengths, cost_bins) > sum(lengths) / computed_tokens(lengths, greedy)
+    assert sum(lengths) / computed_tokens(lengths, cost_bins) >= 0.85
+
+
+def test_computed_tokens_by_hand():
+    assert computed_tokens([5, 3, 8, 1], [[0, 1], [2], [3]]) == 2 * 5 + 8 + 1
+    assert computed_tokens([], []) == 0
+
+
+@pytest.mark.parametrize("bad", [(-1.0, 0.0, 0.0), (0.0, math.nan, 0.0), (0.0, 0.0, math.inf), (True, 0.0, 0.0)])
+def test_pack_cost_rejects_bad_coefficients(bad):
+    with pytest.raises(ValueError, match="PackCost"):
+        PackCost(*bad)
+
+
+def test_cost_packing_checks_its_arguments():
+    with pytest.raises(ValueError, match="max_tokens"):
+        pack_by_cost([1, 2], 0, PackCost(1.0, 1.0, 0.0))
+    with pytest.raises(ValueError, match="lengths"):
+        pack_by_cost([1, -2], 4, PackCost(1.0, 1.0, 0.0))
+
+
+def test_contiguous_runs_suffice_even_with_ties_and_zero_lengths():
+    """Every ordering of a case with ties gives packings of the same cost (the sort is stable by index)."""
+    c = PackCost(2.0, 1.0, 0.05)
+    base = [0, 3, 3, 7, 7, 7]
+    costs = {round(_cost(list(p), pack_by_cost(list(p), 14, c), c), 9) for p in itertools.permutations(base)}
+    assert len(costs) == 1
