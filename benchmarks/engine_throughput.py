@@ -14,9 +14,16 @@ free at start, areal_py.threads; recorded in the result), for:
   `max_requests_per_batch = max_running`.
 
 Both a ~2M (the embedded default's shape) and a ~20M parameter Llama, random init (seeded).
+Next to each measurement it prints the roofline (`benchmarks.roofline`, the machine's GEMM peak and
+read bandwidths measured at start at the same thread count): for the workload, the floor time no
+engine can beat (`generation_floor_s`), and for single decode steps of the fast runner at
+`--decode-shapes` rows x context, the step's floor (`decode_floor_s`); "x above roofline" is the
+measured time over the floor.
+
 Writes `<out>/engine_throughput.json` (tokens/s per engine and model, speedup over the better
-baseline, peak RSS, workload, command) and `<out>/engine_throughput_slots.png` (active slots over
-time per engine; needs matplotlib). Run from the repository root:
+baseline, peak RSS, floors and decode steps, machine limits, workload, command) and
+`<out>/engine_throughput_slots.png` (active slots over time per engine; needs matplotlib). Run
+from the repository root:
 
     python -m benchmarks.engine_throughput            # full run, a few minutes
     python -m benchmarks.engine_throughput --quick    # seconds, for the test suite
@@ -47,6 +54,7 @@ from transformers import (
 
 from areal_py.threads import auto_threads
 from benchmarks.common import command_line
+from benchmarks.roofline import MachineLimits, ModelShape, decode_floor_s, generation_floor_s, measure_machine
 from rollout_server.sampling import SamplingParams
 from rollout_server.torch_engine.engine import Engine
 
@@ -221,16 +229,53 @@ def warm_up(model, max_running: int) -> None:
         run(model, wl, max_running, 0)
 
 
+@torch.inference_mode()
+def decode_steps(model, rows: int, context: int, limits: MachineLimits, rounds: int) -> dict:
+    """The fast runner's decode step over `rows` rows at `context` positions each, against its floor.
+
+    The rows' caches are left as allocated (zeros): a step's work does not depend on the values. Each
+    round times a few steps; with one thread the clock is process CPU time (the machine is shared),
+    else wall time. The median over rounds counts."""
+    engine = Engine(model, EOS, max_running=rows, max_seq_len=context + 1, seed=0)
+    runner, slots = engine.runner, list(range(rows))
+    clock = time.process_time if limits.threads == 1 else time.perf_counter
+
+    def step() -> None:
+        runner.forward(slots, [context - 1] * rows, [[5]] * rows)
+
+    step()
+    per_round = max(1, int(0.2 / max(_timed(step, clock), 1e-6)))
+    times = [_timed(step, clock, per_round) for _ in range(rounds)]
+    floor = decode_floor_s(ModelShape.from_config(model.config), [context] * rows, limits)
+    median = float(np.median(times))
+    return {"rows": rows, "context": context, "runner": type(runner).__name__, "median_s": median,
+            "rounds_s": times, "clock": clock.__name__, "floor_s": floor, "x_above_roofline": median / floor}
+
+
+def _timed(fn, clock, calls: int = 1) -> float:
+    t = clock()
+    for _ in range(calls):
+        fn()
+    return (clock() - t) / calls
+
+
 def bench_model(name: str, shape: dict, wl: dict, max_running: int, seed: int, engines: list[str],
-                repeats: int, cb_configs: list[str]) -> dict:
+                repeats: int, cb_configs: list[str], limits: MachineLimits,
+                decode_shapes: list[tuple[int, int]]) -> dict:
     """Every engine `repeats` times, interleaved (the machine is shared and noisy); the best run counts."""
     global CB_CONFIG
     max_pos = max(map(len, wl["prompts"])) + max(wl["lengths"]) + 8
+    max_pos = max([max_pos] + [c + 8 for _, c in decode_shapes])
     model = make_model(shape, max_pos, seed)
     n_params = sum(p.numel() for p in model.parameters())
     warm_up(model, max_running)
     useful = sum(wl["lengths"])
-    entry: dict = {"params": n_params, "shape": shape, "engines": {}}
+    floor = generation_floor_s(ModelShape.from_config(model.config), [len(p) for p in wl["prompts"]],
+                               wl["lengths"], max_running, limits)
+    entry: dict = {"params": n_params, "shape": shape, "engines": {},
+                   "roofline": {"floor_s": floor, "floor_tokens_per_s": useful / floor}}
+    print(f"  {name:>4} roofline   {useful / floor:8.0f} tok/s {floor:6.2f}s  (the floor for this workload)",
+          flush=True)
     for rep in range(repeats):
         for eng in engines:
             for variant in (cb_configs if eng == "hf_cb" else [None]):
@@ -244,13 +289,16 @@ def bench_model(name: str, shape: dict, wl: dict, max_running: int, seed: int, e
                 peak = _status_kb("VmHWM") / 1024 if peak_ok else None
                 tps = useful / res["elapsed_s"]
                 print(f"  {name:>4} {eng:<10}{'/' + variant if variant else '':<7} {tps:8.0f} tok/s "
-                      f"{res['elapsed_s']:6.1f}s" + (f"  peak RSS {peak:.0f} MB" if peak else ""), flush=True)
-                r = entry["engines"].setdefault(eng, {"runs_tokens_per_s": [], "tokens_per_s": 0.0})
+                      f"{res['elapsed_s']:6.1f}s {res['elapsed_s'] / floor:6.1f}x above roofline"
+                      + (f"  peak RSS {peak:.0f} MB" if peak else ""), flush=True)
+                r = entry["engines"].setdefault(eng, {"runs_tokens_per_s": [], "tokens_per_s": 0.0,
+                                                      "runs_x_above_roofline": []})
                 r["runs_tokens_per_s"].append(round(tps, 1))
+                r["runs_x_above_roofline"].append(round(res["elapsed_s"] / floor, 3))
                 r["peak_rss_mb"] = max(r.get("peak_rss_mb") or 0, peak or 0) or None
                 if tps > r["tokens_per_s"]:  # keep the best run's details
                     r.update({"tokens_per_s": tps, "elapsed_s": res["elapsed_s"], "useful_tokens": useful,
-                              "rss_before_mb": rss_before / 1024})
+                              "rss_before_mb": rss_before / 1024, "x_above_roofline": res["elapsed_s"] / floor})
                     if variant:
                         r["cb_config"] = variant
                     r.update({k: v for k, v in res.items() if k not in ("produced", "elapsed_s")})
@@ -261,6 +309,12 @@ def bench_model(name: str, shape: dict, wl: dict, max_running: int, seed: int, e
         entry["best_baseline_tokens_per_s"] = max(base)
         entry["speedup_vs_best_baseline"] = entry["engines"]["ours"]["tokens_per_s"] / max(base)
         entry["peak_rss_mb_ours"] = entry["engines"]["ours"]["peak_rss_mb"]
+    entry["decode_steps"] = []
+    for rows, context in decode_shapes:
+        d = decode_steps(model, rows, context, limits, max(3, 2 * repeats + 1))
+        entry["decode_steps"].append(d)
+        print(f"  {name:>4} decode step {rows}x{context}: {d['median_s'] * 1e3:.2f} ms, floor "
+              f"{d['floor_s'] * 1e3:.2f} ms, {d['x_above_roofline']:.1f}x above roofline", flush=True)
     del model
     return entry
 
@@ -319,6 +373,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cb-configs", default=None, help="transformers CB cache sizing(s) to try: auto,sized")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = the cores free now; more than "
                                                            "that slows every engine several-fold)")
+    ap.add_argument("--decode-shapes", default=None, help="decode steps to time against their floor, "
+                                                          "ROWSxCONTEXT,... (default 64x400,16x100; quick 4x16)")
     args = ap.parse_args(argv)
 
     threads = args.threads or auto_threads(1)
@@ -344,8 +400,15 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats or (1 if quick else 3)
     cb_configs = (args.cb_configs or ("sized" if quick else "auto,sized")).split(",")
 
+    decode_shapes = [tuple(int(x) for x in d.split("x")) for d in
+                     (args.decode_shapes or ("4x16" if quick else "64x400,16x100")).split(",") if d]
+    limits = (measure_machine(threads, gemm_n=256, dram_bytes=64 << 20, repeats=2) if quick
+              else measure_machine(threads))
+    print(f"machine at {threads} thread(s): fp32 GEMM {limits.gemm_gflops:.1f} GFLOP/s, reads {limits.dram_gbps:.1f} "
+          f"GB/s (DRAM) / {limits.cache_gbps:.1f} GB/s (cache)", flush=True)
     results: dict = {
         "command": command_line("benchmarks.engine_throughput", argv),
+        "machine": limits.to_dict(),
         "quick": quick,
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__, "threads": threads,
                         "cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
@@ -366,7 +429,8 @@ def main(argv: list[str] | None = None) -> dict:
         }
         print(f"{name}: {requests} requests, new tokens mean {lengths.mean():.1f} max {lengths.max()}, "
               f"{max_running} slots", flush=True)
-        results["models"][name] = bench_model(name, shape, wl, max_running, args.seed, engines, repeats, cb_configs)
+        results["models"][name] = bench_model(name, shape, wl, max_running, args.seed, engines, repeats, cb_configs,
+                                              limits, decode_shapes)
     results["wall_time_s"] = time.perf_counter() - wall
     results["load_average_after"] = _loadavg()
     summarize(results)

@@ -22,8 +22,8 @@ import torch
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int], scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v per row, row i attending to its first `lens[i]` positions.
 
-    q: [B, Hkv, G, D] (the G query heads of each KV head); k, v: [B, Hkv, n, D], any strides with a
-    unit last dimension (views of the cache); `1 <= lens[i] <= n`. Returns [B, Hkv, G, D].
+    q: [B, Hkv, G, D] (the G query heads of each KV head); k, v: [B, Hkv, n, D], any strides (views of
+    the cache; keys stored dim-major are read along positions); `1 <= lens[i] <= n`. Returns [B, Hkv, G, D].
     """
     n = k.shape[-2]
     scores = torch.matmul(q, k.transpose(-1, -2))  # [B, Hkv, G, n]

@@ -25,5 +25,25 @@ def test_engine_throughput_quick(tmp_path) -> None:
         assert engines["ours"]["runner"] == "FastLlamaRunner"
         assert engines["hf_static"]["computed_tokens"] >= wl["total_new_tokens"]  # batches run to their longest
         assert model["speedup_vs_best_baseline"] > 0 and "peak_rss_mb_ours" in model
+        # the roofline next to every measurement: the workload's floor, and decode steps against theirs
+        floor = model["roofline"]["floor_s"]
+        assert floor > 0 and model["roofline"]["floor_tokens_per_s"] == wl["total_new_tokens"] / floor
+        for r in engines.values():
+            assert r["x_above_roofline"] == r["elapsed_s"] / floor and len(r["runs_x_above_roofline"]) == 1
+        (step,) = model["decode_steps"]
+        assert (step["rows"], step["context"], step["runner"]) == (4, 16, "FastLlamaRunner")
+        assert step["floor_s"] > 0 and step["x_above_roofline"] == step["median_s"] / step["floor_s"]
+    assert data["machine"]["threads"] >= 1 and data["machine"]["gemm_gflops"] > 0
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "engine_throughput_slots.png").stat().st_size > 1000
+
+
+def test_decode_attention_quick(tmp_path) -> None:
+    """The decode attention micro-benchmark runs, checks its variants agree, and reports GB/s per variant."""
+    res = subprocess.run([sys.executable, "-m", "benchmarks.decode_attention", "--quick", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads((tmp_path / "decode_attention.json").read_text())
+    (shape,) = data["shapes"]
+    assert set(shape["gbps"]) == {"plain", "sdpa", "matmul", "matmul_kt"} and shape["vs_plain"]["plain"] == 1.0
+    assert all(v > 0 for v in shape["gbps"].values()) and len(shape["rounds_s"]["matmul"]) == data["rounds"]

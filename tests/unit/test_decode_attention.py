@@ -17,11 +17,16 @@ def _reference(q, k, v, lens, scale):
 
 @pytest.mark.parametrize("kv_heads,group,head_dim", [(4, 1, 48), (2, 4, 16), (1, 3, 8)])
 @pytest.mark.parametrize("lens", [[7, 7, 7], [1, 9, 4], [12], [5, 12, 3, 12, 1]])
-def test_matches_fused_attention_on_cache_views(kv_heads: int, group: int, head_dim: int, lens: list[int]) -> None:
+@pytest.mark.parametrize("keys_dim_major", [False, True])
+def test_matches_fused_attention_on_cache_views(kv_heads: int, group: int, head_dim: int, lens: list[int],
+                                                 keys_dim_major: bool) -> None:
     gen = torch.Generator().manual_seed(len(lens) * 31 + kv_heads)
     rows, n, alloc = len(lens), max(lens), 64
-    # The engine's layout: [slots, Hkv, alloc, D] buffers, a bucket is rows [1, 1+rows) up to its longest length.
+    # The engine's layout: [slots, Hkv, alloc, D] buffers, a bucket is rows [1, 1+rows) up to its longest length;
+    # keys may be stored dim-major ([slots, Hkv, D, alloc] in memory, the same logical view).
     kbuf = torch.randn(rows + 2, kv_heads, alloc, head_dim, generator=gen)
+    if keys_dim_major:
+        kbuf = kbuf.transpose(2, 3).contiguous().transpose(2, 3)
     vbuf = torch.randn(rows + 2, kv_heads, alloc, head_dim, generator=gen)
     kbuf[:, :, n:] = vbuf[:, :, n:] = 1e4  # beyond the bucket: must not be read
     k, v = kbuf[1:1 + rows, :, :n], vbuf[1:1 + rows, :, :n]
