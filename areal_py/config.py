@@ -146,10 +146,12 @@ class TrainerConfig(_Section):
     max_tokens_per_micro_batch: int = Field(0, ge=0, description="Pack micro-batches by a token budget "
                                             "instead of micro_batch_size; 0 = off.")
     micro_batch_packing: Literal["padded", "ffd", "cost"] = Field(
-        "padded", description="padded: length-sorted runs with rows x longest <= the budget (padded tensors; "
+        "cost", description="padded: length-sorted runs with rows x longest <= the budget (padded tensors; "
         "right for long-tailed lengths); ffd: first-fit-decreasing on summed lengths; cost: length-sorted runs "
         "within the same padded budget, cut where a measured cost model (per-micro-batch overhead, linear "
-        "layers, attention; trainer.pack_cost or timed at start, cached per machine) says it is cheapest.")
+        "layers, attention; trainer.pack_cost or timed at start, cached per machine) says it is cheapest (fewer "
+        "padded tokens and a faster step on sum_cot batches: docs/benchmarks.md, Learner step). Only with "
+        "max_tokens_per_micro_batch > 0.")
     pack_cost: tuple[_Coef, _Coef, _Coef] | None = Field(
         None, description="micro_batch_packing=cost: the cost model's coefficients (c0, c1, c2) in seconds for "
         "c0 + c1 * rows*maxlen + c2 * rows*maxlen^2; null = time the model at start (cached under "

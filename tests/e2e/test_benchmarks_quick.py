@@ -134,3 +134,16 @@ def test_staleness_ablation_merge_pools_seeds_exactly():
         extra, new_seeds, bounds = bad
         with pytest.raises(SystemExit, match=match):
             check_mergeable(earlier, bounds, new_seeds, extra)
+
+
+def test_trainer_step_quick(tmp_path):
+    """Both packers train every round; the report holds the floor, the real-token fractions and the cost model."""
+    rep = _quick("benchmarks.trainer_step", tmp_path)
+    assert set(rep["summary"]) == {"padded_8192", "cost_8192"} and rep["rounds"] == 2
+    cm = rep["cost_model"]
+    assert min(cm["c0"], cm["c1"], cm["c2"]) >= 0 and cm["c0"] + cm["c1"] + cm["c2"] > 0
+    for row in rep["per_round"]:
+        assert row["floor_s"] > 0 and row["sequences"] == 16 and 0 < row["min_len"] <= row["max_len"]
+        for v in row["variants"].values():
+            assert 0 < v["real_token_fraction"] <= 1 and v["cpu_s"] > 0 and v["micro_batches"] >= 1
+    assert rep["summary"]["padded_8192"]["speedup_vs_padded_8192_median"] == 1.0

@@ -41,8 +41,8 @@ def test_fit_rejects_bad_points(pts):
 
 
 def test_probe_shapes_stay_within_budget_and_context():
-    assert probe_shapes(8192, 768) == [(1, 8), (64, 32), (16, 128), (4, 512)]
-    assert probe_shapes(8192, 64) == [(1, 8), (64, 32), (32, 64)]  # a short context caps the long rows
+    assert probe_shapes(8192, 768) == [(1, 8), (32, 32), (8, 128), (2, 512)]  # PROBE_TOKENS = 1024
+    assert probe_shapes(8192, 64) == [(1, 8), (32, 32), (16, 64)]  # a short context caps the long rows
     assert probe_shapes(100, 768) == [(1, 8), (3, 32), (1, 100)]   # a small budget caps the probes
     for budget, ctx in ((16, 64), (1, 2), (10_000, 4096)):
         for rows, maxlen in probe_shapes(budget, ctx):
