@@ -72,6 +72,8 @@ def test_busy_fraction_during_steps():
     assert 0 <= busy <= total
 
 
+@pytest.mark.slow  # four runs (2 bounds x 2 objectives), ~4 min of the default suite; the bound itself is
+# checked by tests/e2e/test_e2e.py::test_staleness_bound_holds and the pooling by the test below
 def test_staleness_ablation_quick(tmp_path):
     rep = _quick("benchmarks.staleness_ablation", tmp_path)
     assert [r["max_staleness"] for r in rep["rows"]] == [0, 4]
