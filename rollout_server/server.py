@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 import zmq
@@ -48,8 +49,11 @@ def build_engine(cfg: Config, seed: int) -> Backend:
     from rollout_server.torch_engine.engine import Engine
 
     model, tokenizer = load_model_and_tokenizer(path, dtype=cfg.model.dtype)
-    return Engine(model, eos_token_id(tokenizer), max_running=cfg.rollout.max_running, seed=seed,
-                  interrupt_mode=cfg.rollout.interrupt_mode)
+    engine = Engine(model, eos_token_id(tokenizer), max_running=cfg.rollout.max_running, seed=seed,
+                    interrupt_mode=cfg.rollout.interrupt_mode, compile_decode=cfg.rollout.compile_decode,
+                    kernel_cache=Path(cfg.model.cache_dir).expanduser() / "kernels.json")
+    log.info("torch engine (%d threads): %s", torch.get_num_threads(), engine.kernel_summary())
+    return engine
 
 
 class RolloutServer:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -36,6 +37,7 @@ from areal_py.wire.weights import load_weights
 from rollout_server.backend import Finished, Trajectory, WeightSource
 from rollout_server.sampling import SamplingParams, sample
 from rollout_server.torch_engine.kv_cache import SlotKVCache
+from rollout_server.torch_engine.linear_choice import default_cache_path
 from rollout_server.torch_engine.model_runner import make_runner
 
 __all__ = ["Engine", "InterruptMode"]
@@ -72,9 +74,14 @@ class Engine:
         interrupt_mode: InterruptMode = "recompute",
         prompt_sharing: bool = True,
         fast_runner: bool | None = None,
+        compile_decode: bool = False,
+        kernel_cache: str | os.PathLike | None = None,
     ) -> None:
         """`fast_runner`: None = use the packed fast path when the architecture supports it (checked
-        numerically against the HF forward at start), False = always the generic HF forward."""
+        numerically against the HF forward at start), False = always the generic HF forward.
+        `compile_decode`: the fast path's decode steps run `torch.compile`d, checked against eager
+        (`model_runner.FastLlamaRunner.enable_compile`). `kernel_cache`: the JSON file caching the
+        linear kernel timed at start-up (None = `linear_choice.default_cache_path()`)."""
         if max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {max_running}")
         if interrupt_mode not in ("recompute", "keep"):
@@ -103,7 +110,8 @@ class Engine:
             dtype=self.dtype,
             device=self.device,
         )
-        self.runner = make_runner(model, self.cache, fast_runner)
+        self.runner = make_runner(model, self.cache, fast_runner, compile_decode=compile_decode,
+                                  kernel_cache=Path(kernel_cache) if kernel_cache else default_cache_path())
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._waiting: OrderedDict[str, Sequence] = OrderedDict()  # FIFO, O(1) abort
         self._running: dict[str, Sequence] = {}
@@ -122,6 +130,10 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
+
+    def kernel_summary(self) -> str:
+        """Which runner, linear kernels and compiled decode this engine uses (for the start-up log)."""
+        return self.runner.describe()
 
     def kv_usage(self) -> float:
         """Fraction of KV slots held by running sequences."""

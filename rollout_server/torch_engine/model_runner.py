@@ -9,7 +9,9 @@ layers directly on the model's live parameters, so an in-place weight update is 
 All tokens of a step, decode and prefill alike, are packed into one `[T, hidden]` matrix: every
 linear layer runs once per step with no padding; only attention is split into the decode group
 (one query per row, keys read as a view of the slot buffers) and the prefill group (queries
-padded to the longest chunk). Logits are computed only for each row's last token.
+padded to the longest chunk). Logits are computed only for each row's last token. The linear
+kernel is chosen per step size by timing at start-up (`linear_choice`); decode-only steps can run
+their dense work compiled, checked against eager (`compiled_decode`, `enable_compile`).
 
 `HFRunner` is the generic fallback for any other causal LM: the Hugging Face forward with the
 slot cache passed as `past_key_values` (two forwards per step: multi-token rows, then one-token
@@ -18,38 +20,21 @@ rows), with per-layer-type masks for sliding-window models.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import transformers
 
+from rollout_server.torch_engine.compiled_decode import CheckedCompile, CompileStatus
 from rollout_server.torch_engine.kv_cache import SlotKVCache, contiguous_range
+from rollout_server.torch_engine.linear_choice import LinearChoice, candidates, pick_linears
 
 log = logging.getLogger(__name__)
 
 FAST_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
-
-
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-def pick_linear(device: torch.device, dtype: torch.dtype):
-    """oneDNN's linear on CPU when it is there and exact to fp32 rounding, else F.linear.
-
-    On AVX-512 CPUs oneDNN's kernels run the per-step matmuls faster than the default CPU path
-    (MKL sgemm) with the same fp32 math (the measurement: docs/benchmarks.md, Rollout engine).
-    """
-    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
-        return F.linear
-    try:
-        gen = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(*shape, generator=gen, dtype=dtype) for shape in ((3, 64), (40, 64), (40,)))
-        ok = torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-3, atol=1e-3)
-        ok &= torch.allclose(_onednn_linear(x[:, None], w, None), F.linear(x[:, None], w), rtol=1e-3, atol=1e-3)
-    except (RuntimeError, AttributeError):
-        return F.linear
-    return _onednn_linear if ok else F.linear
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -70,8 +55,61 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+class DenseFns:
+    """A layer's dense work around attention, and the LM head, as pure functions of tensors.
+
+    `layer_in`: input norm, q/k/v projections (and Qwen3's per-head q/k norms), RoPE.
+    `layer_out`: output projection + residual, post-attention norm, gated MLP + residual.
+    `head`: final norm, LM head, fp32 logits. Weights are arguments (read from the live model
+    each step), so one compiled graph serves every layer and sees in-place weight updates."""
+
+    def __init__(self, lin: Callable, num_heads: int, num_kv_heads: int, head_dim: int, act: Callable) -> None:
+        H, Hkv, D = num_heads, num_kv_heads, head_dim
+
+        def layer_in(x, cos, sin, ln_w, eps, wq, bq, wk, bk, wv, bv, qn_w, qn_eps, kn_w, kn_eps):
+            h = F.rms_norm(x, (x.shape[-1],), ln_w, eps)
+            q = lin(h, wq, bq).view(-1, H, D)
+            k = lin(h, wk, bk).view(-1, Hkv, D)
+            v = lin(h, wv, bv).view(-1, Hkv, D)
+            if qn_w is not None:  # Qwen3: per-head RMSNorm before RoPE
+                q, k = F.rms_norm(q, (D,), qn_w, qn_eps), F.rms_norm(k, (D,), kn_w, kn_eps)
+            return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+        def layer_out(x, o, wo, bo, ln_w, eps, wg, bg, wu, bu, wd, bd):
+            x = x + lin(o, wo, bo)
+            h = F.rms_norm(x, (x.shape[-1],), ln_w, eps)
+            return x + lin(act(lin(h, wg, bg)) * lin(h, wu, bu), wd, bd)
+
+        def head(x, ln_w, eps, w, b):
+            return lin(F.rms_norm(x, (x.shape[-1],), ln_w, eps), w, b).float()
+
+        self.layer_in, self.layer_out, self.head = layer_in, layer_out, head
+
+
+def _layer_weights(layer: torch.nn.Module) -> tuple[tuple, tuple]:
+    """(layer_in weights, layer_out weights) in `DenseFns` argument order, from the live modules."""
+    attn, mlp, ln, post = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
+    qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    w_in = (ln.weight, ln.variance_epsilon, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight,
+            attn.k_proj.bias, attn.v_proj.weight, attn.v_proj.bias,
+            None if qn is None else qn.weight, None if qn is None else qn.variance_epsilon,
+            None if kn is None else kn.weight, None if kn is None else kn.variance_epsilon)
+    w_out = (attn.o_proj.weight, attn.o_proj.bias, post.weight, post.variance_epsilon, mlp.gate_proj.weight,
+             mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)
+    return w_in, w_out
+
+
+def probe_rows(max_running: int) -> tuple[list[int], list[int]]:
+    """Token-row counts the linear kernels are timed at: decode steps (1 .. max_running rows) and a
+    prefill step (more rows than any decode step; capped so start-up timing stays short)."""
+    decode = sorted({1, min(16, max_running), max_running})
+    return decode, [max(max_running + 1, min(4 * max_running, 512))]
+
+
 class FastLlamaRunner:
-    def __init__(self, model: transformers.PreTrainedModel, cache: SlotKVCache) -> None:
+    def __init__(self, model: transformers.PreTrainedModel, cache: SlotKVCache,
+                 kernel_cache: Path | None = None) -> None:
+        """`kernel_cache`: the JSON file caching the linear kernel choice (None: not cached)."""
         cfg = model.config.get_text_config()
         self.model, self.cache = model, cache
         inner = model.model
@@ -82,7 +120,16 @@ class FastLlamaRunner:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
         self.group = self.num_heads // self.num_kv_heads
         self.silu = getattr(cfg, "hidden_act", "silu") == "silu"
-        self.linear = pick_linear(cache.device, cache.dtype)
+        self.act = F.silu if self.silu else self.layers[0].mlp.act_fn  # activations are stateless
+        w_in, w_out = _layer_weights(self.layers[0])
+        weights = [(w_in[i], w_in[i + 1]) for i in (2, 4, 6)] + [(w_out[i], w_out[i + 1]) for i in (0, 4, 6, 8)]
+        self.linear: LinearChoice = pick_linears(weights + [(self.lm_head.weight, self.lm_head.bias)],
+                                                 *probe_rows(cache.max_slots), cache_path=kernel_cache)
+        kernels = candidates(cache.device, cache.dtype)
+        self._eager = {name: DenseFns(kernels[name], self.num_heads, self.num_kv_heads, self.head_dim, self.act)
+                       for name in {self.linear.decode, self.linear.prefill}}
+        self._compiled: DenseFns | None = None
+        self._checked: CheckedCompile | None = None
         # A kernel call's fixed overhead (30 us) expressed in K/V row-positions at the attention kernels'
         # K/V read rate (4 GB/s: one small GEMM per row and head is far below a plain memory read), so a
         # new bucket is worth it only when it saves more padded positions than that (docs/benchmarks.md,
@@ -106,11 +153,43 @@ class FastLlamaRunner:
         out.append((a, len(lens), m))
         return out
 
-    def _norm(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
+    def enable_compile(self, compiler: Callable[[Callable], Callable] | None = None, atol: float = 1e-4) -> None:
+        """Run decode-only steps through compiled dense functions, each row bucket checked against
+        eager first (`compiled_decode.CheckedCompile`); `compiler` defaults to `torch.compile`."""
+        self._checked = CheckedCompile(atol=atol, compiler=compiler)
+        plain = DenseFns(F.linear, self.num_heads, self.num_kv_heads, self.head_dim, self.act)
+        fns = DenseFns.__new__(DenseFns)
+        fns.layer_in, fns.layer_out, fns.head = (self._checked.compile(f)
+                                                 for f in (plain.layer_in, plain.layer_out, plain.head))
+        self._compiled = fns
+
+    def use_linear(self, name: str) -> None:
+        """Force one linear kernel for every step (benchmarks compare them); it must agree with F.linear."""
+        if name in self.linear.refused or name not in candidates(self.cache.device, self.cache.dtype):
+            raise ValueError(f"linear kernel {name!r} is not usable here")
+        self.linear = replace(self.linear, decode=name, prefill=name, source="forced")
+        self._eager = {name: DenseFns(candidates(self.cache.device, self.cache.dtype)[name], self.num_heads,
+                                      self.num_kv_heads, self.head_dim, self.act)}
+
+    @property
+    def compile_status(self) -> CompileStatus | None:
+        return None if self._checked is None else self._checked.status
+
+    def describe(self) -> str:
+        status = self.compile_status
+        return f"fast runner, {self.linear.describe()}, " + (status.describe() if status else "compile_decode=off")
 
     def forward(self, slots: list[int], starts: list[int], chunks: list[list[int]]) -> torch.Tensor:
         self.forwards += 1
+        rows = sum(len(c) for c in chunks)
+        eager = self._eager[self.linear.for_rows(rows)]
+        if self._checked is not None and self._compiled is not None and rows == len(chunks):  # decode only
+            compiled = self._compiled
+            return self._checked.step(rows, lambda: self._forward(slots, starts, chunks, compiled),
+                                      lambda: self._forward(slots, starts, chunks, eager))
+        return self._forward(slots, starts, chunks, eager)
+
+    def _forward(self, slots: list[int], starts: list[int], chunks: list[list[int]], fns: DenseFns) -> torch.Tensor:
         dev, H, Hkv, D, G = self.cache.device, self.num_heads, self.num_kv_heads, self.head_dim, self.group
         single = [i for i, c in enumerate(chunks) if len(c) == 1]
         multi = [i for i, c in enumerate(chunks) if len(c) > 1]
@@ -140,7 +219,6 @@ class FastLlamaRunner:
         cos, sin = self.rotary(x[None], pos_t[None])
         cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]
         dtype = x.dtype
-        lin = self.linear
 
         if single:  # decode group: keys are views of the slot rows (gathered only if rows are scattered)
             d_slots = [slots[i] for i in single]
@@ -165,14 +243,8 @@ class FastLlamaRunner:
 
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
-            h = self._norm(x, layer.input_layernorm)
-            q = lin(h, attn.q_proj.weight, attn.q_proj.bias).view(-1, H, D)
-            k = lin(h, attn.k_proj.weight, attn.k_proj.bias).view(-1, Hkv, D)
-            v = lin(h, attn.v_proj.weight, attn.v_proj.bias).view(-1, Hkv, D)
-            if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
-                q, k = self._norm(q, attn.q_norm), self._norm(k, attn.k_norm)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            w_in, w_out = _layer_weights(layer)
+            q, k, v = fns.layer_in(x, cos, sin, *w_in)
             self.cache.write(li, slot_t, pos_t, k, v)
             outs = []
             if single:
@@ -189,15 +261,9 @@ class FastLlamaRunner:
                 o = o.view(len(multi), H, width, D).transpose(1, 2).reshape(len(multi) * width, H * D)
                 outs.append(o[pad_t])
             o = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x = x + lin(o, attn.o_proj.weight, attn.o_proj.bias)
-            h = self._norm(x, layer.post_attention_layernorm)
-            mlp = layer.mlp
-            gate = lin(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
-            gate = F.silu(gate) if self.silu else mlp.act_fn(gate)
-            x = x + lin(gate * lin(h, mlp.up_proj.weight, mlp.up_proj.bias), mlp.down_proj.weight,
-                             mlp.down_proj.bias)
-        x = self._norm(x[torch.tensor(last, device=dev)], self.norm)
-        return lin(x, self.lm_head.weight, self.lm_head.bias).float()
+            x = fns.layer_out(x, o, *w_out)
+        return fns.head(x[torch.tensor(last, device=dev)], self.norm.weight, self.norm.variance_epsilon,
+                        self.lm_head.weight, self.lm_head.bias)
 
 
 class HFRunner:
@@ -206,6 +272,9 @@ class HFRunner:
         cfg = model.config.get_text_config()
         self.layer_types, self.window = _attention_layout(cfg)
         self.forwards = 0
+
+    def describe(self) -> str:
+        return "Hugging Face forward (no kernel choice, no compiled decode)"
 
     def forward(self, slots: list[int], starts: list[int], chunks: list[list[int]]) -> torch.Tensor:
         out: list[torch.Tensor | None] = [None] * len(chunks)
@@ -282,8 +351,12 @@ def _fast_path_agrees(model: transformers.PreTrainedModel, runner: FastLlamaRunn
     return bool((got - ref).abs().max() <= tol)
 
 
-def make_runner(model: transformers.PreTrainedModel, cache: SlotKVCache, fast: bool | None = None):
-    """The fast runner when the architecture is one it reproduces (verified numerically), else HF's forward."""
+def make_runner(model: transformers.PreTrainedModel, cache: SlotKVCache, fast: bool | None = None, *,
+                kernel_cache: Path | None = None, compile_decode: bool = False):
+    """The fast runner when the architecture is one it reproduces (verified numerically), else HF's forward.
+
+    `kernel_cache`: where the fast runner caches its linear kernel choice; `compile_decode`: its decode
+    steps run compiled (checked against eager, falling back on any error). The HF path ignores both."""
     cfg = model.config.get_text_config()
     layer_types, window = _attention_layout(cfg)
     supported = (type(model).__name__ in FAST_ARCHITECTURES and "sliding_attention" not in layer_types
@@ -294,8 +367,10 @@ def make_runner(model: transformers.PreTrainedModel, cache: SlotKVCache, fast: b
         return HFRunner(model, cache)
     if not supported:
         raise ValueError(f"the fast runner does not support {type(model).__name__} with this config")
-    runner = FastLlamaRunner(model, cache)
+    runner = FastLlamaRunner(model, cache, kernel_cache)
     if _fast_path_agrees(model, runner, cfg.vocab_size):
+        if compile_decode:
+            runner.enable_compile()
         return runner
     log.warning("fast runner disagrees with the Hugging Face forward for %s; using the generic path",
                 type(model).__name__)
