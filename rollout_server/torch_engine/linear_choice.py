@@ -115,11 +115,14 @@ def agrees_with_reference(kernel: Linear, weights: Weights, rows: int, dtype: to
         return False
 
 
-def time_kernels(kernels: Mapping[str, Linear], weights: Weights, rows: Sequence[int], budget_s: float = 0.004,
-                 rounds: int = 3) -> dict[str, float]:
+def time_kernels(kernels: Mapping[str, Linear], weights: Weights, rows: Sequence[int], budget_s: float = 0.005,
+                 rounds: int = 5, clock: Callable[[], float] | None = None) -> dict[str, float]:
     """Median seconds of one pass (every weight at every row count) per kernel, rounds interleaved.
 
-    Each kernel gets about `budget_s` in all (at least one pass per round), after one warm-up pass."""
+    Each kernel gets about `budget_s` in all (at least one pass per round), after one warm-up pass.
+    `clock` None: process CPU time with one torch thread (other processes' load does not count
+    against a kernel), wall time with several (their waits are part of the kernel's cost)."""
+    clock = clock or (time.process_time if torch.get_num_threads() == 1 else time.perf_counter)
     gen = torch.Generator().manual_seed(0)
     w0 = weights[0][0]
     inputs = {(n, d): torch.randn(n, d, generator=gen).to(w0.device, w0.dtype)
@@ -135,11 +138,11 @@ def time_kernels(kernels: Mapping[str, Linear], weights: Weights, rows: Sequence
     samples: dict[str, list[float]] = {name: [] for name in kernels}
     for _ in range(rounds):
         for name, kernel in kernels.items():
-            reps, start = 0, time.perf_counter()
+            reps, start = 0, clock()
             while True:
                 one_pass(kernel)
                 reps += 1
-                elapsed = time.perf_counter() - start
+                elapsed = clock() - start
                 if elapsed >= budget_s / rounds:
                     break
             samples[name].append(elapsed / reps)

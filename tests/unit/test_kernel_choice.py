@@ -200,3 +200,18 @@ def test_rollout_server_caches_the_choice_under_the_model_cache_and_logs_it(monk
     assert "linear decode=" in caplog.text and "compile_decode=off" in caplog.text
     if eng.runner.linear.source != "only":
         assert read_cache(tmp_path / "cache" / "kernels.json")
+
+
+def test_timer_takes_medians_over_interleaved_rounds_on_its_clock() -> None:
+    """A fake clock that advances only inside kernels: 'slow' costs 3 ticks a pass, 'fast' 1 (2 weights x 1 row)."""
+    now = [0.0]
+
+    def ticking(cost: float):
+        def kernel(x, w, b):
+            now[0] += cost
+            return F.linear(x, w, b)
+        return kernel
+
+    secs = time_kernels({"slow": ticking(1.5), "fast": ticking(0.5)}, weights(), [1], budget_s=10.0, rounds=4,
+                        clock=lambda: now[0])
+    assert secs == {"slow": 3.0, "fast": 1.0}
