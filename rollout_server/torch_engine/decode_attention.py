@@ -1,9 +1,9 @@
-"""Single-token decode attention over the slot KV cache, formulated to read K/V at memory speed.
+"""Single-token decode attention over the slot KV cache as two batched matmuls (not used by the runner).
 
 A decode row has one query per head; its keys and values are a view of its slot's cache rows
 (`[rows, Hkv, n, D]`, the rows of one length bucket, no copy). Attention is then two batched
-matrix-vector products, q.k and p.v, each reading its half of the cache once: the cost is the
-read, so the formulation is about reading without overhead.
+matrix-vector products, q.k and p.v, each reading its half of the cache once, so its cost is
+the read. This formulation avoids what else could cost on top of the read:
 
 - No additive mask tensor: positions a row has not reached yet (it is shorter than its bucket's
   longest) get -inf written into the small `[rows, Hkv, G, n]` score tensor, in place, and only when
@@ -13,6 +13,9 @@ read, so the formulation is about reading without overhead.
 - Softmax in place on the scores.
 
 Exact to fp32 rounding against `F.scaled_dot_product_attention` with the equivalent mask (tested).
+On the CPU it was measured on it was not faster than the runner's SDPA call (both read K/V well
+below a plain read's rate: docs/benchmarks.md, "Roofline and decode attention"), so the runner
+keeps SDPA; `benchmarks/decode_attention.py` re-measures both.
 """
 from __future__ import annotations
 
