@@ -19,6 +19,7 @@ rows), with per-layer-type masks for sliding-window models.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -84,6 +85,12 @@ class DenseFns:
             return lin(F.rms_norm(x, (x.shape[-1],), ln_w, eps), w, b).float()
 
         self.layer_in, self.layer_out, self.head = layer_in, layer_out, head
+
+    def mapped(self, transform: Callable[[Callable], Callable]) -> DenseFns:
+        """A copy with every function passed through `transform` (e.g. a compiler)."""
+        out = copy.copy(self)
+        out.layer_in, out.layer_out, out.head = (transform(f) for f in (self.layer_in, self.layer_out, self.head))
+        return out
 
 
 def _layer_weights(layer: torch.nn.Module) -> tuple[tuple, tuple]:
@@ -158,10 +165,7 @@ class FastLlamaRunner:
         eager first (`compiled_decode.CheckedCompile`); `compiler` defaults to `torch.compile`."""
         self._checked = CheckedCompile(atol=atol, compiler=compiler)
         plain = DenseFns(F.linear, self.num_heads, self.num_kv_heads, self.head_dim, self.act)
-        fns = DenseFns.__new__(DenseFns)
-        fns.layer_in, fns.layer_out, fns.head = (self._checked.compile(f)
-                                                 for f in (plain.layer_in, plain.layer_out, plain.head))
-        self._compiled = fns
+        self._compiled = plain.mapped(self._checked.compile)
 
     def use_linear(self, name: str) -> None:
         """Force one linear kernel for every step (benchmarks compare them); it must agree with F.linear."""
