@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = the cores free now; more than "
                                                            "that slows every engine several-fold)")
     ap.add_argument("--decode-shapes", default=None, help="decode steps to time against their floor, "
-                                                          "ROWSxCONTEXT,... (default 64x400,16x100; quick 4x16)")
+                                                          "ROWSxCONTEXT,... or none (default 64x400,16x100; quick 4x16)")
     args = ap.parse_args(argv)
 
     threads = args.threads or auto_threads(1)
@@ -400,8 +400,8 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats or (1 if quick else 3)
     cb_configs = (args.cb_configs or ("sized" if quick else "auto,sized")).split(",")
 
-    decode_shapes = [tuple(int(x) for x in d.split("x")) for d in
-                     (args.decode_shapes or ("4x16" if quick else "64x400,16x100")).split(",") if d]
+    decode_spec = args.decode_shapes or ("4x16" if quick else "64x400,16x100")
+    decode_shapes = [tuple(int(x) for x in d.split("x")) for d in decode_spec.split(",") if d and d != "none"]
     limits = (measure_machine(threads, gemm_n=256, dram_bytes=64 << 20, repeats=2) if quick
               else measure_machine(threads))
     print(f"machine at {threads} thread(s): fp32 GEMM {limits.gemm_gflops:.1f} GFLOP/s, reads {limits.dram_gbps:.1f} "
