@@ -15,6 +15,10 @@ from areal_py.tasks.base import SftTask, build_task
 
 # Bump when the cold-start recipe changes so stale cached models are not reused.
 CACHE_VERSION = 1
+# The cold start's fixed optimiser settings (not in the config, but part of the cache key): defined
+# once here, where the key is computed, and used as trainer.cold_start's defaults.
+COLD_START_BETAS = (0.9, 0.98)
+COLD_START_WARMUP_STEPS = 30
 
 
 class ModelNotPrepared(RuntimeError):
@@ -81,7 +85,8 @@ def embedded_model_request(cfg: Config) -> EmbeddedModelRequest:
         raise ValueError(f"the embedded model is cold-started on a synthetic task (arith, sum_cot); "
                          f"task.name={cfg.task.name} needs model.path")
     settings = EmbeddedSettings(spec=spec.to_dict(), task=task_identity(task), steps=cs.steps,
-                                label_noise=cs.label_noise, lr=cs.lr, betas=(0.9, 0.98), warmup_steps=30,
+                                label_noise=cs.label_noise, lr=cs.lr, betas=COLD_START_BETAS,
+                                warmup_steps=COLD_START_WARMUP_STEPS,
                                 batch_size=cs.batch_size, seed=seed, final_lr_ratio=cs.final_lr_ratio)
     return EmbeddedModelRequest(Path(cfg.model.cache_dir).expanduser(), spec, task, settings,
                                 cfg.run.torch_threads)

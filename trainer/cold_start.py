@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from areal_py.model_dir import EmbeddedSettings, task_identity
+from areal_py.model_dir import COLD_START_BETAS, COLD_START_WARMUP_STEPS, EmbeddedSettings, task_identity
 from areal_py.models import (
     EmbeddedModelSpec,
     create_embedded_model,
@@ -92,8 +92,8 @@ def cold_start(
     steps: int,
     batch_size: int = 64,
     lr: float = 2e-3,
-    betas: tuple[float, float] = (0.9, 0.98),
-    warmup_steps: int = 30,
+    betas: tuple[float, float] = COLD_START_BETAS,
+    warmup_steps: int = COLD_START_WARMUP_STEPS,
     final_lr_ratio: float = 1.0,
     label_noise: float = DEFAULT_LABEL_NOISE,
     seed: int = 0,
@@ -252,8 +252,8 @@ def prepare_embedded_model(
     steps: int = DEFAULT_STEPS,
     label_noise: float = DEFAULT_LABEL_NOISE,
     lr: float = 2e-3,
-    betas: tuple[float, float] = (0.9, 0.98),
-    warmup_steps: int = 30,
+    betas: tuple[float, float] = COLD_START_BETAS,
+    warmup_steps: int = COLD_START_WARMUP_STEPS,
     final_lr_ratio: float = 1.0,
     batch_size: int = 64,
     seed: int = 0,
