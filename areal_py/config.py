@@ -165,6 +165,15 @@ class TrainerConfig(_Section):
         5, ge=0, description="Stop the run with an error after this many steps in a row applied no update because "
         "of non-finite values (a NaN/inf loss or gradient norm, or every group of the batch rejected for a "
         "non-finite reward or logprob): a run that cannot train should fail, not spin. 0 = never stop.")
+    world_size: int = Field(1, ge=1, description="Trainer ranks: `areal-py run` starts this many trainer processes "
+                            "(RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, as torchrun sets them); models are "
+                            "sharded with FSDP2 per decoder layer, each rank trains a token-balanced share of the batch. "
+                            "Rank 0 talks to the controller. 1 = one process, no process group.")
+    dist_timeout_s: float = Field(300.0, gt=0, description="Bound on the trainer ranks' rendezvous and on every "
+                                  "collective between them; a crashed or stuck rank ends the run with an error "
+                                  "naming the collective within this time.")
+    activation_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in the "
+                                           "backward pass instead of keeping them (less memory, one more forward).")
 
 
 class AlgoConfig(_Section):
