@@ -223,7 +223,23 @@ class RewardConfig(_Section):
 
 
 class WeightsConfig(_Section):
-    transfer: Literal["disk", "stream"] = Field("disk", description="disk: safetensors in a shared directory + ZeroMQ notice; stream: raw tensor frames over ZeroMQ.")
+    transfer: Literal["disk", "stream", "dist"] = Field(
+        "disk", description="disk: safetensors in a shared directory + ZeroMQ notice; stream: raw tensor frames over "
+        "ZeroMQ; dist: trainer rank 0 broadcasts bucketed weights to every rollout server over a torch.distributed "
+        "group of its own (gloo on CPU, NCCL on CUDA), the layout and version on ZeroMQ (docs/architecture.md).")
+    dist_host: str = Field("127.0.0.1", description="dist: address of trainer rank 0 as the servers reach it; it "
+                           "hosts the weight group's TCPStore there and gloo binds to it.")
+    dist_port: int = Field(45505, ge=1, le=65535, description="dist: port of the weight group's TCPStore.")
+    dist_bucket_mb: float = Field(64.0, gt=0, description="dist: weights are flattened into buckets of at most this "
+                                  "many MiB, one collective each (a larger tensor travels alone).")
+    dist_timeout_s: float = Field(30.0, gt=0, description="dist: bound on each collective of a broadcast; a server "
+                                  "that dies or stalls ends it with DistWeightsError within this time. Must be below "
+                                  "controller.weight_sync_timeout_s.")
+    dist_join_timeout_s: float = Field(300.0, gt=0, description="dist: bound on forming the weight group at start "
+                                       "(trainer rank 0 and every one of rollout.num_servers servers must be up).")
+    dist_on_failure: Literal["stream", "stop"] = Field(
+        "stream", description="dist: after a failed broadcast (a server died, a timeout) either close the group and "
+        "send this and every later version over ZeroMQ frames (stream), or stop the run with the error (stop).")
     dir: str = Field("", description="Shared directory for disk transfer; empty = <run dir>/weights.")
     keep: int = Field(3, ge=1, description="Weight files kept on disk (older ones are deleted).")
 
@@ -282,6 +298,11 @@ class Config(_Section):
             raise ValueError(f"controller.max_token_staleness={c.max_token_staleness} is below controller.max_staleness="
                              f"{c.max_staleness}: admitted work would be dropped by design; use a value >= "
                              f"{c.max_staleness}, or null for the same bound")
+        w = self.weights
+        if w.transfer == "dist" and w.dist_timeout_s >= c.weight_sync_timeout_s:
+            raise ValueError(f"weights.dist_timeout_s={w.dist_timeout_s:g} must be below controller.weight_sync_timeout_s="
+                             f"{c.weight_sync_timeout_s:g}: a failed broadcast falls back to stream only after its "
+                             "timeout, and the controller would give up on the servers first")
         return self
 
     @property

@@ -3,6 +3,12 @@
 The newest weights are broadcast once on the PUB socket; a server that joins later, or is still
 behind CATCH_UP_AFTER_S after a publish, gets them sent directly. Every update carries the oldest
 token version a batch still to come can take, so servers abort doomed sequences early.
+
+weights.transfer=dist: the trainer's notice carries only the layout (`dist`); it is relayed on the PUB
+socket as the signal for every member of the weight group to join the broadcast now, and the bytes go
+over that group, never through here. Such a version has nothing to send directly, so a server behind
+it waits: the trainer falls back to stream (a version with tensors) when a broadcast fails, which is
+also what happens once a member dies and restarts (docs/architecture.md, weights over a process group).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ class PublishedWeights:
     version: int
     path: str | None
     tensors: dict
+    dist: P.DistLayout | None = None
     at: float = field(default_factory=time.monotonic)
 
 
@@ -42,8 +49,8 @@ class WeightSync:
         self.latest: PublishedWeights | None = None
 
     def publish(self, w: P.WeightsReady, tensors: dict) -> None:
-        self.latest = PublishedWeights(w.version, w.path, tensors)
-        send(self.pub, self.update_message(w.version, w.path), tensors or None)
+        self.latest = PublishedWeights(w.version, w.path, tensors, w.dist)
+        send(self.pub, self.update_message(w.version, w.path, w.dist), tensors or None)
         for s in self.registry.live():
             s.last_weights_sent = time.monotonic()
 
@@ -51,16 +58,16 @@ class WeightSync:
         """Send the newest weights straight to `server` if it is behind: at once when `force` (it just
         joined), else once the broadcast had CATCH_UP_AFTER_S to arrive."""
         w = self.latest
-        if w is None or server.version >= w.version:
-            return
+        if w is None or server.version >= w.version or (w.path is None and not w.tensors):
+            return  # nothing held to send: a dist-only version (see the module docstring)
         if force or time.monotonic() - server.last_weights_sent > CATCH_UP_AFTER_S:
             server.last_weights_sent = time.monotonic()
             self.to_server(server, self.update_message(w.version, w.path), w.tensors or None)
 
-    def update_message(self, version: int, path: str | None) -> P.UpdateWeights:
+    def update_message(self, version: int, path: str | None, dist: P.DistLayout | None = None) -> P.UpdateWeights:
         """Weights plus the oldest token version a batch still to come can take (older work is doomed)."""
         floor = max(0, self.counts.next_batch_version - self.max_token_staleness)
-        return P.UpdateWeights(version=version, path=path, min_token_version=floor)
+        return P.UpdateWeights(version=version, path=path, min_token_version=floor, dist=dist)
 
     def check(self) -> None:
         """Raise WaitTimeout once a live server stays behind the newest weights past the sync timeout."""

@@ -20,6 +20,7 @@ from areal_py.models import eos_token_id, load_model_and_tokenizer, load_tokeniz
 from areal_py.telemetry.gen_activity import BusyMeter
 from areal_py.telemetry.prom import ROLLOUT as M
 from areal_py.wire import protocol as P
+from areal_py.wire.dist_weights import DistRejected, DistWeightsError, WeightGroup, model_specs, server_rank
 from areal_py.wire.transport import WaitTimeout, make_socket, parse, reject, send
 from rollout_server.backend import Backend, Finished
 from rollout_server.sampling import SamplingParams
@@ -73,7 +74,28 @@ class RolloutServer:
         self.last_heard = time.monotonic()  # any valid message from the controller, pings included
         self.heard_once = False
         self.meter = BusyMeter(time.time())
+        self._dist_expected: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self.weight_group = self._join_weight_group()
         send(self.dealer, P.Hello(server_id=self.server_id, version=self.engine.version))
+
+    def _join_weight_group(self) -> WeightGroup | None:
+        """weights.transfer=dist: join the weight group as rank 1 + this server's index, before saying hello
+        (blocks until trainer rank 0 and every server are up, at most weights.dist_join_timeout_s). None
+        when not dist, or when the group formed without this server (a restart)."""
+        w = self.cfg.weights
+        if w.transfer != "dist":
+            return None
+        model = getattr(self.engine, "model", None)
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"weights.transfer=dist needs a backend whose model lives in this process (the torch "
+                             f"engine); {type(self.engine).__name__} has none: use weights.transfer=disk or stream")
+        self._dist_expected = model_specs(model)
+        rank = server_rank(self.server_id, self.cfg.rollout.num_servers)
+        log.info("%s: joining the weight group at %s:%d as rank %d", self.server_id, w.dist_host, w.dist_port, rank)
+        return WeightGroup.join_member(host=w.dist_host, port=w.dist_port, rank=rank,
+                                       num_servers=self.cfg.rollout.num_servers, timeout_s=w.dist_timeout_s,
+                                       join_timeout_s=w.dist_join_timeout_s,
+                                       device=next(model.parameters()).device)
 
     # --- messages ------------------------------------------------------------------------------
     def _handle(self, msg: P.Message) -> None:
@@ -103,9 +125,14 @@ class RolloutServer:
                 self._send_result(Finished(rid, list(g.prompt_ids), [], [], [], "abort"))
 
     def _update_weights(self, u: P.UpdateWeights, tensors: dict[str, torch.Tensor]) -> None:
+        start = time.perf_counter()
+        if u.dist is not None:  # every member takes part, even in a duplicate: the others wait for it
+            received = self._receive_dist(u)
+            if received is None:
+                return
+            tensors = received
         if u.version <= self.engine.version:
             return  # a duplicate (broadcast and directed catch-up can both arrive)
-        start = time.perf_counter()
         try:
             if not u.path and not tensors:
                 raise ValueError("update carries neither a path nor tensors")
@@ -121,6 +148,22 @@ class RolloutServer:
                  self.engine.num_running)
         send(self.dealer, P.WeightsLoaded(server_id=self.server_id, version=u.version, seconds=seconds))
         self._abort_stale(u.min_token_version)
+
+    def _receive_dist(self, u: P.UpdateWeights) -> dict[str, torch.Tensor] | None:
+        """The tensors of a dist broadcast, or None: not a member (a restart, or the group failed: the weights
+        come over the controller's catch-up path), a broadcast that does not fit the model (counted as a
+        rejected message, reason dist_<why>), or a failed collective (counted as dist_failed)."""
+        g = self.weight_group
+        if g is None or g.broken or u.dist is None:
+            return None
+        try:
+            return g.receive(u.dist, u.version, self._dist_expected)
+        except DistRejected as e:
+            reject(ROLE, f"dist_{e.reason}", f"weight broadcast of version {u.version}: {e}")
+        except DistWeightsError as e:
+            log.error("%s: %s; later versions come over the controller's catch-up path", self.server_id, e)
+            reject(ROLE, "dist_failed", str(e))
+        return None
 
     def _abort_stale(self, min_version: int) -> None:
         """Stop sequences the controller can no longer use, so long stragglers do not burn slots."""
@@ -220,6 +263,8 @@ class RolloutServer:
             self.close()
 
     def close(self) -> None:
+        if self.weight_group is not None:
+            self.weight_group.close()
         self.engine.close()
         self.dealer.close()
         self.sub.close()

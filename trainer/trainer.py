@@ -23,6 +23,7 @@ from areal_py.telemetry.prom import TRAINER as M
 from areal_py.telemetry.step_record import StepRecord
 from areal_py.telemetry.tensorboard import TensorBoardLog
 from areal_py.wire import protocol as P
+from areal_py.wire.dist_weights import DistWeightsError, WeightGroup, layout_for
 from areal_py.wire.transport import make_socket, recv, reject, send
 from areal_py.wire.weights import named_weights, save_weights
 from trainer.checkpoint import CheckpointError, load_latest_checkpoint, save_checkpoint
@@ -56,6 +57,7 @@ class Trainer:
         self.batches = make_socket(ctx, zmq.PULL, net.addr(net.batch_port), bind=False,
                                    max_message_bytes=net.max_message_bytes)
         self.start_time = time.monotonic()
+        self.weight_group: WeightGroup | None = None  # weights.transfer=dist, joined in serve()
 
     def _resume(self) -> None:
         """Restore the newest usable checkpoint, and cut metrics.jsonl back to its step: the steps after it
@@ -77,7 +79,39 @@ class Trainer:
             log.warning("metrics.jsonl: rows past step %d (trained again now) moved to %s", self.version, dropped)
 
     # --- loop --------------------------------------------------------------------------------------
+    def join_weight_group(self) -> None:
+        """weights.transfer=dist: host the weight group and wait for every rollout server to join it."""
+        w = self.cfg.weights
+        if w.transfer == "dist" and self.weight_group is None:
+            log.info("forming the weight group at %s:%d with %d server(s)", w.dist_host, w.dist_port,
+                     self.cfg.rollout.num_servers)
+            self.weight_group = WeightGroup.join_root(
+                host=w.dist_host, port=w.dist_port, num_servers=self.cfg.rollout.num_servers,
+                timeout_s=w.dist_timeout_s, join_timeout_s=w.dist_join_timeout_s,
+                device=next(self.model.parameters()).device)
+
+    def publish_dist(self, weights: dict) -> bool:
+        """Announce the layout through the controller, then broadcast the bytes on the weight group. False
+        after a failed broadcast with weights.dist_on_failure=stream: the group is closed for good and the
+        caller sends this version (and every later one) as stream frames; with `stop` the error ends the run."""
+        g = self.weight_group
+        if g is None or g.broken:
+            return False
+        layout = layout_for(weights, max(1, int(self.cfg.weights.dist_bucket_mb * 2**20)))
+        send(self.to_ctrl, P.WeightsReady(version=self.version, path=None, dist=layout))
+        try:
+            g.send(weights, self.version, layout)
+        except DistWeightsError as e:
+            if self.cfg.weights.dist_on_failure == "stop":
+                raise
+            log.error("%s; version %d and later go as stream frames (weights.dist_on_failure=stream)", e,
+                      self.version)
+            return False
+        return True
+
     def publish(self) -> None:
+        if self.cfg.weights.transfer == "dist" and self.publish_dist(named_weights(self.model)):
+            return
         if self.cfg.weights.transfer == "disk":
             path = save_weights(self.model, self.cfg.weights_dir(), self.version, keep=self.cfg.weights.keep)
             send(self.to_ctrl, P.WeightsReady(version=self.version, path=str(path.resolve())))
@@ -96,6 +130,7 @@ class Trainer:
             reject(ROLE, "unexpected_type", f"{detail} while waiting for batch {self.version}")
 
     def serve(self) -> None:
+        self.join_weight_group()
         send(self.to_ctrl, P.TrainerHello(version=self.version, resume_state=self.resume_state))
         if self.version > 0:
             self.publish()  # servers start from the base model; give them the resumed weights
@@ -185,6 +220,8 @@ class Trainer:
         return out
 
     def close(self) -> None:
+        if self.weight_group is not None:
+            self.weight_group.close()
         self.metrics.close()
         if self.tb is not None:
             self.tb.close()

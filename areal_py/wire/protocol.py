@@ -43,6 +43,9 @@ class ProtocolError(ValueError):
         self.reason = reason
 
 
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -102,8 +105,34 @@ class Result(_Body):
         return self
 
 
+MAX_DIST_TENSORS = 2**16  # tensors one dist broadcast may announce: far above any model's parameter count
+DtypeName = Literal["float32", "float16", "bfloat16", "int64", "int32", "uint8"]
+
+
+class DistTensor(_Body):
+    """One tensor's place in a dist bucket: `offset` bytes into the bucket, `numel * itemsize` bytes long."""
+    name: str = Field(max_length=1024)
+    dtype: DtypeName
+    shape: list[Annotated[int, Field(ge=0, le=MAX_COUNT)]] = Field(max_length=8)
+    offset: Count = 0
+
+
+class DistBucket(_Body):
+    nbytes: Count
+    tensors: list[DistTensor] = Field(min_length=1, max_length=MAX_DIST_TENSORS)
+
+
+class DistLayout(_Body):
+    """What a `weights.transfer=dist` broadcast carries, bucket by bucket in broadcast order; the bytes
+    themselves go over the torch.distributed weight group (areal_py/wire/dist_weights.py), not this socket.
+    Receivers check it against their own model before the first byte arrives."""
+    bucket_bytes: int = Field(ge=1, le=MAX_COUNT)
+    buckets: list[DistBucket] = Field(min_length=1, max_length=MAX_DIST_TENSORS)
+
+
 class UpdateWeights(_Body):
-    """New weights: `path` to a safetensors file (disk transfer) or the tensors in the frames (stream).
+    """New weights: `path` to a safetensors file (disk transfer), the tensors in the frames (stream), or
+    `dist`: the layout of a broadcast on the weight group that every member joins now (dist).
 
     `min_token_version`: tokens older than this can no longer be trained (every batch still to come
     would drop them), so servers abort sequences holding them instead of finishing doomed work.
@@ -111,6 +140,7 @@ class UpdateWeights(_Body):
     version: int = Field(ge=0)
     path: str | None = None
     min_token_version: int = Field(0, ge=0)
+    dist: DistLayout | None = None
 
 
 class WeightsLoaded(_Body):
@@ -132,7 +162,6 @@ class Ping(_Body):
 
 
 # --- controller <-> trainer --------------------------------------------------------------------
-Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 MAX_SERVERS = 4096  # per-server entries a batch's stats may carry
 ServerId = Annotated[str, StringConstraints(max_length=255)]  # a ZeroMQ routing id is at most 255 bytes
 
