@@ -6,6 +6,7 @@ results come back in rank order. Every wait is bounded: a rank that fails, hangs
 """
 from __future__ import annotations
 
+import io
 import os
 import queue
 import traceback
@@ -21,7 +22,9 @@ def _entry(fn, rank: int, world: int, port: int, q, args: tuple) -> None:
 
     torch.set_num_threads(1)
     try:
-        q.put((rank, True, fn(*args)))
+        buf = io.BytesIO()  # by value: a tensor shared through the queue dies with this process
+        torch.save(fn(*args), buf)
+        q.put((rank, True, buf.getvalue()))
     except Exception:  # noqa: BLE001 -- any failure goes back to the parent with its traceback
         q.put((rank, False, traceback.format_exc()))
     finally:
@@ -48,7 +51,9 @@ def run_ranks(fn, world: int, *args, timeout_s: float = 60.0) -> list:
                 raise TimeoutError(f"waited {timeout_s:g}s for {world} trainer ranks; results from ranks "
                                    f"{sorted(results)}, exit codes {[p.exitcode for p in procs]}") from None
             if ok:
-                results[rank] = value
+                import torch
+
+                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 errors.append(f"rank {rank}:\n{value}")
     finally:
