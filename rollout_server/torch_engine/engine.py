@@ -36,6 +36,7 @@ import transformers
 from areal_py.wire.weights import load_weights
 from rollout_server.backend import Finished, Trajectory, WeightSource
 from rollout_server.sampling import SamplingParams, sample
+from rollout_server.torch_engine.attention_choice import Mode
 from rollout_server.torch_engine.kv_cache import SlotKVCache
 from rollout_server.torch_engine.linear_choice import default_cache_path
 from rollout_server.torch_engine.model_runner import make_runner
@@ -76,12 +77,14 @@ class Engine:
         fast_runner: bool | None = None,
         compile_decode: bool = False,
         kernel_cache: str | os.PathLike | None = None,
+        decode_attention: Mode = "auto",
     ) -> None:
         """`fast_runner`: None = use the packed fast path when the architecture supports it (checked
         numerically against the HF forward at start), False = always the generic HF forward.
         `compile_decode`: the fast path's decode steps run `torch.compile`d, checked against eager
         (`model_runner.FastLlamaRunner.enable_compile`). `kernel_cache`: the JSON file caching the
-        linear kernel timed at start-up (None = `linear_choice.default_cache_path()`)."""
+        linear kernel timed at start-up (None = `linear_choice.default_cache_path()`).
+        `decode_attention`: auto | sdpa | kernel, the fast path's decode attention (`attention_choice`)."""
         if max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {max_running}")
         if interrupt_mode not in ("recompute", "keep"):
@@ -111,7 +114,7 @@ class Engine:
             device=self.device,
         )
         self.runner = make_runner(model, self.cache, fast_runner, compile_decode=compile_decode,
-                                  kernel_cache=Path(kernel_cache) if kernel_cache else default_cache_path())
+                                  decode_attention=decode_attention, kernel_cache=Path(kernel_cache) if kernel_cache else default_cache_path())
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._waiting: OrderedDict[str, Sequence] = OrderedDict()  # FIFO, O(1) abort
         self._running: dict[str, Sequence] = {}

@@ -10,8 +10,10 @@ All tokens of a step, decode and prefill alike, are packed into one `[T, hidden]
 linear layer runs once per step with no padding; only attention is split into the decode group
 (one query per row, keys read as a view of the slot buffers) and the prefill group (queries
 padded to the longest chunk). Logits are computed only for each row's last token. The linear
-kernel is chosen per step size by timing at start-up (`linear_choice`); decode-only steps can run
-their dense work compiled, checked against eager (`compiled_decode`, `enable_compile`).
+kernel is chosen per step size by timing at start-up (`linear_choice`); so is the decode group's
+attention (`attention_choice`: SDPA per contiguous bucket of rows, or one C++ kernel call for all
+rows at their own lengths, `attention_kernel`); prefill attention is always SDPA. Decode-only steps
+can run their dense work compiled, checked against eager (`compiled_decode`, `enable_compile`).
 
 `HFRunner` is the generic fallback for any other causal LM: the Hugging Face forward with the
 slot cache passed as `past_key_values` (two forwards per step: multi-token rows, then one-token
@@ -29,6 +31,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from rollout_server.torch_engine.attention_choice import AttentionChoice, Mode, pick_attention, probe_shapes
+from rollout_server.torch_engine.attention_kernel import load_kernel
 from rollout_server.torch_engine.compiled_decode import CheckedCompile, CompileStatus
 from rollout_server.torch_engine.kv_cache import SlotKVCache, contiguous_range
 from rollout_server.torch_engine.linear_choice import LinearChoice, candidates, pick_linears
@@ -115,8 +119,10 @@ def probe_rows(max_running: int) -> tuple[list[int], list[int]]:
 
 class FastLlamaRunner:
     def __init__(self, model: transformers.PreTrainedModel, cache: SlotKVCache,
-                 kernel_cache: Path | None = None) -> None:
-        """`kernel_cache`: the JSON file caching the linear kernel choice (None: not cached)."""
+                 kernel_cache: Path | None = None, decode_attention: Mode = "auto") -> None:
+        """`kernel_cache`: the JSON file caching the linear kernel and attention choices (None: not
+        cached). `decode_attention`: "auto" times SDPA against the kernel if this machine has built it,
+        "sdpa" or "kernel" force one (`attention_choice.pick_attention`; an unusable kernel means SDPA)."""
         cfg = model.config.get_text_config()
         self.model, self.cache = model, cache
         inner = model.model
@@ -135,6 +141,12 @@ class FastLlamaRunner:
         kernels = candidates(cache.device, cache.dtype)
         self._eager = {name: DenseFns(kernels[name], self.num_heads, self.num_kv_heads, self.head_dim, self.act)
                        for name in {self.linear.decode, self.linear.prefill}}
+        loader = (lambda: load_kernel(build=decode_attention == "kernel"))
+        self.attention: AttentionChoice
+        self.attention, self._kernel = pick_attention(
+            decode_attention, num_kv_heads=self.num_kv_heads, group=self.group, head_dim=self.head_dim,
+            dtype=cache.dtype, device=cache.device, shapes=probe_shapes(cache.max_slots, cache.max_seq_len),
+            cache_path=kernel_cache, loader=loader)
         self._compiled: DenseFns | None = None
         self._checked: CheckedCompile | None = None
         # A kernel call's fixed overhead (30 us) expressed in K/V row-positions at the attention kernels'
@@ -175,13 +187,21 @@ class FastLlamaRunner:
         self._eager = {name: DenseFns(candidates(self.cache.device, self.cache.dtype)[name], self.num_heads,
                                       self.num_kv_heads, self.head_dim, self.act)}
 
+    def use_attention(self, variant: Mode) -> None:
+        """Force one decode attention variant (benchmarks and tests compare them); "kernel" builds it
+        if needed and falls back to SDPA, with the reason in `self.attention`, if it is unusable."""
+        self.attention, self._kernel = pick_attention(
+            variant, num_kv_heads=self.num_kv_heads, group=self.group, head_dim=self.head_dim,
+            dtype=self.cache.dtype, device=self.cache.device, shapes=[])
+
     @property
     def compile_status(self) -> CompileStatus | None:
         return None if self._checked is None else self._checked.status
 
     def describe(self) -> str:
         status = self.compile_status
-        return f"fast runner, {self.linear.describe()}, " + (status.describe() if status else "compile_decode=off")
+        return (f"fast runner, {self.linear.describe()}, {self.attention.describe()}, "
+                + (status.describe() if status else "compile_decode=off"))
 
     def forward(self, slots: list[int], starts: list[int], chunks: list[list[int]]) -> torch.Tensor:
         self.forwards += 1
@@ -228,12 +248,16 @@ class FastLlamaRunner:
             d_slots = [slots[i] for i in single]
             d_lens = [ends[i] for i in single]
             rng = contiguous_range(d_slots)
-            if rng is None:
+            kernel = self._kernel
+            if kernel is not None:  # one call for every row at its own length: no buckets, no mask
+                d_slot_t, d_len_t = torch.tensor(d_slots, device=dev), torch.tensor(d_lens, device=dev)
+            elif rng is None:
                 buckets = [(0, nd, max(d_lens), torch.tensor(d_slots, device=dev))]
             else:
                 buckets = [(a, b, n, (rng[0] + a, rng[0] + b)) for a, b, n in self._buckets(d_lens)]
-            key_pos = torch.arange(max(d_lens), device=dev)
-            d_mask = _additive(key_pos[None, :] <= pos_t[:nd, None], dtype)[:, None, None]  # [Bd, 1, 1, L]
+            if kernel is None:
+                key_pos = torch.arange(max(d_lens), device=dev)
+                d_mask = _additive(key_pos[None, :] <= pos_t[:nd, None], dtype)[:, None, None]  # [Bd, 1, 1, L]
         if multi:  # prefill group: queries padded to the longest chunk
             p_slots = [slots[i] for i in multi]
             p_rows = contiguous_range(p_slots) or torch.tensor(p_slots, device=dev)
@@ -253,7 +277,10 @@ class FastLlamaRunner:
             outs = []
             if single:
                 qd = q[:nd].view(nd, Hkv, G, D)
-                for a, b, n, rows in buckets:
+                if kernel is not None:
+                    o = kernel(qd, self.cache.keys[li], self.cache.values[li], d_slot_t, d_len_t, attn.scaling)
+                    outs.append(o.reshape(nd, H * D))
+                for a, b, n, rows in [] if kernel is not None else buckets:
                     kc, vc = self.cache.read(li, rows, n)
                     outs.append(_attend(qd[a:b], kc, vc, d_mask[a:b, ..., :n], attn.scaling).reshape(b - a, H * D))
             if multi:
@@ -356,11 +383,12 @@ def _fast_path_agrees(model: transformers.PreTrainedModel, runner: FastLlamaRunn
 
 
 def make_runner(model: transformers.PreTrainedModel, cache: SlotKVCache, fast: bool | None = None, *,
-                kernel_cache: Path | None = None, compile_decode: bool = False):
+                kernel_cache: Path | None = None, compile_decode: bool = False, decode_attention: Mode = "auto"):
     """The fast runner when the architecture is one it reproduces (verified numerically), else HF's forward.
 
     `kernel_cache`: where the fast runner caches its linear kernel choice; `compile_decode`: its decode
-    steps run compiled (checked against eager, falling back on any error). The HF path ignores both."""
+    steps run compiled (checked against eager, falling back on any error); `decode_attention`: its decode
+    attention variant (`FastLlamaRunner`). The HF path ignores all three."""
     cfg = model.config.get_text_config()
     layer_types, window = _attention_layout(cfg)
     supported = (type(model).__name__ in FAST_ARCHITECTURES and "sliding_attention" not in layer_types
@@ -371,7 +399,7 @@ def make_runner(model: transformers.PreTrainedModel, cache: SlotKVCache, fast: b
         return HFRunner(model, cache)
     if not supported:
         raise ValueError(f"the fast runner does not support {type(model).__name__} with this config")
-    runner = FastLlamaRunner(model, cache, kernel_cache)
+    runner = FastLlamaRunner(model, cache, kernel_cache, decode_attention)
     if _fast_path_agrees(model, runner, cfg.vocab_size):
         if compile_decode:
             runner.enable_compile()
