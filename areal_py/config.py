@@ -101,6 +101,12 @@ class RolloutConfig(_Section):
         "each new batch-size bucket checked against eager first (logits to 1e-4); any error or mismatch falls back "
         "to eager with the reason logged. Off by default: compile time and gain on this CPU are in "
         "docs/benchmarks.md (Rollout engine).")
+    decode_attention: Literal["auto", "sdpa", "kernel"] = Field(
+        "auto", description="torch backend, fast runner on CPU: decode attention through PyTorch's SDPA per row "
+        "bucket (sdpa) or one C++ kernel call over every row at its own length (kernel, built once per machine by "
+        "areal-py run/serve before the roles start); auto times both at start-up and keeps the faster (cached "
+        "beside the linear kernel choice). The kernel is used only if it builds and agrees with SDPA; otherwise "
+        "SDPA, with the reason logged.")
 
 
 class ControllerConfig(_Section):

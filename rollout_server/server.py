@@ -52,6 +52,7 @@ def build_engine(cfg: Config, seed: int) -> Backend:
     model, tokenizer = load_model_and_tokenizer(path, dtype=cfg.model.dtype)
     engine = Engine(model, eos_token_id(tokenizer), max_running=cfg.rollout.max_running, seed=seed,
                     interrupt_mode=cfg.rollout.interrupt_mode, compile_decode=cfg.rollout.compile_decode,
+                    decode_attention=cfg.rollout.decode_attention,
                     kernel_cache=Path(cfg.model.cache_dir).expanduser() / "kernels.json")
     log.info("torch engine (%d threads): %s", torch.get_num_threads(), engine.kernel_summary())
     return engine

@@ -225,3 +225,37 @@ def test_engine_greedy_tokens_and_logprobs_equal_with_kernel_and_sdpa(kernel, tm
     for rid, f in ref.items():
         assert got[rid].output_ids == f.output_ids, rid
         torch.testing.assert_close(torch.tensor(got[rid].logprobs), torch.tensor(f.logprobs), atol=1e-4, rtol=0)
+
+
+# --- the app layer builds it before the roles start ------------------------------------------------
+@pytest.mark.parametrize(("overrides", "built", "builds"), [([], False, True), ([], True, False),
+                                                            (["rollout.decode_attention=sdpa"], False, False)])
+def test_prepare_kernels_builds_once_and_only_when_the_kernel_may_be_used(monkeypatch, overrides, built,
+                                                                          builds) -> None:
+    from areal_py.app.model_dir import prepare_kernels
+    from areal_py.config import load_config
+    from rollout_server.torch_engine import attention_kernel
+
+    calls, said = [], []
+    monkeypatch.setattr(attention_kernel, "is_built", lambda root=None: built)
+    monkeypatch.setattr(attention_kernel, "load_kernel", lambda: calls.append(1) or failing_loader())
+    prepare_kernels(load_config(None, overrides), say=said.append)
+    assert bool(calls) == builds
+    if builds:  # announced before, and a failure says the servers use SDPA
+        assert "building the decode attention kernel" in said[0] and "use SDPA: build/load failed" in said[1]
+
+
+def test_the_config_reaches_the_server_engine_and_its_log(monkeypatch, tmp_path, caplog) -> None:
+    from areal_py.config import load_config
+    from areal_py.models import build_char_tokenizer
+    from rollout_server import server
+
+    model = gqa_model()
+    monkeypatch.setattr(server, "model_path", lambda c: tmp_path)
+    monkeypatch.setattr(server, "load_model_and_tokenizer", lambda path, dtype: (model, build_char_tokenizer()))
+    assert load_config(None, []).rollout.decode_attention == "auto"
+    cfg = load_config(None, [f"model.cache_dir={tmp_path}", "rollout.max_running=2", "rollout.decode_attention=sdpa"])
+    with caplog.at_level(logging.INFO, logger="rollout"):
+        eng = server.build_engine(cfg, seed=1)
+    assert eng.runner.attention == AttentionChoice("sdpa", "forced")
+    assert "decode attention=sdpa (forced)" in caplog.text
