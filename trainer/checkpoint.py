@@ -1,15 +1,32 @@
-"""Checkpoints: model weights (safetensors), optimizer state, and the run's position.
+"""Checkpoints: model weights and optimizer state, sharded across the trainer's ranks, and the run's position.
+
+The tensors are written with `torch.distributed.checkpoint` (DCP): every rank writes its own shards
+(`__<rank>_<i>.distcp`), rank 0 the `.metadata` that maps each tensor to its pieces. The state dicts
+come from `get_model_state_dict` / `get_optimizer_state_dict` (keyed by parameter name, DTensor
+shards under FSDP2, plain tensors at world size 1) and go back through `set_*`, so a checkpoint
+written at one world size loads at another: DCP reads whichever pieces each rank's shards need.
+At world size 1 there is no process group and DCP runs in-process. The directory is assumed to be
+on a filesystem every rank sees (DCP's own requirement for loading at another world size).
 
 The position is what makes resume exact: the trainer version, the controller's data position and
-counters as of the last trained batch, and the wall time used so far.
+counters as of the last trained batch, and the wall time used so far (`state.json`, from rank 0).
 
-Crash safety. A checkpoint is written into `.tmp_step_N`, each file fsynced, `manifest.json` (every
-file's size and sha256) last, then renamed to `step_N`; only then does `latest` name it. So a
-`step_N` directory was complete when written, and the manifest tells whether it still is (a bad
-copy, a disk error, a power loss on a filesystem that reorders writes). Loading takes the newest
-`step_N` that verifies and reads back, warning about each newer one it skips. A `step_N` numbered
-above the one being saved is from a run abandoned at a later step (resumed from an earlier
-checkpoint), so saving removes it: the next resume can never pick a checkpoint from that past.
+Crash safety. A checkpoint is written into `.tmp_step_N`, each file fsynced (DCP's `sync_files`
+for the shards), then, once every rank's shards are down, `manifest.json` (every file's size and
+sha256; each rank hashes a share of the files) is written last by rank 0, and the directory
+renamed to `step_N`; only then does `latest` name it. So a `step_N` directory was complete when
+written, and the manifest tells whether it still is (a bad copy, a disk error, a power loss on a
+filesystem that reorders writes). Loading takes the newest `step_N` that verifies and reads back,
+warning about each newer one it skips. A `step_N` numbered above the one being saved is from a run
+abandoned at a later step (resumed from an earlier checkpoint), so saving removes it: the next
+resume can never pick a checkpoint from that past.
+
+Ranks agree at every step: after each phase they exchange "done" or the error (as JSON over an
+all-reduce, `_exchange`), so a failure on any rank fails the save or the load on all of them with
+its message, and all ranks fall back to the same older checkpoint.
+
+Checkpoints from before DCP (`<name>.safetensors` + `<name>.pt`) are refused with
+`OldFormatCheckpointError` naming the directory: no older checkpoint of that run would do better.
 """
 from __future__ import annotations
 
@@ -19,22 +36,37 @@ import logging
 import os
 import re
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from areal_py.wire.weights import named_weights, write_error
+from areal_py.wire.weights import write_error
+from trainer.distributed import Dist, all_reduce
 
 log = logging.getLogger("trainer.checkpoint")
 MANIFEST = "manifest.json"
+STATE = "state.json"
+DCP_METADATA = ".metadata"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that fails verification or cannot be read back, or no usable checkpoint at all;
     the message names the directory or file."""
+
+
+class OldFormatCheckpointError(CheckpointError):
+    """A checkpoint written before checkpoints were sharded (safetensors + torch.save files)."""
 
 
 def _seal(path: Path) -> dict[str, Any]:
@@ -55,36 +87,114 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _exchange(value: Any, dist: Dist, what: str) -> list[Any]:
+    """Every rank's JSON-able `value`, in rank order (UTF-8 bytes summed into a zeroed [world, n] tensor:
+    two all-reduces, each bounded by the group's timeout and named by `what`). Also a barrier."""
+    if not dist.distributed:
+        return [value]
+    data = json.dumps(value).encode()
+    sizes = torch.zeros(dist.world_size, dtype=torch.int64, device=dist.device)
+    sizes[dist.rank] = len(data)
+    all_reduce(sizes, dist, f"{what} (sizes)")
+    buf = torch.zeros(dist.world_size, int(sizes.max()), dtype=torch.uint8, device=dist.device)
+    buf[dist.rank, :len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dist.device)
+    all_reduce(buf, dist, what)
+    rows = buf.cpu()
+    return [json.loads(bytes(rows[r, :int(sizes[r])].tolist())) for r in range(dist.world_size)]
+
+
+def _agree(error: str | None, dist: Dist, what: str) -> list[str]:
+    """Exchange each rank's error (None = done) after `what`; the errors, prefixed with their rank."""
+    errors = _exchange(error, dist, f"checkpoint: {what}")
+    return [f"rank {r}: {e}" if dist.distributed else e for r, e in enumerate(errors) if e is not None]
+
+
+@contextmanager
+def _dcp_in_process(dist: Dist):
+    """DCP warns on every save and load without a process group; at world size 1 that is the intent."""
+    with warnings.catch_warnings():
+        if not dist.distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _owner(opt: torch.optim.Optimizer, modules: dict[str, torch.nn.Module], name: str) -> torch.nn.Module:
+    """The module whose parameters `opt` updates (DCP keys optimizer state by that module's names)."""
+    ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    for module in modules.values():
+        if ids and ids <= {id(p) for p in module.parameters()}:
+            return module
+    raise ValueError(f"optimizer {name!r} updates parameters of none of the modules {sorted(modules)}")
+
+
+def _state_dicts(modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
+    """What DCP writes and reads: {"modules": {name: state}, "optimizers": {name: state}} (two namespaces,
+    so a module and an optimizer may share a name). A fresh optimizer's state is created here (zeros)."""
+    return {"modules": {name: get_model_state_dict(m) for name, m in modules.items()},
+            "optimizers": {name: get_optimizer_state_dict(_owner(opt, modules, name), opt)
+                           for name, opt in optimizers.items()}}
+
+
 def save_checkpoint(root: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                    state: dict[str, Any], keep: int = 3) -> Path:
+                    state: dict[str, Any], keep: int = 3, dist: Dist | None = None) -> Path:
     """Write `step_<version>` atomically (see the module docstring), then keep the `keep` newest (0 = all).
 
-    A failed write (a full disk) removes the partial copy, leaves every earlier checkpoint and `latest`
-    as they were, and raises an OSError naming the checkpoint's path.
+    Called on every rank with its shards of `modules` and `optimizers`; `state` is written by rank 0.
+    A failed write on any rank (a full disk) removes the partial copy, leaves every earlier checkpoint
+    and `latest` as they were, and raises an OSError naming the checkpoint's path on every rank.
     """
+    dist = dist or Dist.single()
     d = root / f"step_{state['version']:06d}"
     tmp = root / f".tmp_{d.name}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name, module in modules.items():
-            save_file({k: v.contiguous() for k, v in named_weights(module).items()}, str(tmp / f"{name}.safetensors"))
-        for name, opt in optimizers.items():
-            torch.save(opt.state_dict(), tmp / f"{name}.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        files = {f.name: _seal(f) for f in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-        _seal(tmp / MANIFEST)
-        _fsync_dir(tmp)
-        shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)
-        (root / "latest.tmp").write_text(d.name)
-        os.replace(root / "latest.tmp", root / "latest")
-        _fsync_dir(root)
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(d, e) from e
-    _prune(root, state["version"], keep)
+
+    def phase(what: str, fn) -> Any:
+        out = err = None
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 -- any failure on any rank fails the save on every rank
+            err = e
+        errors = _agree(None if err is None else f"{type(err).__name__}: {err}", dist, what)
+        if errors:
+            if dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            cause = err  # world size 1: the error itself; several ranks: all of theirs, this rank's errno
+            if dist.distributed:
+                joined = "; ".join(errors)
+                cause = OSError(err.errno, joined) if isinstance(err, OSError) and err.errno else OSError(joined)
+            raise write_error(d, cause) from err
+        return out
+
+    def prepare() -> None:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            (tmp / STATE).write_text(json.dumps(state, indent=1))
+
+    def write_and_hash() -> dict[str, Any]:
+        with _dcp_in_process(dist):
+            dcp.save(_state_dicts(modules, optimizers), storage_writer=dcp.FileSystemWriter(tmp, sync_files=True),
+                     no_dist=not dist.distributed)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())  # dcp.save returned: every rank's shards are there
+        return {str(p.relative_to(tmp)): _seal(p) for p in files[dist.rank::dist.world_size]}
+
+    def seal(parts: list[dict[str, Any]]) -> None:
+        if dist.is_main:
+            files = {name: meta for part in parts for name, meta in sorted(part.items())}
+            (tmp / MANIFEST).write_text(json.dumps({"files": dict(sorted(files.items()))}, indent=1))
+            _seal(tmp / MANIFEST)
+            _fsync_dir(tmp)
+            shutil.rmtree(d, ignore_errors=True)
+            os.replace(tmp, d)
+            (root / "latest.tmp").write_text(d.name)
+            os.replace(root / "latest.tmp", root / "latest")
+            _fsync_dir(root)
+
+    phase(f"preparing {tmp}", prepare)
+    mine = phase(f"writing the shards of {tmp}", write_and_hash)
+    parts = _exchange(mine, dist, f"checkpoint: manifest entries of {tmp}")
+    phase(f"sealing {d}", lambda: seal(parts))
+    if dist.is_main:
+        _prune(root, state["version"], keep)
     return d
 
 
@@ -114,72 +224,124 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return [dirs[v] for v in sorted(dirs, reverse=True)]
 
 
-def verify_checkpoint(d: Path) -> None:
-    """Raise CheckpointError naming the file unless every file in the manifest is there with its size and
-    sha256. A checkpoint without a manifest but with a state.json predates manifests: it passes, and
-    reading it back is its only check."""
-    manifest = d / MANIFEST
-    if not manifest.is_file():
-        if (d / "state.json").is_file():
-            return
-        raise CheckpointError(f"{d} has no {MANIFEST}: not a complete checkpoint")
+def _check_format(d: Path) -> None:
+    """OldFormatCheckpointError unless `d` was written by DCP (its `.metadata` is there, or it is
+    not recognisably an old checkpoint either and verification will name what is wrong)."""
+    if (d / DCP_METADATA).is_file() or (d / MANIFEST).is_file() and DCP_METADATA in _manifest_names(d):
+        return
+    old = sorted(p.name for p in d.glob("*.safetensors")) + sorted(p.name for p in d.glob("*.pt"))
+    if old:
+        raise OldFormatCheckpointError(
+            f"{d} is a checkpoint from before sharded (torch.distributed.checkpoint) checkpoints ({', '.join(old)}); "
+            "this version cannot resume it: finish that run with the areal-py version that wrote it, or start "
+            "a new run without --resume (or under another run.name)")
+
+
+def _manifest_names(d: Path) -> set[str]:
     try:
-        files = json.loads(manifest.read_text())["files"]
-        expected = {name: (int(meta["bytes"]), str(meta["sha256"])) for name, meta in files.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{manifest} is unreadable ({e!r})") from None
-    for name, (size, sha) in expected.items():
-        f = d / name
-        if not f.is_file():
-            raise CheckpointError(f"{f} is missing")
-        if f.stat().st_size != size:
-            raise CheckpointError(f"{f} has {f.stat().st_size} bytes, its manifest says {size} (truncated?)")
-        if _seal(f)["sha256"] != sha:
-            raise CheckpointError(f"{f} does not match the sha256 in its manifest (damaged)")
+        return set(json.loads((d / MANIFEST).read_text())["files"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return set()
+
+
+def verify_checkpoint(d: Path, dist: Dist | None = None) -> None:
+    """Raise CheckpointError naming the file unless every file in the manifest is there with its size and
+    sha256. With several ranks each hashes a share of the files and all raise if any share fails."""
+    dist = dist or Dist.single()
+    manifest = d / MANIFEST
+    err = None
+    try:
+        if not manifest.is_file():
+            raise CheckpointError(f"{d} has no {MANIFEST}: not a complete checkpoint")
+        try:
+            files = json.loads(manifest.read_text())["files"]
+            expected = {name: (int(meta["bytes"]), str(meta["sha256"])) for name, meta in files.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{manifest} is unreadable ({e!r})") from None
+        for name, (size, sha) in sorted(expected.items())[dist.rank::dist.world_size]:
+            f = d / name
+            if not f.is_file():
+                raise CheckpointError(f"{f} is missing")
+            if f.stat().st_size != size:
+                raise CheckpointError(f"{f} has {f.stat().st_size} bytes, its manifest says {size} (truncated?)")
+            if _seal(f)["sha256"] != sha:
+                raise CheckpointError(f"{f} does not match the sha256 in its manifest (damaged)")
+    except CheckpointError as e:
+        err = str(e)
+    errors = _agree(err, dist, f"verifying {d}")
+    if errors:
+        raise CheckpointError("; ".join(errors))
 
 
 def _read(f: Path, reader: Any) -> Any:
     try:
         return reader(f)
-    except Exception as e:  # safetensors, torch.load and json each raise their own types for a bad file
+    except Exception as e:  # DCP, torch.load and json each raise their own types for a bad file
         raise CheckpointError(f"{f} cannot be read back ({type(e).__name__}: {e})") from e
 
 
-def load_checkpoint(d: Path, modules: dict[str, torch.nn.Module],
-                    optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
-    """Verify, read everything, then restore in place: a damaged checkpoint (CheckpointError) changes
-    nothing. A module or optimizer the checkpoint lacks is a config mismatch, not damage: an error
-    naming it, which no older checkpoint would fix."""
-    verify_checkpoint(d)
-    weights = {}
+def _check_keys(d: Path, saved: set[str], wanted: dict[str, Any]) -> None:
+    """A module or optimizer the checkpoint lacks is a config mismatch, not damage: an error naming it,
+    which no older checkpoint would fix."""
+    for kind, states in wanted.items():
+        for name, sd in states.items():
+            prefix = f"{kind}.{name}."
+            if not any(k.startswith(prefix) for k in saved):
+                raise FileNotFoundError(f"checkpoint {d} has no {kind[:-1]} {name!r} "
+                                        "(was it saved with another algo config?)")
+            if kind == "modules":
+                missing = sorted(k for k in sd if prefix + k not in saved)
+                if missing:
+                    raise ValueError(f"checkpoint {d} lacks parameters {missing[:5]} of {name!r}")
+
+
+def load_checkpoint(d: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                    dist: Dist | None = None) -> dict[str, Any]:
+    """Verify, read, then restore every module and optimizer; the run position (state.json) is returned.
+
+    DCP reads into the tensors of the state dicts in place, so a checkpoint that verifies but fails while
+    being read back (CheckpointError on every rank) can leave the modules partly restored: the caller
+    then loads an older checkpoint, which overwrites every tensor, or stops.
+    """
+    dist = dist or Dist.single()
+    _check_format(d)
+    verify_checkpoint(d, dist)
+    sds = _state_dicts(modules, optimizers)
+    err, mismatch = None, None
+    try:
+        saved = set(_read(d / DCP_METADATA, lambda p: dcp.FileSystemReader(d).read_metadata()).state_dict_metadata)
+        _check_keys(d, saved, sds)
+        state = _read(d / STATE, lambda p: json.loads(p.read_text()))
+        with _dcp_in_process(dist):
+            _read(d, lambda p: dcp.load(sds, storage_reader=dcp.FileSystemReader(p), no_dist=not dist.distributed))
+    except CheckpointError as e:
+        err = str(e)
+    except (FileNotFoundError, ValueError) as e:  # a config mismatch: every rank reads the same metadata
+        err, mismatch = f"{type(e).__name__}: {e}", e
+    errors = _agree(err, dist, f"reading {d}")
+    if mismatch is not None:
+        raise mismatch
+    if errors:
+        raise CheckpointError("; ".join(errors))
     for name, module in modules.items():
-        f = d / f"{name}.safetensors"
-        if not f.is_file():
-            raise FileNotFoundError(f"checkpoint {d} has no {f.name} (was it saved with another algo config?)")
-        weights[name] = _read(f, lambda p: load_file(str(p)))
-        missing = set(dict(module.named_parameters())) - set(weights[name])
-        if missing:
-            raise ValueError(f"checkpoint {f} lacks parameters {sorted(missing)[:5]}")
-    opt_states = {name: _read(d / f"{name}.pt", lambda p: torch.load(p, weights_only=True)) for name in optimizers}
-    state = _read(d / "state.json", lambda p: json.loads(p.read_text()))
-    for name, module in modules.items():
-        params = dict(module.named_parameters())
-        with torch.no_grad():
-            for k, t in weights[name].items():
-                params[k].copy_(t)
+        set_model_state_dict(module, sds["modules"][name])
     for name, opt in optimizers.items():
-        opt.load_state_dict(opt_states[name])
+        set_optimizer_state_dict(_owner(opt, modules, name), opt, sds["optimizers"][name])
     return state
 
 
 def load_latest_checkpoint(root: Path, modules: dict[str, torch.nn.Module],
-                           optimizers: dict[str, torch.optim.Optimizer]) -> tuple[Path, dict[str, Any]]:
+                           optimizers: dict[str, torch.optim.Optimizer],
+                           dist: Dist | None = None) -> tuple[Path, dict[str, Any]]:
     """Restore the newest checkpoint under `root` that verifies and reads back, warning about (and
-    keeping, for inspection) each newer one skipped; CheckpointError naming `root` if none does."""
+    keeping, for inspection) each newer one skipped; CheckpointError naming `root` if none does.
+    Every rank calls it and all pick the same checkpoint (they agree on each one's verdict)."""
     bad = []
     for d in checkpoint_dirs(root):
         try:
-            state = load_checkpoint(d, modules, optimizers)
+            state = load_checkpoint(d, modules, optimizers, dist)
+        except OldFormatCheckpointError:
+            raise
         except CheckpointError as e:
             log.warning("checkpoint %s is unusable, trying an older one: %s", d, e)
             bad.append(f"{d.name}: {e}")

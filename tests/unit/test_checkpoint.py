@@ -3,6 +3,7 @@ are pruned, and a full disk is an error naming the path."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from trainer import checkpoint as C
+
+SHARD = "__0_0.distcp"  # DCP's file of rank 0's tensors (world size 1: all of them)
 
 
 def _model_and_opt(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -42,7 +45,7 @@ def test_round_trip_restores_weights_and_state(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
-@pytest.mark.parametrize("victim", ["policy.safetensors", "policy_opt.pt", "state.json"])
+@pytest.mark.parametrize("victim", [SHARD, ".metadata", "state.json"])
 def test_truncated_newest_falls_back_to_the_previous_one_with_a_warning(tmp_path, caplog, victim):
     _, good = _save(tmp_path, 4)
     newest, _ = _save(tmp_path, 8)
@@ -58,7 +61,7 @@ def test_truncated_newest_falls_back_to_the_previous_one_with_a_warning(tmp_path
 def test_bit_flip_is_caught_by_the_manifest(tmp_path, caplog):
     _save(tmp_path, 4)
     newest, _ = _save(tmp_path, 8)
-    f = newest / "policy.safetensors"
+    f = newest / SHARD
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF  # same size, still a loadable file: only the checksum can tell
     f.write_bytes(bytes(data))
@@ -71,7 +74,7 @@ def test_bit_flip_is_caught_by_the_manifest(tmp_path, caplog):
 def test_all_corrupt_is_a_clear_error_naming_the_directory(tmp_path):
     for v in (4, 8):
         d, _ = _save(tmp_path, v)
-        (d / "policy.safetensors").write_bytes(b"\0" * 10)
+        (d / SHARD).write_bytes(b"\0" * 10)
     with pytest.raises(C.CheckpointError) as e:
         _load(tmp_path)
     msg = str(e.value)
@@ -108,7 +111,7 @@ def test_disk_full_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, mo
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(C, "save_file", full)
+    monkeypatch.setattr(C.dcp, "save", full)
     with pytest.raises(OSError) as e:
         _save(tmp_path, 8)
     assert e.value.errno == errno.ENOSPC
@@ -133,3 +136,41 @@ def test_a_controller_state_that_does_not_validate_is_an_error_naming_the_file(t
                            learner=SimpleNamespace(modules=lambda: {"policy": m}, optimizers=lambda: {"policy": opt}))
     with pytest.raises(C.CheckpointError, match=r"state\.json: controller_state is not a valid controller state"):
         Trainer._resume(fake)
+
+
+def test_optimizer_state_round_trips(tmp_path):
+    _save(tmp_path, 4)
+    _, want = _model_and_opt(4)  # the optimizer `_save` stepped, rebuilt from the same seed
+    m, opt = _model_and_opt(seed=99)
+    C.load_latest_checkpoint(tmp_path, {"policy": m}, {"policy_opt": opt})
+    got, ref = opt.state_dict(), want.state_dict()
+    assert got["param_groups"] == ref["param_groups"] and got["state"].keys() == ref["state"].keys()
+    for i, st in ref["state"].items():
+        for k, t in st.items():
+            assert torch.equal(got["state"][i][k], t), (i, k)
+
+
+def test_a_checkpoint_from_before_sharding_is_refused_naming_the_directory(tmp_path):
+    """The safetensors + torch.save layout of earlier versions: a clear refusal, not a fall-back to an
+    even older checkpoint of the same format, nor 'damaged'."""
+    from safetensors.torch import save_file
+
+    m, opt = _model_and_opt()
+    for v in (4, 8):
+        d = tmp_path / f"step_{v:06d}"
+        d.mkdir()
+        save_file({k: t.contiguous() for k, t in m.state_dict().items()}, str(d / "model.safetensors"))
+        torch.save(opt.state_dict(), d / "optimizer.pt")
+        (d / "state.json").write_text(json.dumps({"version": v}))
+    with pytest.raises(C.OldFormatCheckpointError) as e:
+        _load(tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / "step_000008") in msg and "model.safetensors" in msg and "without --resume" in msg
+
+
+def test_a_module_the_checkpoint_lacks_is_a_config_error_naming_it(tmp_path):
+    _save(tmp_path, 4)
+    m, opt = _model_and_opt(seed=99)
+    critic, _ = _model_and_opt(seed=98)
+    with pytest.raises(FileNotFoundError, match=r"step_000004 has no module 'critic' \(was it saved with another"):
+        C.load_latest_checkpoint(tmp_path, {"policy": m, "critic": critic}, {"policy_opt": opt})
