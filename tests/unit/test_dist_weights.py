@@ -173,3 +173,39 @@ def test_controller_relays_the_layout_and_never_sends_a_dist_version_directly():
     finally:
         pub.close(linger=0)
         sub.close(linger=0)
+
+
+class _FailingGroup:
+    broken = None
+
+    def send(self, weights, version, layout):
+        self.broken = "peer gone"
+        raise D.DistWeightsError("weights.transfer=dist: bucket 1/1 of version 4 failed on rank 0 of 3: peer gone")
+
+
+@pytest.mark.parametrize("on_failure", ["stream", "stop"])
+def test_trainer_after_a_failed_broadcast_falls_back_or_stops(on_failure):
+    """The notice goes to the controller first (the servers join on it); then a failed broadcast either returns
+    False (the caller sends the version as stream frames) or raises the named error (the run stops)."""
+    from trainer.trainer import Trainer
+
+    ctx = zmq.Context.instance()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    a.bind(f"inproc://trainer-dist-{on_failure}")
+    b.connect(f"inproc://trainer-dist-{on_failure}")
+    cfg = load_config(None, ["weights.transfer=dist", "weights.dist_bucket_mb=1",
+                             f"weights.dist_on_failure={on_failure}"])
+    fake = type("T", (), {"cfg": cfg, "version": 4, "to_ctrl": a, "weight_group": _FailingGroup()})()
+    try:
+        if on_failure == "stream":
+            assert Trainer.publish_dist(fake, _weights()) is False
+        else:
+            with pytest.raises(D.DistWeightsError, match="bucket 1/1 of version 4"):
+                Trainer.publish_dist(fake, _weights())
+        assert b.poll(5000), "timed out after 5s waiting for the trainer's dist notice"
+        msg = P.decode(b.recv_multipart())
+        assert msg.body.version == 4 and msg.body.dist == D.layout_for(_weights(), 2**20)
+        assert Trainer.publish_dist(fake, _weights()) is False  # a broken group is never used again
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)
