@@ -18,7 +18,9 @@ Next to each measurement it prints the roofline (`benchmarks.roofline`, the mach
 read bandwidths measured at start at the same thread count): for the workload, the floor time no
 engine can beat (`generation_floor_s`), and for single decode steps of the fast runner at
 `--decode-shapes` rows x context, the step's floor (`decode_floor_s`); "x above roofline" is the
-measured time over the floor.
+measured time over the floor. Decode steps are timed with each decode attention variant
+(`attention_choice`: sdpa, and the C++ kernel where this machine has built it), rounds
+interleaved; the step's headline numbers are those of the variant the engine chose.
 
 Writes `<out>/engine_throughput.json` (tokens/s per engine and model, speedup over the better
 baseline, peak RSS, floors and decode steps, machine limits, workload, command) and
@@ -133,7 +135,8 @@ def run_ours(model, wl: dict, max_running: int, seed: int) -> dict:
         timeline.append((time.perf_counter() - start, n))
     elapsed = time.perf_counter() - start
     return {"elapsed_s": elapsed, "produced": [done[i] for i in range(len(params))], "timeline": timeline,
-            "steps": len(timeline), "forwards": engine.runner.forwards, "runner": type(engine.runner).__name__}
+            "steps": len(timeline), "forwards": engine.runner.forwards, "runner": type(engine.runner).__name__,
+            "kernels": engine.kernel_summary()}
 
 
 class _StepClock(LogitsProcessor):
@@ -231,25 +234,47 @@ def warm_up(model, max_running: int) -> None:
 
 @torch.inference_mode()
 def decode_steps(model, rows: int, context: int, limits: MachineLimits, rounds: int) -> dict:
-    """The fast runner's decode step over `rows` rows at `context` positions each, against its floor.
+    """The fast runner's decode step over `rows` rows at `context` positions each, against its floor,
+    with every decode attention variant usable here (rounds interleaved).
 
     The rows' caches are left as allocated (zeros): a step's work does not depend on the values. Each
-    round times a few steps; with one thread the clock is process CPU time (the machine is shared),
-    else wall time. The median over rounds counts."""
+    round times a few steps per variant; with one thread the clock is process CPU time (the machine is
+    shared), else wall time. The median over rounds counts; the headline is the engine's own choice."""
     engine = Engine(model, EOS, max_running=rows, max_seq_len=context + 1, seed=0)
     runner, slots = engine.runner, list(range(rows))
     clock = time.process_time if limits.threads == 1 else time.perf_counter
+    chosen = runner.attention.variant if hasattr(runner, "attention") else None
+    variants = []
+    for v in ("sdpa", "kernel") if chosen else ():
+        runner.use_attention(v)
+        if runner.attention.variant == v:
+            variants.append(v)
+        else:
+            print(f"  decode attention {v} unusable: {runner.attention.reason}", flush=True)
 
     def step() -> None:
         runner.forward(slots, [context - 1] * rows, [[5]] * rows)
 
-    step()
-    per_round = max(1, int(0.2 / max(_timed(step, clock), 1e-6)))
-    times = [_timed(step, clock, per_round) for _ in range(rounds)]
+    per_round = {}
+    for v in variants or [None]:
+        if v:
+            runner.use_attention(v)
+        step()
+        per_round[v] = max(1, int(0.2 / max(_timed(step, clock), 1e-6)))
+    times: dict = {v: [] for v in per_round}
+    for _ in range(rounds):
+        for v, calls in per_round.items():
+            if v:
+                runner.use_attention(v)
+            times[v].append(_timed(step, clock, calls))
     floor = decode_floor_s(ModelShape.from_config(model.config), [context] * rows, limits)
-    median = float(np.median(times))
-    return {"rows": rows, "context": context, "runner": type(runner).__name__, "median_s": median,
-            "rounds_s": times, "clock": clock.__name__, "floor_s": floor, "x_above_roofline": median / floor}
+    medians = {v: float(np.median(t)) for v, t in times.items()}
+    head = chosen if chosen in medians else next(iter(medians))
+    return {"rows": rows, "context": context, "runner": type(runner).__name__, "median_s": medians[head],
+            "rounds_s": times[head], "clock": clock.__name__, "floor_s": floor,
+            "x_above_roofline": medians[head] / floor, "attention_chosen": chosen,
+            "attention": {v: {"median_s": medians[v], "rounds_s": times[v], "x_above_roofline": medians[v] / floor}
+                          for v in medians if v}}
 
 
 def _timed(fn, clock, calls: int = 1) -> float:
@@ -313,8 +338,10 @@ def bench_model(name: str, shape: dict, wl: dict, max_running: int, seed: int, e
     for rows, context in decode_shapes:
         d = decode_steps(model, rows, context, limits, max(3, 2 * repeats + 1))
         entry["decode_steps"].append(d)
-        print(f"  {name:>4} decode step {rows}x{context}: {d['median_s'] * 1e3:.2f} ms, floor "
-              f"{d['floor_s'] * 1e3:.2f} ms, {d['x_above_roofline']:.1f}x above roofline", flush=True)
+        for v, a in d["attention"].items() or [(None, d)]:
+            print(f"  {name:>4} decode step {rows}x{context} attention {v}{'*' if v == d['attention_chosen'] else ''}: "
+                  f"{a['median_s'] * 1e3:.2f} ms, floor {d['floor_s'] * 1e3:.2f} ms, "
+                  f"{a['x_above_roofline']:.2f}x above roofline", flush=True)
     del model
     return entry
 
