@@ -24,9 +24,22 @@ from areal_py.config import Config
 from trainer.algo import recipe as A
 from trainer.algo.kl import AdaptiveKLController, FixedKLController
 from trainer.critic import ValueModel
+from trainer.distributed import Dist
 from trainer.micro_batching import PackCost, pack_by_cost, pack_by_padded_tokens, pack_by_tokens
 from trainer.pack_cost import pack_cost_for
+from trainer.rank_step import (
+    RankLoad,
+    check_supported,
+    global_norms,
+    local,
+    norm_value,
+    pad_micro_batches,
+    sum_stats,
+    train_step_ranks,
+    zero_pass,
+)
 from trainer.rollout_batch import RolloutBatch, token_logprobs
+from trainer.sharding import shard_model
 
 STAT_KEYS = ("loss", "clip_fraction", "approx_kl", "behav_weight_mean", "kl_loss", "entropy", "value_loss")
 log = logging.getLogger("trainer")
@@ -35,22 +48,26 @@ log = logging.getLogger("trainer")
 def first_nonfinite(module: torch.nn.Module) -> str | None:
     """Name of the first parameter holding a NaN or inf, or None (one device sync when all are finite)."""
     params = list(module.named_parameters())
-    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
-        return None
-    return next(name for name, p in params if not bool(torch.isfinite(p).all()))
+    if not params or bool(torch.stack([torch.isfinite(local(p)).all() for _, p in params]).all()):
+        return None  # a sharded parameter: this rank's shard (each rank checks its own)
+    return next(name for name, p in params if not bool(torch.isfinite(local(p)).all()))
 
 
 class Learner:
-    def __init__(self, cfg: Config, model: torch.nn.Module, model_dir, pack_cost: PackCost | None = None) -> None:
+    def __init__(self, cfg: Config, model: torch.nn.Module, model_dir, pack_cost: PackCost | None = None,
+                 dist: Dist | None = None) -> None:
         """``pack_cost``: the micro-batch cost model for ``micro_batch_packing=cost``; None = from the
-        config or timed on ``model`` (trainer/pack_cost.py), before any other state is built."""
+        config or timed on ``model`` (trainer/pack_cost.py), before any other state is built. ``dist``: this
+        process's trainer rank (None: world size 1); at world size > 1 the models are sharded with FSDP2
+        (trainer/sharding.py) before the optimizers are built over their sharded parameters."""
         self.cfg = cfg
+        self.dist = dist or Dist.single()
+        check_supported(cfg.algo, self.dist.world_size)
         self.algo = cfg.algo
         t = cfg.trainer
         self.model = model
         self.model.train()
         self.pack_cost = pack_cost or pack_cost_for(cfg, model)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.temperature = cfg.rollout.temperature
         self.ref = copy.deepcopy(model).eval().requires_grad_(False) if self.algo.kl_coef > 0 else None
         self.kl_ctl = (AdaptiveKLController(self.algo.kl_coef, self.algo.kl_target, self.algo.kl_horizon)
@@ -58,6 +75,11 @@ class Learner:
         self.critic = self.critic_opt = None
         if self.algo.adv_estimator == "gae":
             self.critic = ValueModel(model_dir, dtype=next(model.parameters()).dtype)
+        for m in (self.model, self.ref, self.critic):
+            if m is not None:
+                shard_model(m, self.dist, t.activation_checkpointing and m is not self.ref)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        if self.critic is not None:
             self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=self.algo.critic_lr)
         self.loss_settings = A.LossSettings(t.eps_clip, t.eps_clip_high, t.behav_cap, t.behav_mode, None)
         # With one update per batch the proximal logprobs come from the training forward itself (exact,
@@ -65,6 +87,7 @@ class Learner:
         self.prox_from_training_forward = True
         self.skipped_in_a_row = 0  # steps since the last applied update that were skipped for non-finite values
         self._tokens = [0, 0]  # this step's training micro-batches: [real, computed (rows x padded width)] tokens
+        self.rank_load: RankLoad | None = None  # the last step's work per rank (world size > 1)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """What a checkpoint must hold (the reference is the initial policy: rebuilt, not saved)."""
@@ -96,8 +119,11 @@ class Learner:
         def widen(x: torch.Tensor) -> torch.Tensor:  # trimmed micro-batch columns back to the batch's width
             return torch.nn.functional.pad(x, (0, full - x.shape[1]))
 
-        mbs = self.micro_batches(sub, torch.arange(sub.num_samples))
-        for idx in mbs:
+        mbs = [mb for mb in self.micro_batches(sub, torch.arange(sub.num_samples)) if len(mb)]
+        for idx in pad_micro_batches(mbs, self.dist, "proximal/reference/critic forward micro-batches", None):
+            if idx is None:  # another rank has more micro-batches: join its FSDP collectives, weight 0
+                zero_pass(self, backward=False, need_prox=need_prox)
+                continue
             mb = sub.rows(idx, trim=True)  # not padded to the batch's longest: long tails make that costly
             if need_prox:
                 prox.append(widen(token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature)[0]))
@@ -105,12 +131,19 @@ class Learner:
                 ref.append(widen(token_logprobs(self.ref, mb.input_ids, mb.attention_mask, self.temperature)[0]))
             if self.critic is not None:
                 values.append(widen(self.critic(mb.input_ids, mb.attention_mask)))
+        if not mbs:  # a rank with no rows (more ranks than groups)
+            return tuple(sub.loss_mask.new_zeros(0, full) if on else None
+                         for on in (need_prox, self.ref is not None, self.critic is not None))
         order = torch.cat(mbs)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order))
         return tuple(torch.cat(x)[inverse] if x else None for x in (prox, ref, values))
 
-    def train_step(self, batch: RolloutBatch, version: int) -> dict[str, float]:
+    def train_step(self, batch: RolloutBatch | None, version: int) -> dict[str, float]:
+        """One step over ``batch``. At world size > 1 every rank calls it (``batch`` on rank 0, None on the
+        others) and trainer/rank_step.py splits it across them."""
+        if self.dist.distributed:
+            return train_step_ranks(self, batch, version)
         algo, t, cfg = self.algo, self.cfg.trainer, self.cfg
         n = batch.group_size
         rewards = A.shaped_rewards(batch, cfg.reward, n, cfg.rollout.max_new_tokens)
@@ -183,8 +216,13 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         if self.critic_opt is not None:
             self.critic_opt.zero_grad(set_to_none=True)
-        norms = A.Norms.of(sub.loss_mask[minibatch])
-        for idx in self.micro_batches(sub, minibatch):
+        norms = (global_norms(sub.loss_mask[minibatch], self.dist, version + 1) if self.dist.distributed
+                 else A.Norms.of(sub.loss_mask[minibatch]))
+        mbs = [mb for mb in self.micro_batches(sub, minibatch) if len(mb)]
+        for idx in pad_micro_batches(mbs, self.dist, "training micro-batches", version + 1):
+            if idx is None:  # another rank has more micro-batches: join its FSDP collectives, weight 0
+                zero_pass(self, backward=True)
+                continue
             mb = sub.rows(idx, trim=True)
             width = mb.loss_mask.shape[1]
             self._tokens[0] += int(mb.attention_mask.sum())
@@ -207,8 +245,10 @@ class Learner:
                 vloss, _ = A.critic_loss(self.critic(mb.input_ids, mb.attention_mask), mb, tmb, algo, norms.tokens)
                 vloss.backward()
                 acc["value_loss"] += float(vloss.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip))
-        critic_norm = (float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), t.grad_clip))
+        if self.dist.distributed:  # each rank's part of the global loss: the stats are their sums
+            acc = dict(zip(STAT_KEYS, sum_stats([acc[k] for k in STAT_KEYS], self.dist, version + 1), strict=True))
+        grad_norm = norm_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip))
+        critic_norm = (norm_value(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), t.grad_clip))
                        if self.critic is not None else 0.0)
         if not all(math.isfinite(x) for x in (acc["loss"], acc["value_loss"], grad_norm, critic_norm)):
             self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,120 @@
+"""World size 2 (gloo, FSDP2) trains exactly like world size 1: same batch, same parameters after one step.
+
+Both ranks run every configuration in one spawned pair of processes (starting ranks is the slow part).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from dist_ranks import run_ranks
+from tiny_models import tiny_model
+
+from areal_py.config import load_config
+from areal_py.wire import protocol as P
+from trainer import learner as L
+from trainer import rank_step
+from trainer.distributed import init_dist
+from trainer.learner import Learner
+from trainer.rollout_batch import collate
+from trainer.sharding import full_weights
+
+COST = "trainer.pack_cost=[1e-3,1e-6,1e-8]"
+CASES = {  # name: (overrides, groups in the batch, version the tokens were generated at; trained at 3)
+    "token_mean": (["algo.loss_agg=token_mean"], 5, 3),
+    "seq_mean_stale": (["algo.loss_agg=seq_mean"], 5, 2),  # stale tokens: proximal logprobs from the forward
+    "gae_critic_whiten": (["algo.adv_estimator=gae", "algo.whiten_advantages=true", "algo.drop_uniform_groups=false"],
+                          5, 3),
+    "micro_batches_kl": (["trainer.max_tokens_per_micro_batch=24", "trainer.micro_batch_packing=cost", COST,
+                          "algo.kl_coef=0.1", "algo.kl_in=reward", "algo.adv_estimator=rloo"], 5, 2),
+    "one_group": (["trainer.micro_batch_size=2"], 1, 3),  # rank 1 gets no rows, joins with zero-weight passes
+}
+
+
+def make_batch(groups: int, version: int):
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for gid in range(groups):
+        samples = []
+        for i in range(4):
+            n = int(torch.randint(1, 12, (1,), generator=g))
+            ids = torch.randint(4, 32, (n,), generator=g).tolist()
+            samples.append(P.Sample(output_ids=ids, logprobs=(-torch.rand(n, generator=g) * 3).tolist(),
+                                    versions=[version] * n, finish_reason="stop", reward=float((i + gid) % 3 == 0)))
+        out.append(P.Group(gid=gid, prompt_index=gid, prompt_ids=[1, 2 + gid, 3] * (1 + gid % 2), samples=samples))
+    return collate(out, pad_id=0)
+
+
+def one_step(name: str, model_dir: str, dist=None) -> dict:
+    overrides, groups, generated = CASES[name]
+    cfg = load_config(None, ["controller.group_size=4", *overrides])  # the default lr: AdamW's first step moves
+    # each weight by about lr * sign(grad), so rounding in a near-zero gradient shows up scaled by lr
+    learner = Learner(cfg, tiny_model(max_positions=128), model_dir=model_dir, dist=dist)
+    main = dist is None or dist.is_main
+    stats = learner.train_step(make_batch(groups, generated) if main else None, 3)
+    out = {"stats": stats, "model": full_weights(learner.model, learner.dist),
+           "critic": full_weights(learner.critic, learner.dist) if learner.critic is not None else None,
+           "load": learner.rank_load}
+    return out
+
+
+def _all_cases(model_dir: str) -> dict:
+    d = init_dist(60.0)
+    return {name: one_step(name, model_dir, d) for name in CASES}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_model(max_positions=128).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(model_dir):
+    return run_ranks(_all_cases, 2, model_dir, timeout_s=300)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_world_size_two_equals_one(two_ranks, model_dir, name):
+    r0, r1 = two_ranks
+    one = one_step(name, model_dir)
+    two = r0[name]
+    assert r1[name]["model"] is None  # full weights only on rank 0
+    moved = 0.0
+    for part in ("model", "critic"):
+        if one[part] is None:
+            assert two[part] is None
+            continue
+        assert one[part].keys() == two[part].keys()
+        for k, v in one[part].items():
+            torch.testing.assert_close(two[part][k], v, atol=1e-5, rtol=0, msg=f"{part}.{k}")
+        moved += sum(float((v - w).abs().max()) for v, w in zip(one[part].values(),
+                                                                 full_weights(tiny_model(max_positions=128),
+                                                                              _single()).values(), strict=False))
+    assert moved > cfg_lr() / 2  # the step changed the weights: the comparison is not of two untouched models
+    for k in ("loss", "grad_norm", "informative_samples", "value_loss", "kl_loss"):
+        assert two["stats"][k] == pytest.approx(one["stats"][k], abs=1e-5), k
+    load = two["load"]
+    assert len(load.tokens) == 2 and sum(load.tokens) > 0 and all(b > 0 for b in load.busy_s)
+    if name == "one_group":
+        assert load.tokens[1] == 0
+
+
+def cfg_lr() -> float:
+    return load_config(None, []).trainer.lr
+
+
+def _single():
+    from trainer.distributed import Dist
+    return Dist.single()
+
+
+def test_stat_keys_agree():
+    assert rank_step.STAT_KEYS == L.STAT_KEYS
+
+
+def test_kl_reward_with_batch_estimators_is_refused_at_world_size_two():
+    cfg = load_config(None, ["algo.kl_coef=0.1", "algo.kl_in=reward", "algo.adv_estimator=reinforce_pp"])
+    with pytest.raises(ValueError, match="not supported with trainer.world_size > 1"):
+        rank_step.check_supported(cfg.algo, 2)
+    rank_step.check_supported(cfg.algo, 1)
