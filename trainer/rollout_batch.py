@@ -91,14 +91,34 @@ def drop_nonfinite_groups(batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, 
     return batch.rows(keep.repeat_interleave(n).nonzero().flatten()), dropped
 
 
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row of ``attention_mask`` is ones followed only by zeros (how `collate` pads)."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [rows, width], got shape {tuple(attention_mask.shape)}")
+    lengths = attention_mask.sum(dim=1, keepdim=True)
+    prefix = torch.arange(attention_mask.shape[1], device=attention_mask.device) < lengths
+    return bool((attention_mask.bool() == prefix).all())
+
+
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(token_{t+1} | tokens_<=t) under softmax(logits / T), the quantity the engine records,
-    and optionally the entropy of that distribution at each position."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    if temperature > 0:
+    and optionally the entropy of that distribution at each position.
+
+    Right-padded rows go to the model without their attention mask. Under causal attention a real
+    token attends only to earlier positions, all real when the padding is at the end, so every real
+    position's logits (and their gradients) are those of the masked forward; the padding positions'
+    outputs differ but are never read by a loss (callers mask them). Without a mask the model takes
+    its plain causal attention path (SDPA ``is_causal``: the upper triangle is skipped, no dense
+    ``[rows, 1, width, width]`` mask is built). Any other mask is passed as it is.
+    """
+    mask = None if right_padded(attention_mask) else attention_mask
+    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+    if temperature > 0 and temperature != 1.0:  # dividing by 1 would only copy the logits
         logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    # log_softmax gathered at the next token, without materialising log_softmax over the vocabulary:
+    # logit - logsumexp (the backward still forms the softmax, but no [rows, width, vocab] output is kept).
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - lse
+    entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1) if with_entropy else None
     return logp, entropy
