@@ -2,23 +2,30 @@
 
 Setup: a ~20M-parameter Llama, 32 requests in flight on the built-in engine. For each
 interruption mode (recompute, keep) and transfer path (disk: safetensors file + ZeroMQ notice;
-stream: raw tensor frames over ZeroMQ) the clock starts when the trainer side begins publishing
-and stops when the engine emits its first token tagged with the new version. The floor is what
+stream: raw tensor frames over ZeroMQ; dist: the layout on ZeroMQ, the bytes broadcast in buckets
+over a gloo weight group, areal_py/wire/dist_weights.py) the clock starts when the trainer side
+begins publishing and stops when the engine emits its first token tagged with the new version.
+The three paths run in interleaved rounds (one swap each per round, the order rotated), and the
+medians are over rounds, so a change in the machine's load hits all three alike. The floor is what
 no implementation can avoid: the in-memory copy of the state dict into the live parameters plus
 one prefill of the in-flight tokens (the KV recompute), both timed through the same engine with
-no transport. `keep` mode skips the prefill, so its ratio can fall below 1. Everything runs in one process over real
-loopback sockets, so the numbers are comparable side by side.
+no transport. `keep` mode skips the prefill, so its ratio can fall below 1. Everything runs in one
+process over real loopback sockets (dist: trainer rank 0 in a thread, the server in the main thread,
+two gloo ranks on a TCPStore), so the numbers are comparable side by side. /proc/loadavg is recorded
+before and after: time it alone (`flock /work/tmp/bench.lock ...`).
 
-    python -m benchmarks.weight_swap            # full: 7 repeats, writes benchmarks/results/weight_swap.json
-    python -m benchmarks.weight_swap --quick    # tiny model, 2 repeats, for the test suite
+    python -m benchmarks.weight_swap            # full: 7 rounds, writes benchmarks/results/weight_swap.json
+    python -m benchmarks.weight_swap --quick    # tiny model, 2 rounds, for the test suite (--out to keep the JSON)
 """
 from __future__ import annotations
 
 import argparse
 import inspect
 import json
+import socket
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +34,7 @@ import zmq
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from areal_py.threads import auto_threads
+from areal_py.wire import dist_weights as D
 from areal_py.wire import protocol as P
 from areal_py.wire.transport import make_socket, parse, send
 from areal_py.wire.weights import load_weights, named_weights, save_weights
@@ -34,6 +42,9 @@ from rollout_server.sampling import SamplingParams
 from rollout_server.torch_engine.engine import Engine
 
 RESULTS = Path(__file__).parent / "results" / "weight_swap.json"
+PATHS = ("disk", "stream", "dist")
+BUCKET_BYTES = 64 * 2**20  # weights.dist_bucket_mb's default
+TIMEOUT_S = 60.0
 
 
 def build_model(size: str, seed: int) -> LlamaForCausalLM:
@@ -87,21 +98,65 @@ def floor(eng: Engine, new_weights: dict[str, torch.Tensor], version: int) -> tu
     return copy_s, time.perf_counter() - t0
 
 
+def form_group(port: int) -> tuple[D.WeightGroup, D.WeightGroup]:
+    """(trainer rank 0, server rank 1) of a two-rank gloo weight group in this process."""
+    root: list = []
+    t = threading.Thread(target=lambda: root.append(D.WeightGroup.join_root(
+        host="127.0.0.1", port=port, num_servers=1, timeout_s=TIMEOUT_S, join_timeout_s=TIMEOUT_S)), daemon=True)
+    t.start()
+    member = D.WeightGroup.join_member(host="127.0.0.1", port=port, rank=1, num_servers=1, timeout_s=TIMEOUT_S,
+                                       join_timeout_s=TIMEOUT_S)
+    t.join(TIMEOUT_S)
+    if not root or member is None:
+        raise TimeoutError(f"weight_swap: timed out after {TIMEOUT_S:g}s forming the weight group on port {port}")
+    return root[0], member
+
+
+def _publish_dist(trainer: LlamaForCausalLM, pub: zmq.Socket, root: D.WeightGroup, version: int, errors: list) -> None:
+    """What Trainer.publish_dist does: the layout over ZeroMQ, then the buckets over the group."""
+    try:
+        weights = named_weights(trainer)
+        layout = D.layout_for(weights, BUCKET_BYTES)
+        send(pub, P.UpdateWeights(version=version, dist=layout))
+        root.send(weights, version, layout)
+    except Exception as e:  # noqa: BLE001 - handed to the main thread, which raises it
+        errors.append(e)
+
+
 def swap_once(eng: Engine, trainer: LlamaForCausalLM, path: str, pub: zmq.Socket, sub: zmq.Socket,
-              weights_dir: Path, version: int) -> float:
+              weights_dir: Path, version: int, group: tuple[D.WeightGroup, D.WeightGroup] | None = None) -> float:
     t0 = time.perf_counter()
+    sender, errors = None, []
     if path == "disk":
         file = save_weights(trainer, weights_dir, version)
         send(pub, P.UpdateWeights(version=version, path=str(file)))
-    else:
+    elif path == "stream":
         send(pub, P.UpdateWeights(version=version), named_weights(trainer))
-    if not sub.poll(30_000):
-        raise TimeoutError("weight_swap: timed out after 30s waiting for the update notice on the SUB socket")
+    else:
+        sender = threading.Thread(target=_publish_dist, args=(trainer, pub, group[0], version, errors), daemon=True)
+        sender.start()
+    if not sub.poll(int(TIMEOUT_S * 1000)):
+        raise TimeoutError(f"weight_swap: timed out after {TIMEOUT_S:g}s waiting for the update notice on the SUB socket")
     _, msg = parse(sub.recv_multipart(copy=False), "bench")
-    tensors = load_weights(msg.body.path) if msg.body.path else msg.tensors
+    if msg.body.dist is not None:
+        tensors = group[1].receive(msg.body.dist, version, D.model_specs(eng.model))
+    else:
+        tensors = load_weights(msg.body.path) if msg.body.path else msg.tensors
     eng.update_weights(tensors, version)
     first_new_token(eng, version)
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    if sender is not None:
+        sender.join(TIMEOUT_S)
+        if errors or sender.is_alive():
+            raise RuntimeError(f"weight_swap: the dist sender failed: {errors or 'still running'}")
+    return elapsed
+
+
+def loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 def run(size: str, repeats: int, in_flight: int, prompt_len: int, warm_tokens: int) -> dict:
@@ -114,27 +169,38 @@ def run(size: str, repeats: int, in_flight: int, prompt_len: int, warm_tokens: i
     port = pub.bind_to_random_port("tcp://127.0.0.1")
     sub = make_socket(ctx, zmq.SUB, f"tcp://127.0.0.1:{port}", bind=False)
     time.sleep(0.3)  # subscription must reach the publisher before the first broadcast
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dist_port = s.getsockname()[1]
+    s.close()
+    group = form_group(dist_port)
     out: dict = {"model": size, "params": sum(p.numel() for p in trainer.parameters()), "in_flight": in_flight,
-                 "prompt_len": prompt_len, "tokens_generated_before_swap": warm_tokens, "repeats": repeats,
-                 "threads": threads, "results": {}}
+                 "prompt_len": prompt_len, "tokens_generated_before_swap": warm_tokens, "rounds": repeats,
+                 "dist_bucket_bytes": BUCKET_BYTES, "threads": threads, "loadavg_before": loadavg(), "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
         version = 0  # strictly increasing across configurations: old weight files are pruned by version
         for mode in ("recompute", "keep"):
-            for path in ("disk", "stream"):
-                lat, floors = [], []
-                for r in range(repeats):
+            lat: dict[str, list[float]] = {p: [] for p in PATHS}
+            floors: list[float] = []
+            for r in range(repeats):
+                for path in PATHS[r % len(PATHS):] + PATHS[:r % len(PATHS)]:  # rotated: no path always first
                     eng = make_engine(build_model(size, seed=0), mode, in_flight, prompt_len, warm_tokens)
                     version += 1
-                    lat.append(swap_once(eng, trainer, path, pub, sub, Path(tmp), version=version))
-                    copy_s, prefill_s = floor(make_engine(build_model(size, seed=0), "recompute", in_flight,
-                                                          prompt_len, warm_tokens), named_weights(trainer), 1)
-                    floors.append(copy_s + prefill_s)
-                med, fl = statistics.median(lat), statistics.median(floors)
+                    lat[path].append(swap_once(eng, trainer, path, pub, sub, Path(tmp), version, group))
+                copy_s, prefill_s = floor(make_engine(build_model(size, seed=0), "recompute", in_flight,
+                                                      prompt_len, warm_tokens), named_weights(trainer), 1)
+                floors.append(copy_s + prefill_s)
+            fl = statistics.median(floors)
+            for path in PATHS:
+                med = statistics.median(lat[path])
                 out["results"][f"{mode}/{path}"] = {"latency_s": round(med, 4), "floor_s": round(fl, 4),
                                                     "ratio_to_floor": round(med / fl, 2),
-                                                    "latencies_s": [round(x, 4) for x in lat]}
+                                                    "latencies_s": [round(x, 4) for x in lat[path]]}
                 print(f"{size} {mode:9s} {path:6s} latency {med * 1000:7.1f} ms  floor {fl * 1000:7.1f} ms  "
                       f"ratio {med / fl:4.2f}")
+    for g in group:
+        g.close()
+    out["loadavg_after"] = loadavg()
     pub.close()
     sub.close()
     return out
@@ -143,12 +209,15 @@ def run(size: str, repeats: int, in_flight: int, prompt_len: int, warm_tokens: i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model, 2 repeats, no result file")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (one swap per path each)")
+    ap.add_argument("--out", type=Path, default=None, help=f"result file (full run default: {RESULTS})")
     args = ap.parse_args()
     if args.quick:
         res = run("tiny", repeats=2, in_flight=8, prompt_len=8, warm_tokens=4)
+        if args.out is not None:
+            args.out.write_text(json.dumps(res, indent=1))
     else:
+        args.out = args.out or RESULTS
         res = run("20M", repeats=args.repeats, in_flight=32, prompt_len=32, warm_tokens=32)
         res["command"] = "python -m benchmarks.weight_swap"
         args.out.parent.mkdir(parents=True, exist_ok=True)

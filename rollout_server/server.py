@@ -76,7 +76,12 @@ class RolloutServer:
         self.heard_once = False
         self.meter = BusyMeter(time.time())
         self._dist_expected: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        self.weight_group = self._join_weight_group()
+        try:
+            self.weight_group = self._join_weight_group()
+        except BaseException:
+            self.dealer.close(linger=0)
+            self.sub.close(linger=0)
+            raise
         send(self.dealer, P.Hello(server_id=self.server_id, version=self.engine.version))
 
     def _join_weight_group(self) -> WeightGroup | None:

@@ -6,10 +6,13 @@ import time
 
 import pytest
 import torch
-from conftest import scaled
+from conftest import net_overrides, scaled
 from dist_weight_members import Members, Round, plain_weights, tiny_weights
+from tiny_models import tiny_model
 
+from areal_py.config import load_config
 from areal_py.wire import dist_weights as D
+from rollout_server.server import RolloutServer
 
 TIMEOUT_S = 5.0  # weights.dist_timeout_s of these groups
 
@@ -87,3 +90,21 @@ def test_server_killed_during_a_broadcast_ends_it_with_a_named_error_within_the_
     err, waited = detail
     assert "weights.transfer=dist" in err and "rank 1 of 3" in err and f"of version {version}" in err
     assert waited < TIMEOUT_S + 1.0
+
+
+class _Engine:
+    version = 0
+
+    def __init__(self, model=None) -> None:
+        if model is not None:
+            self.model = model
+
+
+def test_server_refuses_dist_without_an_in_process_model_or_outside_the_group():
+    """Both before any wait: a backend whose model is not in the server's process (SGLang) cannot take part,
+    and a server index beyond rollout.num_servers has no rank in a group whose size is fixed."""
+    cfg = load_config(None, ["weights.transfer=dist", "rollout.num_servers=1", *net_overrides()])
+    with pytest.raises(ValueError, match="needs a backend whose model lives in this process"):
+        RolloutServer(cfg, "rollout-0", engine=_Engine())
+    with pytest.raises(ValueError, match="rollout.num_servers=1"):
+        RolloutServer(cfg, "rollout-1", engine=_Engine(tiny_model()))
