@@ -4,7 +4,10 @@
 fp32 GEMM peak (a large `torch.mm`), the DRAM read bandwidth (a sum over a buffer many times the
 last-level cache) and a cache-resident read bandwidth (a sum over a buffer that fits in it). Each is
 the best of a few timed repetitions: a peak is what the machine *can* do, and the shared machine's
-noise only ever makes a repetition slower. Measure once per benchmark run, at the thread count the
+noise only ever makes a repetition slower. At one thread the clock is the process's CPU time, as in
+the benchmarks that compare against these limits (time another process holds the core would
+otherwise count as slowness of this machine and inflate the floor); at more threads it is wall time
+(CPU time would add the threads up). Measure once per benchmark run, at the thread count the
 benchmark uses; the numbers depend on it.
 
 The floors are pure functions of a model shape, a workload and a `MachineLimits`:
@@ -161,15 +164,22 @@ def last_level_cache_bytes(default: int = 32 << 20) -> int:
     return max(sizes, default=default)
 
 
-def _best_s(fn, repeats: int, inner: int = 1) -> float:
+def timing_clock(threads: int):
+    """The clock a measurement at `threads` torch threads is timed by (see the module docstring)."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    return time.process_time if threads == 1 else time.perf_counter
+
+
+def _best_s(fn, repeats: int, inner: int = 1, clock=time.perf_counter) -> float:
     """Fastest of `repeats` timings of `inner` calls, per call (a warm-up call first)."""
     fn()
     best = math.inf
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock()
         for _ in range(inner):
             fn()
-        best = min(best, (time.perf_counter() - t) / inner)
+        best = min(best, (clock() - t) / inner)
     return best
 
 
@@ -182,30 +192,31 @@ def measure_machine(threads: int, gemm_n: int = 2048, dram_bytes: int | None = N
     `gemm_n`/`dram_bytes`/`repeats` measure faster and less exactly (the benchmarks' quick modes).
     """
     before = torch.get_num_threads()
+    clock = timing_clock(threads)
     torch.set_num_threads(threads)
     try:
         llc = last_level_cache_bytes()
-        gemm_gflops = _gemm_gflops(gemm_n, repeats)
-        dram_gbps = _read_gbps((dram_bytes or max(8 * llc, 256 << 20)) // 4, repeats)
-        cache_gbps = _read_gbps(llc // 4 // 4, repeats)
+        gemm_gflops = _gemm_gflops(gemm_n, repeats, clock)
+        dram_gbps = _read_gbps((dram_bytes or max(8 * llc, 256 << 20)) // 4, repeats, clock)
+        cache_gbps = _read_gbps(llc // 4 // 4, repeats, clock)
     finally:
         torch.set_num_threads(before)
     return MachineLimits(threads=threads, gemm_gflops=gemm_gflops, dram_gbps=dram_gbps, cache_gbps=cache_gbps,
                          cache_bytes=llc)
 
 
-def _gemm_gflops(n: int, repeats: int) -> float:
+def _gemm_gflops(n: int, repeats: int, clock) -> float:
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     out = torch.empty(n, n)
-    return 2 * n ** 3 / _best_s(lambda: torch.mm(a, b, out=out), repeats) / 1e9
+    return 2 * n ** 3 / _best_s(lambda: torch.mm(a, b, out=out), repeats, clock=clock) / 1e9
 
 
-def _read_gbps(numel: int, repeats: int) -> float:
+def _read_gbps(numel: int, repeats: int, clock) -> float:
     """A full fp32 sum over a buffer of `numel` floats: each byte read once, ~64 MiB read per timing."""
     buf = torch.ones(numel)
     inner = max(1, (64 << 20) // (4 * numel))
-    return 4 * numel / _best_s(buf.sum, repeats, inner) / 1e9
+    return 4 * numel / _best_s(buf.sum, repeats, inner, clock) / 1e9
 
 
 def main(argv: list[str] | None = None) -> MachineLimits:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks import roofline as R
 from benchmarks.roofline import (
     MachineLimits,
     ModelShape,
@@ -15,6 +16,7 @@ from benchmarks.roofline import (
     decode_step_flops,
     generation_floor_s,
     measure_machine,
+    timing_clock,
     train_floor_s,
     train_step_flops,
 )
@@ -85,3 +87,21 @@ def test_measure_machine_smoke() -> None:
     for v in (lim.gemm_gflops, lim.dram_gbps, lim.cache_gbps):
         assert math.isfinite(v) and v > 0
     assert set(lim.to_dict()) == {"threads", "gemm_gflops", "dram_gbps", "cache_gbps", "cache_bytes"}
+
+
+def test_one_thread_is_timed_in_process_cpu_time() -> None:
+    """At one thread the limits are timed like the benchmarks that use them (process CPU time, which
+    another process holding the core does not inflate); at more threads in wall time."""
+    import time
+    assert timing_clock(1) is time.process_time
+    assert timing_clock(4) is time.perf_counter
+    with pytest.raises(ValueError, match="threads"):
+        timing_clock(0)
+
+
+def test_best_s_is_the_fastest_repetition_per_call_on_a_fake_clock() -> None:
+    # warm-up call, then 3 repetitions of 2 calls each; the clock reads 0,5 | 5,9 | 9,16: per call 2.5, 2, 3.5
+    ticks = iter([0.0, 5.0, 5.0, 9.0, 9.0, 16.0])
+    calls = []
+    assert R._best_s(lambda: calls.append(1), repeats=3, inner=2, clock=lambda: next(ticks)) == 2.0
+    assert len(calls) == 1 + 3 * 2
