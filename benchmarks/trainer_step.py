@@ -14,7 +14,10 @@ Variants, each its own `Learner` (AdamW step included) over the same initial wei
 `configs/sum_cot.yaml`'s settings and one torch thread (`run.torch_threads: 1`):
 - `padded_8192`: greedy length-sorted padded packing, budget 8192 (the config before this benchmark);
 - `padded_2048`: the same with a quarter of the budget;
-- `cost_8192`: `pack_by_cost` at budget 8192, the cost model timed at start (as the trainer does).
+- `cost_8192`: `pack_by_cost` at budget 8192, the cost model timed at start (as the trainer does);
+- `cost_8192_masked`: the same packing with the logprob formula used before (`masked_token_logprobs`:
+  the attention mask always passed, so SDPA attends through a dense mask over full squares, and a full
+  log_softmax over the vocabulary), to measure what `token_logprobs`' fast path gains under the same load.
 
 Side measurement (`varlen_vs_padded`): the model's forward + backward alone on the last batch, with
 the sequences packed back to back into rows (position ids restarting, block-diagonal causal mask built
@@ -32,6 +35,7 @@ causal attention, `benchmarks.roofline.train_step_flops`) at the fp32 GEMM peak 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -44,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+import trainer.learner as learner_module
 from areal_py.config import load_config
 from areal_py.models import EmbeddedModelSpec, create_embedded_model, eos_token_id, load_model_and_tokenizer
 from areal_py.tasks.sum_cot import SumCotTask, response_for
@@ -57,7 +62,8 @@ from trainer.rollout_batch import RolloutBatch, collate, token_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "sum_cot.yaml"
-VARIANTS = {"padded_8192": ("padded", 8192), "padded_2048": ("padded", 2048), "cost_8192": ("cost", 8192)}
+VARIANTS = {"padded_8192": ("padded", 8192), "padded_2048": ("padded", 2048), "cost_8192": ("cost", 8192),
+            "cost_8192_masked": ("cost", 8192)}
 QUICK_VARIANTS = ("padded_8192", "cost_8192")
 VERSION = 5
 
@@ -81,6 +87,31 @@ def sum_cot_batch(tokenizer, task: SumCotTask, groups: int, group_size: int, fir
                                     versions=[VERSION - 1] * len(ids), finish_reason="stop", reward=float(i % 2)))
         out.append(P.Group(gid=g, prompt_index=first_index + g, prompt_ids=prompt_ids, samples=samples))
     return collate(out, pad_id=tokenizer.pad_token_id)
+
+
+def masked_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs` as first written: the mask always passed, log_softmax over the whole vocabulary."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    if temperature > 0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return logp, (-(logp_all.exp() * logp_all).sum(-1) if with_entropy else None)
+
+
+@contextlib.contextmanager
+def logprob_formula(name: str):
+    """The learner's logprob function for variant `name` (only `*_masked` variants swap it)."""
+    if not name.endswith("_masked"):
+        yield
+        return
+    saved = learner_module.token_logprobs
+    learner_module.token_logprobs = masked_token_logprobs
+    try:
+        yield
+    finally:
+        learner_module.token_logprobs = saved
 
 
 def measure_cost(model: torch.nn.Module, budget: int, quick: bool) -> tuple[PackCost, list[dict], float]:
@@ -191,9 +222,10 @@ def run(rounds: int, groups: int, quick: bool) -> dict:
         for name in order:
             learner = learners[name]
             mbs = len(learner.micro_batches(batch, torch.arange(batch.num_samples)))
-            t0 = time.process_time()
-            stats = learner.train_step(batch, VERSION)
-            cpu = time.process_time() - t0
+            with logprob_formula(name):
+                t0 = time.process_time()
+                stats = learner.train_step(batch, VERSION)
+                cpu = time.process_time() - t0
             row["variants"][name] = {"cpu_s": cpu, "real_token_fraction": stats["real_token_fraction"],
                                      "micro_batches": mbs}
         per_round.append(row)
