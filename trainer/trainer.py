@@ -27,8 +27,10 @@ from areal_py.wire.dist_weights import DistWeightsError, WeightGroup, layout_for
 from areal_py.wire.transport import make_socket, recv, reject, send
 from areal_py.wire.weights import named_weights, save_weights
 from trainer.checkpoint import CheckpointError, load_latest_checkpoint, save_checkpoint
+from trainer.distributed import init_dist
 from trainer.learner import Learner
 from trainer.rollout_batch import collate, drop_nonfinite_groups
+from trainer.sharding import full_weights
 from trainer.step_metrics import StepTiming, build_step_record
 
 log = logging.getLogger("trainer")
@@ -38,6 +40,7 @@ ROLE = "trainer"
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False) -> None:
         self.cfg = cfg
+        self.dist = init_dist(cfg.trainer.dist_timeout_s)  # world size 1 (the default): no process group
         path = model_path(cfg)
         self.model, self.tokenizer = load_model_and_tokenizer(path, dtype=cfg.model.dtype)
         self.learner = Learner(cfg, self.model, path)
@@ -63,8 +66,10 @@ class Trainer:
         """Restore the newest usable checkpoint, and cut metrics.jsonl back to its step: the steps after it
         are trained again, so their rows from the crashed run would appear twice (they are kept aside, see
         `truncate_after_step`; TensorBoard purges them, see `TensorBoardLog`). Disk weight files past it go
-        at the first publish (see `save_weights`)."""
-        d, state = load_latest_checkpoint(self.ckpt_root, self.learner.modules(), self.learner.optimizers())
+        at the first publish (see `save_weights`). Every rank restores its shards; the checkpoint may have been
+        written at another world size (trainer/checkpoint.py)."""
+        d, state = load_latest_checkpoint(self.ckpt_root, self.learner.modules(), self.learner.optimizers(),
+                                          self.dist)
         self.version = state["version"]
         saved = state["controller_state"]  # {}: checkpointed before any batch
         try:
@@ -74,6 +79,8 @@ class Trainer:
         self.wall_offset = state["wall_time_s"]
         self.trained_tokens_total = state.get("trained_tokens_total", 0)
         log.info("resumed from %s at version %d", d, self.version)
+        if not self.dist.is_main:  # rank 0 writes metrics.jsonl
+            return
         dropped = truncate_after_step(self.cfg.run_dir() / "metrics.jsonl", self.version)
         if dropped is not None:
             log.warning("metrics.jsonl: rows past step %d (trained again now) moved to %s", self.version, dropped)
@@ -205,18 +212,28 @@ class Trainer:
         return self.wall_offset + time.monotonic() - self.start_time
 
     def checkpoint(self, controller_state: P.ControllerState | None) -> None:
+        """Every rank writes its shards; the run position is rank 0's (the one that received the batches)."""
         saved = controller_state.model_dump() if controller_state is not None else {}
         state = {"version": self.version, "controller_state": saved, "wall_time_s": self.wall_time(),
                  "trained_tokens_total": self.trained_tokens_total}
         d = save_checkpoint(self.ckpt_root, self.learner.modules(), self.learner.optimizers(), state,
-                            keep=self.cfg.trainer.keep_checkpoints)
-        log.info("checkpoint %s", d)
+                            keep=self.cfg.trainer.keep_checkpoints, dist=self.dist)
+        if self.dist.is_main:
+            log.info("checkpoint %s", d)
 
     def save_final(self) -> Path:
+        """A plain Hugging Face directory. With several ranks the full weights are gathered from the shards
+        onto rank 0 (a collective: every rank calls this), which alone writes it."""
         out = self.cfg.run_dir() / "final"
-        self.model.save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
-        log.info("final model saved to %s", out)
+        if self.dist.distributed:
+            weights = full_weights(self.model, self.dist)
+            if self.dist.is_main:
+                self.model.save_pretrained(out, state_dict=weights)
+        else:
+            self.model.save_pretrained(out)
+        if self.dist.is_main:
+            self.tokenizer.save_pretrained(out)
+            log.info("final model saved to %s", out)
         return out
 
     def close(self) -> None:

@@ -127,12 +127,13 @@ def test_a_controller_state_that_does_not_validate_is_an_error_naming_the_file(t
     hand, or written by a newer version) stops the resume with the file's path, not a bare pydantic error."""
     from types import SimpleNamespace
 
+    from trainer.distributed import Dist
     from trainer.trainer import Trainer
 
     m, opt = _model_and_opt()
     C.save_checkpoint(tmp_path, {"policy": m}, {"policy": opt},
                       {"version": 3, "controller_state": {"accepted": -5}, "wall_time_s": 1.0})
-    fake = SimpleNamespace(ckpt_root=tmp_path,
+    fake = SimpleNamespace(ckpt_root=tmp_path, dist=Dist.single(),
                            learner=SimpleNamespace(modules=lambda: {"policy": m}, optimizers=lambda: {"policy": opt}))
     with pytest.raises(C.CheckpointError, match=r"state\.json: controller_state is not a valid controller state"):
         Trainer._resume(fake)
@@ -174,3 +175,15 @@ def test_a_module_the_checkpoint_lacks_is_a_config_error_naming_it(tmp_path):
     critic, _ = _model_and_opt(seed=98)
     with pytest.raises(FileNotFoundError, match=r"step_000004 has no module 'critic' \(was it saved with another"):
         C.load_latest_checkpoint(tmp_path, {"policy": m, "critic": critic}, {"policy_opt": opt})
+
+
+def test_saving_an_optimizer_that_never_stepped_leaves_it_fresh(tmp_path):
+    """DCP creates optimizer state to save it; the live optimizer must not keep it (its first real step
+    would otherwise count as step 2 in AdamW's bias correction)."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in m.parameters()]
+    C.save_checkpoint(tmp_path, {"policy": m}, {"policy_opt": opt}, {"version": 0})
+    assert not opt.state and all(p.grad is None for p in m.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(m.parameters(), before, strict=True))

@@ -24,14 +24,6 @@ def _model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return m, torch.optim.AdamW(m.parameters(), lr=1e-2)
 
 
-def _shard(m: torch.nn.Module) -> None:
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in m.model.layers:
-        fully_shard(layer)
-    fully_shard(m)
-
-
 def _step(m: torch.nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
     """One AdamW step on a batch fixed by `seed` (the same on every rank)."""
     x = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(seed))
@@ -63,12 +55,14 @@ def _assert_same(got: dict, want: dict) -> None:
 def _on_two_ranks(root_1: str, root_2: str, out: str) -> dict:
     """Rank side: read the world-size-1 checkpoints (the newest damaged), train a step, save sharded."""
     from pathlib import Path
+    from types import SimpleNamespace
 
     from trainer.distributed import init_dist
+    from trainer.sharding import shard_model
+    from trainer.trainer import Trainer
 
     dist = init_dist(60.0)
-    m, opt = _model(seed=7)  # other weights than the saved ones: loading must replace all of them
-    _shard(m)
+    m = shard_model(tiny_model(seed=7), dist)  # other weights than the saved ones: loading must replace them all
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)  # over the sharded (DTensor) parameters
     root_1, root_2, out = Path(root_1), Path(root_2), Path(out)
     try:
@@ -81,10 +75,12 @@ def _on_two_ranks(root_1: str, root_2: str, out: str) -> dict:
     _step(m, opt, seed=3)
     saved = C.save_checkpoint(root_2, {"policy": m}, {"policy": opt}, {"version": state["version"] + 1}, dist=dist)
     after = _full(m, opt)
+    final = Trainer.save_final(SimpleNamespace(cfg=SimpleNamespace(run_dir=lambda: out), dist=dist, model=m,
+                                               tokenizer=SimpleNamespace(save_pretrained=lambda d: None)))
     if dist.is_main:
         torch.save({"loaded": loaded, "after": after}, out / "rank0.pt")
     return {"damaged": damaged, "loaded_dir": d.name, "version": state["version"], "saved_dir": saved.name,
-            "world_size": dist.world_size}
+            "world_size": dist.world_size, "final": str(final)}
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +142,17 @@ def test_a_damaged_rank_1_shard_falls_back_at_world_size_1(two_rank_run, tmp_pat
         C.verify_checkpoint(root / "step_000003")
     got_dir, state = C.load_latest_checkpoint(root, {"policy": m}, {"policy": opt})
     assert got_dir.name == "step_000001" and state["version"] == 1
+
+
+def test_final_is_a_plain_hugging_face_directory_gathered_from_the_shards(two_rank_run):
+    from transformers import AutoModelForCausalLM
+
+    final = two_rank_run["results"][0]["final"]
+    assert json.loads((two_rank_run["tmp"] / "final" / "config.json").read_text())["architectures"] == \
+        ["LlamaForCausalLM"]  # not the FSDP2 wrapper class
+    m = AutoModelForCausalLM.from_pretrained(final)
+    want = two_rank_run["rank0"]["after"]["model"]
+    got = m.state_dict()
+    assert want.keys() <= got.keys()
+    for k, t in want.items():
+        assert torch.equal(got[k], t), k
