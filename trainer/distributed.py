@@ -70,9 +70,11 @@ def _env_int(name: str, default: int | None = None) -> int:
         raise ValueError(f"{name}={raw!r} is not an integer") from None
 
 
-def init_dist(timeout_s: float) -> Dist:
+def init_dist(timeout_s: float, longest_wait_s: float | None = None) -> Dist:
     """Join the trainer's process group from the environment, or return `Dist.single()` when WORLD_SIZE is
-    unset or 1 (no process group is created). ``timeout_s`` bounds the rendezvous and every collective."""
+    unset or 1 (no process group is created). ``timeout_s`` bounds the rendezvous and every collective issued
+    here; ``longest_wait_s`` (>= timeout_s) is the backend's own bound, for the one wait that may legitimately
+    be longer (ranks > 0 waiting for the next batch while rank 0 waits for the controller)."""
     if timeout_s <= 0:
         raise ValueError(f"dist timeout must be > 0 seconds, got {timeout_s}")
     world = _env_int("WORLD_SIZE", 1)
@@ -97,7 +99,7 @@ def init_dist(timeout_s: float) -> Dist:
         device, backend = torch.device("cpu"), "gloo"
     try:
         tdist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                 timeout=datetime.timedelta(seconds=timeout_s))
+                                 timeout=datetime.timedelta(seconds=max(timeout_s, longest_wait_s or 0.0)))
     except Exception as e:  # rendezvous timeout (a rank never started) or a bad address
         raise DistError(f"rank {rank}/{world}: joining the trainer process group at "
                         f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({backend}) failed within "

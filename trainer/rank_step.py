@@ -125,9 +125,9 @@ def _whiten_global(adv: torch.Tensor, mask: torch.Tensor, dist: Dist, step: int)
     return torch.where(valid, (adv - mean.float()) / (var.sqrt().float() + 1e-6), 0.0)
 
 
-def _header(dist: Dist, step: int, values: list[int] | None) -> list[int]:
+def _header(dist: Dist, step: int, values: list[int] | None, timeout_s: float | None = None) -> list[int]:
     t = torch.tensor(values if values is not None else [0] * (2 * dist.world_size + 6), dtype=torch.long)
-    return broadcast(t, dist, "the step header (command, share sizes)", step).tolist()
+    return broadcast(t, dist, "the step header (command, share sizes)", step, timeout_s=timeout_s).tolist()
 
 
 def send_command(dist: Dist, step: int, command: int) -> None:
@@ -135,9 +135,10 @@ def send_command(dist: Dist, step: int, command: int) -> None:
     _header(dist, step, [0, 0] * dist.world_size + [command, 0, 0, 0, 0, 0])
 
 
-def receive_command(dist: Dist, step: int) -> int:
-    """Ranks > 0: the next header's command (TRAIN, SKIP or STOP); for TRAIN, call `train_step_ranks` next."""
-    h = _header(dist, step, None)
+def receive_command(dist: Dist, step: int, timeout_s: float | None = None) -> int:
+    """Ranks > 0: the next header's command (TRAIN, SKIP or STOP); for TRAIN, call `train_step_ranks` next.
+    ``timeout_s``: how long to wait for it (rank 0 may first wait for the controller's batch)."""
+    h = _header(dist, step, None, timeout_s)
     _PENDING[0] = h
     return h[2 * dist.world_size + _H_COMMAND]
 

@@ -41,10 +41,12 @@ def staleness(batch: RolloutBatch, trained_version: int) -> tuple[torch.Tensor, 
 
 def build_step_record(*, trained_version: int, batch: RolloutBatch, dropped: Mapping[str, list[int]],
                       wire: P.Batch, stats: Mapping[str, float], timing: StepTiming, trained_tokens_total: int,
-                      max_staleness: int, max_token_staleness: int) -> StepRecord:
+                      max_staleness: int, max_token_staleness: int,
+                      rank_load: tuple[list[float], list[int]] | None = None) -> StepRecord:
     """The record of the step that trained `batch` (version `trained_version`, publishing the next):
     `dropped` the groups kept out of the loss per reason (`drop_nonfinite_groups`), `stats` the
-    learner's. Values are rounded as the file has always held them."""
+    learner's, `rank_load` the (busy seconds, tokens) of each trainer rank. Values are rounded as the file has
+    always held them."""
     token_stale, hist = staleness(batch, trained_version)
     some = batch.num_samples > 0
     ws = wire.stats
@@ -67,4 +69,7 @@ def build_step_record(*, trained_version: int, batch: RolloutBatch, dropped: Map
         gen_busy_s=round(ws.gen_busy_s, 4),
         **{k: round(v, 6) for k, v in stats.items()},
         controller=ControllerCounters.model_validate(wire.state.model_dump()),
+        **({} if rank_load is None else {
+            "rank_busy_s": [round(x, 4) for x in rank_load[0]], "rank_tokens": list(rank_load[1]),
+            "rank_tokens_max": max(rank_load[1]), "rank_tokens_min": min(rank_load[1])}),
     )

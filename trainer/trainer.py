@@ -27,8 +27,9 @@ from areal_py.wire.dist_weights import DistWeightsError, WeightGroup, layout_for
 from areal_py.wire.transport import make_socket, recv, reject, send
 from areal_py.wire.weights import named_weights, save_weights
 from trainer.checkpoint import CheckpointError, load_latest_checkpoint, save_checkpoint
-from trainer.distributed import init_dist
+from trainer.distributed import DistError, close_dist, init_dist
 from trainer.learner import Learner
+from trainer.rank_step import SKIP, TRAIN, receive_command, send_command
 from trainer.rollout_batch import collate, drop_nonfinite_groups
 from trainer.sharding import full_weights
 from trainer.step_metrics import StepTiming, build_step_record
@@ -40,10 +41,11 @@ ROLE = "trainer"
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False) -> None:
         self.cfg = cfg
-        self.dist = init_dist(cfg.trainer.dist_timeout_s)  # world size 1 (the default): no process group
+        t = cfg.trainer  # world size 1 (the default): no process group; ranks > 0 may wait a batch's time
+        self.dist = init_dist(t.dist_timeout_s, longest_wait_s=t.dist_timeout_s + t.batch_timeout_s)
         path = model_path(cfg)
         self.model, self.tokenizer = load_model_and_tokenizer(path, dtype=cfg.model.dtype)
-        self.learner = Learner(cfg, self.model, path)
+        self.learner = Learner(cfg, self.model, path, dist=self.dist)
         self.version = 0
         self.resume_state: P.ControllerState | None = None
         self.wall_offset = 0.0
@@ -51,6 +53,10 @@ class Trainer:
         self.ckpt_root = cfg.run_dir() / "checkpoints"
         if resume:
             self._resume()
+        self.start_time = time.monotonic()
+        self.weight_group: WeightGroup | None = None  # weights.transfer=dist, joined in serve()
+        if not self.dist.is_main:  # ranks > 0 follow rank 0: no sockets, no metrics (see `follow`)
+            return
         self.metrics = JsonlWriter(cfg.run_dir() / "metrics.jsonl")
         self.tb = (TensorBoardLog(cfg.run_dir() / "tensorboard", resume_step=self.version if resume else None)
                    if cfg.run.tensorboard else None)
@@ -59,8 +65,6 @@ class Trainer:
                                    max_message_bytes=net.max_message_bytes)
         self.batches = make_socket(ctx, zmq.PULL, net.addr(net.batch_port), bind=False,
                                    max_message_bytes=net.max_message_bytes)
-        self.start_time = time.monotonic()
-        self.weight_group: WeightGroup | None = None  # weights.transfer=dist, joined in serve()
 
     def _resume(self) -> None:
         """Restore the newest usable checkpoint, and cut metrics.jsonl back to its step: the steps after it
@@ -117,13 +121,18 @@ class Trainer:
         return True
 
     def publish(self) -> None:
-        if self.cfg.weights.transfer == "dist" and self.publish_dist(named_weights(self.model)):
+        """Send the new weights (rank 0). With several ranks every rank calls it: the full weights are
+        gathered from the shards onto rank 0 first (a collective, trainer/sharding.py)."""
+        weights = full_weights(self.model, self.dist) if self.dist.distributed else named_weights(self.model)
+        if not self.dist.is_main:
+            return
+        if self.cfg.weights.transfer == "dist" and self.publish_dist(weights):
             return
         if self.cfg.weights.transfer == "disk":
-            path = save_weights(self.model, self.cfg.weights_dir(), self.version, keep=self.cfg.weights.keep)
+            path = save_weights(weights, self.cfg.weights_dir(), self.version, keep=self.cfg.weights.keep)
             send(self.to_ctrl, P.WeightsReady(version=self.version, path=str(path.resolve())))
         else:
-            send(self.to_ctrl, P.WeightsReady(version=self.version, path=None), named_weights(self.model))
+            send(self.to_ctrl, P.WeightsReady(version=self.version, path=None), weights)
 
     def next_batch(self) -> tuple[P.Batch, float]:
         t0 = time.perf_counter()
@@ -137,6 +146,9 @@ class Trainer:
             reject(ROLE, "unexpected_type", f"{detail} while waiting for batch {self.version}")
 
     def serve(self) -> None:
+        if not self.dist.is_main:
+            self.follow()
+            return
         self.join_weight_group()
         send(self.to_ctrl, P.TrainerHello(version=self.version, resume_state=self.resume_state))
         if self.version > 0:
@@ -156,14 +168,48 @@ class Trainer:
         finally:
             self.close()
 
+    def follow(self) -> None:
+        """Ranks > 0: train the share rank 0 hands out each step, take part in every gather and checkpoint,
+        and stop after the last step. When rank 0 dies, its process group connections close and the next
+        collective here fails with a `DistError` naming it (within trainer.dist_timeout_s if it hangs)."""
+        t = self.cfg.trainer
+        try:
+            if self.version > 0:
+                self.publish()  # rank 0 republishes the resumed weights: join the gather
+            while self.version < t.total_steps:
+                cmd = receive_command(self.dist, self.version + 1, timeout_s=t.dist_timeout_s + t.batch_timeout_s)
+                if cmd == TRAIN:
+                    self.learner.train_step(None, self.version)
+                elif cmd == SKIP:
+                    self.learner.skip_step(self.version, "every group of its batch held a non-finite value")
+                else:
+                    raise DistError(f"rank {self.dist.rank}: unknown command {cmd} from rank 0 at step "
+                                    f"{self.version + 1}")
+                self.version += 1
+                self.publish()
+                if t.checkpoint_every and self.version % t.checkpoint_every == 0 and self.version < t.total_steps:
+                    self.checkpoint(None)
+            self.checkpoint(None)
+            self.save_final()
+        finally:
+            self.close()
+
     def _step(self, wire: P.Batch, wait_s: float) -> None:
         """Batch, learner step, publish the weights, write the step record."""
         t0 = time.perf_counter()
         batch, dropped = drop_nonfinite_groups(collate(wire.groups, self.tokenizer.pad_token_id))
         self._report_dropped(wire, dropped)
-        stats = (self.learner.train_step(batch, self.version) if batch.num_samples else
-                 self.learner.skip_step(self.version, "every group of its batch held a non-finite value"))
+        if batch.num_samples:
+            stats = self.learner.train_step(batch, self.version)
+        else:
+            if self.dist.distributed:
+                send_command(self.dist, self.version + 1, SKIP)
+            stats = self.learner.skip_step(self.version, "every group of its batch held a non-finite value")
         train_s = time.perf_counter() - t0
+        load = self.learner.rank_load
+        others = self.dist.world_size - 1  # a skipped step: the other ranks did nothing
+        rank_load = ((load.busy_s, load.tokens) if load is not None and self.dist.distributed and batch.num_samples
+                     else ([train_s] + [0.0] * others, [int(batch.attention_mask.sum())] + [0] * others))
         t1 = time.perf_counter()
         self.version += 1
         self.publish()
@@ -175,7 +221,7 @@ class Trainer:
             timing=StepTiming(wall_time_s=wall, epoch0=time.time() - wall, wait_s=wait_s, train_s=train_s,
                               publish_s=publish_s),
             trained_tokens_total=self.trained_tokens_total, max_staleness=self.cfg.effective_max_staleness,
-            max_token_staleness=self.cfg.effective_max_token_staleness)
+            max_token_staleness=self.cfg.effective_max_token_staleness, rank_load=rank_load)
         self.metrics.write(record.to_dict())
         if self.tb is not None:
             self.tb.write(record)
@@ -204,6 +250,9 @@ class Trainer:
         M.steps.inc()
         M.skipped_updates.inc(record.skipped_updates or 0.0)
         M.policy_version.set(record.step)
+        for rank, (busy, tokens) in enumerate(zip(record.rank_busy_s or [], record.rank_tokens or [], strict=True)):
+            M.rank_busy.labels(rank=str(rank)).set(busy)
+            M.rank_tokens.labels(rank=str(rank)).set(tokens)
         for gauge, value in ((M.loss, record.loss), (M.clip, record.clip_fraction), (M.approx_kl, record.approx_kl),
                              (M.entropy, record.entropy), (M.grad_norm, record.grad_norm)):
             gauge.set(value or 0.0)
@@ -237,6 +286,9 @@ class Trainer:
         return out
 
     def close(self) -> None:
+        if not self.dist.is_main:
+            close_dist()
+            return
         if self.weight_group is not None:
             self.weight_group.close()
         self.metrics.close()
@@ -244,3 +296,4 @@ class Trainer:
             self.tb.close()
         self.to_ctrl.close(linger=2000)  # let the last messages leave
         self.batches.close()
+        close_dist()

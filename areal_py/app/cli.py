@@ -55,7 +55,8 @@ def serve(role: str, config: str | None, overrides: list[str], resume: bool) -> 
     from areal_py.app.model_dir import prepare_model
 
     prepare_model(cfg)  # a no-op once built; `areal-py run` builds it before starting any role
-    if cfg.run.metrics_port:
+    rank = int(os.environ.get("RANK") or 0) if role == "trainer" else 0  # trainer ranks > 0 (world_size > 1)
+    if cfg.run.metrics_port and rank == 0:  # trainer rank 0 serves every rank's metrics (a `rank` label)
         from areal_py.telemetry.prom import start_metrics_server
 
         offset = {"controller": 0, "trainer": 1}.get(role)

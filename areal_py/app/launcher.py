@@ -178,24 +178,42 @@ class ColdStartBar:
             self.bar.close()
 
 
+def trainer_rank_envs(world_size: int, host: str = "127.0.0.1") -> list[dict[str, str]]:
+    """The environment of each trainer rank, as torchrun would set it on one node: RANK, WORLD_SIZE,
+    LOCAL_RANK, and a free MASTER_PORT on ``host`` for the process group's rendezvous. World size 1 sets
+    nothing (no process group), so a plain run is what it always was."""
+    if world_size == 1:
+        return [{}]
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    return [{"RANK": str(r), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(r), "MASTER_ADDR": host,
+             "MASTER_PORT": str(port)} for r in range(world_size)]
+
+
 def start_children(cfg: Config, resume: bool, threads: dict[str, int] | None = None) -> list[Child]:
     """Start every role; `threads` (role -> torch threads, see `role_thread_counts`) becomes each one's
     run.torch_threads, so the roles do not each guess from a machine the launcher itself just loaded."""
     cfg_file = str(cfg.run_dir() / "config.yaml")
     logs = cfg.run_dir() / "logs"
     logs.mkdir(exist_ok=True)
-    specs = [("controller", ["controller"]), ("trainer", ["trainer"] + (["--resume"] if resume else []))]
-    specs += [(f"rollout-{i}", ["rollout", f"rollout.server_id=rollout-{i}"]) for i in range(cfg.rollout.num_servers)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    ranks = trainer_rank_envs(cfg.trainer.world_size)
+    specs = [("controller", ["controller"], env)]
+    specs += [("trainer" if r == 0 else f"trainer-{r}", ["trainer"] + (["--resume"] if resume else []), {**env, **e})
+              for r, e in enumerate(ranks)]
+    specs += [(f"rollout-{i}", ["rollout", f"rollout.server_id=rollout-{i}"], env)
+              for i in range(cfg.rollout.num_servers)]
     children = []
-    for name, args in specs:
+    for name, args, child_env in specs:
         role, rest = args[0], args[1:]
-        if threads:
-            rest = [*rest, f"run.torch_threads={threads[role]}"]
+        if threads:  # the trainer's threads are shared by its ranks
+            n = max(1, threads[role] // len(ranks)) if role == "trainer" else threads[role]
+            rest = [*rest, f"run.torch_threads={n}"]
         log_path = logs / f"{name}.log"
         f = log_path.open("a")
         proc = subprocess.Popen([sys.executable, "-m", "areal_py.app.cli", "serve", role, cfg_file, *rest],
-                                stdout=f, stderr=subprocess.STDOUT, env=env,
+                                stdout=f, stderr=subprocess.STDOUT, env=child_env,
                                 preexec_fn=_die_with_parent)  # noqa: PLW1509 - prctl only, before exec
         f.close()
         children.append(Child(name, proc, log_path))
@@ -251,7 +269,7 @@ def monitor(cfg: Config, children: list[Child], quiet: bool = False) -> int:
                 print(f"\nareal-py: process '{c.name}' failed with exit code {codes[c.name]}; stopping the others."
                       f"\n  log: {c.log_path}\n{c.tail()}", file=sys.stderr)
                 return 1
-            if codes["trainer"] == 0 and codes["controller"] == 0:
+            if codes["controller"] == 0 and all(codes[c.name] == 0 for c in children if c.name.startswith("trainer")):
                 bar.close()
                 return 0
             time.sleep(0.3)

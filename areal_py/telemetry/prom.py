@@ -109,6 +109,8 @@ class TrainerMetrics:
     grad_norm: Gauge
     skipped_updates: Counter
     rejected_groups: Counter
+    rank_busy: Gauge
+    rank_tokens: Gauge
 
 
 ROLLOUT = RolloutMetrics(
@@ -163,6 +165,10 @@ TRAINER = TrainerMetrics(
     approx_kl=_define(Gauge, "areal_trainer_approx_kl", "Approximate KL(proximal || current) of the last step."),
     entropy=_define(Gauge, "areal_trainer_entropy", "Mean token entropy (nats) of the last step."),
     grad_norm=_define(Gauge, "areal_trainer_grad_norm", "Gradient norm (before clipping) of the last step."),
+    rank_busy=_define(Gauge, "areal_trainer_rank_learner_step_seconds", "Seconds each trainer rank spent in the last "
+                      "step's learner step (served by rank 0 for every rank).", ("rank",)),
+    rank_tokens=_define(Gauge, "areal_trainer_rank_tokens", "Real tokens (prompt + response) each trainer rank "
+                        "trained in the last step (served by rank 0 for every rank).", ("rank",)),
     skipped_updates=_define(Counter, "areal_trainer_skipped_updates_total",
                             "Optimizer updates skipped because the loss or gradient norm was not finite "
                             "(gradients dropped, weights unchanged)."),

@@ -134,6 +134,13 @@ class StepRecord(BaseModel):
     real_token_fraction: float | None = Field(None, description="real (not padding) share of the tokens the "
                                                                "training forward passes computed: summed lengths / "
                                                                "summed rows x padded width of the micro-batches")
+    # the trainer's ranks (trainer.world_size; one entry at world size 1)
+    rank_busy_s: list[float] | None = Field(None, description="seconds each trainer rank spent in its learner step, "
+                                                              "by rank")
+    rank_tokens: list[int] | None = Field(None, description="real tokens (prompt + response) each trainer rank "
+                                                            "trained, by rank")
+    rank_tokens_max: int | None = Field(None, description="most tokens any trainer rank trained this step")
+    rank_tokens_min: int | None = Field(None, description="fewest tokens any trainer rank trained this step")
     controller: ControllerCounters = Field(default_factory=ControllerCounters,
                                            description="controller counters, on disk as ctrl_<name> keys")
 

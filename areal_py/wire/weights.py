@@ -35,19 +35,22 @@ def write_error(path: Path, e: Exception) -> OSError:
     return OSError(e.errno, msg) if isinstance(e, OSError) and e.errno else OSError(msg)
 
 
-def save_weights(model: torch.nn.Module, directory: Path, version: int, keep: int = 3) -> Path:
+def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], directory: Path, version: int,
+                 keep: int = 3) -> Path:
     """Write atomically (temp + rename) so a server never reads half a file, then prune.
 
     The file just written is the live policy and is never pruned. Any file numbered above it, and any
     temp file left by another writer, is from a run abandoned at a later version (a crash past the last
     checkpoint, then a resume from it): stale, so removed. Of the rest the `keep` newest stay.
     A failed write (a full disk) leaves no partial file and raises an OSError naming the path.
+    ``model`` may be the weights themselves (``named_weights`` names), e.g. gathered from sharded ranks.
     """
     directory.mkdir(parents=True, exist_ok=True)
     path = weights_path(directory, version)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
-        save_file({k: v.contiguous() for k, v in named_weights(model).items()}, str(tmp),
+        weights = model if isinstance(model, dict) else named_weights(model)
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp),
                   metadata={"version": str(version)})
         os.replace(tmp, path)
     except Exception as e:
