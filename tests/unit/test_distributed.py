@@ -64,3 +64,22 @@ def _one_rank_absent() -> str:
 def test_a_missing_peer_is_a_named_timeout():
     msg, _ = run_ranks(_one_rank_absent, 2)
     assert "all_reduce of token counts" in msg and "rank 0/2" in msg and "step 3" in msg
+
+
+def _one_rank_dies() -> str:
+    d = init_dist(30.0)
+    if d.rank == 1:  # a crashed rank: gone without a word
+        import os
+        os._exit(3)
+    try:
+        all_reduce(torch.ones(1), d, "token counts", step=5, timeout_s=20.0)
+    except DistError as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_crashed_peer_is_a_named_error_not_a_hang():
+    from dist_ranks import run_ranks_partial
+
+    results = run_ranks_partial(_one_rank_dies, 2, timeout_s=60)
+    assert "all_reduce of token counts" in results[0] and "rank 0/2, step 5" in results[0]

@@ -48,3 +48,18 @@ def test_two_ranks_match_one_process():
         torch.testing.assert_close(r0["grads"][n], p.grad, atol=1e-5, rtol=0)  # summed, not averaged
         torch.testing.assert_close(r0["weights"][n], p.detach(), atol=0, rtol=0)
     assert r1["weights"] is None
+
+
+def test_activation_checkpointing_keeps_names_and_gradients():
+    plain, ckpt = tiny_model(), tiny_model()
+    shard_model(ckpt, Dist.single(), activation_checkpointing=True)
+    assert ckpt.model.gradient_checkpointing
+    assert [n for n, _ in ckpt.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    for m in (plain, ckpt):
+        m.train()
+        m(input_ids=ids).logits.square().mean().backward()
+    for (n, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=0, msg=n)
+    with pytest.raises(ValueError, match="does not support gradient checkpointing"):
+        shard_model(torch.nn.Linear(2, 2), Dist.single(), activation_checkpointing=True)
