@@ -131,12 +131,20 @@ def _wait(work, what: str, dist: Dist, step: int | None, timeout_s: float | None
         raise DistError(f"{what} ({where}) did not complete within {bound:g}s")
 
 
+def _staged(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """``t`` where the backend can move it: NCCL only moves GPU tensors (gloo takes CPU ones as they are)."""
+    return t.to(dist.device) if dist.backend == "nccl" and t.device != dist.device else t
+
+
 def all_reduce(t: torch.Tensor, dist: Dist, what: str, step: int | None = None, op=None,
                timeout_s: float | None = None) -> torch.Tensor:
     """In-place all-reduce (sum by default) of ``t`` over the trainer's ranks; a no-op at world size 1."""
     if dist.distributed:
-        work = tdist.all_reduce(t, op=op if op is not None else tdist.ReduceOp.SUM, async_op=True)
+        x = _staged(t, dist)
+        work = tdist.all_reduce(x, op=op if op is not None else tdist.ReduceOp.SUM, async_op=True)
         _wait(work, f"all_reduce of {what}", dist, step, timeout_s)
+        if x is not t:
+            t.copy_(x)
     return t
 
 
@@ -144,8 +152,11 @@ def broadcast(t: torch.Tensor, dist: Dist, what: str, step: int | None = None, s
               timeout_s: float | None = None) -> torch.Tensor:
     """In-place broadcast of ``t`` from rank ``src``; every rank must pass a tensor of the same shape and dtype."""
     if dist.distributed:
-        work = tdist.broadcast(t, src=src, async_op=True)
+        x = _staged(t, dist)
+        work = tdist.broadcast(x, src=src, async_op=True)
         _wait(work, f"broadcast of {what} from rank {src}", dist, step, timeout_s)
+        if x is not t:
+            t.copy_(x)
     return t
 
 
@@ -157,6 +168,10 @@ def scatter(out: torch.Tensor, chunks: list[torch.Tensor] | None, dist: Dist, wh
         if chunks is not None:
             out.copy_(chunks[0])
         return out
-    work = tdist.scatter(out, scatter_list=chunks if dist.rank == src else None, src=src, async_op=True)
+    x = _staged(out, dist)
+    sends = [_staged(c, dist) for c in chunks] if dist.rank == src and chunks is not None else None
+    work = tdist.scatter(x, scatter_list=sends, src=src, async_op=True)
     _wait(work, f"scatter of {what} from rank {src}", dist, step, timeout_s)
+    if x is not out:
+        out.copy_(x)
     return out

@@ -22,6 +22,7 @@ a different (equally random) part of the batch than in one process.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -197,6 +198,10 @@ def train_step_ranks(learner: Any, batch: RolloutBatch | None, version: int) -> 
             chunks.append(c)
     scatter(out, chunks, d, "the batch shares", step)
     mine, adv_r = unpack_rows(out[:rows_r], max(width_r, 1), n) if rows_r else (None, None)
+    if mine is not None and d.device.type != "cpu":  # shares are built and unpacked on the CPU
+        mine = RolloutBatch(**{f.name: getattr(mine, f.name) if f.name == "group_size" else
+                               getattr(mine, f.name).to(d.device) for f in dataclasses.fields(mine)})
+        adv_r = adv_r.to(d.device)
     stats |= train_share(learner, mine, adv_r if has_adv else None, n, version, on_policy, need_prox, informative)
     busy = time.perf_counter() - t_start
     tokens = int(mine.attention_mask.sum()) if mine is not None else 0
