@@ -61,10 +61,14 @@ class AttentionChoice:
 
 def sdpa_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
                 lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """The kernel's contract through one SDPA call: rows gathered from `slots`, read up to the longest
-    length, shorter rows masked. q [B, Hkv, G, D], keys/values [S, Hkv, alloc, D] -> [B, Hkv, G, D]."""
-    n = int(lens.max())
-    k, v = keys[:, :, :n].index_select(0, slots), values[:, :, :n].index_select(0, slots)
+    """The kernel's contract through one SDPA call: rows read from `slots` (a view when they are a
+    contiguous range, as the runner reads them, else gathered) up to the longest length, shorter rows
+    masked. q [B, Hkv, G, D], keys/values [S, Hkv, alloc, D] -> [B, Hkv, G, D]."""
+    n, lo = int(lens.max()), int(slots[0])
+    if torch.equal(slots, torch.arange(lo, lo + len(slots), device=slots.device)):
+        k, v = keys[lo:lo + len(slots), :, :n], values[lo:lo + len(slots), :, :n]
+    else:
+        k, v = keys[:, :, :n].index_select(0, slots), values[:, :, :n].index_select(0, slots)
     allowed = torch.arange(n, device=q.device)[None, :] < lens[:, None]
     mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, torch.finfo(q.dtype).min)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None], scale=scale)

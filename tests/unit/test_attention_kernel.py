@@ -129,6 +129,8 @@ def test_load_kernel_reports_a_failing_builder_and_never_raises(tmp_path) -> Non
 def test_sdpa_decode_matches_the_plain_definition() -> None:
     q, k, v, slots, lens = random_case(torch.Generator().manual_seed(1), rows=5, hkv=2, g=3, d=8, alloc=20)
     torch.testing.assert_close(sdpa_decode(q, k, v, slots, lens, 0.3), decode_attention_ref(q, k, v, slots, lens, 0.3))
+    rng = torch.arange(2, 7)  # a contiguous range of slots: read as a view, same result
+    torch.testing.assert_close(sdpa_decode(q, k, v, rng, lens, 0.3), decode_attention_ref(q, k, v, rng, lens, 0.3))
 
 
 # --- the real kernel -------------------------------------------------------------------------------
