@@ -85,6 +85,30 @@ def not_computed(key: str, config: Mapping[str, Any] | None) -> str | None:
     return None
 
 
+def rank_sections(records: Sequence[StepRecord]) -> list[Section]:
+    """Per-rank learner time and tokens, for runs with several trainer ranks (none otherwise)."""
+    ranks = max((len(r.rank_busy_s or []) for r in records), default=0)
+    if ranks < 2:
+        return []
+
+    def per_rank(field: str, k: int) -> list[tuple[float, float]]:
+        return step_series(records, lambda r: (getattr(r, field) or [])[k] if len(getattr(r, field) or []) > k
+                           else None)
+
+    busy = [Series(f"rank {k}", per_rank("rank_busy_s", k), PALETTE[k % len(PALETTE)]) for k in range(ranks)]
+    tokens = [Series(f"rank {k}", per_rank("rank_tokens", k), PALETTE[k % len(PALETTE)]) for k in range(ranks)]
+    return [Section("rank_busy", "Trainer ranks: learner step time", (
+        "rank_busy_s: seconds each trainer rank spent in its learner step (a rank far above the others holds "
+        "the step back: every rank waits for it at the gradient reduction)."),
+        line_chart(busy, chart_id="rank_busy", title="learner step per rank", x_label="step", y_label="seconds",
+                   y_min=0.0)),
+        Section("rank_tokens", "Trainer ranks: tokens", (
+            "rank_tokens: real tokens (prompt + response) each rank trained; the split balances them by whole "
+            "groups, so they differ by at most about one group's tokens."),
+            line_chart(tokens, chart_id="rank_tokens", title="tokens per rank", x_label="step", y_label="tokens",
+                       y_min=0.0))]
+
+
 def chart_sections(records: Sequence[StepRecord], config: Mapping[str, Any] | None = None) -> list[Section]:
     """Every chart of the report, drawn from step records (also usable by a live dashboard).
 
@@ -102,6 +126,7 @@ def chart_sections(records: Sequence[StepRecord], config: Mapping[str, Any] | No
     secs.append(Section("busy", "Trainer busy fraction", "train_s / time since the previous step.",
                         line_chart([Series("busy", busy)], chart_id="busy", title="trainer busy fraction",
                                    x_label="wall time (s)", y_label="fraction", y_min=0.0, y_max=1.0)))
+    secs += rank_sections(records)
     secs.append(Section("timeline", "Timeline: trainer phases and generation", (
         "Trainer lane: each step's wait for data, proximal recompute, training and weight publish, laid back "
         "from its end time. Generation lane: the periods in which any rollout server had requests running, "
