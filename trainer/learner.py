@@ -78,9 +78,10 @@ class Learner:
         for m in (self.model, self.ref, self.critic):
             if m is not None:
                 shard_model(m, self.dist, t.activation_checkpointing and m is not self.ref)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        # fused=True: one kernel over all parameters (the CPU default is a Python loop per tensor), same update
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)
         if self.critic is not None:
-            self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=self.algo.critic_lr)
+            self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=self.algo.critic_lr, fused=True)
         self.loss_settings = A.LossSettings(t.eps_clip, t.eps_clip_high, t.behav_cap, t.behav_mode, None)
         # With one update per batch the proximal logprobs come from the training forward itself (exact,
         # one forward pass fewer per step); False forces the separate recompute (tests compare the two).
