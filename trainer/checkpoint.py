@@ -130,8 +130,7 @@ def _owner(opt: torch.optim.Optimizer, modules: dict[str, torch.nn.Module], name
 def _state_dicts(modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
     """What DCP writes and reads: {"modules": {name: state}, "optimizers": {name: state}} (two namespaces,
     so a module and an optimizer may share a name). An optimizer that has not stepped yet gets its state
-    here (zero moments at step 1, DCP's doing): a checkpoint written before the first applied update
-    resumes AdamW one step further into its bias correction than a run that never stopped."""
+    here (zero moments at step 1, DCP's doing; `save_checkpoint` saves it as step 0 and clears it)."""
     return {"modules": {name: get_model_state_dict(m) for name, m in modules.items()},
             "optimizers": {name: get_optimizer_state_dict(_owner(opt, modules, name), opt)
                            for name, opt in optimizers.items()}}
@@ -173,13 +172,17 @@ def save_checkpoint(root: Path, modules: dict[str, torch.nn.Module], optimizers:
             (tmp / STATE).write_text(json.dumps(state, indent=1))
 
     def write_and_hash() -> dict[str, Any]:
-        fresh = [opt for opt in optimizers.values() if not opt.state]
+        fresh = {name: opt for name, opt in optimizers.items() if not opt.state}
         try:
+            sds = _state_dicts(modules, optimizers)
+            for name in fresh:  # DCP gave it zero moments at step 1: saved as step 0, a fresh optimizer's state
+                for st in sds["optimizers"][name]["state"].values():
+                    if "step" in st:
+                        st["step"] = torch.zeros_like(st["step"])
             with _dcp_in_process(dist):
-                dcp.save(_state_dicts(modules, optimizers),
-                         storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=not dist.distributed)
+                dcp.save(sds, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=not dist.distributed)
         finally:
-            for opt in fresh:  # saving gave it zero state at step 1; the live run goes on as if never saved
+            for opt in fresh.values():  # and the live run goes on as if it had never been saved
                 opt.state.clear()
         files = sorted(p for p in tmp.rglob("*") if p.is_file())  # dcp.save returned: every rank's shards are there
         return {str(p.relative_to(tmp)): _seal(p) for p in files[dist.rank::dist.world_size]}

@@ -187,3 +187,24 @@ def test_saving_an_optimizer_that_never_stepped_leaves_it_fresh(tmp_path):
     C.save_checkpoint(tmp_path, {"policy": m}, {"policy_opt": opt}, {"version": 0})
     assert not opt.state and all(p.grad is None for p in m.parameters())
     assert all(torch.equal(p, b) for p, b in zip(m.parameters(), before, strict=True))
+
+
+def test_resuming_a_checkpoint_from_before_the_first_update_steps_like_a_fresh_optimizer(tmp_path):
+    """Saved before any update, loaded, one step: the same weights as a run that never stopped (AdamW's
+    first step, not its second, in the bias correction)."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 3)
+    C.save_checkpoint(tmp_path, {"policy": m}, {"policy_opt": torch.optim.AdamW(m.parameters(), lr=1e-2)},
+                      {"version": 0})
+    x = torch.randn(2, 4)
+    results = []
+    for resume in (False, True):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 3)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        if resume:
+            C.load_latest_checkpoint(tmp_path, {"policy": m}, {"policy_opt": opt})
+        m(x).sum().backward()
+        opt.step()
+        results.append([p.detach().clone() for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
