@@ -12,7 +12,9 @@ keyed by the machine (CPU model, torch version, threads, device), the model's sh
 the probed shapes; else a measurement, written to that cache. The log states which, and the values.
 
 Every probe batch has one row a token shorter than the others: a padded micro-batch almost always
-holds padding, and Hugging Face models take a different (masked) attention path when there is any.
+holds padding. It is right padding, which `token_logprobs` runs without a mask (plain causal
+attention), as it runs the learner's micro-batches; `PROBE` in the cache key names that path, so
+costs timed through another one are not reused.
 The probe leaves no trace: gradients are reset to None and the CPU RNG state is restored.
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ from trainer.rollout_batch import token_logprobs
 
 log = logging.getLogger("trainer")
 
+PROBE = "token_logprobs: right padding unmasked"  # what a probe times; part of the cache key
 PROBE_TOKENS = 1024  # padded tokens of the larger probes: big enough to time, small enough to start fast
 
 
@@ -139,7 +142,7 @@ def cached_cost(cache_dir: Path, model: torch.nn.Module, max_tokens: int, max_le
     """The cost model for this machine and model: read from ``cache_dir/pack_cost/`` or measured and
     written there. Returns it and where it came from ("cached <file>" or "measured, cached in <file>")."""
     shapes = probe_shapes(max_tokens, max_len)
-    key = {**machine_key(model), "shapes": shapes}
+    key = {**machine_key(model), "shapes": shapes, "probe": PROBE}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir).expanduser() / "pack_cost" / f"{digest}.json"
     try:

@@ -77,6 +77,7 @@ def test_cost_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
     assert where1.startswith("measured") and where2.startswith("cached")
     saved = json.loads(next((tmp_path / "pack_cost").glob("*.json")).read_text())
     assert saved["key"]["model"]["hidden_size"] == 32 and len(saved["points"]) == len(calls[0])
+    assert saved["key"]["probe"] == PC.PROBE  # costs timed through another logprob path are not reused
     cached_cost(tmp_path, tiny_model(vocab_size=40), 8192, 64)  # another model shape: measured again
     assert len(calls) == 2
 
