@@ -168,6 +168,18 @@ def test_kernel_equals_sdpa(kernel, hkv: int, g: int, d: int) -> None:
 
 
 @pytest.mark.timeout(600)
+def test_kernel_splits_work_over_threads_without_changing_the_result(kernel) -> None:
+    q, k, v, slots, lens = random_case(torch.Generator().manual_seed(5), 9, 3, 2, 48, 130)
+    one = kernel(q, k, v, slots, lens, 0.1)
+    torch.set_num_threads(2)
+    try:
+        two = kernel(q, k, v, slots, lens, 0.1)
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(one, two)  # each (row, KV head) is computed whole by one thread: bitwise equal
+
+
+@pytest.mark.timeout(600)
 def test_kernel_in_bfloat16_accumulates_in_fp32(kernel) -> None:
     q, k, v, slots, lens = random_case(torch.Generator().manual_seed(3), 5, 2, 2, 32, 300, torch.bfloat16)
     ref = decode_attention_ref(q, k, v, slots, lens, 0.2)
