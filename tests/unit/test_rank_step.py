@@ -27,19 +27,22 @@ CASES = {  # name: (overrides, groups in the batch, version the tokens were gene
     "micro_batches_kl": (["trainer.max_tokens_per_micro_batch=24", "trainer.micro_batch_packing=cost", COST,
                           "algo.kl_coef=0.1", "algo.kl_in=reward", "algo.adv_estimator=rloo"], 5, 2),
     "one_group": (["trainer.micro_batch_size=2"], 1, 3),  # rank 1 gets no rows, joins with zero-weight passes
+    "no_signal": ([], 0, 3),  # 2 groups, every reward equal: nothing informative, no update on any rank
 }
 
 
 def make_batch(groups: int, version: int):
+    """``groups`` groups of 4 with varied lengths and rewards; 0 = two groups whose rewards are all equal."""
     g = torch.Generator().manual_seed(7)
-    out = []
-    for gid in range(groups):
+    out, uniform = [], groups == 0
+    for gid in range(groups or 2):
         samples = []
         for i in range(4):
             n = int(torch.randint(1, 12, (1,), generator=g))
             ids = torch.randint(4, 32, (n,), generator=g).tolist()
             samples.append(P.Sample(output_ids=ids, logprobs=(-torch.rand(n, generator=g) * 3).tolist(),
-                                    versions=[version] * n, finish_reason="stop", reward=float((i + gid) % 3 == 0)))
+                                    versions=[version] * n, finish_reason="stop",
+                                    reward=1.0 if uniform else float((i + gid) % 3 == 0)))
         out.append(P.Group(gid=gid, prompt_index=gid, prompt_ids=[1, 2 + gid, 3] * (1 + gid % 2), samples=samples))
     return collate(out, pad_id=0)
 
@@ -59,7 +62,13 @@ def one_step(name: str, model_dir: str, dist=None) -> dict:
 
 def _all_cases(model_dir: str) -> dict:
     d = init_dist(60.0)
-    return {name: one_step(name, model_dir, d) for name in CASES}
+    out = {name: one_step(name, model_dir, d) for name in CASES}
+    if d.is_main:  # a step whose whole batch was non-finite: rank 0 says SKIP, the others hear it
+        rank_step.send_command(d, 9, rank_step.SKIP)
+        out["command"] = rank_step.SKIP
+    else:
+        out["command"] = rank_step.receive_command(d, 9, timeout_s=30.0)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +89,6 @@ def test_world_size_two_equals_one(two_ranks, model_dir, name):
     one = one_step(name, model_dir)
     two = r0[name]
     assert r1[name]["model"] is None  # full weights only on rank 0
-    moved = 0.0
     for part in ("model", "critic"):
         if one[part] is None:
             assert two[part] is None
@@ -88,16 +96,24 @@ def test_world_size_two_equals_one(two_ranks, model_dir, name):
         assert one[part].keys() == two[part].keys()
         for k, v in one[part].items():
             torch.testing.assert_close(two[part][k], v, atol=1e-5, rtol=0, msg=f"{part}.{k}")
-        moved += sum(float((v - w).abs().max()) for v, w in zip(one[part].values(),
-                                                                 full_weights(tiny_model(max_positions=128),
-                                                                              _single()).values(), strict=False))
-    assert moved > cfg_lr() / 2  # the step changed the weights: the comparison is not of two untouched models
+    start = full_weights(tiny_model(max_positions=128), _single())
+    moved = max(float((v - start[k]).abs().max()) for k, v in one["model"].items())
+    # the step changed the weights (the comparison is not of two untouched models), unless nothing was informative
+    assert moved > cfg_lr() / 2 if name != "no_signal" else moved == 0.0
     for k in ("loss", "grad_norm", "informative_samples", "value_loss", "kl_loss"):
         assert two["stats"][k] == pytest.approx(one["stats"][k], abs=1e-5), k
     load = two["load"]
+    if name == "no_signal":
+        assert load.tokens == [0, 0]
+        return
     assert len(load.tokens) == 2 and sum(load.tokens) > 0 and all(b > 0 for b in load.busy_s)
     if name == "one_group":
         assert load.tokens[1] == 0
+
+
+def test_skip_command_reaches_the_other_rank(two_ranks):
+    assert [r["command"] for r in two_ranks] == [rank_step.SKIP, rank_step.SKIP]
+    assert two_ranks[1]["no_signal"]["stats"]["informative_samples"] == 0.0
 
 
 def cfg_lr() -> float:
