@@ -1,6 +1,6 @@
 """`areal-py run --resume` at another trainer.world_size than the run that wrote the checkpoint: 2 trainer
 ranks (FSDP2, gloo) write sharded checkpoints, one rank resumes from them at the saved version with the
-same weights. (tests/unit/test_checkpoint_dist.py checks the same at the checkpoint level, both ways, in
+same weights, and two ranks resume from that one's checkpoint. (tests/unit/test_checkpoint_dist.py checks the same at the checkpoint level, both ways, in
 the default suite; this one goes through the launcher, the trainer and the controller.)"""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from trainer.checkpoint import MANIFEST, load_checkpoint
 
 
 @pytest.mark.slow
-def test_a_2_rank_checkpoint_resumes_on_1_rank(tmp_path, small_cfg):
+def test_a_2_rank_checkpoint_resumes_on_1_rank_and_back(tmp_path, small_cfg):
     first = run_cli(["run", "--quiet", *small_cfg, "trainer.world_size=2", "trainer.total_steps=2"])
     assert first.returncode == 0, first.stdout + first.stderr
     run = tmp_path / "runs" / "t"
@@ -41,3 +41,12 @@ def test_a_2_rank_checkpoint_resumes_on_1_rank(tmp_path, small_cfg):
     assert second.returncode == 0, second.stdout + second.stderr
     assert [r.step for r in read_step_records(run / "metrics.jsonl")] == [1, 2, 3, 4]
     assert f"resumed from {ckpt} at version 2" in (run / "logs" / "trainer.log").read_text()
+
+    # and back: the world-size-1 checkpoint at step 4 resumes on 2 ranks
+    third = run_cli(["run", "--quiet", "--resume", *small_cfg, "trainer.world_size=2", "trainer.total_steps=5"])
+    assert third.returncode == 0, third.stdout + third.stderr
+    recs = read_step_records(run / "metrics.jsonl")
+    assert [r.step for r in recs] == [1, 2, 3, 4, 5] and len(recs[-1].rank_tokens) == 2
+    step_4 = run / "checkpoints" / "step_000004"
+    for log in ("trainer.log", "trainer-1.log"):  # both ranks restored it
+        assert f"resumed from {step_4} at version 4" in (run / "logs" / log).read_text(), log
