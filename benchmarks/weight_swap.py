@@ -9,7 +9,8 @@ The three paths run in interleaved rounds (one swap each per round, the order ro
 medians are over rounds, so a change in the machine's load hits all three alike. The floor is what
 no implementation can avoid: the in-memory copy of the state dict into the live parameters plus
 one prefill of the in-flight tokens (the KV recompute), both timed through the same engine with
-no transport. `keep` mode skips the prefill, so its ratio can fall below 1. Everything runs in one
+no transport. `keep` mode skips the prefill, so its ratio can fall below 1. Each path keeps one engine across
+its rounds (its contexts grow by a token or two per swap, alike for all). Everything runs in one
 process over real loopback sockets (dist: trainer rank 0 in a thread, the server in the main thread,
 two gloo ranks on a TCPStore), so the numbers are comparable side by side. /proc/loadavg is recorded
 before and after: time it alone (`flock /work/tmp/bench.lock ...`).
@@ -20,10 +21,12 @@ before and after: time it alone (`flock /work/tmp/bench.lock ...`).
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -159,10 +162,12 @@ def loadavg() -> str:
         return "unknown"
 
 
-def run(size: str, repeats: int, in_flight: int, prompt_len: int, warm_tokens: int) -> dict:
+def run(size: str, repeats: int, in_flight: int, prompt_len: int, warm_tokens: int,
+        modes: tuple[str, ...] = ("recompute", "keep")) -> dict:
     threads = auto_threads(1)  # the cores free now: more threads than that slows torch several-fold
     torch.set_num_threads(threads)
     trainer = build_model(size, seed=1)
+    base = build_model(size, seed=0)  # every engine starts from a copy: random init of each would dominate
     ctx = zmq.Context.instance()
     port = 0
     pub = ctx.socket(zmq.PUB)
@@ -179,28 +184,38 @@ def run(size: str, repeats: int, in_flight: int, prompt_len: int, warm_tokens: i
                  "dist_bucket_bytes": BUCKET_BYTES, "threads": threads, "loadavg_before": loadavg(), "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
         version = 0  # strictly increasing across configurations: old weight files are pruned by version
-        for mode in ("recompute", "keep"):
+        for mode in modes:
+            load_before, started = loadavg(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             lat: dict[str, list[float]] = {p: [] for p in PATHS}
             floors: list[float] = []
+            # one engine per path (and one for the floor), reused round after round: the in-flight contexts
+            # grow by a token or two per swap, alike for every path
+            engines = {p: make_engine(copy.deepcopy(base), mode, in_flight, prompt_len, warm_tokens) for p in PATHS}
+            floor_eng = make_engine(copy.deepcopy(base), "recompute", in_flight, prompt_len, warm_tokens)
             for r in range(repeats):
                 for path in PATHS[r % len(PATHS):] + PATHS[:r % len(PATHS)]:  # rotated: no path always first
-                    eng = make_engine(build_model(size, seed=0), mode, in_flight, prompt_len, warm_tokens)
                     version += 1
-                    lat[path].append(swap_once(eng, trainer, path, pub, sub, Path(tmp), version, group))
-                copy_s, prefill_s = floor(make_engine(build_model(size, seed=0), "recompute", in_flight,
-                                                      prompt_len, warm_tokens), named_weights(trainer), 1)
+                    lat[path].append(swap_once(engines[path], trainer, path, pub, sub, Path(tmp), version, group))
+                version += 1
+                copy_s, prefill_s = floor(floor_eng, named_weights(trainer), version)
                 floors.append(copy_s + prefill_s)
+                print(f"{mode} round {r + 1}/{repeats}: " + ", ".join(f"{p} {lat[p][-1] * 1000:.0f} ms" for p in PATHS),
+                      file=sys.stderr, flush=True)
             fl = statistics.median(floors)
+            load_after = loadavg()
             for path in PATHS:
                 med = statistics.median(lat[path])
                 out["results"][f"{mode}/{path}"] = {"latency_s": round(med, 4), "floor_s": round(fl, 4),
                                                     "ratio_to_floor": round(med / fl, 2),
-                                                    "latencies_s": [round(x, 4) for x in lat[path]]}
+                                                    "latencies_s": [round(x, 4) for x in lat[path]],
+                                                    "started": started, "threads": threads,
+                                                    "loadavg_before": load_before,
+                                                    "loadavg_after": load_after}
                 print(f"{size} {mode:9s} {path:6s} latency {med * 1000:7.1f} ms  floor {fl * 1000:7.1f} ms  "
                       f"ratio {med / fl:4.2f}")
     for g in group:
         g.close()
-    out["loadavg_after"] = loadavg()
+    out["loadavg_after"] = loadavg()  # of this run; each row has its own mode's too
     pub.close()
     sub.close()
     return out
@@ -211,18 +226,31 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny model, 2 repeats, no result file")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (one swap per path each)")
     ap.add_argument("--out", type=Path, default=None, help=f"result file (full run default: {RESULTS})")
+    ap.add_argument("--modes", default="recompute,keep", help="interrupt modes to measure, comma-separated")
+    ap.add_argument("--merge", action="store_true", help="update only these modes' rows of an existing result file "
+                    "(same model and workload): one mode per run keeps each run short on a busy machine")
     args = ap.parse_args()
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or set(modes) - {"recompute", "keep"}:
+        raise SystemExit(f"--modes: recompute and/or keep, got {args.modes!r}")
     if args.quick:
-        res = run("tiny", repeats=2, in_flight=8, prompt_len=8, warm_tokens=4)
+        res = run("tiny", repeats=2, in_flight=8, prompt_len=8, warm_tokens=4, modes=modes)
         if args.out is not None:
             args.out.write_text(json.dumps(res, indent=1))
-    else:
-        args.out = args.out or RESULTS
-        res = run("20M", repeats=args.repeats, in_flight=32, prompt_len=32, warm_tokens=32)
-        res["command"] = "python -m benchmarks.weight_swap"
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=1))
-        print(f"wrote {args.out}")
+        return
+    args.out = args.out or RESULTS
+    res = run("20M", repeats=args.repeats, in_flight=32, prompt_len=32, warm_tokens=32, modes=modes)
+    res["command"] = f"python -m benchmarks.weight_swap --repeats {args.repeats} --modes <each mode> --merge"
+    if args.merge and args.out.exists():
+        old = json.loads(args.out.read_text())
+        same = ("model", "params", "in_flight", "prompt_len", "tokens_generated_before_swap", "rounds")
+        differ = [k for k in same if old.get(k) != res[k]]
+        if differ:
+            raise SystemExit(f"--merge: {args.out} was measured with other {differ}; run without --merge")
+        res["results"] = {**old.get("results", {}), **res["results"]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
