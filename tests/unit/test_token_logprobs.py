@@ -94,3 +94,22 @@ def test_logprobs_are_normalised_log_probabilities():
             probe[0, 1] = tok
             total += float(token_logprobs(model, probe, mask, 1.0)[0][0, 0].exp())
     assert total == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_packed_learner_step_has_the_gradient_of_the_masked_formula(monkeypatch):
+    """The whole learner step (cost packing of long-tailed lengths, right-padded micro-batches, entropy
+    bonus) through the fast path equals the same step through the masked log_softmax formula."""
+    from test_learner import COST, assert_same, grads_after_step, long_tailed_batch
+
+    import trainer.learner as learner_module
+
+    overrides = ["trainer.max_tokens_per_micro_batch=120", "trainer.micro_batch_packing=cost", COST,
+                 "algo.entropy_coef=0.01"]
+    fast_stats, ref_stats = {}, {}
+    fast = grads_after_step(overrides, make=long_tailed_batch, samples=16, stats_out=fast_stats)
+    monkeypatch.setattr(learner_module, "token_logprobs", reference)
+    ref = grads_after_step(overrides, make=long_tailed_batch, samples=16, stats_out=ref_stats)
+    assert_same(fast, ref)
+    assert fast_stats["loss"] == pytest.approx(ref_stats["loss"], abs=1e-5)
+    assert fast_stats["entropy"] == pytest.approx(ref_stats["entropy"], abs=1e-5) and fast_stats["entropy"] > 0
+    assert fast_stats["real_token_fraction"] < 1  # micro-batches held padding, so the mask was dropped on them
