@@ -4,7 +4,9 @@ state come back identical, at the saved version; a damaged shard is caught by th
 which all fall back to the same older checkpoint. One spawn of 2 ranks serves every test here."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 
 import pytest
@@ -73,6 +75,7 @@ def _on_two_ranks(root_1: str, root_2: str, out: str) -> dict:
     d, state = C.load_latest_checkpoint(root_1, {"policy": m}, {"policy": opt}, dist)
     loaded = _full(m, opt)
     _step(m, opt, seed=3)
+    full_disk = _save_with_a_full_disk_on_rank_1(root_2.parent / "full_disk", m, opt, dist)
     saved = C.save_checkpoint(root_2, {"policy": m}, {"policy": opt}, {"version": state["version"] + 1}, dist=dist)
     after = _full(m, opt)
     final = Trainer.save_final(SimpleNamespace(cfg=SimpleNamespace(run_dir=lambda: out), dist=dist, model=m,
@@ -80,7 +83,25 @@ def _on_two_ranks(root_1: str, root_2: str, out: str) -> dict:
     if dist.is_main:
         torch.save({"loaded": loaded, "after": after}, out / "rank0.pt")
     return {"damaged": damaged, "loaded_dir": d.name, "version": state["version"], "saved_dir": saved.name,
-            "world_size": dist.world_size, "final": str(final)}
+            "world_size": dist.world_size, "final": str(final), "full_disk": full_disk}
+
+
+def _save_with_a_full_disk_on_rank_1(root, m, opt, dist) -> str:
+    """What each rank raises when rank 1 cannot write its part of a checkpoint."""
+    real = C._seal
+
+    def full(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    if dist.rank == 1:
+        C._seal = full
+    try:
+        C.save_checkpoint(root, {"policy": m}, {"policy": opt}, {"version": 9}, dist=dist)
+    except OSError as e:
+        return f"errno={e.errno} {e}"
+    finally:
+        C._seal = real
+    return "saved"
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +177,13 @@ def test_final_is_a_plain_hugging_face_directory_gathered_from_the_shards(two_ra
     assert want.keys() <= got.keys()
     for k, t in want.items():
         assert torch.equal(got[k], t), k
+
+
+def test_a_failed_write_on_one_rank_fails_the_save_on_every_rank_and_leaves_nothing(two_rank_run):
+    root = two_rank_run["tmp"] / "full_disk"
+    r0, r1 = (res["full_disk"] for res in two_rank_run["results"])
+    for msg in (r0, r1):  # both name the checkpoint and rank 1's error
+        assert f"could not write {root / 'step_000009'}" in msg and "rank 1: OSError" in msg, msg
+        assert os.strerror(errno.ENOSPC) in msg, msg
+    assert r1.startswith(f"errno={errno.ENOSPC} ")  # the rank that hit it keeps the errno
+    assert not list(root.iterdir())  # no step_000009, no .tmp_step_000009, no latest
