@@ -237,7 +237,7 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 def _check_format(d: Path) -> None:
     """OldFormatCheckpointError unless `d` was written by DCP (its `.metadata` is there, or it is
     not recognisably an old checkpoint either and verification will name what is wrong)."""
-    if (d / DCP_METADATA).is_file() or (d / MANIFEST).is_file() and DCP_METADATA in _manifest_names(d):
+    if (d / DCP_METADATA).is_file() or ((d / MANIFEST).is_file() and DCP_METADATA in _manifest_names(d)):
         return
     old = sorted(p.name for p in d.glob("*.safetensors")) + sorted(p.name for p in d.glob("*.pt"))
     if old:
@@ -286,7 +286,7 @@ def verify_checkpoint(d: Path, dist: Dist | None = None) -> None:
 def _read(f: Path, reader: Any) -> Any:
     try:
         return reader(f)
-    except Exception as e:  # DCP, torch.load and json each raise their own types for a bad file
+    except Exception as e:  # DCP and json each raise their own types for a bad file
         raise CheckpointError(f"{f} cannot be read back ({type(e).__name__}: {e})") from e
 
 
