@@ -42,10 +42,21 @@ def plain_weights(seed: int) -> dict[str, torch.Tensor]:
     return {f"layer{i}.weight": torch.randn(64, 64, generator=g) for i in range(4)}
 
 
-def _member(rank: int, num_servers: int, port: int, timeout_s: float, model: str, rounds: list[Round], q) -> None:
+def specs_of(weights: dict[str, torch.Tensor]) -> dict[str, tuple[str, list[int]]]:
+    """A model's parameter names, dtypes and shapes as plain data: members rebuild a model of that shape
+    without importing transformers (seconds per spawned process on a busy machine)."""
+    return {k: (str(v.dtype).removeprefix("torch."), list(v.shape)) for k, v in weights.items()}
+
+
+def own_weights(specs: dict[str, tuple[str, list[int]]], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=g).to(getattr(torch, dtype)) for k, (dtype, shape) in specs.items()}
+
+
+def _member(rank: int, num_servers: int, port: int, timeout_s: float, specs: dict, rounds: list[Round], q) -> None:
     torch.set_num_threads(1)
     try:
-        own = tiny_weights(seed=100 + rank) if model == "tiny" else plain_weights(seed=100 + rank)
+        own = own_weights(specs, seed=100 + rank)  # the model's shape, other values than the trainer's
         expected = {k: (v.dtype, tuple(v.shape)) for k, v in own.items()}
         g = D.WeightGroup.join_member(host="127.0.0.1", port=port, rank=rank, num_servers=num_servers,
                                       timeout_s=timeout_s, join_timeout_s=60)
@@ -75,13 +86,13 @@ def _member(rank: int, num_servers: int, port: int, timeout_s: float, model: str
 class Members:
     """`num_servers` member processes with their scripts (rank -> rounds); the test process is rank 0."""
 
-    def __init__(self, num_servers: int, scripts: dict[int, list[Round]], *, model: str, timeout_s: float) -> None:
+    def __init__(self, num_servers: int, scripts: dict[int, list[Round]], *, specs: dict, timeout_s: float) -> None:
         ctx = mp.get_context("spawn")
         self.q = ctx.Queue()
         self.port = free_ports(1)[0]
         self.num_servers = num_servers
         self.timeout_s = timeout_s
-        self.procs = {r: ctx.Process(target=_member, args=(r, num_servers, self.port, timeout_s, model, s, self.q),
+        self.procs = {r: ctx.Process(target=_member, args=(r, num_servers, self.port, timeout_s, specs, s, self.q),
                                      daemon=True) for r, s in scripts.items()}
         for p in self.procs.values():
             p.start()

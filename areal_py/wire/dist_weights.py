@@ -28,6 +28,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as tdist
@@ -195,6 +196,15 @@ def _make_pg(store: tdist.Store, rank: int, size: int, timeout: datetime.timedel
 
 
 @dataclass
+class _Pending:
+    work: object
+    tensor: torch.Tensor
+    what: str
+    t0: float
+    timeout_s: float
+
+
+@dataclass
 class WeightGroup:
     """This process's membership of the weight group. Rank 0 sends (`send`), the others receive (`receive`)."""
 
@@ -266,7 +276,8 @@ class WeightGroup:
         return cls._join(store, rank, 1 + num_servers, host=host, port=port, timeout_s=timeout_s,
                          join_timeout_s=join_timeout_s, device=device)
 
-    def _bcast(self, tensor: torch.Tensor, what: str, timeout_s: float | None = None) -> None:
+    def _start(self, tensor: torch.Tensor, what: str, timeout_s: float | None = None) -> _Pending:
+        """Issue a broadcast without waiting for it (collectives run in the backend's own threads)."""
         if self.broken:
             raise DistWeightsError(f"weights.transfer=dist: {what}: the group ({self.where}) is closed after an "
                                    f"earlier failure: {self.broken}")
@@ -276,23 +287,45 @@ class WeightGroup:
         opts.timeout = datetime.timedelta(seconds=timeout)
         t0 = time.monotonic()
         try:
-            done = self.pg.broadcast([tensor], opts).wait(datetime.timedelta(seconds=timeout))
-            cause = None if done is not False else "timed out"
+            work = self.pg.broadcast([tensor], opts)
+        except Exception as e:  # noqa: BLE001 - DistBackendError, RuntimeError: a peer died
+            self._fail(what, t0, timeout, e)
+        return _Pending(work, tensor, what, t0, timeout)
+
+    def _wait(self, p: _Pending) -> None:
+        """Wait for a started broadcast; at most its timeout from when it started."""
+        left = max(0.001, p.timeout_s - (time.monotonic() - p.t0))
+        try:
+            done = p.work.wait(datetime.timedelta(seconds=left))
         except Exception as e:  # noqa: BLE001 - DistBackendError, RuntimeError: a peer died or timed out
-            cause = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        if cause is not None:
-            msg = (f"weights.transfer=dist: {what} failed on {self.where} after {time.monotonic() - t0:.1f}s "
-                   f"(timeout {timeout:g}s): {cause}")
-            self.close(msg)
-            raise DistWeightsError(msg)
+            self._fail(p.what, p.t0, p.timeout_s, e)
+        if done is False:
+            self._fail(p.what, p.t0, p.timeout_s, "timed out")
+
+    def _fail(self, what: str, t0: float, timeout: float, cause: object) -> NoReturn:
+        if isinstance(cause, BaseException):
+            cause = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
+        msg = (f"weights.transfer=dist: {what} failed on {self.where} after {time.monotonic() - t0:.1f}s "
+               f"(timeout {timeout:g}s): {cause}")
+        self.close(msg)
+        raise DistWeightsError(msg)
+
+    def _bcast(self, tensor: torch.Tensor, what: str, timeout_s: float | None = None) -> None:
+        self._wait(self._start(tensor, what, timeout_s))
 
     def send(self, weights: Mapping[str, torch.Tensor], version: int, layout: P.DistLayout) -> None:
         """Rank 0: the header, then every bucket of `layout` packed from `weights`."""
         n = len(layout.buckets)
         header = torch.tensor([MAGIC, version, n, total_bytes(layout)], dtype=torch.int64, device=self.device)
         self._bcast(header, f"header of version {version}")
-        for i, b in enumerate(layout.buckets):
-            self._bcast(pack_bucket(weights, b, self.device), f"bucket {i + 1}/{n} of version {version}")
+        pending: _Pending | None = None
+        for i, b in enumerate(layout.buckets):  # bucket i is packed while bucket i-1 is on the wire
+            buf = pack_bucket(weights, b, self.device)
+            if pending is not None:
+                self._wait(pending)
+            pending = self._start(buf, f"bucket {i + 1}/{n} of version {version}")
+        if pending is not None:
+            self._wait(pending)
 
     def receive(self, layout: P.DistLayout, version: int, expected: Mapping[str, Spec]) -> dict[str, torch.Tensor]:
         """A server: the tensors of a broadcast announced by `layout`, checked against `expected` (its model).
@@ -319,11 +352,12 @@ class WeightGroup:
             self.close(f"rejected {detail}")
             raise DistRejected(reason, f"{detail} (left the group)")
         out: dict[str, torch.Tensor] = {}
-        for i, b in enumerate(layout.buckets):
-            buf = torch.empty(b.nbytes, dtype=torch.uint8, device=self.device)
-            self._bcast(buf, f"bucket {i + 1}/{n} of version {version}")
+        pending = [self._start(torch.empty(b.nbytes, dtype=torch.uint8, device=self.device),
+                               f"bucket {i + 1}/{n} of version {version}") for i, b in enumerate(layout.buckets)]
+        for p, b in zip(pending, layout.buckets):  # every bucket posted at once, taken in order
+            self._wait(p)
             if rejected is None:
-                out.update(unpack_bucket(buf, b))
+                out.update(unpack_bucket(p.tensor, b))
         if rejected is not None:
             raise rejected
         return out

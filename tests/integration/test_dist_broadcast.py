@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 from conftest import net_overrides, scaled
-from dist_weight_members import Members, Round, plain_weights, tiny_weights
+from dist_weight_members import Members, Round, own_weights, plain_weights, specs_of, tiny_weights
 from tiny_models import tiny_model
 
 from areal_py.config import load_config
@@ -26,7 +26,7 @@ def _tampered_names(layout):
 
 @pytest.mark.timeout(120)
 def test_broadcast_round_trip_and_a_rejected_layout():
-    """Round 1: both servers end with exactly the trainer's tiny-model weights (they start from other seeds).
+    """Round 1: both servers end with exactly the trainer's tiny-model weights (they start from random values of the same shapes).
     Round 2: server 1 is told a layout with a foreign name: it drains the bytes and rejects (reason names),
     keeps its round-1 weights, and the group still works; server 2 takes round 2's weights."""
     trainer_w = tiny_weights(seed=1)
@@ -35,7 +35,7 @@ def test_broadcast_round_trip_and_a_rejected_layout():
     v2 = {k: v + 1 for k, v in trainer_w.items()}
     good = layout.model_dump()
     members = Members(2, {1: [Round(1, good), Round(2, _tampered_names(layout))], 2: [Round(1, good), Round(2, good)]},
-                      model="tiny", timeout_s=TIMEOUT_S)
+                      specs=specs_of(trainer_w), timeout_s=TIMEOUT_S)
     try:
         g = members.join_root()
         g.send(trainer_w, 1, layout)
@@ -43,9 +43,9 @@ def test_broadcast_round_trip_and_a_rejected_layout():
         res = {(r, v): (status, w) for r, v, status, w in members.results(4, scaled(30))}
     finally:
         members.close()
-    start = tiny_weights(seed=101)
-    assert any(not torch.equal(start[k], trainer_w[k]) for k in trainer_w)  # the round trip is not a no-op
     for rank in (1, 2):
+        start = own_weights(specs_of(trainer_w), seed=100 + rank)  # what the member held before: not a no-op
+        assert all(not torch.equal(start[k], trainer_w[k]) for k in trainer_w)
         status, w = res[(rank, 1)]
         assert status == "ok" and w.keys() == trainer_w.keys()
         assert all(w[k].dtype == trainer_w[k].dtype and torch.equal(w[k], trainer_w[k]) for k in trainer_w)
@@ -64,7 +64,7 @@ def test_server_killed_during_a_broadcast_ends_it_with_a_named_error_within_the_
     layout = D.layout_for(w, bucket_bytes=16384)  # four buckets of one 64x64 float32 tensor each
     assert len(layout.buckets) == 4
     d = layout.model_dump()
-    members = Members(2, {1: [Round(1, d), Round(2, d)], 2: [Round(1, d, die_after_buckets=1)]}, model="plain",
+    members = Members(2, {1: [Round(1, d), Round(2, d)], 2: [Round(1, d, die_after_buckets=1)]}, specs=specs_of(w),
                       timeout_s=TIMEOUT_S)
     try:
         g = members.join_root()
