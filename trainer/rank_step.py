@@ -36,8 +36,9 @@ from trainer.distributed import Dist, all_reduce, broadcast, scatter
 from trainer.rollout_batch import RolloutBatch, token_logprobs
 
 # header layout after the per-rank (rows, width) pairs
-_H_COMMAND, _H_GROUP_SIZE, _H_ON_POLICY, _H_HAS_ADV, _H_INFORMATIVE, _H_SAMPLES = range(6)
-TRAIN, SKIP, STOP = 0, 1, 2  # what rank 0 tells the others to do with this step
+_H_COMMAND, _H_GROUP_SIZE, _H_ON_POLICY, _H_HAS_ADV, _H_INFORMATIVE = range(5)
+_H_LEN = 5
+TRAIN, SKIP = 0, 1  # what rank 0 tells the others to do with this step (all ranks know the step count)
 
 
 @dataclass(frozen=True)
@@ -127,17 +128,17 @@ def _whiten_global(adv: torch.Tensor, mask: torch.Tensor, dist: Dist, step: int)
 
 
 def _header(dist: Dist, step: int, values: list[int] | None, timeout_s: float | None = None) -> list[int]:
-    t = torch.tensor(values if values is not None else [0] * (2 * dist.world_size + 6), dtype=torch.long)
+    t = torch.tensor(values if values is not None else [0] * (2 * dist.world_size + _H_LEN), dtype=torch.long)
     return broadcast(t, dist, "the step header (command, share sizes)", step, timeout_s=timeout_s).tolist()
 
 
 def send_command(dist: Dist, step: int, command: int) -> None:
-    """Rank 0: tell the other ranks to skip this step or stop (no batch follows)."""
-    _header(dist, step, [0, 0] * dist.world_size + [command, 0, 0, 0, 0, 0])
+    """Rank 0: tell the other ranks what to do with this step when no share follows (SKIP)."""
+    _header(dist, step, [0, 0] * dist.world_size + [command] + [0] * (_H_LEN - 1))
 
 
 def receive_command(dist: Dist, step: int, timeout_s: float | None = None) -> int:
-    """Ranks > 0: the next header's command (TRAIN, SKIP or STOP); for TRAIN, call `train_step_ranks` next.
+    """Ranks > 0: the next header's command (TRAIN or SKIP); for TRAIN, call `train_step_ranks` next.
     ``timeout_s``: how long to wait for it (rank 0 may first wait for the controller's batch)."""
     h = _header(dist, step, None, timeout_s)
     _PENDING[0] = h
@@ -168,7 +169,7 @@ def train_step_ranks(learner: Any, batch: RolloutBatch | None, version: int) -> 
         shares = [group_rows(g, n) for g in balance_groups(group_tokens(sub), w)] if len(rows) else [rows] * w
         parts = [sub.rows(idx, trim=True) for idx in shares]
         sizes = [x for p in parts for x in (p.num_samples, p.input_ids.shape[1] if p.num_samples else 0)]
-        head = _header(d, step, sizes + [TRAIN, n, int(on_policy), int(adv is not None), len(rows), len(rows)])
+        head = _header(d, step, sizes + [TRAIN, n, int(on_policy), int(adv is not None), len(rows)])
     else:
         head, _PENDING[0] = _PENDING[0], None
         if head is None:  # not announced by `receive_command`: the header is this step's
