@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import pytest
 from conftest import ROOT, free_ports, run_cli, scaled
 
 from areal_py.telemetry.metrics import read_jsonl
@@ -44,3 +50,52 @@ def test_weight_swap_quick_compares_all_three_transfers(tmp_path):
         assert len(row["latencies_s"]) == rep["rounds"] and min(row["latencies_s"]) > 0 and row["floor_s"] > 0
         assert row["loadavg_before"] and row["loadavg_after"] and row["started"]
     assert rep["loadavg_before"] and rep["loadavg_after"]
+
+
+def _pid_of(marker: str) -> int | None:
+    """The process whose command line holds `marker` (a path unique to this test's run)."""
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if marker in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    return int(d.name)
+            except OSError:
+                continue
+    return None
+
+
+@pytest.mark.slow  # a whole run (about 1.5 min here); the killed-server broadcast itself is tested in
+# tests/integration/test_dist_broadcast.py in the default suite
+def test_a_server_killed_mid_run_falls_back_to_stream_and_the_run_finishes(tmp_path, small_cfg):
+    """rollout-1 is SIGKILLed once it runs version 2: the next broadcast ends with the named error on the trainer
+    (within weights.dist_timeout_s), the trainer sends that version and the rest as stream frames, rollout-0
+    goes on, and the run finishes every step."""
+    steps, timeout_s = 8, 10
+    run = tmp_path / "runs" / "t"
+    proc = subprocess.Popen([sys.executable, "-m", "areal_py.app.cli", "run", "--quiet", *small_cfg,
+                             "rollout.num_servers=2", "weights.transfer=dist", f"weights.dist_port={free_ports(1)[0]}",
+                             f"weights.dist_timeout_s={timeout_s}", "controller.server_timeout_s=5",
+                             f"trainer.total_steps={steps}"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + scaled(240)
+        log1 = run / "logs" / "rollout-1.log"
+        while not (log1.exists() and "now at version 2 " in log1.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "timed out waiting for rollout-1 at version 2"
+            time.sleep(0.2)
+        pid = _pid_of(f"{run}/config.yaml rollout.server_id=rollout-1")
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=scaled(240))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, steps + 1))
+    trainer_log = (run / "logs" / "trainer.log").read_text()
+    failure = re.search(r"weights\.transfer=dist: \S+ (?:\d+/\d+ )?of version (\d+) failed on rank 0 of 3 .*? after "
+                        r"([\d.]+)s", trainer_log)
+    assert failure and float(failure.group(2)) <= timeout_s, trainer_log[-3000:]
+    assert "go as stream frames" in trainer_log
+    log0 = (run / "logs" / "rollout-0.log").read_text()
+    assert f"now at version {steps - 1} " in log0 or f"now at version {steps} " in log0  # caught up over stream
