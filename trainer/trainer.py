@@ -2,9 +2,12 @@
 
 Version bookkeeping: the trainer holds version v, trains batch v (the controller numbers batches
 by the version that trains them), and publishes the result as v+1. Per-token staleness is
-v - (version that generated the token). Written for torch.distributed: the loss is normalised by
-the global token count, and with world size > 1 gradients would be averaged by DDP; world size 1
-is the default and the only one exercised so far.
+v - (version that generated the token).
+
+Ranks (`trainer.world_size`): rank 0 alone talks to the controller, splits each batch into
+token-balanced shares (trainer/rank_step.py) and publishes the full weights gathered from the FSDP2
+shards; the other ranks follow its commands. The loss carries the global normaliser, so FSDP sums
+the ranks' gradients rather than averaging them.
 """
 from __future__ import annotations
 
