@@ -65,10 +65,12 @@ def bare_trainer(group_size: int):
     from tiny_models import tiny_model
 
     from areal_py.config import load_config
+    from trainer.distributed import Dist
     from trainer.learner import Learner
     from trainer.trainer import Trainer
 
     t = Trainer.__new__(Trainer)
+    t.dist = Dist.single()
     t.cfg = load_config(None, [f"controller.group_size={group_size}", "trainer.max_consecutive_skipped_steps=1"])
     t.model = tiny_model()
     t.learner = Learner(t.cfg, t.model, model_dir=None)
