@@ -18,7 +18,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,10 +28,16 @@ import torch
 import torch.nn.functional as F
 
 from rollout_server.torch_engine.attention_kernel import Kernel, KernelBuild, load_kernel, source_key
-from rollout_server.torch_engine.linear_choice import cache_key, choose_kernel, machine, read_cache, write_cache
+from rollout_server.torch_engine.linear_choice import (
+    cache_key,
+    choose_kernel,
+    machine,
+    read_cache,
+    time_calls,
+    write_cache,
+)
 
-__all__ = ["AttentionChoice", "Mode", "kernel_agrees", "pick_attention", "probe_shapes", "sdpa_decode",
-           "time_calls"]
+__all__ = ["AttentionChoice", "Mode", "kernel_agrees", "pick_attention", "probe_shapes", "sdpa_decode"]
 
 log = logging.getLogger(__name__)
 
@@ -104,29 +109,6 @@ def probe_shapes(max_running: int, max_seq_len: int) -> list[tuple[int, int]]:
     at a context the model can hold (capped at 400 positions, so start-up timing stays short)."""
     context = max(1, min(400, max_seq_len))
     return sorted({(1, context), (min(64, max_running), context)})
-
-
-def time_calls(calls: Mapping[str, Callable[[], object]], budget_s: float = 0.02, rounds: int = 5,
-               clock: Callable[[], float] | None = None) -> dict[str, float]:
-    """Median seconds of one call per name, rounds interleaved, after one warm-up call each.
-
-    Each gets about `budget_s` in all (at least one call per round). `clock` None: process CPU time
-    with one torch thread (other processes' load does not count), wall time with several."""
-    clock = clock or (time.process_time if torch.get_num_threads() == 1 else time.perf_counter)
-    for call in calls.values():
-        call()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            reps, start = 0, clock()
-            while True:
-                call()
-                reps += 1
-                elapsed = clock() - start
-                if elapsed >= budget_s / rounds:
-                    break
-            samples[name].append(elapsed / reps)
-    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def _probe_calls(fns: Mapping[str, Kernel], shapes: Sequence[tuple[int, int]], num_kv_heads: int, group: int,

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["REFERENCE", "LinearChoice", "choose_kernel", "default_cache_path", "pick_linears", "time_kernels"]
+__all__ = ["REFERENCE", "LinearChoice", "choose_kernel", "default_cache_path", "pick_linears", "time_calls",
+           "time_kernels"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,29 @@ def agrees_with_reference(kernel: Linear, weights: Weights, rows: int, dtype: to
         return False
 
 
+def time_calls(calls: Mapping[str, Callable[[], object]], budget_s: float = 0.02, rounds: int = 5,
+               clock: Callable[[], float] | None = None) -> dict[str, float]:
+    """Median seconds of one call per name, rounds interleaved, after one warm-up call each.
+
+    Each gets about `budget_s` in all (at least one call per round). `clock` None: process CPU time
+    with one torch thread (other processes' load does not count), wall time with several."""
+    clock = clock or (time.process_time if torch.get_num_threads() == 1 else time.perf_counter)
+    for call in calls.values():
+        call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            reps, start = 0, clock()
+            while True:
+                call()
+                reps += 1
+                elapsed = clock() - start
+                if elapsed >= budget_s / rounds:
+                    break
+            samples[name].append(elapsed / reps)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def time_kernels(kernels: Mapping[str, Linear], weights: Weights, rows: Sequence[int], budget_s: float = 0.005,
                  rounds: int = 5, clock: Callable[[], float] | None = None) -> dict[str, float]:
     """Median seconds of one pass (every weight at every row count) per kernel, rounds interleaved.
@@ -122,7 +146,6 @@ def time_kernels(kernels: Mapping[str, Linear], weights: Weights, rows: Sequence
     Each kernel gets about `budget_s` in all (at least one pass per round), after one warm-up pass.
     `clock` None: process CPU time with one torch thread (other processes' load does not count
     against a kernel), wall time with several (their waits are part of the kernel's cost)."""
-    clock = clock or (time.process_time if torch.get_num_threads() == 1 else time.perf_counter)
     gen = torch.Generator().manual_seed(0)
     w0 = weights[0][0]
     inputs = {(n, d): torch.randn(n, d, generator=gen).to(w0.device, w0.dtype)
@@ -133,20 +156,7 @@ def time_kernels(kernels: Mapping[str, Linear], weights: Weights, rows: Sequence
             for w, b in weights:
                 kernel(inputs[n, w.shape[1]], w, b)
 
-    for kernel in kernels.values():
-        one_pass(kernel)
-    samples: dict[str, list[float]] = {name: [] for name in kernels}
-    for _ in range(rounds):
-        for name, kernel in kernels.items():
-            reps, start = 0, clock()
-            while True:
-                one_pass(kernel)
-                reps += 1
-                elapsed = clock() - start
-                if elapsed >= budget_s / rounds:
-                    break
-            samples[name].append(elapsed / reps)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return time_calls({name: (lambda k=kernel: one_pass(k)) for name, kernel in kernels.items()}, budget_s, rounds, clock)
 
 
 # --- the cache -------------------------------------------------------------------------------------
