@@ -140,6 +140,24 @@ class Learner:
         inverse[order] = torch.arange(len(order))
         return tuple(torch.cat(x)[inverse] if x else None for x in (prox, ref, values))
 
+    def fixed_targets(self, sub: RolloutBatch, need_prox: bool, on_policy: bool, stats: dict[str, float]
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, bool]:
+        """(proximal, reference logprobs, old values, proximal-read-off-the-training-forward) for ``sub``
+        under the weights held now; ``stats`` gets ``prox_skipped`` and ``prox_time_s``.
+
+        ``on_policy`` (every token from the version being trained): the behaviour logprobs are the
+        proximal ones. With one update per batch the proximal policy is the policy being trained, read
+        off its own training forward, so no recompute pass runs."""
+        t0 = time.perf_counter()
+        from_forward = (need_prox and not on_policy and self.cfg.trainer.ppo_minibatches == 1
+                        and self.prox_from_training_forward)
+        prox, ref, old_values = self._fixed(sub, need_prox and not on_policy and not from_forward)
+        if need_prox and on_policy:
+            prox = sub.behav_logprobs
+        stats["prox_skipped"] = float(need_prox and (on_policy or from_forward))
+        stats["prox_time_s"] = time.perf_counter() - t0
+        return prox, ref, old_values, from_forward
+
     def train_step(self, batch: RolloutBatch | None, version: int) -> dict[str, float]:
         """One step over ``batch``. At world size > 1 every rank calls it (``batch`` on rank 0, None on the
         others) and trainer/rank_step.py splits it across them."""
@@ -156,18 +174,11 @@ class Learner:
             return stats
         self._tokens = [0, 0]
         sub = batch.rows(rows)
-        t0 = time.perf_counter()
         need_prox = algo.loss != "ppo" and algo.prox_method == "recompute"
         # Every token from the version being trained (sync mode, or max_staleness=0): the behaviour
         # policy IS the proximal policy, so the recompute forward is skipped (AReaL does the same).
         on_policy = not bool((sub.token_versions[sub.loss_mask.bool()] != version).any())
-        # One update per batch: the proximal policy is the policy being trained, read off its own forward.
-        from_forward = need_prox and not on_policy and t.ppo_minibatches == 1 and self.prox_from_training_forward
-        prox, ref, old_values = self._fixed(sub, need_prox and not on_policy and not from_forward)
-        if need_prox and on_policy:
-            prox = sub.behav_logprobs
-        stats["prox_skipped"] = float(need_prox and (on_policy or from_forward))
-        stats["prox_time_s"] = time.perf_counter() - t0
+        prox, ref, old_values, from_forward = self.fixed_targets(sub, need_prox, on_policy, stats)
         adv, returns = A.advantages(sub, rewards[rows], n, algo, self.kl_ctl.coef, ref, old_values)
         targets = A.Targets(adv, prox, ref, old_values, returns, prox_is_current=from_forward)
         if algo.loss_agg == "seq_sum_const":

@@ -229,13 +229,7 @@ def train_share(learner: Any, sub: RolloutBatch | None, adv_pre: torch.Tensor | 
     sub = sub if sub is not None else _empty(group_size)
     stats: dict[str, float] = {k: 0.0 for k in STAT_KEYS}
     learner._tokens = [0, 0]
-    t0 = time.perf_counter()
-    from_forward = need_prox and not on_policy and t.ppo_minibatches == 1 and learner.prox_from_training_forward
-    prox, ref, old_values = learner._fixed(sub, need_prox and not on_policy and not from_forward)
-    if need_prox and on_policy:
-        prox = sub.behav_logprobs
-    stats["prox_skipped"] = float(need_prox and (on_policy or from_forward))
-    stats["prox_time_s"] = time.perf_counter() - t0
+    prox, ref, old_values, from_forward = learner.fixed_targets(sub, need_prox, on_policy, stats)
     returns = None
     if adv_pre is not None or not sub.num_samples:
         adv = adv_pre if adv_pre is not None else torch.zeros_like(sub.loss_mask)
