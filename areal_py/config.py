@@ -267,6 +267,38 @@ class NetConfig(_Section):
         return f"tcp://{self.bind_host if bind else self.controller_host}:{port}"
 
 
+class SlurmConfig(_Section):
+    """Sizing of the job `areal-py slurm` writes (areal_py/app/slurm.py); no other command reads it."""
+
+    trainer_nodes: int = Field(1, ge=1, description="Nodes running trainer ranks (torchrun --nnodes); "
+                               "trainer.world_size must be a multiple of it: world_size / trainer_nodes ranks per "
+                               "node. The controller and trainer rank 0 run on the first of them.")
+    rollout_nodes: int = Field(0, ge=0, description="Nodes running only rollout servers, rollout.num_servers spread "
+                               "evenly over them; 0 = the servers share the trainer's nodes (a one-node job).")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs of each node (#SBATCH --gpus-per-node; every GPU of a node, "
+                               "with exclusive=true); 0 = CPU only. Trainer ranks get GPUs 0..ranks-1 of their node, "
+                               "rollout servers share the rest of a trainer node, or all of a rollout node, evenly.")
+    cpus_per_task: int = Field(0, ge=0, description="#SBATCH --cpus-per-task: one task per node, so the CPUs each "
+                               "node gives the job; 0 = not set (the whole node with exclusive=true).")
+    exclusive: bool = Field(True, description="#SBATCH --exclusive: whole nodes for the job, every role's processes "
+                            "on a node sharing them.")
+    partition: str = Field("", description="#SBATCH --partition; empty = the cluster's default partition.")
+    account: str = Field("", description="#SBATCH --account; empty = the user's default account.")
+    time: str = Field("", description="#SBATCH --time (e.g. 24:00:00); empty = the partition's default limit. A job "
+                      "stopped at its limit resumes from its latest checkpoint with `areal-py slurm ... --resume`.")
+    job_name: str = Field("", description="#SBATCH --job-name; empty = areal-py-<run.name>.")
+    extra_sbatch: list[str] = Field(default_factory=list, description="More sbatch options, one per #SBATCH line, "
+                                    "e.g. ['--mem=0', '--constraint=h100'].")
+    setup: list[str] = Field(default_factory=list, description="Shell lines the job runs before any role starts, "
+                             "e.g. ['module load cuda/12.4'].")
+    python: str = Field("", description="Python interpreter on the nodes (with areal-py installed); empty = the one "
+                        "that ran `areal-py slurm` (a virtualenv on a filesystem every node shares).")
+    rdzv_port: int = Field(29500, ge=1, le=65535, description="Port on the first node for the trainer ranks' "
+                           "rendezvous (torchrun --master-port).")
+    stop_grace_s: float = Field(10.0, gt=0, description="When one step fails, seconds the others get after SIGTERM "
+                                "before SIGKILL.")
+
+
 class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity and mode.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
@@ -281,6 +313,7 @@ class Config(_Section):
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward functions and shaping.")
     weights: WeightsConfig = Field(default_factory=WeightsConfig, description="Weight transfer trainer -> servers.")
     net: NetConfig = Field(default_factory=NetConfig, description="Socket addresses.")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="`areal-py slurm`: nodes, GPUs and sbatch options of the job.")
 
     @field_validator("task", mode="plain")
     @classmethod

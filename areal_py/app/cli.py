@@ -1,5 +1,6 @@
-"""Command line: `areal-py run [config.yaml] [key.sub=value ...] [--resume]`, `areal-py serve ROLE ...` and
-`areal-py sweep KEY=v1,v2,... [config.yaml] [key.sub=value ...]`.
+"""Command line: `areal-py run [config.yaml] [key.sub=value ...] [--resume]`, `areal-py serve ROLE ...`,
+`areal-py sweep KEY=v1,v2,... [config.yaml] [key.sub=value ...]` and `areal-py slurm [config.yaml]
+[key.sub=value ...] [--submit] [--out FILE]`.
 
 `serve` starts one role on its own (socket addresses from config), so the roles can run on
 different machines; `run` is the same three roles launched locally.
@@ -104,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
                          help="reward for the time-to-threshold column (default: baseline final reward - tolerance)")
     p_sweep.add_argument("--name", default="", help="sweep directory under run.output_dir (default: timestamp)")
     p_sweep.add_argument("--quiet", action="store_true", help="no progress bar per run")
+    p_slurm = sub.add_parser("slurm", help="write the run as a Slurm job script (sbatch), optionally submit it")
+    p_slurm.add_argument("args", nargs="*", help="[config.yaml] [key.sub=value ...]; slurm.* sizes the job")
+    p_slurm.add_argument("--submit", action="store_true", help="submit it with sbatch and print the job id")
+    p_slurm.add_argument("--out", default=None, help="where to write the script (default <run dir>/slurm.sbatch)")
+    p_slurm.add_argument("--resume", action="store_true", help="the job continues the run's latest checkpoint")
     # Overrides may follow options (`sweep k=0,1 --quick trainer.lr=1e-4`): argparse leaves them over.
     ns, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if a.startswith("-")]
@@ -116,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_sweep(ns.grid, config, overrides, quick=ns.quick, tolerance=ns.tolerance,
                              threshold=ns.threshold, name=ns.name, quiet=ns.quiet)
+        if ns.command == "slurm":
+            from areal_py.app.slurm import SubmitError, write_job
+
+            try:
+                return write_job(config, overrides, out=ns.out, resume=ns.resume, submit_job=ns.submit)
+            except SubmitError as e:
+                print(f"areal-py: {e}", file=sys.stderr)
+                return 1
         if ns.command == "run":
             from areal_py.app.launcher import run
 
