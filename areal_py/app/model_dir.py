@@ -33,14 +33,19 @@ def prepare_kernels(cfg: Config, say: Callable[[str], None] | None = None) -> No
     """Build the decode attention kernel if the config may use it and this machine has not built it.
 
     A failed build is reported and the run goes on: the servers then use SDPA (they never compile
-    in auto mode: rollout_server.torch_engine.attention_choice)."""
+    in auto mode: rollout_server.torch_engine.attention_choice). A build that failed on this machine
+    before is reported, not retried (rollout_server.torch_engine.build_failure says how to retry)."""
     if cfg.rollout.backend != "torch" or cfg.rollout.decode_attention == "sdpa":
         return
-    from rollout_server.torch_engine.attention_kernel import build_dir, is_built, load_kernel
+    from rollout_server.torch_engine.attention_kernel import build_dir, is_built, load_kernel, remembered_failure
 
     if is_built():
         return
     say = say or (lambda m: print(f"areal-py: {m}", file=sys.stderr, flush=True))
+    failed = remembered_failure()
+    if failed is not None:  # a compile that failed here fails again: say so, do not spend a minute on it
+        say(f"decode attention kernel unavailable, the rollout servers use SDPA: {failed}")
+        return
     say(f"building the decode attention kernel into {build_dir()} (once per machine, about a minute)")
     built = load_kernel()
     say(f"decode attention kernel {built.reason}" if built.fn else f"decode attention kernel unavailable, "

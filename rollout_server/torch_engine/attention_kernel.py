@@ -27,7 +27,9 @@ Building: `torch.utils.cpp_extension.load_inline` with -O3 -march=native into a 
 the source's hash, the CPU's flags and torch's version, under the per-machine cache
 ($AREAL_PY_EXT_DIR, else $XDG_CACHE_HOME/areal-py/ext), so it compiles once per machine; later
 loads find the built library. `load_kernel` never raises: a missing compiler or any build or load
-error gives a `KernelBuild` with `fn=None` and the reason, and the caller keeps SDPA.
+error gives a `KernelBuild` with `fn=None` and the reason, and the caller keeps SDPA. A failed build
+is remembered in the build directory (`build_failure`): later loads report it without compiling
+until the compiler or torch changes, the marker is deleted, or $AREAL_PY_KERNEL_RETRY=1.
 """
 from __future__ import annotations
 
@@ -42,7 +44,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KernelBuild", "build_dir", "decode_attention_ref", "is_built", "load_kernel"]
+from rollout_server.torch_engine.build_failure import (
+    clear_failure,
+    failure_path,
+    read_failure,
+    record_failure,
+    retry_requested,
+)
+
+__all__ = ["KernelBuild", "build_dir", "decode_attention_ref", "is_built", "load_kernel", "remembered_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -351,6 +361,16 @@ def _import_built(name: str, directory: Path) -> Kernel:
     return module.decode_attention
 
 
+def remembered_failure(root: Path | None = None) -> str | None:
+    """Why the kernel is not built, when an earlier build on this machine failed and still applies
+    (`build_failure.read_failure`; None with $AREAL_PY_KERNEL_RETRY=1 or once it is built)."""
+    directory = build_dir(root)
+    if is_built(root) or retry_requested():
+        return None
+    failed = read_failure(directory)
+    return None if failed is None else failed.describe(failure_path(directory))
+
+
 _loaded: dict[Path, KernelBuild] = {}
 
 
@@ -359,11 +379,15 @@ def load_kernel(root: Path | None = None, builder: Builder = _load_inline, build
     tens of seconds); with `build=False` an unbuilt kernel is reported unusable instead.
 
     Never raises: any failure (no compiler, a compile error, an import error) is a `KernelBuild`
-    with `fn=None` and the reason, logged as a warning. One load per process and directory."""
+    with `fn=None` and the reason, logged as a warning. One load per process and directory. A build
+    that failed before on this machine is not retried (`remembered_failure`)."""
     directory = build_dir(root)
     if directory in _loaded:
         return _loaded[directory]
     built = is_built(root)
+    failed = remembered_failure(root)
+    if failed is not None:
+        return KernelBuild(None, failed)
     if not built and not build:
         return KernelBuild(None, "not built on this machine yet (areal-py run and serve build it before the roles "
                            "start)")
@@ -375,10 +399,14 @@ def load_kernel(root: Path | None = None, builder: Builder = _load_inline, build
         fn = _import_built(_module_name(), directory) if built and builder is _load_inline else \
             builder(_module_name(), directory)
     except Exception as e:  # noqa: BLE001 - a build may fail in any way; SDPA must keep the run going
-        result = KernelBuild(None, f"build/load failed: {type(e).__name__}: {str(e).strip()[:300]}",
-                             time.perf_counter() - start)
+        error = f"{type(e).__name__}: {str(e).strip()}"
+        if not built:  # a compile failure repeats at every start: remember it (a load failure may not)
+            record_failure(directory, error)
+        result = KernelBuild(None, f"build/load failed: {error[:150]} ... {error[-150:]}" if len(error) > 300
+                             else f"build/load failed: {error}", time.perf_counter() - start)
         log.warning("decode attention kernel unavailable (%s); using SDPA", result.reason)
     else:
+        clear_failure(directory)
         seconds = time.perf_counter() - start
         result = KernelBuild(fn, "loaded" if built else f"built in {seconds:.0f}s", seconds)
         if not built:
