@@ -78,6 +78,7 @@ class RolloutMetrics:
     weight_swap_seconds: Histogram
     version_tokens: Counter
     policy_version: Gauge
+    kernel_info: Gauge
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,10 @@ ROLLOUT = RolloutMetrics(
     version_tokens=_define(Counter, "areal_rollout_version_generated_tokens_total",
                            "Response tokens generated, by the policy version that generated them.", ("version",)),
     policy_version=_define(Gauge, "areal_rollout_policy_version", "Policy version of the weights loaded."),
+    kernel_info=_define(Gauge, "areal_rollout_kernel_info",
+                        "Info (value 1): the kernel each op of the engine runs and how it was chosen (source: "
+                        "timed|cache|forced|fallback|only; reason: why a fallback).",
+                        ("server", "op", "kernel", "source", "reason")),
 )
 
 CONTROLLER = ControllerMetrics(

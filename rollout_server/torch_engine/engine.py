@@ -35,6 +35,7 @@ import transformers
 
 from areal_py.wire.weights import load_weights
 from rollout_server.backend import Finished, Trajectory, WeightSource
+from rollout_server.kernel_report import KernelChoice
 from rollout_server.sampling import SamplingParams, sample
 from rollout_server.torch_engine.attention_choice import Mode
 from rollout_server.torch_engine.kv_cache import SlotKVCache
@@ -137,6 +138,10 @@ class Engine:
     def kernel_summary(self) -> str:
         """Which runner, linear kernels and compiled decode this engine uses (for the start-up log)."""
         return self.runner.describe()
+
+    def kernel_choices(self) -> list[KernelChoice]:
+        """The same as typed records, one per op (`rollout_server.kernel_report`: the run directory, Prometheus)."""
+        return self.runner.kernel_choices()
 
     def kv_usage(self) -> float:
         """Fraction of KV slots held by running sequences."""

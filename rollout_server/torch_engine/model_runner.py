@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from rollout_server.kernel_report import KernelChoice
 from rollout_server.torch_engine.attention_choice import AttentionChoice, Mode, pick_attention, probe_shapes
 from rollout_server.torch_engine.attention_kernel import load_kernel
 from rollout_server.torch_engine.compiled_decode import CheckedCompile, CompileStatus
@@ -203,6 +204,22 @@ class FastLlamaRunner:
         return (f"fast runner, {self.linear.describe()}, {self.attention.describe()}, "
                 + (status.describe() if status else "compile_decode=off"))
 
+    def kernel_choices(self) -> list[KernelChoice]:
+        """The kernel of each op and how it was chosen (`rollout_server.kernel_report`)."""
+        lin, att, status = self.linear, self.attention, self.compile_status
+        refused = f"refused {','.join(lin.refused)} (disagrees with F.linear)" if lin.refused else ""
+        out = [KernelChoice(op="runner", kernel="fast", source="only")]
+        out += [KernelChoice(op=f"linear_{cls}", kernel=getattr(lin, cls), source=lin.source, reason=refused,
+                             seconds=lin.seconds.get(cls, {})) for cls in ("decode", "prefill")]
+        out.append(KernelChoice(op="decode_attention", kernel=att.variant, source=att.source, reason=att.reason,
+                                seconds=att.seconds))
+        if status is None:
+            out.append(KernelChoice(op="compiled_decode", kernel="off", source="forced"))
+        else:
+            out.append(KernelChoice(op="compiled_decode", kernel="off" if status.reason else "inductor",
+                                    source="fallback" if status.reason else "forced", reason=status.reason or ""))
+        return out
+
     def forward(self, slots: list[int], starts: list[int], chunks: list[list[int]]) -> torch.Tensor:
         self.forwards += 1
         rows = sum(len(c) for c in chunks)
@@ -298,14 +315,20 @@ class FastLlamaRunner:
 
 
 class HFRunner:
-    def __init__(self, model: transformers.PreTrainedModel, cache: SlotKVCache) -> None:
+    def __init__(self, model: transformers.PreTrainedModel, cache: SlotKVCache, source: str = "forced",
+                 reason: str = "") -> None:
+        """`source`/`reason`: why this runner and not the fast one (`kernel_choices`)."""
         self.model, self.cache = model, cache
+        self.source, self.reason = source, reason
         cfg = model.config.get_text_config()
         self.layer_types, self.window = _attention_layout(cfg)
         self.forwards = 0
 
     def describe(self) -> str:
         return "Hugging Face forward (no kernel choice, no compiled decode)"
+
+    def kernel_choices(self) -> list[KernelChoice]:
+        return [KernelChoice(op="runner", kernel="hf_forward", source=self.source, reason=self.reason)]
 
     def forward(self, slots: list[int], starts: list[int], chunks: list[list[int]]) -> torch.Tensor:
         out: list[torch.Tensor | None] = [None] * len(chunks)
@@ -396,7 +419,8 @@ def make_runner(model: transformers.PreTrainedModel, cache: SlotKVCache, fast: b
                  and getattr(cfg, "partial_rotary_factor", 1.0) in (None, 1.0)
                  and all(hasattr(model.model, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")))
     if fast is False or (fast is None and not supported):
-        return HFRunner(model, cache)
+        why = f"the fast runner does not support {type(model).__name__} with this config"
+        return HFRunner(model, cache, *(("forced", "") if fast is False else ("fallback", why)))
     if not supported:
         raise ValueError(f"the fast runner does not support {type(model).__name__} with this config")
     runner = FastLlamaRunner(model, cache, kernel_cache, decode_attention)
@@ -406,4 +430,4 @@ def make_runner(model: transformers.PreTrainedModel, cache: SlotKVCache, fast: b
         return runner
     log.warning("fast runner disagrees with the Hugging Face forward for %s; using the generic path",
                 type(model).__name__)
-    return HFRunner(model, cache)
+    return HFRunner(model, cache, "fallback", "the fast runner disagrees with the Hugging Face forward")
