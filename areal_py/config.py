@@ -47,6 +47,26 @@ class RunConfig(_Section):
                                "the cores free at start (load average and a short CPU sample), shared between "
                                "trainer and servers in async mode, all free cores per phase in sync mode, "
                                "never under 1: more threads than free cores slows torch several-fold.")
+    launcher: Literal["local", "ray"] = Field(
+        "local", description="How `areal-py run` starts the roles: local processes on this machine, or Ray actors "
+        "on a Ray cluster (needs `pip install 'areal-py[ray]'`; the run directory must be on a filesystem every "
+        "node shares; docs/operations.md).")
+    ray_address: str = Field("", description="ray launcher: empty starts a Ray instance on this machine for the run "
+                             "(shut down after it); `auto` or `<host>:<port>` joins a running cluster.")
+    ray_num_cpus: int = Field(0, ge=0, description="ray launcher, Ray started for the run only: logical CPUs it "
+                              "offers; 0 = exactly what the placement groups ask for.")
+    ray_cpus_per_role: float = Field(1.0, gt=0, description="ray launcher: logical CPUs each role's placement "
+                                     "bundle reserves (controller, each trainer rank, each rollout server).")
+    ray_gpus_per_trainer: float = Field(0.0, ge=0, description="ray launcher: GPUs each trainer rank's bundle "
+                                        "reserves; Ray sets CUDA_VISIBLE_DEVICES for it, so LOCAL_RANK is then 0.")
+    ray_gpus_per_server: float = Field(0.0, ge=0, description="ray launcher: GPUs each rollout server's bundle "
+                                       "reserves.")
+    ray_trainer_strategy: Literal["PACK", "STRICT_PACK"] = Field(
+        "PACK", description="ray launcher: placement of the trainer ranks' group: PACK (on as few nodes as fit) "
+        "or STRICT_PACK (one node or none). Rollout servers are always SPREAD across nodes.")
+    ray_timeout_s: float = Field(120.0, gt=0, description="ray launcher: bound on each wait on Ray (placement "
+                                 "groups scheduled, actors answering); a wait that runs out names what it waited "
+                                 "for and stops the run.")
 
 
 class EmbeddedModelConfig(_Section):

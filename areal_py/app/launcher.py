@@ -7,7 +7,6 @@ them all and says which one failed and why.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -15,17 +14,23 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from areal_py.app.role_procs import (
+    STOP_GRACE_S,
+    RoleChild,
+    die_with_parent,
+    log_tail,
+    role_specs,
+)
 from areal_py.config import Config, ConfigError, dump_config, load_config, with_run_name
 from areal_py.tasks.base import Task
 from areal_py.telemetry.step_record import StepRecord, read_step_records
 from areal_py.telemetry.tensorboard import require_tensorboard
-
-STOP_GRACE_S = 5.0
 
 
 @dataclass
@@ -34,20 +39,14 @@ class Child:
     proc: subprocess.Popen
     log_path: Path
 
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
     def tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join("    " + x for x in text[-lines:])
+        return log_tail(self.log_path, lines)
 
-
-def _die_with_parent() -> None:
-    """Linux: the kernel sends SIGTERM to the child if the launcher dies, so nothing is orphaned."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    def terminate(self) -> None:
+        self.proc.terminate()
 
 
 def latest_run_name(output_dir: Path) -> str:
@@ -192,31 +191,21 @@ def trainer_rank_envs(world_size: int, host: str = "127.0.0.1") -> list[dict[str
 
 
 def start_children(cfg: Config, resume: bool, threads: dict[str, int] | None = None) -> list[Child]:
-    """Start every role; `threads` (role -> torch threads, see `role_thread_counts`) becomes each one's
-    run.torch_threads, so the roles do not each guess from a machine the launcher itself just loaded."""
+    """Start every role (`role_specs`) as a local process."""
     cfg_file = str(cfg.run_dir() / "config.yaml")
     logs = cfg.run_dir() / "logs"
     logs.mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     ranks = trainer_rank_envs(cfg.trainer.world_size)
-    specs = [("controller", ["controller"], env)]
-    specs += [("trainer" if r == 0 else f"trainer-{r}", ["trainer"] + (["--resume"] if resume else []), {**env, **e})
-              for r, e in enumerate(ranks)]
-    specs += [(f"rollout-{i}", ["rollout", f"rollout.server_id=rollout-{i}"], env)
-              for i in range(cfg.rollout.num_servers)]
     children = []
-    for name, args, child_env in specs:
-        role, rest = args[0], args[1:]
-        if threads:  # the trainer's threads are shared by its ranks
-            n = max(1, threads[role] // len(ranks)) if role == "trainer" else threads[role]
-            rest = [*rest, f"run.torch_threads={n}"]
-        log_path = logs / f"{name}.log"
+    for spec in role_specs(cfg, resume, threads):
+        log_path = logs / f"{spec.name}.log"
         f = log_path.open("a")
-        proc = subprocess.Popen([sys.executable, "-m", "areal_py.app.cli", "serve", role, cfg_file, *rest],
-                                stdout=f, stderr=subprocess.STDOUT, env=child_env,
-                                preexec_fn=_die_with_parent)  # noqa: PLW1509 - prctl only, before exec
+        proc = subprocess.Popen([sys.executable, *spec.serve_args(cfg_file)], stdout=f, stderr=subprocess.STDOUT,
+                                env={**env, **ranks[spec.rank]} if spec.role == "trainer" else env,
+                                preexec_fn=die_with_parent)  # noqa: PLW1509 - prctl only, before exec
         f.close()
-        children.append(Child(name, proc, log_path))
+        children.append(Child(spec.name, proc, log_path))
     return children
 
 
@@ -241,8 +230,10 @@ def _postfix(rec: StepRecord) -> dict:
             "train tok/s": f"{(rec.trained_tokens_total or 0) / t:.0f}"}
 
 
-def monitor(cfg: Config, children: list[Child], quiet: bool = False) -> int:
-    """Wait for the run to finish; returns the exit code of the whole run."""
+def monitor(cfg: Config, children: list[RoleChild], quiet: bool = False,
+            stop: Callable[[list], None] = stop_children) -> int:
+    """Wait for the run to finish; returns the exit code of the whole run. `stop` ends whatever still runs
+    (every launcher has its own: local processes, Ray actors); a lost rollout server leaves `children`."""
     metrics_path = cfg.run_dir() / "metrics.jsonl"
     seen = len(read_step_records(metrics_path))
     bar = tqdm(total=cfg.trainer.total_steps, initial=seen, desc="train steps", disable=quiet, unit="step")
@@ -254,7 +245,7 @@ def monitor(cfg: Config, children: list[Child], quiet: bool = False) -> int:
                 seen = len(records)
                 if records:
                     bar.set_postfix(_postfix(records[-1]))
-            codes = {c.name: c.proc.poll() for c in children}
+            codes = {c.name: c.poll() for c in children}
             failed = [c for c in children if codes[c.name] not in (None, 0)]
             servers_left = [c for c in children if c.name.startswith("rollout") and codes[c.name] in (None, 0)]
             for c in [c for c in failed if c.name.startswith("rollout")]:
@@ -278,7 +269,7 @@ def monitor(cfg: Config, children: list[Child], quiet: bool = False) -> int:
         print("\nareal-py: interrupted; stopping all processes (resume with --resume)", file=sys.stderr)
         return 130
     finally:
-        stop_children(children)
+        stop(children)
 
 
 def summarize(cfg: Config) -> str:
@@ -318,7 +309,16 @@ def run(config: str | None, overrides: list[str], resume: bool = False, quiet: b
     path = prepare_model(cfg, progress=quiet_log if quiet else ColdStartBar())
     print(f"areal-py: model ready at {path} ({time.monotonic() - t0:.1f}s); torch threads: "
           + ", ".join(f"{r} {n}" for r, n in threads.items()))
-    children = start_children(cfg, resume, threads)
+    if cfg.run.launcher == "ray":  # the only place Ray is imported from
+        from areal_py.app.ray_launcher import RayLaunchError, start_on_ray
+
+        try:
+            children, stop = start_on_ray(cfg, resume, threads)
+        except RayLaunchError as e:
+            print(f"areal-py: {e}", file=sys.stderr)
+            return finish(cfg, 1)
+    else:
+        children, stop = start_children(cfg, resume, threads), stop_children
     stop_watch = threading.Event()
     if cfg.run.dashboard_port:  # printed once it answers: the controller serves it only after loading its model
         from areal_py.telemetry.dashboard import announce_when_serving, local_url
@@ -326,7 +326,7 @@ def run(config: str | None, overrides: list[str], resume: bool = False, quiet: b
         end_report = cfg.run_dir() / "report.html"
         announce_when_serving(local_url(cfg.net.bind_host, cfg.run.dashboard_port), lambda url: tqdm.write(
             f"areal-py: live dashboard {url} (report at the end: {end_report})"), stop_watch)
-    code = monitor(cfg, children, quiet=quiet)
+    code = monitor(cfg, children, quiet=quiet, stop=stop)
     stop_watch.set()
     return finish(cfg, code)
 

@@ -1,0 +1,204 @@
+"""`areal-py run run.launcher=ray`: the placement plan and address choice (pure), and whole runs on a Ray
+started for the run (skipped, saying why, where ray is not installed: `pip install -e '.[ray]'`)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_cli, scaled
+
+from areal_py.app.ray_launcher import addresses, placement_plan
+from areal_py.app.role_procs import role_specs
+from areal_py.config import ConfigError, load_config
+from areal_py.telemetry.step_record import read_step_records
+
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="ray is not installed (pip install -e '.[ray]'; .ci/run installs it)")
+
+
+def test_placement_plan_keeps_ranks_together_and_spreads_servers():
+    cfg = load_config(None, ["trainer.world_size=2", "rollout.num_servers=2", "run.ray_cpus_per_role=2",
+                             "run.ray_gpus_per_trainer=1"])
+    specs = role_specs(cfg, resume=False)
+    plan = placement_plan(cfg, specs)
+    assert [(g.name, g.strategy, g.bundles) for g in plan.groups] == [
+        ("controller", "STRICT_PACK", ({"CPU": 2.0},)),
+        ("trainer", "PACK", ({"CPU": 2.0, "GPU": 1.0},) * 2),
+        ("rollout", "SPREAD", ({"CPU": 2.0},) * 2)]
+    assert [(p.spec.name, p.group, p.bundle) for p in plan.placements] == [
+        ("controller", "controller", 0), ("trainer", "trainer", 0), ("trainer-1", "trainer", 1),
+        ("rollout-0", "rollout", 0), ("rollout-1", "rollout", 1)]
+    assert plan.cpus == 10.0  # 5 bundles of 2
+    strict = placement_plan(load_config(None, ["run.ray_trainer_strategy=STRICT_PACK"]), role_specs(cfg, False))
+    assert strict.groups[1].strategy == "STRICT_PACK"
+
+
+def _nodes(ctrl: str, t0: str, t1: str, servers: tuple[str, ...]) -> dict[str, str]:
+    return {"controller": ctrl, "trainer": t0, "trainer-1": t1, **{f"rollout-{i}": s for i, s in enumerate(servers)}}
+
+
+def test_addresses_one_node_stay_loopback_several_use_node_ips():
+    base = ["trainer.world_size=2", "rollout.num_servers=2"]
+    cfg = load_config(None, base)
+    specs = role_specs(cfg, False)
+    one = addresses(cfg, specs, _nodes("10.0.0.1", "10.0.0.1", "10.0.0.1", ("10.0.0.1", "10.0.0.1")))
+    assert (one.overrides, one.master_addr, one.local_ranks, one.multi_node) == \
+        ((), "127.0.0.1", {"trainer": 0, "trainer-1": 1}, False)
+
+    several = _nodes("10.0.0.1", "10.0.0.2", "10.0.0.2", ("10.0.0.3", "10.0.0.4"))
+    with pytest.raises(ConfigError, match=r"net.bind_host=127.0.0.1.*set net.bind_host=0.0.0.0 \(or 10.0.0.1\)"):
+        addresses(cfg, specs, several)
+    cfg = load_config(None, [*base, "net.bind_host=0.0.0.0", "weights.transfer=dist"])
+    multi = addresses(cfg, specs, several)
+    assert multi.overrides == ("net.controller_host=10.0.0.1", "weights.dist_host=10.0.0.2")
+    assert (multi.master_addr, multi.local_ranks, multi.multi_node) == ("10.0.0.2", {"trainer": 0, "trainer-1": 1}, True)
+    # ranks on two nodes each count from 0 there; a controller_host the user set is kept
+    cfg = load_config(None, [*base, "net.bind_host=0.0.0.0", "net.controller_host=ctrl.example"])
+    split = addresses(cfg, specs, _nodes("10.0.0.1", "10.0.0.2", "10.0.0.3", ("10.0.0.1", "10.0.0.1")))
+    assert (split.overrides, split.local_ranks) == ((), {"trainer": 0, "trainer-1": 0})
+    # a GPU per rank: Ray shows each rank only its own GPU, so LOCAL_RANK is 0 on any node
+    cfg = load_config(None, [*base, "run.ray_gpus_per_trainer=1"])
+    assert addresses(cfg, specs, _nodes(*["10.0.0.1"] * 3, ("10.0.0.1",) * 2)).local_ranks == {"trainer": 0,
+                                                                                               "trainer-1": 0}
+
+
+def _metrics(run: Path) -> list:
+    return read_step_records(run / "metrics.jsonl")
+
+
+def _wait_for(pred, timeout: float, what: str) -> None:
+    timeout = scaled(timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _role_pids(marker: str) -> dict[str, int]:
+    """Processes of the run whose command line holds `marker` (its config path), by role name: Ray's actors
+    started them, so they are not the launcher's children."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in cmd]
+        if marker not in args or "serve" not in args:
+            continue
+        role = args[args.index("serve") + 1]
+        if role == "rollout":
+            name = next(a.split("=", 1)[1] for a in args if a.startswith("rollout.server_id="))
+        elif role == "trainer":
+            rank = next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"RANK=")), "0")
+            name = "trainer" if rank == "0" else f"trainer-{rank}"
+        else:
+            name = role
+        out[name] = int(d.name)
+    return out
+
+
+@needs_ray
+def test_ray_run_two_ranks_survives_a_lost_server_and_finishes(tmp_path, small_cfg):
+    run = tmp_path / "runs" / "t"
+    steps = 8
+    proc = subprocess.Popen([sys.executable, "-m", "areal_py.app.cli", "run", "--quiet", *small_cfg,
+                             "run.launcher=ray", "trainer.world_size=2", "rollout.num_servers=2",
+                             "controller.server_timeout_s=3", "controller.max_staleness=2",
+                             f"trainer.total_steps={steps}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    marker = str((run / "config.yaml").resolve())
+    try:
+        _wait_for(lambda: len(_metrics(run)) >= 2 or proc.poll() is not None, 300, "two training steps")
+        pids = _role_pids(marker)
+        assert set(pids) == {"controller", "trainer", "trainer-1", "rollout-0", "rollout-1"}, (pids, proc.poll())
+        os.kill(pids["rollout-1"], signal.SIGKILL)
+        out, err = proc.communicate(timeout=scaled(300))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    assert "Ray started for this run; placed controller@" in out
+    assert "process 'rollout-1' died" in err and "continuing with 1 server(s)" in err, err
+    recs = _metrics(run)
+    assert [r.step for r in recs] == list(range(1, steps + 1))
+    assert all(len(r.rank_busy_s) == 2 and min(r.rank_busy_s) > 0 for r in recs)  # both ranks trained every step
+    logs = {p.stem for p in (run / "logs").glob("*.log")}
+    assert logs == {"controller", "trainer", "trainer-1", "rollout-0", "rollout-1"}, logs
+    assert "rank 1/2" in (run / "logs" / "trainer-1.log").read_text()
+    assert "declared dead" in (run / "logs" / "controller.log").read_text()
+    assert (run / "final" / "model.safetensors").is_file() and (run / "report.html").is_file()
+    _wait_for(lambda: not _role_pids(marker), 15, "every role's process to exit")
+
+
+@needs_ray
+def test_ray_run_killed_trainer_rank_stops_the_run_naming_it(tmp_path, small_cfg):
+    run = tmp_path / "runs" / "t"
+    proc = subprocess.Popen([sys.executable, "-m", "areal_py.app.cli", "run", "--quiet", *small_cfg,
+                             "run.launcher=ray", "trainer.world_size=2", "trainer.total_steps=500"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = str((run / "config.yaml").resolve())
+    try:
+        _wait_for(lambda: len(_metrics(run)) >= 1 or proc.poll() is not None, 300, "the first training step")
+        pids = _role_pids(marker)
+        os.kill(pids["trainer-1"], signal.SIGKILL)
+        _, err = proc.communicate(timeout=scaled(120))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    assert "process 'trainer-1' failed with exit code -9" in err and "trainer-1.log" in err, err
+    _wait_for(lambda: not _role_pids(marker), 15, "every role's process to exit")
+
+
+@pytest.mark.slow
+@needs_ray
+def test_ray_ctrl_c_stops_everything(tmp_path, small_cfg):
+    run = tmp_path / "runs" / "t"
+    proc = subprocess.Popen([sys.executable, "-m", "areal_py.app.cli", "run", "--quiet", *small_cfg,
+                             "run.launcher=ray", "trainer.total_steps=500"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
+    marker = str((run / "config.yaml").resolve())
+    try:
+        _wait_for(lambda: len(_metrics(run)) >= 1 or proc.poll() is not None, 300, "the first training step")
+        assert len(_role_pids(marker)) == 3
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=scaled(60))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err, err
+    _wait_for(lambda: not _role_pids(marker), 15, "every role's process to exit")
+
+
+SEEDS = (0, 1, 2)
+
+
+@pytest.mark.slow
+@needs_ray
+@pytest.mark.parametrize("seed", SEEDS)
+def test_ray_two_ranks_learn(tmp_path, seed):
+    """The issue's gate on the embedded default: first 10 -> last 10 steps' reward gains at least 0.3. 100
+    steps, not the default's 200: past step 100 the default wanders (docs/benchmarks.md, two trainer ranks)."""
+    from conftest import net_overrides
+
+    res = run_cli(["run", "--quiet", "run.launcher=ray", "trainer.world_size=2", "trainer.total_steps=100",
+                   f"run.seed={seed}", f"run.output_dir={tmp_path}", "run.name=r", "run.dashboard_port=0",
+                   *net_overrides()], timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rewards = [r.reward_mean or 0.0 for r in read_step_records(tmp_path / "r" / "metrics.jsonl")]
+    assert len(rewards) == 100
+    gain = sum(rewards[-10:]) / 10 - sum(rewards[:10]) / 10
+    assert gain >= 0.3, (seed, gain)
