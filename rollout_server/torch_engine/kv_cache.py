@@ -116,6 +116,20 @@ class SlotKVCache:
         self.keys[layer][slots, :, positions] = k
         self.values[layer][slots, :, positions] = v
 
+    def flat_index(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """For `write_flat`: the row of each (token, head) in a layer buffer viewed as
+        `[slots * heads * alloc_len, head_dim]`, tokens at (slots[t], positions[t]); valid until the
+        buffers next grow (`reserve`)."""
+        heads = torch.arange(self.num_kv_heads, device=self.device)
+        return ((slots[:, None] * self.num_kv_heads + heads) * self.alloc_len + positions[:, None]).reshape(-1)
+
+    def write_flat(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """`write` with the addresses computed once per step (`flat_index`): one contiguous-row copy
+        per (token, head) instead of an advanced-index assignment per layer."""
+        d = self.head_dim
+        self.keys[layer].view(-1, d).index_copy_(0, index, k.reshape(-1, d))
+        self.values[layer].view(-1, d).index_copy_(0, index, v.reshape(-1, d))
+
     def read(self, layer: int, rows: tuple[int, int] | torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V [B, H, kv_len, D] of a row range (a view, no copy) or of an index tensor (a gather)."""
         k, v = self.keys[layer], self.values[layer]

@@ -43,9 +43,11 @@ log = logging.getLogger(__name__)
 FAST_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated, so RoPE is `x * cos + roll(x, D/2) * signed_sin`: the same
+    products as HF's `x * cos + rotate_half(x) * sin` (only where the sign sits), one op fewer per tensor."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -64,13 +66,16 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class DenseFns:
     """A layer's dense work around attention, and the LM head, as pure functions of tensors.
 
-    `layer_in`: input norm, q/k/v projections (and Qwen3's per-head q/k norms), RoPE.
+    `layer_in`: input norm, q/k/v projections (and Qwen3's per-head q/k norms), RoPE (`sin` is
+    `_signed_sin` of the rotary embedding's sin).
     `layer_out`: output projection + residual, post-attention norm, gated MLP + residual.
     `head`: final norm, LM head, fp32 logits. Weights are arguments (read from the live model
     each step), so one compiled graph serves every layer and sees in-place weight updates."""
 
     def __init__(self, lin: Callable, num_heads: int, num_kv_heads: int, head_dim: int, act: Callable) -> None:
         H, Hkv, D = num_heads, num_kv_heads, head_dim
+
+        half = D // 2
 
         def layer_in(x, cos, sin, ln_w, eps, wq, bq, wk, bk, wv, bv, qn_w, qn_eps, kn_w, kn_eps):
             h = F.rms_norm(x, (x.shape[-1],), ln_w, eps)
@@ -79,7 +84,7 @@ class DenseFns:
             v = lin(h, wv, bv).view(-1, Hkv, D)
             if qn_w is not None:  # Qwen3: per-head RMSNorm before RoPE
                 q, k = F.rms_norm(q, (D,), qn_w, qn_eps), F.rms_norm(k, (D,), kn_w, kn_eps)
-            return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+            return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin, v
 
         def layer_out(x, o, wo, bo, ln_w, eps, wg, bg, wu, bu, wd, bd):
             x = x + lin(o, wo, bo)
@@ -135,7 +140,11 @@ class FastLlamaRunner:
         self.group = self.num_heads // self.num_kv_heads
         self.silu = getattr(cfg, "hidden_act", "silu") == "silu"
         self.act = F.silu if self.silu else self.layers[0].mlp.act_fn  # activations are stateless
-        w_in, w_out = _layer_weights(self.layers[0])
+        # Each layer's parameters, looked up once: the tuples hold the live Parameter objects, so an
+        # in-place update (Engine.update_weights copies into them) is seen at the next step.
+        self._weights = [_layer_weights(layer) for layer in self.layers]
+        self.scaling = self.layers[0].self_attn.scaling
+        w_in, w_out = self._weights[0]
         weights = [(w_in[i], w_in[i + 1]) for i in (2, 4, 6)] + [(w_out[i], w_out[i + 1]) for i in (0, 4, 6, 8)]
         self.linear: LinearChoice = pick_linears(weights + [(self.lm_head.weight, self.lm_head.bias)],
                                                  *probe_rows(cache.max_slots), cache_path=kernel_cache)
@@ -258,7 +267,7 @@ class FastLlamaRunner:
         nd = len(single)
         x = self.embed(ids_t)
         cos, sin = self.rotary(x[None], pos_t[None])
-        cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]
+        cos, sin = cos[0, :, None], _signed_sin(sin[0, :, None])  # [T, 1, D]
         dtype = x.dtype
 
         if single:  # decode group: keys are views of the slot rows (gathered only if rows are scattered)
@@ -286,32 +295,32 @@ class FastLlamaRunner:
             allowed = key_pos[None, None, :] <= q_pos.view(len(multi), width, 1)
             p_mask = _additive(allowed, dtype)[:, None].repeat(1, 1, G, 1)  # [Bp, 1, G*W, L]
 
-        for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            w_in, w_out = _layer_weights(layer)
+        at = self.cache.flat_index(slot_t, pos_t)  # where each token's K/V goes, the same in every layer
+        scaling = self.scaling
+        for li, (w_in, w_out) in enumerate(self._weights):
             q, k, v = fns.layer_in(x, cos, sin, *w_in)
-            self.cache.write(li, slot_t, pos_t, k, v)
+            self.cache.write_flat(li, at, k, v)
             outs = []
             if single:
                 qd = q[:nd].view(nd, Hkv, G, D)
                 if kernel is not None:
-                    o = kernel(qd, self.cache.keys[li], self.cache.values[li], d_slot_t, d_len_t, attn.scaling)
+                    o = kernel(qd, self.cache.keys[li], self.cache.values[li], d_slot_t, d_len_t, scaling)
                     outs.append(o.reshape(nd, H * D))
                 for a, b, n, rows in [] if kernel is not None else buckets:
                     kc, vc = self.cache.read(li, rows, n)
-                    outs.append(_attend(qd[a:b], kc, vc, d_mask[a:b, ..., :n], attn.scaling).reshape(b - a, H * D))
+                    outs.append(_attend(qd[a:b], kc, vc, d_mask[a:b, ..., :n], scaling).reshape(b - a, H * D))
             if multi:
                 kc, vc = self.cache.read(li, p_rows, p_len)
                 qp = q.new_zeros(len(multi) * width, H, D)
                 qp[pad_t] = q[nd:]
                 qp = qp.view(len(multi), width, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(len(multi), Hkv, G * width, D)
-                o = _attend(qp, kc, vc, p_mask, attn.scaling)  # [Bp, Hkv, G*W, D]
+                o = _attend(qp, kc, vc, p_mask, scaling)  # [Bp, Hkv, G*W, D]
                 o = o.view(len(multi), H, width, D).transpose(1, 2).reshape(len(multi) * width, H * D)
                 outs.append(o[pad_t])
             o = outs[0] if len(outs) == 1 else torch.cat(outs)
             x = fns.layer_out(x, o, *w_out)
-        return fns.head(x[torch.tensor(last, device=dev)], self.norm.weight, self.norm.variance_epsilon,
-                        self.lm_head.weight, self.lm_head.bias)
+        x = x[torch.tensor(last, device=dev)] if multi else x  # decode only: row i is already token i
+        return fns.head(x, self.norm.weight, self.norm.variance_epsilon, self.lm_head.weight, self.lm_head.bias)
 
 
 class HFRunner:
