@@ -200,6 +200,19 @@ class TrainerConfig(_Section):
                                   "naming the collective within this time.")
     activation_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in the "
                                            "backward pass instead of keeping them (less memory, one more forward).")
+    compile: Literal["auto", "off", "on"] = Field(
+        "auto", description="torch.compile the training forward + backward (each decoder layer, and the logprob "
+        "math on the logits), dynamic shapes, checked: the first micro-batch and any that compiled a new graph "
+        "are compared with eager (logprobs, entropy and weight gradients to 1e-4) and trained eager; a compile "
+        "error or mismatch logs why and stays eager for the run. on: compile on any device; off: eager; auto: on "
+        "for a CUDA model, off on CPU, where it does not pay back within a run (docs/benchmarks.md, Learner step: "
+        "compiled). Only at world size 1 without activation checkpointing (otherwise eager, logged).")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _on_off(cls, v):
+        """YAML reads a bare on/off as a boolean: take it as the mode of that name."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class AlgoConfig(_Section):

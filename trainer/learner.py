@@ -23,6 +23,7 @@ import torch
 from areal_py.config import Config
 from trainer.algo import recipe as A
 from trainer.algo.kl import AdaptiveKLController, FixedKLController
+from trainer.compiled_forward import CompiledLogprobs, compile_wanted
 from trainer.critic import ValueModel
 from trainer.distributed import Dist
 from trainer.micro_batching import PackCost, pack_by_cost, pack_by_padded_tokens, pack_by_tokens
@@ -78,6 +79,10 @@ class Learner:
         for m in (self.model, self.ref, self.critic):
             if m is not None:
                 shard_model(m, self.dist, t.activation_checkpointing and m is not self.ref)
+        want, why = compile_wanted(t.compile, next(model.parameters()).device, self.dist.world_size,
+                                   t.activation_checkpointing)
+        self.compiled = CompiledLogprobs(self.model) if want else None  # the policy's training forward
+        log.info("training forward: %s", "compiled, checked against eager (" + why + ")" if want else "eager, " + why)
         # fused=True: one kernel over all parameters (the CPU default is a Python loop per tensor), same update
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)
         if self.critic is not None:
@@ -173,6 +178,7 @@ class Learner:
         if rows.numel() == 0:
             return stats
         self._tokens = [0, 0]
+        compile_s = self.compiled.status.seconds if self.compiled is not None else 0.0
         sub = batch.rows(rows)
         need_prox = algo.loss != "ppo" and algo.prox_method == "recompute"
         # Every token from the version being trained (sync mode, or max_staleness=0): the behaviour
@@ -187,6 +193,8 @@ class Learner:
         applied = sum(self._update(sub, minibatch, targets, version, stats) for minibatch in minibatches)
         stats["skipped_updates"] = float(len(minibatches) - applied)
         stats["real_token_fraction"] = self._tokens[0] / max(self._tokens[1], 1)
+        if self.compiled is not None:
+            stats["compile_s"] = self.compiled.status.seconds - compile_s
         for k in STAT_KEYS:  # means over the applied updates: a skipped one's NaN loss is left out
             stats[k] /= max(applied, 1)
         if applied:
@@ -242,8 +250,9 @@ class Learner:
             tmb = A.Targets(*(None if x is None else x[idx, :width] for x in
                               (tg.advantages, tg.prox, tg.ref, tg.old_values, tg.returns)),
                             prox_is_current=tg.prox_is_current)
-            logp, entropy = token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature,
-                                           with_entropy=algo.entropy_coef > 0)
+            logprobs = self.compiled if self.compiled is not None else token_logprobs
+            logp, entropy = logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature,
+                                     with_entropy=algo.entropy_coef > 0)
             loss, s = A.micro_batch_loss(logp, entropy, mb, tmb, version, algo, self.loss_settings,
                                          self.kl_ctl.coef, norms)
             loss.backward()

@@ -113,7 +113,15 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     ``[rows, 1, width, width]`` mask is built). Any other mask is passed as it is.
     """
     mask = None if right_padded(attention_mask) else attention_mask
-    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+    # use_cache=False: a training forward has no use for a KV cache (building one only costs)
+    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+    return logprobs_from_logits(logits, input_ids, temperature, with_entropy)
+
+
+def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float,
+                         with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs` from the model's ``[rows, width, vocab]`` logits: position t scores token t+1."""
+    logits = logits[:, :-1].float()
     if temperature > 0 and temperature != 1.0:  # dividing by 1 would only copy the logits
         logits = logits / temperature
     # log_softmax gathered at the next token, without materialising log_softmax over the vocabulary:

@@ -130,6 +130,8 @@ class StepRecord(BaseModel):
     skipped_updates: float | None = Field(None, description="optimizer updates skipped as non-finite")
     prox_skipped: float | None = Field(None, description="1 when the proximal recompute forward was skipped, else 0")
     prox_time_s: float | None = Field(None, description="seconds of the proximal logprob recompute (part of train_s)")
+    compile_s: float | None = Field(None, description="trainer.compile on: seconds this step spent compiling and "
+                                    "checking the compiled training forward against eager (part of train_s)")
     ref_kl: float | None = Field(None, description="observed KL(behaviour || reference) per token (nats)")
     real_token_fraction: float | None = Field(None, description="real (not padding) share of the tokens the "
                                                                "training forward passes computed: summed lengths / "
