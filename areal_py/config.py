@@ -267,7 +267,8 @@ class WeightsConfig(_Section):
         "ZeroMQ; dist: trainer rank 0 broadcasts bucketed weights to every rollout server over a torch.distributed "
         "group of its own (gloo on CPU, NCCL on CUDA), the layout and version on ZeroMQ (docs/architecture.md).")
     dist_host: str = Field("127.0.0.1", description="dist: address of trainer rank 0 as the servers reach it; it "
-                           "hosts the weight group's TCPStore there and gloo binds to it.")
+                           "hosts the weight group's TCPStore there and binds gloo to it (each server binds its own "
+                           "address on the route to it).")
     dist_port: int = Field(45505, ge=1, le=65535, description="dist: port of the weight group's TCPStore.")
     dist_bucket_mb: float = Field(64.0, gt=0, description="dist: weights are flattened into buckets of at most this "
                                   "many MiB, one collective each (a larger tensor travels alone).")

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from areal_py.wire.netaddr import interface_toward
+
 log = logging.getLogger("trainer.distributed")
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -97,6 +99,7 @@ def init_dist(timeout_s: float, longest_wait_s: float | None = None) -> Dist:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+        _choose_gloo_interface()
     try:
         tdist.init_process_group(backend=backend, rank=rank, world_size=world,
                                  timeout=datetime.timedelta(seconds=max(timeout_s, longest_wait_s or 0.0)))
@@ -108,6 +111,24 @@ def init_dist(timeout_s: float, longest_wait_s: float | None = None) -> Dist:
     log.info("trainer rank %d/%d (local %d) joined the process group: %s on %s", rank, world, local_rank,
              backend, device)
     return Dist(rank=rank, world_size=world, local_rank=local_rank, backend=backend, device=device)
+
+
+def _choose_gloo_interface() -> None:
+    """Set GLOO_SOCKET_IFNAME (unless the user set it) to the interface this host reaches MASTER_ADDR through.
+
+    Without it gloo binds and advertises the address of the host name, which Debian's /etc/hosts and many
+    containers map to loopback: a rank on another host would then be told to connect to its own 127.0.x.x.
+    A loopback MASTER_ADDR (every rank on this host) leaves gloo's own choice."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    host, port = os.environ["MASTER_ADDR"], _env_int("MASTER_PORT")
+    try:
+        name = interface_toward(host, port)
+    except OSError as e:
+        raise DistError(f"trainer ranks: MASTER_ADDR={host}: {e}") from None
+    if name is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = name
+        log.info("gloo: GLOO_SOCKET_IFNAME=%s (the interface toward MASTER_ADDR=%s)", name, host)
 
 
 _TIMEOUT = [0.0]  # the process group's timeout, the default bound of the collectives below

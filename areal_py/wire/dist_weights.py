@@ -34,6 +34,7 @@ import torch
 import torch.distributed as tdist
 
 from areal_py.wire import protocol as P
+from areal_py.wire.netaddr import local_address_toward
 
 log = logging.getLogger("dist_weights")
 
@@ -228,8 +229,10 @@ class WeightGroup:
         t0 = time.monotonic()
         pg = None
         try:
-            pg = _make_pg(tdist.PrefixStore(_PREFIX, store), rank, size,
-                          datetime.timedelta(seconds=join_timeout_s), _backend(device), host)
+            # gloo binds this member's own address on the route to rank 0 (for rank 0, `host` itself): the
+            # peers connect to what each member advertises, so it must be an address of this host
+            pg = _make_pg(tdist.PrefixStore(_PREFIX, store), rank, size, datetime.timedelta(seconds=join_timeout_s),
+                          _backend(device), local_address_toward(host, port))
             group = cls(rank, size, host, port, timeout_s, device, store, pg)
             group._bcast(torch.zeros(1, dtype=torch.int64, device=device), "forming the group", join_timeout_s)
         except DistWeightsError:
