@@ -26,3 +26,28 @@ def test_breakdown_charges_every_op_to_one_part_and_backward_to_its_forward():
     assert not any(k.startswith("backward: Mm") for k in parts)  # matmul backwards found their forward
     total = sum(e.self_cpu_time_total for e in prof.events()) / 1e6
     assert abs(sum(parts.values()) - total) < 1e-9  # each op's self time counted once
+
+
+def test_compare_compile_reports_both_variants(monkeypatch):
+    """--compare-compile's bookkeeping (torch.compile replaced by the identity so no compile runs): every round
+    has both variants' CPU time, the ratio and the floor; the summary's medians come from those rounds."""
+    import torch
+
+    from benchmarks import learner_profile
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(learner_profile, "measure_cost", lambda model, budget, quick: (
+        learner_profile.L.PackCost(0.02, 2e-4, 3e-7), [], 0.0))
+    quick = learner_profile.measure_machine
+    monkeypatch.setattr(learner_profile, "measure_machine", lambda t: quick(t, gemm_n=256, dram_bytes=4 << 20,
+                                                                             repeats=1))
+    rep = learner_profile.compare_compile(rounds=2, groups=1, warm_cache=False)
+    assert rep["compile_status"].startswith("trainer.compile: on")
+    rows = rep["per_round"]
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["on"] > 0 and r["off"] > 0 and r["floor_s"] > 0
+        assert r["eager_over_compiled"] == r["off"] / r["on"]
+    s = rep["summary"]
+    lo, hi = s["eager_over_compiled_range"]
+    assert lo <= s["eager_over_compiled_median"] <= hi
