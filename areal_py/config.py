@@ -329,8 +329,8 @@ class SlurmConfig(_Section):
                         "that ran `areal-py slurm` (a virtualenv on a filesystem every node shares).")
     rdzv_port: int = Field(29500, ge=1, le=65535, description="Port on the first node for the trainer ranks' "
                            "rendezvous (torchrun --master-port).")
-    stop_grace_s: float = Field(10.0, gt=0, description="When one step fails, seconds the others get after SIGTERM "
-                                "before SIGKILL.")
+    stop_grace_s: float = Field(30.0, gt=0, description="When one step fails, seconds the others get after SIGTERM "
+                                "before SIGKILL (Slurm's own KillWait default).")
 
 
 class Config(_Section):

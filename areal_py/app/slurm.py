@@ -150,7 +150,10 @@ start() {
 
 rc_of() { cat "$STATUS/$1.rc" 2>/dev/null || true; }
 
-stop_steps() {  # SIGTERM every step still running (srun passes it to its tasks), SIGKILL after the grace
+# Stop every step still running: SIGTERM to the steps' processes, so every role exits cleanly, then SIGKILL
+# after the grace. `scancel --signal` signals the job's steps, not this script; signalling srun instead would
+# not do: srun answers SIGTERM by cancelling its step at once, SIGKILL to the processes.
+stop_steps() {
   local pids=() f pid
   for f in "$STATUS"/*.pid; do
     [[ -e $f ]] || continue
@@ -158,7 +161,7 @@ stop_steps() {  # SIGTERM every step still running (srun passes it to its tasks)
     if kill -0 "$pid" 2>/dev/null; then pids+=("$pid"); fi
   done
   (( ${#pids[@]} )) || return 0
-  kill -TERM "${pids[@]}" 2>/dev/null
+  scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null || kill -TERM "${pids[@]}" 2>/dev/null
   local deadline=$((SECONDS + STOP_GRACE_S))
   while (( SECONDS < deadline )); do
     local alive=0
@@ -167,7 +170,7 @@ stop_steps() {  # SIGTERM every step still running (srun passes it to its tasks)
     sleep 1
   done
   echo "areal-py slurm: steps still running ${STOP_GRACE_S}s after SIGTERM (slurm.stop_grace_s); SIGKILL" >&2
-  kill -KILL "${pids[@]}" 2>/dev/null
+  kill -KILL "${pids[@]}" 2>/dev/null  # srun gone, the job's end (this script's exit) kills what is left
 }
 
 trap stop_steps EXIT

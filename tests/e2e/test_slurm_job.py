@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -165,3 +166,52 @@ def test_a_run_submitted_as_a_slurm_job_trains_and_finishes(local_slurm, small_c
     assert "rollout-0: serving, connected to tcp://localhost:" in (run_dir / "logs" / "rollout-0.log").read_text()
     pinned = load_config(run_dir / "config.yaml")
     assert (pinned.net.controller_host, pinned.net.bind_host) == (NODE, "0.0.0.0")
+
+
+def _processes_reading(cfg_file: Path) -> dict[int, list[str]]:
+    """pid -> argv of every process on this machine with `cfg_file` among its arguments: the run's roles."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # gone meanwhile
+            continue
+        if str(cfg_file) in argv:
+            found[int(proc.name)] = argv
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_killed_trainer_fails_the_job_and_stops_every_step(local_slurm, small_cfg, monkeypatch):
+    """SIGKILL the trainer process torchrun started mid-run: torchrun exits non-zero, and the job stops the
+    controller and the rollout server (SIGTERM to their processes, which exit cleanly) and fails, naming the
+    trainer step."""
+    monkeypatch.setenv("SLURM_CONF", local_slurm.env["SLURM_CONF"])
+    (rdzv,) = free_ports(1)
+    r = run_cli(["slurm", *small_cfg, "trainer.total_steps=500", f"slurm.rdzv_port={rdzv}", "slurm.stop_grace_s=30",
+                 "--submit"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().splitlines()[-1]
+    run_dir = load_config(None, small_cfg).run_dir()
+    cfg_file, out = run_dir / "config.yaml", run_dir / "logs" / f"slurm-{job}.out"
+    deadline = time.monotonic() + scaled(150)
+    while not read_step_records(run_dir / "metrics.jsonl"):
+        assert time.monotonic() < deadline, f"no training step within {scaled(150):.0f}s; job log:\n{_tail(out)}"
+        time.sleep(1)
+    workers = [pid for pid, argv in _processes_reading(cfg_file).items()
+               if "trainer" in argv and "torch.distributed.run" not in argv]
+    assert len(workers) == 1, _processes_reading(cfg_file)
+    os.kill(workers[0], signal.SIGKILL)
+    state = _wait_for_job(local_slurm, job, out, scaled(120))
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "1:0", state
+    assert "step 'trainer' failed with exit code" in out.read_text()
+    rcs = {n: (run_dir / "logs" / f"steps-{job}" / f"{n}.rc").read_text().strip() for n in ("controller", "rollout-0")}
+    assert rcs == {"controller": "143", "rollout-0": "143"}, rcs  # each stopped by its SIGTERM handler, not killed
+    deadline = time.monotonic() + scaled(20)  # slurmd reaps the steps' processes as the job ends
+    while _processes_reading(cfg_file):
+        assert time.monotonic() < deadline, f"left running after the job: {_processes_reading(cfg_file)}"
+        time.sleep(0.5)
+    assert len(read_step_records(run_dir / "metrics.jsonl")) < 500

@@ -14,6 +14,7 @@ from areal_py.config import dump_config, load_config
 
 FAKE_SRUN = 'while [[ $1 == --* ]]; do shift; done\nexec "$@"\n'  # drop srun's options, run the command here
 FAKE_SCONTROL = "echo node-a\necho node-b\n"
+FAKE_SCANCEL = "exit 1\n"  # no Slurm to signal the steps: the script falls back to signalling srun itself
 
 
 def _tool(bin_dir: Path, name: str, body: str) -> None:
@@ -31,6 +32,7 @@ def _run_job(tmp_path: Path, steps: list[JobStep], timeout: float = 120) -> tupl
     bin_dir.mkdir()
     _tool(bin_dir, "srun", FAKE_SRUN)
     _tool(bin_dir, "scontrol", FAKE_SCONTROL)
+    _tool(bin_dir, "scancel", FAKE_SCANCEL)
     script = tmp_path / "job.sbatch"
     script.write_text(sbatch_script(cfg, sys.executable, steps=steps))
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "7",
