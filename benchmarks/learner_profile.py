@@ -175,6 +175,27 @@ def run(round_: int, groups: int) -> dict:
             "share": {k: v / total for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}}
 
 
+def summarise(warm: dict, per_round: list[dict]) -> dict:
+    """Medians over the rounds that compiled nothing new (all rounds if every one did); the compile's cost is
+    the compiled warm-up step's extra CPU time plus every new-graph round's, and it pays back after that many
+    seconds over the median per-step saving."""
+    steady = [row for row in per_round if not row["compiled_new_graph"]] or per_round
+    saved = statistics.median(row["off"] - row["on"] for row in steady)
+    compile_cpu = warm["on"]["cpu_s"] - warm["off"]["cpu_s"] + sum(
+        row["on"] - row["off"] for row in per_round if row["compiled_new_graph"])
+    return {
+        "steady_rounds": len(steady),
+        "eager_over_compiled_median": statistics.median(row["eager_over_compiled"] for row in steady),
+        "eager_over_compiled_range": [min(r["eager_over_compiled"] for r in steady),
+                                      max(r["eager_over_compiled"] for r in steady)],
+        "eager_x_floor_median": statistics.median(row["off"] / row["floor_s"] for row in steady),
+        "compiled_x_floor_median": statistics.median(row["on"] / row["floor_s"] for row in steady),
+        "saved_cpu_s_per_step_median": saved,
+        "compile_cpu_s": compile_cpu,
+        "steps_to_pay_back": compile_cpu / saved if saved > 0 else None,
+    }
+
+
 def compare_compile(rounds: int, groups: int, warm_cache: bool) -> dict:
     """trainer.compile=on vs off on sum_cot batches (see the module docstring)."""
     torch.set_num_threads(1)
@@ -232,19 +253,7 @@ def compare_compile(rounds: int, groups: int, warm_cache: bool) -> dict:
         os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
         if saved_env is not None:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved_env
-    steady = [row for row in per_round if not row["compiled_new_graph"]] or per_round
-    saved = statistics.median(row["off"] - row["on"] for row in steady)
-    summary = {
-        "steady_rounds": len(steady),
-        "eager_over_compiled_median": statistics.median(row["eager_over_compiled"] for row in steady),
-        "eager_over_compiled_range": [min(r["eager_over_compiled"] for r in steady),
-                                      max(r["eager_over_compiled"] for r in steady)],
-        "eager_x_floor_median": statistics.median(row["off"] / row["floor_s"] for row in steady),
-        "compiled_x_floor_median": statistics.median(row["on"] / row["floor_s"] for row in steady),
-        "saved_cpu_s_per_step_median": saved,
-        "compile_cpu_s": warm["on"]["cpu_s"] - warm["off"]["cpu_s"],
-        "steps_to_pay_back": (warm["on"]["cpu_s"] - warm["off"]["cpu_s"]) / saved if saved > 0 else None,
-    }
+    summary = summarise(warm, per_round)
     return {"what": "Learner.train_step with trainer.compile=on vs off (cost_8192, sum_cot batches), process CPU "
                     "time, 1 torch thread, interleaved rounds",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "warm_inductor_cache": warm_cache,

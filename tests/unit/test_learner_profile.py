@@ -51,3 +51,21 @@ def test_compare_compile_reports_both_variants(monkeypatch):
     s = rep["summary"]
     lo, hi = s["eager_over_compiled_range"]
     assert lo <= s["eager_over_compiled_median"] <= hi
+
+
+def test_summarise_by_hand():
+    """Steady medians leave out the round that compiled a new graph; its extra CPU time counts as compile."""
+    from benchmarks.learner_profile import summarise
+
+    rows = [{"off": 2.0, "on": 10.0, "floor_s": 1.0, "compiled_new_graph": True},
+            {"off": 2.0, "on": 1.6, "floor_s": 1.0, "compiled_new_graph": False},
+            {"off": 3.0, "on": 2.0, "floor_s": 1.5, "compiled_new_graph": False},
+            {"off": 1.0, "on": 1.0, "floor_s": 0.5, "compiled_new_graph": False}]
+    for r in rows:
+        r["eager_over_compiled"] = r["off"] / r["on"]
+    s = summarise({"off": {"cpu_s": 1.0}, "on": {"cpu_s": 21.0}}, rows)
+    assert s["steady_rounds"] == 3
+    assert s["eager_over_compiled_median"] == 1.25 and s["eager_over_compiled_range"] == [1.0, 1.5]
+    assert s["eager_x_floor_median"] == 2.0 and s["compiled_x_floor_median"] == 1.6
+    assert abs(s["saved_cpu_s_per_step_median"] - 0.4) < 1e-12
+    assert s["compile_cpu_s"] == 20.0 + 8.0 and abs(s["steps_to_pay_back"] - 28.0 / 0.4) < 1e-9
