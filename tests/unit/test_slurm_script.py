@@ -196,3 +196,23 @@ def test_cli_submit_without_sbatch_fails_naming_it(tmp_path, monkeypatch, capsys
     out = tmp_path / "job.sbatch"
     assert main(["slurm", f"run.output_dir={tmp_path}", "run.name=j", f"--out={out}", "--submit"]) == 1
     assert "sbatch not found on PATH" in capsys.readouterr().err and out.is_file()
+
+
+CLUSTER = Path(__file__).resolve().parents[2] / "configs" / "cluster"
+
+
+@pytest.mark.parametrize("name, overrides, trainer_gpus, servers", [
+    # docs/operations.md, Slurm: one node, ranks on GPUs 0-3 and the 4 servers on 4-7
+    ("qwen2.5-1.5b-1node-8gpu.yaml", ["slurm.gpus_per_node=8"], (0, 1, 2, 3), [(0, (g,)) for g in range(4, 8)]),
+    # two nodes: 8 ranks on the first, 8 servers of one GPU each on the second
+    ("qwen2.5-7b-2node-16gpu.yaml", ["slurm.rollout_nodes=1", "slurm.gpus_per_node=8"], tuple(range(8)),
+     [(1, (g,)) for g in range(8)]),
+])
+def test_the_cluster_configs_split_as_documented(tmp_path, name, overrides, trainer_gpus, servers):
+    cfg = load_config(CLUSTER / name, overrides)
+    steps = job_steps(cfg)
+    assert steps[1].name == "trainer" and steps[1].node == 0 and steps[1].gpus == trainer_gpus
+    assert [(s.node, s.gpus) for s in steps[2:]] == servers
+    path = tmp_path / "job.sbatch"
+    path.write_text(sbatch_script(cfg, PYTHON))
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
