@@ -13,6 +13,7 @@ with the machine's limits measured once at the start at one thread). Run from th
 
     git archive <ref> | tar -x -C /tmp/before        # the checkout to compare against
     python -m benchmarks.decode_step_ab --before /tmp/before --models 2M,20M --rounds 5
+    python -m benchmarks.decode_step_ab --quick     # seconds: this checkout against itself, tiny model
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import command_line
-from benchmarks.engine_throughput import MODELS, _loadavg
+from benchmarks.engine_throughput import MODELS, QUICK_MODELS, _loadavg
 from benchmarks.roofline import ModelShape, decode_floor_s, measure_machine
 
 # Runs inside the checkout under test: only APIs both sides have (Engine, runner.forward, make_model).
@@ -34,10 +35,10 @@ CHILD = r"""
 import json, statistics, sys, time, torch
 torch.set_num_threads(1)
 import rollout_server.torch_engine.model_runner as mr
-from benchmarks.engine_throughput import EOS, MODELS, make_model
+from benchmarks.engine_throughput import EOS, MODELS, QUICK_MODELS, make_model
 from rollout_server.torch_engine.engine import Engine
 name, rows, context, blocks, steps = sys.argv[1], *map(int, sys.argv[2:6])
-model = make_model(MODELS[name], context + 8, seed=0)
+model = make_model({**MODELS, **QUICK_MODELS}[name], context + 8, seed=0)
 engine = Engine(model, EOS, max_running=rows, max_seq_len=context + 1, seed=0)
 runner, slots = engine.runner, list(range(rows))
 out = []
@@ -68,7 +69,9 @@ def run_child(checkout: Path, name: str, rows: int, context: int, blocks: int, s
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--before", type=Path, required=True, help="checkout of the code to compare against")
+    ap.add_argument("--quick", action="store_true", help="this checkout against itself, tiny model, one short "
+                    "round (for the tests)")
+    ap.add_argument("--before", type=Path, default=None, help="checkout of the code to compare against")
     ap.add_argument("--after", type=Path, default=Path("."), help="checkout of the new code (default: here)")
     ap.add_argument("--models", default="2M,20M", help="comma-separated subset of " + ",".join(MODELS))
     ap.add_argument("--shape", default="64x400", help="rows x context")
@@ -78,15 +81,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--timeout-s", type=float, default=300.0, help="limit on one subprocess")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_step_ab.json"))
     args = ap.parse_args(argv)
+    if args.quick:
+        args.before, args.models, args.shape, args.rounds, args.blocks, args.steps = (
+            args.after, "tiny", "4x16", 1, 1, 2)
+    if args.before is None:
+        ap.error("--before is required (a checkout of the code to compare against)")
     rows, context = (int(x) for x in args.shape.split("x"))
     sides = {"before": args.before, "after": args.after}
-    limits = measure_machine(1)
+    limits = measure_machine(1, gemm_n=256, dram_bytes=64 << 20, repeats=2) if args.quick else measure_machine(1)
     results: dict = {"command": command_line("benchmarks.decode_step_ab", argv), "rows": rows, "context": context,
                      "limits": limits.to_dict(), "load_average_before": _loadavg(), "models": {}}
     print(f"limits (1 thread): GEMM {limits.gemm_gflops:.1f} GFLOP/s, DRAM read {limits.dram_gbps:.1f} GB/s; "
           f"load {results['load_average_before']}", flush=True)
     for name in args.models.split(","):
-        s = MODELS[name]
+        s = {**MODELS, **QUICK_MODELS}[name]
         shape = ModelShape(hidden=s["hidden_size"], layers=s["num_hidden_layers"], heads=s["num_attention_heads"],
                            kv_heads=s["num_key_value_heads"], head_dim=s["hidden_size"] // s["num_attention_heads"],
                            intermediate=s["intermediate_size"], vocab=s["vocab_size"])
