@@ -99,3 +99,13 @@ def test_an_unreadable_record_is_skipped(tmp_path, caplog) -> None:
     with caplog.at_level(logging.WARNING):
         assert read_reports(tmp_path) == []
     assert "bad.json" in caplog.text
+
+
+def test_compiled_decode_is_reported_on_and_then_off_with_its_reason(model, tmp_path) -> None:
+    engine = Engine(model, 3, max_running=4, kernel_cache=tmp_path / "kernels.json", decode_attention="sdpa")
+    engine.runner.enable_compile(compiler=lambda fn: fn)  # a stand-in compiler: no inductor run in the unit suite
+    comp = next(c for c in engine.kernel_choices() if c.op == "compiled_decode")
+    assert (comp.kernel, comp.source, comp.reason) == ("inductor", "forced", "")
+    engine.runner._checked._off("a stand-in failure")
+    comp = next(c for c in engine.kernel_choices() if c.op == "compiled_decode")
+    assert (comp.kernel, comp.source, comp.reason) == ("off", "fallback", "a stand-in failure")
