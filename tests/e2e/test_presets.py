@@ -26,10 +26,12 @@ def _reward_gain(tmp_path, small_cfg, preset: str, steps: int, seed: int) -> tup
     return mean(last, key) - mean(first, key), recs
 
 
-# grpo (the default's recipe), dapo (dynamic sampling) and ppo (the critic) learn in the default suite; the
-# other presets differ from grpo only in pure advantage/aggregation functions (unit-tested) and take one
-# in-process update each in tests/unit/test_preset_step.py, so their minute-long runs are `slow`.
-PRESETS = [("grpo", 80), pytest.param("dr_grpo", 80, marks=pytest.mark.slow), ("dapo", 80),
+# grpo (the default's recipe) and ppo (the critic) learn in the default suite; the other presets differ from
+# grpo only in pure advantage/aggregation functions (unit-tested) or, for dapo, in the controller's dynamic
+# sampling (tests/integration/test_sockets.py), and take one in-process update each in
+# tests/unit/test_preset_step.py, so their minute-long runs are `slow`.
+PRESETS = [("grpo", 80), pytest.param("dr_grpo", 80, marks=pytest.mark.slow),
+           pytest.param("dapo", 80, marks=pytest.mark.slow),
            pytest.param("rloo", 80, marks=pytest.mark.slow), pytest.param("reinforce_pp", 80, marks=pytest.mark.slow),
            ("ppo", 100)]
 
