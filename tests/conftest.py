@@ -66,6 +66,18 @@ def scaled(seconds: float) -> float:
     return seconds * max(session_slowdown(), measure_slowdown())
 
 
+def wait_for(pred, timeout: float, what: str) -> None:
+    """Poll `pred` until it holds; `timeout` is for an idle machine (scaled by the slowdown), and the
+    error names `what` was awaited."""
+    timeout = scaled(timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
 def pytest_report_header(config) -> str:
     return f"slowdown factor (wall/CPU time of a fixed workload; scales time limits): {session_slowdown():.2f}"
 

@@ -6,11 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli, scaled
+from conftest import ROOT, run_cli, scaled, wait_for
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from areal_py.telemetry.metrics import read_jsonl
@@ -104,17 +103,6 @@ def test_resume_continues_where_it_stopped(tmp_path, small_cfg):
     assert f"data position {state['controller_state']['data_position']}, accepted 32" in ctrl_log
 
 
-def _wait_for(pred, timeout: float, what: str) -> None:
-    """Poll `pred` until it holds; `timeout` is for an idle machine (scaled by the slowdown)."""
-    timeout = scaled(timeout)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def _child_pids(parent: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True,
                          check=False).stdout
@@ -149,11 +137,11 @@ def test_resume_after_kill_past_the_last_checkpoint(tmp_path, small_cfg):
     proc = subprocess.Popen([sys.executable, "-m", "areal_py.app.cli", "run", "--quiet", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: len(metrics(tmp_path)) >= 1 or proc.poll() is not None, 600, "the first training step")
+        wait_for(lambda: len(metrics(tmp_path)) >= 1 or proc.poll() is not None, 600, "the first training step")
         trainer = [p for p in _child_pids(proc.pid) if "trainer" in Path(f"/proc/{p}/cmdline").read_text()]
         assert len(trainer) == 1, proc.communicate(timeout=scaled(60))
         # kill anywhere in 11..15: 3+ steps past the checkpoint at 8, before the run's end
-        _wait_for(lambda: len(metrics(tmp_path)) >= 11 or proc.poll() is not None, 300, "eleven training steps")
+        wait_for(lambda: len(metrics(tmp_path)) >= 11 or proc.poll() is not None, 300, "eleven training steps")
         os.kill(trainer[0], signal.SIGKILL)
         _, err = proc.communicate(timeout=scaled(60))
     finally:
@@ -178,7 +166,7 @@ def test_resume_after_kill_past_the_last_checkpoint(tmp_path, small_cfg):
 def test_crash_in_one_process_stops_all(tmp_path, small_cfg):
     proc = _long_run(small_cfg)
     try:
-        _wait_for(lambda: len(metrics(tmp_path)) >= 1, 180, "the first training step")
+        wait_for(lambda: len(metrics(tmp_path)) >= 1, 180, "the first training step")
         children = _child_pids(proc.pid)
         trainer = [p for p in children if "trainer" in Path(f"/proc/{p}/cmdline").read_text()]
         assert len(children) == 3 and len(trainer) == 1
@@ -189,7 +177,7 @@ def test_crash_in_one_process_stops_all(tmp_path, small_cfg):
             proc.kill()
     assert proc.returncode == 1
     assert "process 'trainer' failed" in err
-    _wait_for(lambda: not any(_alive(p) for p in children), 15, "all children to exit")
+    wait_for(lambda: not any(_alive(p) for p in children), 15, "all children to exit")
 
 
 def test_server_death_redispatches(tmp_path, small_cfg):
@@ -198,7 +186,7 @@ def test_server_death_redispatches(tmp_path, small_cfg):
                              "controller.max_staleness=2"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: len(metrics(tmp_path)) >= 2, 180, "two training steps")
+        wait_for(lambda: len(metrics(tmp_path)) >= 2, 180, "two training steps")
         victim = [p for p in _child_pids(proc.pid) if "rollout-1" in Path(f"/proc/{p}/cmdline").read_text()]
         os.kill(victim[0], signal.SIGKILL)
         out, err = proc.communicate(timeout=scaled(240))
@@ -231,7 +219,7 @@ def test_a_run_on_ports_already_in_use_is_refused(tmp_path, small_cfg):
 def test_ctrl_c_stops_everything(tmp_path, small_cfg):
     proc = _long_run(small_cfg)
     try:
-        _wait_for(lambda: len(metrics(tmp_path)) >= 1, 180, "the first training step")
+        wait_for(lambda: len(metrics(tmp_path)) >= 1, 180, "the first training step")
         children = _child_pids(proc.pid)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=scaled(60))
@@ -239,7 +227,7 @@ def test_ctrl_c_stops_everything(tmp_path, small_cfg):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130 and "interrupted" in err
-    _wait_for(lambda: not any(_alive(p) for p in children), 15, "all children to exit")
+    wait_for(lambda: not any(_alive(p) for p in children), 15, "all children to exit")
 
 
 def test_slow_or_crashing_verifiers_do_not_stop_the_run(tmp_path, small_cfg):
@@ -274,7 +262,7 @@ def test_every_process_serves_prometheus_metrics(tmp_path, small_cfg):
                              f"run.metrics_port={base}", "trainer.total_steps=500"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: len(metrics(tmp_path)) >= 3, 180, "three training steps")
+        wait_for(lambda: len(metrics(tmp_path)) >= 3, 180, "three training steps")
         ctrl, trainer, rollout = _scrape(base), _scrape(base + 1), _scrape(base + 2)
     finally:
         proc.send_signal(signal.SIGINT)

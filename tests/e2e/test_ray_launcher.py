@@ -7,11 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli, scaled
+from conftest import ROOT, run_cli, scaled, wait_for
 
 from areal_py.app.ray_launcher import addresses, placement_plan
 from areal_py.app.role_procs import role_specs
@@ -72,16 +71,6 @@ def _metrics(run: Path) -> list:
     return read_step_records(run / "metrics.jsonl")
 
 
-def _wait_for(pred, timeout: float, what: str) -> None:
-    timeout = scaled(timeout)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def _role_pids(marker: str) -> dict[str, int]:
     """Processes of the run whose command line holds `marker` (its config path), by role name: Ray's actors
     started them, so they are not the launcher's children."""
@@ -123,15 +112,15 @@ def test_ray_run_survives_a_lost_server_and_stops_on_a_killed_rank_naming_it(tmp
     proc = _ray_run(small_cfg, "rollout.num_servers=2", "controller.server_timeout_s=3", "trainer.total_steps=500")
     marker = str((run / "config.yaml").resolve())
     try:
-        _wait_for(lambda: len(_metrics(run)) >= 2 or proc.poll() is not None, 300, "two training steps")
+        wait_for(lambda: len(_metrics(run)) >= 2 or proc.poll() is not None, 300, "two training steps")
         pids = _role_pids(marker)
         assert set(pids) == {"controller", "trainer", "trainer-1", "rollout-0", "rollout-1"}, (pids, proc.poll())
         os.kill(pids["rollout-1"], signal.SIGKILL)
         ctrl_log = run / "logs" / "controller.log"
-        _wait_for(lambda: "declared dead" in ctrl_log.read_text() or proc.poll() is not None, 120,
+        wait_for(lambda: "declared dead" in ctrl_log.read_text() or proc.poll() is not None, 120,
                   "the controller to declare rollout-1 dead")
         after = len(_metrics(run))
-        _wait_for(lambda: len(_metrics(run)) >= after + 2 or proc.poll() is not None, 120,
+        wait_for(lambda: len(_metrics(run)) >= after + 2 or proc.poll() is not None, 120,
                   "two more training steps on the remaining server")
         assert proc.poll() is None, proc.communicate(timeout=scaled(30))
         os.kill(pids["trainer-1"], signal.SIGKILL)
@@ -149,7 +138,7 @@ def test_ray_run_survives_a_lost_server_and_stops_on_a_killed_rank_naming_it(tmp
     assert logs == {"controller", "trainer", "trainer-1", "rollout-0", "rollout-1"}, logs
     assert "rank 1/2" in (run / "logs" / "trainer-1.log").read_text()
     assert (run / "report.html").is_file()  # written for a failed run too
-    _wait_for(lambda: not _role_pids(marker), 15, "every role's process to exit")
+    wait_for(lambda: not _role_pids(marker), 15, "every role's process to exit")
 
 
 @pytest.mark.slow
@@ -178,7 +167,7 @@ def test_ray_ctrl_c_stops_everything(tmp_path, small_cfg):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     marker = str((run / "config.yaml").resolve())
     try:
-        _wait_for(lambda: len(_metrics(run)) >= 1 or proc.poll() is not None, 300, "the first training step")
+        wait_for(lambda: len(_metrics(run)) >= 1 or proc.poll() is not None, 300, "the first training step")
         assert len(_role_pids(marker)) == 3
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=scaled(60))
@@ -186,7 +175,7 @@ def test_ray_ctrl_c_stops_everything(tmp_path, small_cfg):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130 and "interrupted" in err, err
-    _wait_for(lambda: not _role_pids(marker), 15, "every role's process to exit")
+    wait_for(lambda: not _role_pids(marker), 15, "every role's process to exit")
 
 
 # seed 0 in the default suite (about two minutes on an idle 2-core machine), seeds 1-2 with -m slow
