@@ -1,0 +1,90 @@
+"""The generation side: rollout servers, the controller's admission and batching, weight transfer."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from areal_py.config.section import Section
+
+
+class RolloutConfig(Section):
+    num_servers: int = Field(1, ge=1, description="Rollout server processes started by `areal-py run`.")
+    server_id: str = Field("rollout-0", description="Identity of a server started with `areal-py serve rollout`.")
+    max_running: int = Field(256, ge=1, description="Concurrent sequences per server (KV-cache slots).")
+    max_new_tokens: int = Field(5, ge=1, description="Longest response in tokens.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy); the trainer uses the same.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    heartbeat_s: float = Field(0.5, gt=0, description="Seconds between server heartbeats, and between the "
+                               "controller's pings to the servers.")
+    controller_timeout_s: float = Field(
+        120.0, gt=0, description="A server that hears nothing from the controller (not even a ping, sent every "
+        "heartbeat_s from every wait of the controller's) for this long stops with an error. Before the "
+        "controller's first word, controller.startup_timeout_s more is allowed (a controller starting on a busy "
+        "machine, or later by hand).")
+    backend: Literal["torch", "sglang"] = Field(
+        "torch", description="torch: the built-in continuous-batching engine (CPU/GPU); sglang: an SGLang server "
+        "(GPU, optional extra, not yet run on a GPU).")
+    sglang_url: str = Field("", description="sglang backend: URL of a running SGLang server; empty = launch one.")
+    interrupt_mode: Literal["recompute", "keep"] = Field(
+        "recompute", description="On a weight update: recompute the KV cache of in-flight requests under the new "
+        "weights (AReaL), or keep decoding on the old cache (PipelineRL, prime-rl).")
+    compile_decode: bool = Field(
+        False, description="torch backend, fast runner: run decode steps through torch.compile'd dense layers, "
+        "each new batch-size bucket checked against eager first (logits to 1e-4); any error or mismatch falls back "
+        "to eager with the reason logged. Off by default: compile time and gain on this CPU are in "
+        "docs/benchmarks.md (Rollout engine).")
+    decode_attention: Literal["auto", "sdpa", "kernel"] = Field(
+        "auto", description="torch backend, fast runner on CPU: decode attention through PyTorch's SDPA per row "
+        "bucket (sdpa) or one C++ kernel call over every row at its own length (kernel, built once per machine by "
+        "areal-py run/serve before the roles start); auto times both at start-up and keeps the faster (cached "
+        "beside the linear kernel choice). The kernel is used only if it builds and agrees with SDPA; otherwise "
+        "SDPA, with the reason logged.")
+
+
+class ControllerConfig(Section):
+    batch_size: int = Field(32, ge=1, description="Prompts (groups) per training step.")
+    group_size: int = Field(8, ge=1, description="Samples per prompt (GRPO group size n).")
+    max_staleness: int = Field(2, ge=0, description="Admission bound (AReaL's rule): prompts are admitted so that "
+                               "a sample is trained at most this many versions after it started (0 = on-policy).")
+    max_token_staleness: int | None = Field(
+        None, ge=0, description="Hard limit on trainer version - oldest token version: older groups are dropped at "
+        "batching and aborted on the servers. null = max_staleness. Raise it for long chain-of-thought: a response "
+        "that outlives max_staleness updates is then trained (AReaL's behaviour) instead of wasted, its older "
+        "tokens corrected by the decoupled behaviour weight.")
+    server_timeout_s: float = Field(10.0, gt=0, description="A server silent this long is declared dead; its work is re-dispatched.")
+    weight_sync_timeout_s: float = Field(60.0, gt=0, description="Longest wait for every live server to load a new version.")
+    startup_timeout_s: float = Field(120.0, gt=0, description="Longest wait for the trainer and the first server to connect.")
+    no_server_timeout_s: float = Field(
+        120.0, gt=0, description="Once a server has connected: longest time with no live rollout server (counted "
+        "from the last word of any) before the controller stops with an error; a server that comes back in time "
+        "is used again.")
+    max_consecutive_skipped_prompts: int = Field(
+        1000, ge=1, description="Prompts too long for the model's context (no room for one new token) are skipped "
+        "at admission and counted (ctrl_skipped_too_long); this many in a row, or this many groups in a row refused "
+        "by the servers (ctrl_dropped_aborted), stop the run with an error: nothing admissible is left.")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and keep "
+                                   "admitting (within the staleness bound) until the batch is full.")
+
+
+class WeightsConfig(Section):
+    transfer: Literal["disk", "stream", "dist"] = Field(
+        "disk", description="disk: safetensors in a shared directory + ZeroMQ notice; stream: raw tensor frames over "
+        "ZeroMQ; dist: trainer rank 0 broadcasts bucketed weights to every rollout server over a torch.distributed "
+        "group of its own (gloo on CPU, NCCL on CUDA), the layout and version on ZeroMQ (docs/architecture.md).")
+    dist_host: str = Field("127.0.0.1", description="dist: address of trainer rank 0 as the servers reach it; it "
+                           "hosts the weight group's TCPStore there and binds gloo to it (each server binds its own "
+                           "address on the route to it).")
+    dist_port: int = Field(45505, ge=1, le=65535, description="dist: port of the weight group's TCPStore.")
+    dist_bucket_mb: float = Field(64.0, gt=0, description="dist: weights are flattened into buckets of at most this "
+                                  "many MiB, one collective each (a larger tensor travels alone).")
+    dist_timeout_s: float = Field(30.0, gt=0, description="dist: bound on each collective of a broadcast; a server "
+                                  "that dies or stalls ends it with DistWeightsError within this time. Must be below "
+                                  "controller.weight_sync_timeout_s.")
+    dist_join_timeout_s: float = Field(300.0, gt=0, description="dist: bound on forming the weight group at start "
+                                       "(trainer rank 0 and every one of rollout.num_servers servers must be up).")
+    dist_on_failure: Literal["stream", "stop"] = Field(
+        "stream", description="dist: after a failed broadcast (a server died, a timeout) either close the group and "
+        "send this and every later version over ZeroMQ frames (stream), or stop the run with the error (stop).")
+    dir: str = Field("", description="Shared directory for disk transfer; empty = <run dir>/weights.")
+    keep: int = Field(3, ge=1, description="Weight files kept on disk (older ones are deleted).")
