@@ -54,6 +54,7 @@ class Rollouts:
         self.n = cfg.controller.group_size
         self.batch_size = cfg.controller.batch_size
         self.max_staleness = cfg.effective_max_staleness  # admission
+        self.max_concurrent = cfg.controller.max_concurrent  # admission: groups in flight at once (None: unbounded)
         self.total_steps = cfg.trainer.total_steps
 
         self.inflight: dict[int, InflightGroup] = {}
@@ -73,7 +74,7 @@ class Rollouts:
         if v is None:
             return 0
         c = self.counts
-        cap = admission_capacity(v, self.max_staleness, self.batch_size, c.accepted, c.running)
+        cap = admission_capacity(v, self.max_staleness, self.batch_size, c.accepted, c.running, self.max_concurrent)
         needed = self.total_steps * self.batch_size - (c.accepted + c.running)  # no work past the last step
         return max(0, min(cap, needed))
 

@@ -20,6 +20,12 @@ ones fill the batches. The controller therefore also drops, at batching, any gro
 ``max_staleness`` unless raised. Long chain-of-thought wants it raised: AReaL bounds staleness
 only at admission and lets the decoupled objective's behaviour weight correct the older tokens.
 
+AReaL's rule also bounds concurrency (areal/infra/staleness_manager.py, ``get_capacity``): with
+``max_concurrent`` set, at most that many groups are in flight at once, whatever the staleness
+bound allows, so the capacity is ``min(max_concurrent - running, staleness capacity)``.
+``max_concurrent = None`` (the default) leaves only the staleness term. Concurrency is counted in
+groups, as ``running`` is.
+
 A trajectory interrupted by a weight update carries tokens from several versions; its staleness
 is that of its oldest token, since that is the token furthest from the policy being trained.
 """
@@ -44,23 +50,34 @@ def _count(name: str, value: int, minimum: int) -> int:
     return value
 
 
-def admission_capacity(version: int, max_staleness: int, batch_size: int, accepted: int, running: int) -> int:
-    """Groups the controller may still admit: ``max(0, (version + max_staleness + 1) * batch_size - (accepted + running))``.
+def admission_capacity(version: int, max_staleness: int, batch_size: int, accepted: int, running: int,
+                       max_concurrent: int | None = None) -> int:
+    """Groups the controller may still admit, never negative:
 
-    Never negative: if the version went backwards or counts overshoot (e.g. a re-dispatch raced
-    a completion) the answer is simply 0, "admit nothing".
+        staleness   = (version + max_staleness + 1) * batch_size - (accepted + running)
+        concurrency = max_concurrent - running                    (unbounded when max_concurrent is None)
+        capacity    = max(0, min(staleness, concurrency))
+
+    If the version went backwards or counts overshoot (e.g. a re-dispatch raced a completion, or
+    ``max_concurrent`` was lowered on resume below what is in flight) the answer is simply 0,
+    "admit nothing".
     """
     version = _count("version", version, 0)
     max_staleness = _count("max_staleness", max_staleness, 0)
     batch_size = _count("batch_size", batch_size, 1)
     accepted = _count("accepted", accepted, 0)
     running = _count("running", running, 0)
-    return max(0, (version + max_staleness + 1) * batch_size - (accepted + running))
+    capacity = (version + max_staleness + 1) * batch_size - (accepted + running)
+    if max_concurrent is not None:
+        capacity = min(capacity, _count("max_concurrent", max_concurrent, 1) - running)
+    return max(0, capacity)
 
 
-def can_admit(version: int, max_staleness: int, batch_size: int, accepted: int, running: int) -> bool:
-    """True while ``accepted + running < (version + max_staleness + 1) * batch_size``."""
-    return admission_capacity(version, max_staleness, batch_size, accepted, running) > 0
+def can_admit(version: int, max_staleness: int, batch_size: int, accepted: int, running: int,
+              max_concurrent: int | None = None) -> bool:
+    """True while ``accepted + running < (version + max_staleness + 1) * batch_size`` and, if
+    ``max_concurrent`` is set, ``running < max_concurrent``."""
+    return admission_capacity(version, max_staleness, batch_size, accepted, running, max_concurrent) > 0
 
 
 def sample_staleness(trainer_version: int, token_versions: Sequence[int]) -> int:

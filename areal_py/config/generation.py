@@ -52,6 +52,10 @@ class ControllerConfig(Section):
         "batching and aborted on the servers. null = max_staleness. Raise it for long chain-of-thought: a response "
         "that outlives max_staleness updates is then trained (AReaL's behaviour) instead of wasted, its older "
         "tokens corrected by the decoupled behaviour weight.")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Most groups in flight at once (admitted, not yet scored), AReaL's "
+        "max_concurrent_rollouts: admission takes min(max_concurrent - running, the staleness bound's capacity). "
+        "null = unbounded: the staleness bound alone decides.")
     server_timeout_s: float = Field(10.0, gt=0, description="A server silent this long is declared dead; its work is re-dispatched.")
     weight_sync_timeout_s: float = Field(60.0, gt=0, description="Longest wait for every live server to load a new version.")
     startup_timeout_s: float = Field(120.0, gt=0, description="Longest wait for the trainer and the first server to connect.")

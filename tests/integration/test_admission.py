@@ -160,3 +160,32 @@ def test_refused_groups_log_rate_limited(cfg, monkeypatch, caplog):
         assert rejected_count("controller") == before
     finally:
         ctrl.close()
+
+
+def test_running_never_exceeds_max_concurrent(tmp_path, monkeypatch):
+    """controller.max_concurrent=3 under a staleness bound that allows (0 + 2 + 1) * 4 = 12: groups are
+    admitted, dispatched and finished a few at a time over many rounds and the count in flight never
+    passes 3; the bound is reached (it is what limits admission here), and the run still makes batches."""
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=c", *net_overrides(), "controller.batch_size=4",
+                             "controller.group_size=2", "controller.max_staleness=2", "controller.max_concurrent=3",
+                             "reward.workers=0"])
+    ctrl, sent = ready_controller(cfg, ArithTask(), monkeypatch)
+    try:
+        seen_running, finished = [], 0
+        for round_ in range(12):
+            ctrl.rollouts.admit()
+            ctrl.rollouts.dispatch()
+            seen_running.append(ctrl.counts.running)
+            work = [b for b in sent if isinstance(b, P.Generate) and b.gid in ctrl.rollouts.inflight]
+            for g in work[: 1 + round_ % 2]:  # one or two groups finish per round
+                for idx in range(2):
+                    ctrl.rollouts.on_result("a", P.Result(gid=g.gid, attempt=0, idx=idx, output_ids=[2],
+                                                          logprobs=[-0.1], versions=[0], finish_reason="stop"))
+                finished += 1
+            ctrl.rollouts.harvest_rewards()
+            ctrl.assemble_batches()
+        assert max(seen_running) == 3 and all(r <= 3 for r in seen_running)
+        assert finished > 3 and ctrl.counts.accepted + ctrl.counts.running <= 12
+        assert any(isinstance(b, P.Batch) for b in sent)
+    finally:
+        ctrl.close()

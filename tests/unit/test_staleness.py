@@ -61,6 +61,36 @@ def test_bad_arguments_raise(args, name):
         can_admit(*args)
 
 
+def test_max_concurrent_none_is_the_staleness_rule_exactly():
+    for args in [(0, 2, 4, 0, 0), (0, 2, 4, 5, 3), (3, 1, 8, 24, 10), (0, 1, 2, 3, 5)]:
+        assert admission_capacity(*args, max_concurrent=None) == admission_capacity(*args)
+
+
+def test_max_concurrent_bounds_what_is_in_flight():
+    # staleness allows (0 + 2 + 1) * 4 = 12; at most 5 in flight: min(5 - 0, 12) = 5
+    assert admission_capacity(0, 2, 4, accepted=0, running=0, max_concurrent=5) == 5
+    # 3 running: min(5 - 3, 12 - 3) = 2
+    assert admission_capacity(0, 2, 4, accepted=0, running=3, max_concurrent=5) == 2
+    # the staleness bound is the tighter one: 8 accepted + 3 running leave 12 - 11 = 1 < 5 - 3 = 2
+    assert admission_capacity(0, 2, 4, accepted=8, running=3, max_concurrent=5) == 1
+
+
+def test_max_concurrent_reached_admits_nothing():
+    assert admission_capacity(0, 2, 4, accepted=0, running=5, max_concurrent=5) == 0
+    assert not can_admit(0, 2, 4, accepted=0, running=5, max_concurrent=5)
+    # lowered below what is in flight (a resume with a smaller value): 0, not negative
+    assert admission_capacity(0, 2, 4, accepted=0, running=7, max_concurrent=5) == 0
+    # staleness capacity 0 with concurrency to spare: still nothing
+    assert admission_capacity(0, 0, 4, accepted=4, running=0, max_concurrent=100) == 0
+    assert can_admit(0, 2, 4, accepted=0, running=4, max_concurrent=5)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_bad_max_concurrent_raises(bad):
+    with pytest.raises(ValueError, match="max_concurrent"):
+        admission_capacity(0, 2, 4, 0, 0, max_concurrent=bad)
+
+
 def test_sample_staleness():
     assert sample_staleness(5, [5, 5, 5]) == 0
     assert sample_staleness(5, [3, 3]) == 2
