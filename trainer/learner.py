@@ -23,6 +23,8 @@ import torch
 from areal_py.config import Config
 from trainer.algo import recipe as A
 from trainer.algo.kl import AdaptiveKLController, FixedKLController
+from trainer.algo.offpolicy import offpolicy_weight
+from trainer.algo.offpolicy_stats import OffPolicyStats, OffPolicyTally
 from trainer.compiled_forward import CompiledLogprobs, compile_wanted
 from trainer.critic import ValueModel
 from trainer.distributed import Dist
@@ -87,13 +89,15 @@ class Learner:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)
         if self.critic is not None:
             self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=self.algo.critic_lr, fused=True)
-        self.loss_settings = A.LossSettings(t.eps_clip, t.eps_clip_high, t.behav_cap, t.behav_mode, None)
+        self.loss_settings = A.LossSettings(t.eps_clip, t.eps_clip_high, A.offpolicy_spec(self.algo.offpolicy), None)
         # With one update per batch the proximal logprobs come from the training forward itself (exact,
         # one forward pass fewer per step); False forces the separate recompute (tests compare the two).
         self.prox_from_training_forward = True
         self.skipped_in_a_row = 0  # steps since the last applied update that were skipped for non-finite values
         self._tokens = [0, 0]  # this step's training micro-batches: [real, computed (rows x padded width)] tokens
         self.rank_load: RankLoad | None = None  # the last step's work per rank (world size > 1)
+        self.offpolicy: OffPolicyStats | None = None  # the last step's off-policy statistics (world size 1)
+        self._offpolicy = OffPolicyTally()
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """What a checkpoint must hold (the reference is the initial policy: rebuilt, not saved)."""
@@ -166,6 +170,7 @@ class Learner:
     def train_step(self, batch: RolloutBatch | None, version: int) -> dict[str, float]:
         """One step over ``batch``. At world size > 1 every rank calls it (``batch`` on rank 0, None on the
         others) and trainer/rank_step.py splits it across them."""
+        self.offpolicy = None
         if self.dist.distributed:
             return train_step_ranks(self, batch, version)
         algo, t, cfg = self.algo, self.cfg.trainer, self.cfg
@@ -178,6 +183,7 @@ class Learner:
         if rows.numel() == 0:
             return stats
         self._tokens = [0, 0]
+        self._offpolicy = OffPolicyTally()
         compile_s = self.compiled.status.seconds if self.compiled is not None else 0.0
         sub = batch.rows(rows)
         need_prox = algo.loss != "ppo" and algo.prox_method == "recompute"
@@ -193,6 +199,7 @@ class Learner:
         applied = sum(self._update(sub, minibatch, targets, version, stats) for minibatch in minibatches)
         stats["skipped_updates"] = float(len(minibatches) - applied)
         stats["real_token_fraction"] = self._tokens[0] / max(self._tokens[1], 1)
+        self.offpolicy = self._offpolicy.summary()
         if self.compiled is not None:
             stats["compile_s"] = self.compiled.status.seconds - compile_s
         for k in STAT_KEYS:  # means over the applied updates: a skipped one's NaN loss is left out
@@ -223,6 +230,20 @@ class Learner:
                                f"{version + 1}, because {why}); trainer.max_consecutive_skipped_steps={limit}: "
                                "stopping instead of spinning. Check the rewards and logprobs the batches carry, "
                                "the learning rate and the model dtype")
+
+    def _tally_offpolicy(self, mb: RolloutBatch, tmb: A.Targets, logp: torch.Tensor, version: int) -> None:
+        """Count one micro-batch in the step's off-policy statistics (trainer/algo/offpolicy_stats.py).
+
+        The proximal policy is the weights held before the update: the recomputed logprobs when the step
+        has them (or the behaviour ones when every token is from the trained version), else the training
+        forward's own, which are exactly those weights in the first minibatch; with several minibatches
+        and no recompute (``loglinear``, naive ``ppo``) later minibatches see weights this step already
+        moved. The bound mask is the decoupled loss's correction (``algo.offpolicy``) on those logprobs;
+        ``ppo`` and ``gspo`` apply no behaviour weight, so nothing is bounded there."""
+        prox = tmb.prox if tmb.prox is not None else logp.detach()
+        changed = (offpolicy_weight(prox, mb.behav_logprobs, mb.loss_mask, self.loss_settings.offpolicy).changed
+                   if self.algo.loss == "decoupled" else None)
+        self._offpolicy.add(prox, mb.behav_logprobs, mb.loss_mask, changed, version - mb.token_versions)
 
     def _update(self, sub: RolloutBatch, minibatch: torch.Tensor, tg: A.Targets, version: int,
                 stats: dict[str, float]) -> bool:
@@ -255,6 +276,7 @@ class Learner:
                                      with_entropy=algo.entropy_coef > 0)
             loss, s = A.micro_batch_loss(logp, entropy, mb, tmb, version, algo, self.loss_settings,
                                          self.kl_ctl.coef, norms)
+            self._tally_offpolicy(mb, tmb, logp, version)
             loss.backward()
             share = float(mb.loss_mask.sum()) / norms.tokens  # token-weighted stats
             acc["loss"] += float(loss.detach())

@@ -12,9 +12,9 @@ from areal_py.config.launch import NetConfig, RunConfig, SlurmConfig
 from areal_py.config.loading import ConfigError, apply_overrides, dump_config, load_config, with_run_name
 from areal_py.config.model import ColdStartConfig, EmbeddedModelConfig, ModelConfig
 from areal_py.config.section import Section
-from areal_py.config.training import AlgoConfig, RewardConfig, TrainerConfig
+from areal_py.config.training import AlgoConfig, OffPolicyConfig, RewardConfig, TrainerConfig
 from areal_py.config.tree import Config
 
 __all__ = ["AlgoConfig", "ColdStartConfig", "Config", "ConfigError", "ControllerConfig", "EmbeddedModelConfig",
-           "ModelConfig", "NetConfig", "RewardConfig", "RolloutConfig", "RunConfig", "Section", "SlurmConfig",
+           "ModelConfig", "NetConfig", "OffPolicyConfig", "RewardConfig", "RolloutConfig", "RunConfig", "Section", "SlurmConfig",
            "TrainerConfig", "WeightsConfig", "apply_overrides", "dump_config", "load_config", "with_run_name"]

@@ -3,12 +3,80 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from areal_py.config.section import Section
 
 # A cost-model coefficient: finite and >= 0 (trainer.micro_batching.PackCost checks the same).
 _Coef = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+_MOVED_BEHAV = (
+    "trainer.behav_cap and trainer.behav_mode were replaced by algo.offpolicy (docs/algorithms.md, off-policy "
+    "correction): behav_mode=cap behav_cap=X -> algo.offpolicy.action=clamp algo.offpolicy.upper=X (the default, "
+    "X=5); behav_mode=mask behav_cap=X -> algo.offpolicy.action=mask algo.offpolicy.upper=X; behav_mode=none or "
+    "behav_cap=null -> algo.offpolicy.upper=null (the raw weight); no weight at all -> algo.offpolicy.method=none")
+
+
+class OffPolicyConfig(Section):
+    """The behaviour weight w = pi_prox/pi_behav of the decoupled loss (trainer/algo/offpolicy.py has the formulas).
+
+    The default (filter, token, clamp, ratio, upper 5) is min(w, 5) per token: the loss as it was before
+    this section existed. Only algo.loss=decoupled uses it; a setting that would have no effect is an error.
+    """
+    method: Literal["filter", "tis", "icepop", "none"] = Field(
+        "filter", description="filter: AReaL's rejection-sampling filter (level, action, metric, agg, upper, lower); "
+        "tis: truncated importance sampling, w = min(w, upper) per token, or min(prod of the sequence's w, upper) "
+        "at level=sequence; icepop: drop tokens whose w leaves [lower (default 1/upper), upper]; none: no "
+        "behaviour weight at all (w = 1; AReaL's default when no filter is configured).")
+    level: Literal["token", "sequence"] = Field(
+        "token", description="filter, tis: judge each token, or each sequence as a whole (filter with "
+        "metric=ratio: the sequence's geometric mean of w is both the verdict (agg=mean) and the weight).")
+    action: Literal["clamp", "mask"] = Field(
+        "clamp", description="filter: clamp w to [lower or 0, upper] where out of bounds (metric=ratio only), or "
+        "mask: drop out-of-bounds tokens/sequences from the loss (they stay in the token-mean's denominator).")
+    metric: Literal["ratio", "kl_k1", "kl_k2", "kl_k3"] = Field(
+        "ratio", description="filter: what the bounds apply to: w itself, or a KL estimate of x = log w: k1 = x, "
+        "k2 = x^2/2, k3 = exp(-x) - 1 + x (AReaL's estimators, base = the behaviour logprobs).")
+    agg: Literal["mean", "sum", "max"] = Field(
+        "mean", description="filter at level=sequence: how the tokens' metric is aggregated (ratio: in log space, "
+        "mean = geometric mean, sum = product; KL: arithmetic; max: the largest token value).")
+    upper: float | None = Field(
+        5.0, allow_inf_nan=False, description="Upper bound (C for tis and icepop; must be > 1 for a ratio); "
+        "null = no upper bound (filter only: with lower null too, the raw unbounded weight).")
+    lower: float | None = Field(
+        None, allow_inf_nan=False, description="Lower bound (filter; icepop: default 1/upper); null = none.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OffPolicyConfig:
+        """The rules of AReaL's RejectionSamplingConfig, and no setting that the method ignores."""
+        key, m = "algo.offpolicy", self.method
+        ignored = {"none": ("level", "action", "metric", "agg", "upper", "lower"),
+                   "tis": ("action", "metric", "agg", "lower"), "icepop": ("level", "action", "metric", "agg"),
+                   "filter": ("agg",) if self.level == "token" else ()}[m]
+        # a value other than the default, not a key present: a dumped config lists every key
+        for name in [n for n in ignored if getattr(self, n) != type(self).model_fields[n].default]:
+            raise ValueError(f"{key}.{name} has no effect with {key}.method={m}" +
+                             (f" at level={self.level}" if m == "filter" else ""))
+        if m in ("tis", "icepop") and self.upper is None:
+            raise ValueError(f"{key}.method={m} needs {key}.upper (its C), got null")
+        ratio = m in ("tis", "icepop") or self.metric == "ratio"
+        if ratio and self.upper is not None and self.upper <= 1:
+            raise ValueError(f"{key}.upper bounds the ratio pi_prox/pi_behav: it must be > 1 (a bound <= 1 drops or "
+                             f"clamps every token the stale policy liked less), got {self.upper}")
+        if ratio and self.lower is not None and self.lower <= 0:
+            raise ValueError(f"{key}.lower bounds the ratio pi_prox/pi_behav: it must be > 0, got {self.lower}")
+        if m == "filter" and self.metric in ("kl_k2", "kl_k3") and self.upper is not None and self.upper <= 0:
+            raise ValueError(f"{key}.upper must be > 0 for metric={self.metric} (never negative), got {self.upper}")
+        if m == "filter" and self.action == "clamp" and self.metric != "ratio":
+            raise ValueError(f"{key}.action=clamp clamps the ratio itself: it needs metric=ratio, got "
+                             f"{self.metric} (use action=mask for a KL bound)")
+        if m == "icepop" and self.level != "token":
+            raise ValueError(f"{key}.method=icepop is a token mask: level must be token")
+        lower = self.lower if self.lower is not None or m != "icepop" else 1 / self.upper
+        if lower is not None and self.upper is not None and lower > self.upper:
+            raise ValueError(f"{key}.lower ({lower}) is above {key}.upper ({self.upper})")
+        return self
 
 
 class TrainerConfig(Section):
@@ -18,8 +86,6 @@ class TrainerConfig(Section):
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
     eps_clip: float = Field(0.2, gt=0, description="PPO clip epsilon (lower side, and upper when eps_clip_high is unset).")
     eps_clip_high: float | None = Field(None, description="Upper clip epsilon (DAPO clip-higher); null = eps_clip.")
-    behav_cap: float | None = Field(5.0, description="Bound on the behaviour weight pi_prox/pi_behav; null = unbounded.")
-    behav_mode: Literal["cap", "mask", "none"] = Field("cap", description="cap: clamp the weight; mask: drop tokens over the bound; none: raw weight.")
     ppo_minibatches: int = Field(1, ge=1, description="Optimizer updates per batch (the proximal policy stays fixed across them).")
     micro_batch_size: int = Field(128, ge=1, description="Sequences per forward pass (gradients accumulate over micro-batches).")
     max_tokens_per_micro_batch: int = Field(0, ge=0, description="Pack micro-batches by a token budget "
@@ -61,6 +127,14 @@ class TrainerConfig(Section):
         "for a CUDA model, off on CPU, where it does not pay back within a run (docs/benchmarks.md, Learner step: "
         "compiled). Only at world size 1 without activation checkpointing (otherwise eager, logged).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        """trainer.behav_cap/behav_mode moved to algo.offpolicy: say where, never ignore them."""
+        if isinstance(data, dict) and ({"behav_cap", "behav_mode"} & data.keys()):
+            raise ValueError(_MOVED_BEHAV)
+        return data
+
     @field_validator("compile", mode="before")
     @classmethod
     def _on_off(cls, v):
@@ -79,6 +153,9 @@ class AlgoConfig(Section):
     loss: Literal["decoupled", "ppo", "gspo"] = Field(
         "decoupled", description="decoupled: AReaL's decoupled PPO (proximal + behaviour weight); ppo: naive PPO with "
         "the behaviour policy as the old policy; gspo: sequence-level ratio against the proximal policy.")
+    offpolicy: OffPolicyConfig = Field(
+        default_factory=OffPolicyConfig, description="loss=decoupled: the off-policy correction (behaviour weight "
+        "pi_prox/pi_behav): AReaL's filter, TIS, IcePop or none.")
     dual_clip_c: float | None = Field(None, description="Dual clip bound c > 1 for negative advantages; null = off.")
     loss_agg: Literal["token_mean", "seq_mean", "seq_sum_const"] = Field(
         "token_mean", description="Loss aggregation; seq_sum_const divides by loss_agg_const (Dr.GRPO).")
@@ -95,6 +172,15 @@ class AlgoConfig(Section):
                                       "(group estimators give them zero advantage; they only dilute the mean).")
     critic_lr: float = Field(1e-3, gt=0, description="gae: critic learning rate.")
     value_clip: float | None = Field(0.2, description="gae: value clip epsilon; null = unclipped.")
+
+    @model_validator(mode="after")
+    def _offpolicy_needs_decoupled(self) -> AlgoConfig:
+        """Only the decoupled loss has a behaviour weight: a correction set for ppo or gspo would be ignored."""
+        changed = [n for n, f in OffPolicyConfig.model_fields.items() if getattr(self.offpolicy, n) != f.default]
+        if self.loss != "decoupled" and changed:
+            raise ValueError(f"algo.offpolicy ({', '.join(changed)}) has no effect with algo.loss={self.loss}: only "
+                             "algo.loss=decoupled applies a behaviour weight")
+        return self
 
 
 class RewardConfig(Section):

@@ -39,10 +39,11 @@ from typing import Literal
 import torch
 
 from trainer.algo.aggregation import AggMode, aggregate, normalizer_or_count
+from trainer.algo.offpolicy import BehaviourWeight, OffPolicySpec, offpolicy_weight
 from trainer.algo.shapes import require_matrix, require_shape
 
-__all__ = ["BEHAV_MODES", "behaviour_weight", "clipped_surrogate", "decoupled_ppo_loss", "gspo_loss", "policy_loss",
-           "ppo_clip_loss"]
+__all__ = ["BEHAV_MODES", "behaviour_weight", "clipped_surrogate", "decoupled_ppo_loss", "gspo_loss", "legacy_spec",
+           "policy_loss", "ppo_clip_loss"]
 
 BehavMode = Literal["cap", "mask", "none"]
 BEHAV_MODES: tuple[str, ...] = ("cap", "mask", "none")
@@ -82,24 +83,32 @@ def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- behaviour weight
 
-def _behaviour_weight(proximal_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, valid: torch.Tensor,
-                      cap: float | None, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w, changed): the bounded weight and where the bound changed it (clamped or dropped)."""
+def legacy_spec(cap: float | None, mode: str) -> OffPolicySpec:
+    """The correction the ``behav_cap``/``behav_mode`` arguments name, as an OffPolicySpec.
+
+        "cap"  -> filter, token, clamp, ratio, upper=cap      min(w_t, cap)
+        "mask" -> filter, token, mask,  ratio, upper=cap      w_t if w_t <= cap else 0
+        "none" -> filter with no bound                         w_t (unbiased, unbounded variance)
+
+    ``cap=None`` is unbounded in every mode (the raw weight).
+    """
     if mode not in BEHAV_MODES:
         raise ValueError(f"behav_mode must be one of {BEHAV_MODES}, got {mode!r}")
     if cap is not None and not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
         raise ValueError(f"behav_cap must be None (unbounded) or a finite number > 0, got {cap!r}")
-    dtype = _compute_dtype(proximal_logprobs)
-    with torch.no_grad():
-        log_w = torch.where(valid, proximal_logprobs.detach().to(dtype) - behaviour_logprobs.detach().to(dtype), 0.0)
-        w = torch.exp(log_w)                                     # w_t = pi_prox / pi_behav
-        over = (w > cap) & valid if cap is not None and mode != "none" else torch.zeros_like(valid)
-        if mode == "cap" and cap is not None:
-            w = w.clamp(max=cap)                                 # min(w_t, cap)
-        elif mode == "mask":
-            w = torch.where(over, 0.0, w)                        # token dropped when w_t > cap
-        w = torch.where(valid, w, 0.0)
-    return w, over
+    if mode == "none" or cap is None:
+        return OffPolicySpec(method="filter", upper=None)
+    return OffPolicySpec(method="filter", action="clamp" if mode == "cap" else "mask", upper=float(cap))
+
+
+def _correction(offpolicy: OffPolicySpec | None, behav_cap: float | None, behav_mode: str) -> OffPolicySpec:
+    """``offpolicy`` if given (then behav_cap/behav_mode must be left at their defaults), else the legacy pair."""
+    if offpolicy is None:
+        return legacy_spec(behav_cap, behav_mode)
+    if (behav_cap, behav_mode) != (5.0, "cap"):
+        raise ValueError(f"pass either offpolicy or behav_cap/behav_mode, not both (got offpolicy={offpolicy}, "
+                         f"behav_cap={behav_cap!r}, behav_mode={behav_mode!r})")
+    return offpolicy
 
 
 def behaviour_weight(proximal_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor,
@@ -111,10 +120,11 @@ def behaviour_weight(proximal_logprobs: torch.Tensor, behaviour_logprobs: torch.
         "none": w_t                               unbiased, unbounded variance
 
     ``cap=None`` means unbounded (every mode returns the raw weight). Zero where ``mask`` is 0.
+    The whole family (TIS, IcePop, AReaL's filter, none): trainer/algo/offpolicy.py.
     """
     valid = _valid_mask(mask, proximal_logprobs.shape, proximal_logprobs=proximal_logprobs,
                         behaviour_logprobs=behaviour_logprobs)
-    return _behaviour_weight(proximal_logprobs, behaviour_logprobs, valid, cap, mode)[0]
+    return offpolicy_weight(proximal_logprobs, behaviour_logprobs, valid, legacy_spec(cap, mode)).weight
 
 
 # ----------------------------------------------------------------------------- clipped surrogate
@@ -154,28 +164,34 @@ def decoupled_ppo_loss(
     eps_clip_high: float | None = None,
     behav_cap: float | None = 5.0,
     behav_mode: str = "cap",
+    offpolicy: OffPolicySpec | None = None,
     normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """AReaL's decoupled PPO loss, token-mean over valid tokens. All inputs [B, T].
 
         r_t  = exp(logprobs_t - proximal_t)
-        w_t  = behaviour_weight(proximal, behaviour, mask, behav_cap, behav_mode)
+        w_t  = offpolicy_weight(proximal, behaviour, mask, offpolicy).weight
+               (offpolicy None: behaviour_weight(proximal, behaviour, mask, behav_cap, behav_mode))
         loss = -(1/N) sum_t mask_t * w_t * min(r_t A_t, clip(r_t, 1 - eps_clip, 1 + eps_high) A_t)
 
     ``eps_high = eps_clip_high`` if given else ``eps_clip``. Only ``logprobs`` carries gradient;
     the other tensors are treated as constants. ``N = normalizer`` if given, else the number of
-    valid tokens. Tokens dropped by ``behav_mode="mask"`` stay in N: they contribute 0, they do
-    not shrink the denominator, so the loss scale does not depend on how many were dropped and
-    N can be fixed before the weights are known (as micro-batch accumulation requires).
+    valid tokens. Tokens dropped by a mask (``behav_mode="mask"``, or a masking ``offpolicy``) stay
+    in N: they contribute 0, they do not shrink the denominator, so the loss scale does not depend
+    on how many were dropped and N can be fixed before the weights are known (as micro-batch
+    accumulation requires, and as AReaL's ``ppo_actor_loss_fn`` does).
 
-    Stats (Python floats, means over valid tokens; 0.0 when there are none):
-    ``clip_fraction`` (clipped branch active, i.e. no gradient), ``behav_weight_mean`` (w after
-    the bound), ``behav_masked_fraction`` (w changed by the bound: clamped or dropped),
-    ``approx_kl`` (mean of proximal - logprobs), ``ratio_mean`` (mean r).
+    Stats (Python floats; 0.0 when nothing is counted): over the *kept* tokens (the valid ones
+    the correction did not drop; every valid token unless a mask acted): ``clip_fraction``
+    (clipped branch active, i.e. no gradient), ``ratio_mean`` (mean r); over the valid tokens:
+    ``behav_weight_mean`` (w after the bound, dropped tokens as 0), ``behav_masked_fraction`` (w
+    changed by the bound: clamped or dropped), ``approx_kl`` (mean of proximal - logprobs: the k1
+    estimate of KL(pi_prox || pi_theta), >= 0 in expectation, growing as the update moves the
+    policy away from the proximal one; AReaL logs the opposite sign, logprobs - proximal).
     """
     loss, stats = policy_loss(logprobs, proximal_logprobs, behaviour_logprobs, advantages, mask,
                               eps_clip=eps_clip, eps_clip_high=eps_clip_high, behav_cap=behav_cap,
-                              behav_mode=behav_mode, normalizer=normalizer)
+                              behav_mode=behav_mode, offpolicy=offpolicy, normalizer=normalizer)
     stats.pop("dual_clip_fraction")  # always 0 here: no dual clip
     return loss, stats
 
@@ -220,6 +236,7 @@ def policy_loss(
     dual_clip_c: float | None = None,
     behav_cap: float | None = 5.0,
     behav_mode: str = "cap",
+    offpolicy: OffPolicySpec | None = None,
     agg_mode: AggMode = "token_mean",
     agg_const: float | None = None,
     normalizer: float | None = None,
@@ -227,7 +244,8 @@ def policy_loss(
     """Decoupled PPO with dual clip and a choice of aggregation. All tensors [B, T].
 
         r_t  = exp(logprobs_t - proximal_t)
-        w_t  = behaviour_weight(proximal, behaviour, mask, behav_cap, behav_mode)  (1 if behaviour is None)
+        w_t  = offpolicy_weight(proximal, behaviour, mask, offpolicy).weight        (1 if behaviour is None;
+               offpolicy None: behaviour_weight(proximal, behaviour, mask, behav_cap, behav_mode))
         l_t  = max(-r_t A_t, -clip(r_t, 1 - eps_clip, 1 + eps_high) A_t)            (PPO clip)
         l_t  = min(l_t, -c A_t)                  if A_t < 0 and dual_clip_c = c    (dual clip)
         loss = aggregate(w_t * l_t, mask, agg_mode, agg_const, normalizer)
@@ -239,7 +257,10 @@ def policy_loss(
     or when no token exceeds the cap this is exactly ``decoupled_ppo_loss`` (token_mean) and,
     with ``behaviour_logprobs=None`` or equal to ``proximal_logprobs``, ``ppo_clip_loss``.
 
-    Stats as ``decoupled_ppo_loss`` plus ``dual_clip_fraction`` (valid tokens capped at -c A).
+    ``offpolicy`` (trainer/algo/offpolicy.py: none | filter | tis | icepop) replaces the legacy
+    ``behav_cap``/``behav_mode`` pair, which must then stay at its defaults.
+
+    Stats as ``decoupled_ppo_loss`` plus ``dual_clip_fraction`` (kept tokens capped at -c A).
     """
     tensors = {"logprobs": logprobs, "proximal_logprobs": proximal_logprobs, "advantages": advantages}
     if behaviour_logprobs is not None:
@@ -249,10 +270,13 @@ def policy_loss(
     if dual_clip_c is not None and not (isinstance(dual_clip_c, (int, float)) and math.isfinite(dual_clip_c)
                                         and dual_clip_c > 1):
         raise ValueError(f"dual_clip_c must be None or a finite number > 1, got {dual_clip_c!r}")
+    spec = _correction(offpolicy, behav_cap, behav_mode)
     if behaviour_logprobs is None:
-        w, over = torch.where(valid, 1.0, 0.0).to(_compute_dtype(logprobs)), torch.zeros_like(valid)
+        one = torch.where(valid, 1.0, 0.0).to(_compute_dtype(logprobs))
+        bw = BehaviourWeight(one, one, valid, torch.zeros_like(valid))
     else:
-        w, over = _behaviour_weight(proximal_logprobs, behaviour_logprobs, valid, behav_cap, behav_mode)
+        bw = offpolicy_weight(proximal_logprobs, behaviour_logprobs, valid, spec)
+    w, kept = bw.weight, bw.kept
 
     dtype = _compute_dtype(logprobs)
     logprobs = torch.where(valid, logprobs.to(dtype), 0.0)
@@ -271,13 +295,13 @@ def policy_loss(
         dual_clipped = torch.zeros_like(valid)
     loss = aggregate(w * pg_loss, valid, agg_mode, agg_const, normalizer)
 
-    stats = {
-        "clip_fraction": _masked_mean(clipped, valid),
-        "dual_clip_fraction": _masked_mean(dual_clipped, valid),
+    stats = {  # clipping and ratio over the tokens that train (AReaL: kept tokens); see decoupled_ppo_loss
+        "clip_fraction": _masked_mean(clipped, kept),
+        "dual_clip_fraction": _masked_mean(dual_clipped, kept),
         "behav_weight_mean": _masked_mean(w, valid),
-        "behav_masked_fraction": _masked_mean(over, valid),
-        "approx_kl": _masked_mean(prox - logprobs, valid),
-        "ratio_mean": _masked_mean(ratio, valid),
+        "behav_masked_fraction": _masked_mean(bw.changed, valid),
+        "approx_kl": _masked_mean(prox - logprobs, valid),   # k1 of KL(pi_prox || pi_theta); AReaL: the negative
+        "ratio_mean": _masked_mean(ratio, kept),
     }
     return loss, stats
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from areal_py.config import AlgoConfig, RewardConfig
+from areal_py.config import AlgoConfig, OffPolicyConfig, RewardConfig
 from trainer.algo import reward_shaping as rs
 from trainer.algo.advantages import (
     expand_to_tokens,
@@ -23,6 +23,7 @@ from trainer.algo.advantages import (
 )
 from trainer.algo.aggregation import aggregate
 from trainer.algo.kl import kl_estimate, kl_penalised_token_rewards
+from trainer.algo.offpolicy import OffPolicySpec
 from trainer.algo.policy_loss import gspo_loss, policy_loss
 from trainer.algo.proximal import loglinear_proximal
 from trainer.rollout_batch import RolloutBatch
@@ -104,12 +105,16 @@ def advantages(batch: RolloutBatch, rewards: torch.Tensor, group_size: int, algo
     return adv, returns
 
 
+def offpolicy_spec(cfg: OffPolicyConfig) -> OffPolicySpec:
+    """The pure functions' record of ``algo.offpolicy`` (same fields, checked again there)."""
+    return OffPolicySpec(**cfg.model_dump())
+
+
 @dataclass
 class LossSettings:
     eps_clip: float
     eps_clip_high: float | None
-    behav_cap: float | None
-    behav_mode: str
+    offpolicy: OffPolicySpec  # the behaviour weight of the decoupled loss (algo.offpolicy)
     agg_const: float | None   # resolved divisor for seq_sum_const
 
 
@@ -150,7 +155,7 @@ def micro_batch_loss(logp: torch.Tensor, entropy: torch.Tensor | None, mb: Rollo
     else:
         loss, stats = policy_loss(logp, prox, behav_arg, t.advantages, mask, eps_clip=ls.eps_clip,
                                   eps_clip_high=ls.eps_clip_high, dual_clip_c=algo.dual_clip_c,
-                                  behav_cap=ls.behav_cap, behav_mode=ls.behav_mode, **agg)
+                                  offpolicy=ls.offpolicy, **agg)
     if kl_coef > 0 and algo.kl_in == "loss" and t.ref is not None:
         kl = kl_estimate(logp, t.ref, algo.kl_estimator, mask)
         kl_term = aggregate(kl, mask, algo.loss_agg, ls.agg_const, norm)
