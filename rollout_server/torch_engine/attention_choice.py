@@ -86,7 +86,9 @@ def _tolerance(dtype: torch.dtype) -> float:
 def kernel_agrees(fn: Kernel, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
                   device: torch.device) -> bool:
     """`fn` equals SDPA on these head shapes: ragged lengths (one of them 1), scattered slots, GQA as
-    given; to `_tolerance(dtype)` of the output's largest magnitude. An exception counts as disagreement."""
+    given; to `_tolerance(dtype)` of the output's largest magnitude. With an `append` (the built kernel),
+    that also stores exactly each row's new K/V and then equals `fn` on the updated cache, bitwise. An
+    exception counts as disagreement."""
     gen = torch.Generator().manual_seed(0)
     lens = [1, 3, 17, 64, 40, 2]
     slots = [5, 0, 7, 2, 3, 6]  # scattered, not in order
@@ -99,7 +101,15 @@ def kernel_agrees(fn: Kernel, num_kv_heads: int, group: int, head_dim: int, dtyp
         scale = head_dim ** -0.5
         ref = sdpa_decode(q, k, v, s, n, scale).float()
         got = fn(q, k, v, s, n, scale).float()
-        return bool((got - ref).abs().max() <= _tolerance(dtype) * max(1.0, ref.abs().max().item()))
+        agrees = bool((got - ref).abs().max() <= _tolerance(dtype) * max(1.0, ref.abs().max().item()))
+        append = getattr(fn, "append", None)
+        if append is not None and agrees:  # the fused write: stores exactly the new rows, then attends
+            kn, vn = (torch.randn(len(lens), num_kv_heads, head_dim, generator=gen).to(device, dtype) for _ in "kv")
+            k2, v2 = k.clone(), v.clone()
+            k2[s, :, n - 1], v2[s, :, n - 1] = kn, vn
+            got2 = append(q, k, v, s, n, scale, kn, vn)
+            agrees = torch.equal(k, k2) and torch.equal(v, v2) and torch.equal(got2, fn(q, k2, v2, s, n, scale))
+        return agrees
     except (RuntimeError, TypeError, ValueError):
         return False
 

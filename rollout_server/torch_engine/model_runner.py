@@ -12,12 +12,12 @@ linear layer runs once per step with no padding; only attention is split into th
 padded to the longest chunk). Logits are computed only for each row's last token. The linear
 kernel is chosen per step size by timing at start-up (`linear_choice`); so is the decode group's
 attention (`attention_choice`: SDPA per contiguous bucket of rows, or one C++ kernel call for all
-rows at their own lengths, `attention_kernel`); prefill attention is always SDPA. Decode-only steps
+rows at their own lengths, `attention_kernel`, which then also stores the decode rows' new K/V
+itself); prefill attention is always SDPA. Decode-only steps
 can run their dense work compiled, checked against eager (`compiled_decode`, `enable_compile`).
 
-`HFRunner` is the generic fallback for any other causal LM: the Hugging Face forward with the
-slot cache passed as `past_key_values` (two forwards per step: multi-token rows, then one-token
-rows), with per-layer-type masks for sliding-window models.
+`HFRunner` (`hf_runner`) is the generic fallback for any other causal LM: the Hugging Face forward
+with the slot cache passed as `past_key_values`. `make_runner` picks between the two.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from rollout_server.kernel_report import KernelChoice
 from rollout_server.torch_engine.attention_choice import AttentionChoice, Mode, pick_attention, probe_shapes
 from rollout_server.torch_engine.attention_kernel import load_kernel
 from rollout_server.torch_engine.compiled_decode import CheckedCompile, CompileStatus
+from rollout_server.torch_engine.hf_runner import HFRunner, additive_mask, attention_layout
 from rollout_server.torch_engine.kv_cache import SlotKVCache, contiguous_range
 from rollout_server.torch_engine.linear_choice import LinearChoice, candidates, pick_linears
 
@@ -57,10 +58,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     sum_cot decode attention a few percent faster than two matmuls and a softmax, which it replaced.
     """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
-def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 class DenseFns:
@@ -283,7 +280,7 @@ class FastLlamaRunner:
                 buckets = [(a, b, n, (rng[0] + a, rng[0] + b)) for a, b, n in self._buckets(d_lens)]
             if kernel is None:
                 key_pos = torch.arange(max(d_lens), device=dev)
-                d_mask = _additive(key_pos[None, :] <= pos_t[:nd, None], dtype)[:, None, None]  # [Bd, 1, 1, L]
+                d_mask = additive_mask(key_pos[None, :] <= pos_t[:nd, None], dtype)[:, None, None]  # [Bd, 1, 1, L]
         if multi:  # prefill group: queries padded to the longest chunk
             p_slots = [slots[i] for i in multi]
             p_rows = contiguous_range(p_slots) or torch.tensor(p_slots, device=dev)
@@ -293,17 +290,27 @@ class FastLlamaRunner:
             q_pos[pad_t] = pos_t[nd:]
             key_pos = torch.arange(p_len, device=dev)
             allowed = key_pos[None, None, :] <= q_pos.view(len(multi), width, 1)
-            p_mask = _additive(allowed, dtype)[:, None].repeat(1, 1, G, 1)  # [Bp, 1, G*W, L]
+            p_mask = additive_mask(allowed, dtype)[:, None].repeat(1, 1, G, 1)  # [Bp, 1, G*W, L]
 
-        at = self.cache.flat_index(slot_t, pos_t)  # where each token's K/V goes, the same in every layer
+        # Where each token's K/V goes, the same in every layer; with `append` the decode rows' K/V is
+        # stored by the attention kernel itself, so only the prefill tokens are written here.
+        append = getattr(self._kernel, "append", None) if single else None  # the built kernel has it
+        fused = append is not None
+        first = nd if fused else 0
+        at = self.cache.flat_index(slot_t[first:], pos_t[first:]) if len(ids) > first else None
         scaling = self.scaling
         for li, (w_in, w_out) in enumerate(self._weights):
             q, k, v = fns.layer_in(x, cos, sin, *w_in)
-            self.cache.write_flat(li, at, k, v)
+            if at is not None:
+                self.cache.write_flat(li, at, k[first:], v[first:])
             outs = []
             if single:
                 qd = q[:nd].view(nd, Hkv, G, D)
-                if kernel is not None:
+                if fused:
+                    o = append(qd, self.cache.keys[li], self.cache.values[li], d_slot_t, d_len_t, scaling, k[:nd],
+                               v[:nd])
+                    outs.append(o.reshape(nd, H * D))
+                elif kernel is not None:
                     o = kernel(qd, self.cache.keys[li], self.cache.values[li], d_slot_t, d_len_t, scaling)
                     outs.append(o.reshape(nd, H * D))
                 for a, b, n, rows in [] if kernel is not None else buckets:
@@ -321,84 +328,6 @@ class FastLlamaRunner:
             x = fns.layer_out(x, o, *w_out)
         x = x[torch.tensor(last, device=dev)] if multi else x  # decode only: row i is already token i
         return fns.head(x, self.norm.weight, self.norm.variance_epsilon, self.lm_head.weight, self.lm_head.bias)
-
-
-class HFRunner:
-    def __init__(self, model: transformers.PreTrainedModel, cache: SlotKVCache, source: str = "forced",
-                 reason: str = "") -> None:
-        """`source`/`reason`: why this runner and not the fast one (`kernel_choices`)."""
-        self.model, self.cache = model, cache
-        self.source, self.reason = source, reason
-        cfg = model.config.get_text_config()
-        self.layer_types, self.window = _attention_layout(cfg)
-        self.forwards = 0
-
-    def describe(self) -> str:
-        return "Hugging Face forward (no kernel choice, no compiled decode)"
-
-    def kernel_choices(self) -> list[KernelChoice]:
-        return [KernelChoice(op="runner", kernel="hf_forward", source=self.source, reason=self.reason)]
-
-    def forward(self, slots: list[int], starts: list[int], chunks: list[list[int]]) -> torch.Tensor:
-        out: list[torch.Tensor | None] = [None] * len(chunks)
-        for want_multi in (True, False):
-            rows = [i for i, c in enumerate(chunks) if (len(c) > 1) == want_multi]
-            if rows:
-                logits = self._forward([slots[i] for i in rows], [starts[i] for i in rows], [chunks[i] for i in rows])
-                for j, i in enumerate(rows):
-                    out[i] = logits[j]
-        return torch.stack(out)  # type: ignore[arg-type]
-
-    def _forward(self, slots: list[int], starts: list[int], chunks: list[list[int]]) -> torch.Tensor:
-        """Left-padded so every row's last token is the last column (logits_to_keep=1); pad columns get
-        position 0, write nothing to the cache, and their outputs are ignored."""
-        self.forwards += 1
-        dev = self.cache.device
-        width = max(len(c) for c in chunks)
-        ids = torch.zeros(len(chunks), width, dtype=torch.long)
-        pos = torch.zeros(len(chunks), width, dtype=torch.long)
-        valid = torch.zeros(len(chunks), width, dtype=torch.bool)
-        for i, (s, c) in enumerate(zip(starts, chunks)):
-            ids[i, width - len(c):] = torch.tensor(c)
-            pos[i, width - len(c):] = torch.arange(s, s + len(c))
-            valid[i, width - len(c):] = True
-        kv_len = max(s + len(c) for s, c in zip(starts, chunks))
-        ids, pos, valid = ids.to(dev), pos.to(dev), valid.to(dev)
-        self.cache.begin(slots, pos, valid, kv_len)
-        try:
-            out = self.model(input_ids=ids, position_ids=pos, attention_mask=self._mask(pos, kv_len),
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        finally:
-            self.cache.end()
-        return out.logits[:, -1].float()
-
-    def _mask(self, pos: torch.Tensor, kv_len: int) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Additive 4D mask [B, 1, q, kv]: a query at position p sees cached positions <= p."""
-        key_pos = torch.arange(kv_len, device=pos.device)[None, None, :]
-        query_pos = pos[:, :, None]
-        allowed = key_pos <= query_pos
-        dtype = self.cache.dtype
-        if "sliding_attention" in self.layer_types:  # hybrid models take a per-layer-type mapping
-            sliding = allowed & (key_pos > query_pos - self.window)
-            return {"full_attention": _additive(allowed, dtype)[:, None],
-                    "sliding_attention": _additive(sliding, dtype)[:, None]}
-        if self.window and not self.layer_types:  # Mistral-style: one window for every layer
-            allowed &= key_pos > query_pos - self.window
-        return _additive(allowed, dtype)[:, None]
-
-
-def _attention_layout(config: transformers.PretrainedConfig) -> tuple[tuple[str, ...], int | None]:
-    """Return (layer types, sliding window) so masks match what the model expects."""
-    layer_types = tuple(getattr(config, "layer_types", None) or ())
-    window = getattr(config, "sliding_window", None)
-    if layer_types and "sliding_attention" not in layer_types:
-        window = None  # e.g. Qwen2 without use_sliding_window: the field is informational
-    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
-    if unknown:
-        raise ValueError(f"unsupported attention layer types {sorted(unknown)} (only full/sliding attention)")
-    if "sliding_attention" in layer_types and not window:
-        raise ValueError("config has sliding_attention layers but no sliding_window")
-    return layer_types, window
 
 
 @torch.inference_mode()
@@ -422,7 +351,7 @@ def make_runner(model: transformers.PreTrainedModel, cache: SlotKVCache, fast: b
     steps run compiled (checked against eager, falling back on any error); `decode_attention`: its decode
     attention variant (`FastLlamaRunner`). The HF path ignores all three."""
     cfg = model.config.get_text_config()
-    layer_types, window = _attention_layout(cfg)
+    layer_types, window = attention_layout(cfg)
     supported = (type(model).__name__ in FAST_ARCHITECTURES and "sliding_attention" not in layer_types
                  and not (window and window < cache.max_seq_len)
                  and getattr(cfg, "partial_rotary_factor", 1.0) in (None, 1.0)

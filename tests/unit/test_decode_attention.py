@@ -5,14 +5,15 @@ import pytest
 import torch
 
 from rollout_server.torch_engine.decode_attention import decode_attention
-from rollout_server.torch_engine.model_runner import _additive, _attend
+from rollout_server.torch_engine.hf_runner import additive_mask
+from rollout_server.torch_engine.model_runner import _attend
 
 
 def _reference(q, k, v, lens, scale):
     """What the runner computed before: SDPA with an additive mask allowing key positions < lens."""
     n = k.shape[-2]
     allowed = torch.arange(n)[None, :] < torch.tensor(lens)[:, None]
-    return _attend(q, k, v, _additive(allowed, q.dtype)[:, None, None], scale)
+    return _attend(q, k, v, additive_mask(allowed, q.dtype)[:, None, None], scale)
 
 
 @pytest.mark.parametrize("kv_heads,group,head_dim", [(4, 1, 48), (2, 4, 16), (1, 3, 8)])
