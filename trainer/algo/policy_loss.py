@@ -8,7 +8,7 @@ the trust region around ``pi_prox`` instead of around the stale ``pi_behav``, an
 the off-policy sampling with an importance weight that carries no gradient:
 
     r_t  = pi_theta(a_t) / pi_prox(a_t)
-    w_t  = pi_prox(a_t)  / pi_behav(a_t)             (bounded: capped or masked)
+    w_t  = pi_prox(a_t)  / pi_behav(a_t)             (bounded: trainer/algo/offpolicy.py)
     loss = -(1/N) sum_t w_t * min(r_t A_t, clip(r_t, 1 - eps, 1 + eps_high) A_t)
 
 When ``pi_prox == pi_behav`` (on-policy, no interruption) every ``w_t = 1`` and this is standard
