@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from areal_py.telemetry.gen_activity import to_run_time
-from areal_py.telemetry.step_record import ControllerCounters, StepRecord
+from areal_py.telemetry.prom import TRAINER
+from areal_py.telemetry.step_record import ControllerCounters, OffPolicyBucket, StepRecord
 from areal_py.wire import protocol as P
+from trainer.algo.offpolicy_stats import OffPolicyGroup, OffPolicyStats, staleness_keys
 from trainer.rollout_batch import RolloutBatch
 
 
@@ -42,10 +44,12 @@ def staleness(batch: RolloutBatch, trained_version: int) -> tuple[torch.Tensor, 
 def build_step_record(*, trained_version: int, batch: RolloutBatch, dropped: Mapping[str, list[int]],
                       wire: P.Batch, stats: Mapping[str, float], timing: StepTiming, trained_tokens_total: int,
                       max_staleness: int, max_token_staleness: int,
-                      rank_load: tuple[list[float], list[int]] | None = None) -> StepRecord:
+                      rank_load: tuple[list[float], list[int]] | None = None,
+                      offpolicy: OffPolicyStats | None = None) -> StepRecord:
     """The record of the step that trained `batch` (version `trained_version`, publishing the next):
     `dropped` the groups kept out of the loss per reason (`drop_nonfinite_groups`), `stats` the
-    learner's, `rank_load` the (busy seconds, tokens) of each trainer rank. Values are rounded as the file has
+    learner's, `rank_load` the (busy seconds, tokens) of each trainer rank, `offpolicy` the learner's
+    off-policy statistics (None: not computed, the fields stay unrecorded). Values are rounded as the file has
     always held them."""
     token_stale, hist = staleness(batch, trained_version)
     some = batch.num_samples > 0
@@ -72,4 +76,36 @@ def build_step_record(*, trained_version: int, batch: RolloutBatch, dropped: Map
         **({} if rank_load is None else {
             "rank_busy_s": [round(x, 4) for x in rank_load[0]], "rank_tokens": list(rank_load[1]),
             "rank_tokens_max": max(rank_load[1]), "rank_tokens_min": min(rank_load[1])}),
+        **({} if offpolicy is None else offpolicy_fields(offpolicy)),
     )
+
+
+def _bucket(g: OffPolicyGroup) -> OffPolicyBucket:
+    return OffPolicyBucket(tokens=g.tokens, kl_mean=round(g.kl_mean, 6), kl_max=round(g.kl_max, 6),
+                           ess=round(g.ess, 6), bounded_fraction=round(g.bounded_fraction, 6))
+
+
+def offpolicy_fields(s: OffPolicyStats) -> dict[str, object]:
+    """The step record's off-policy fields (``offpolicy_*``) from the learner's statistics."""
+    a = s.all
+    return {"offpolicy_kl_mean": round(a.kl_mean, 6), "offpolicy_kl_max": round(a.kl_max, 6),
+            "offpolicy_ess": round(a.ess, 6), "offpolicy_bounded_fraction": round(a.bounded_fraction, 6),
+            "offpolicy_by_staleness": {k: _bucket(g) for k, g in s.by_staleness.items()}}
+
+
+def export_offpolicy(record: StepRecord) -> None:
+    """The record's off-policy statistics to the trainer's Prometheus gauges, label ``staleness`` = "all"
+    or a bucket key; a bucket without tokens this step is set to its empty values (0 tokens, ESS 1)."""
+    if record.offpolicy_kl_mean is None:
+        return
+    rows = {"all": OffPolicyBucket(tokens=record.response_tokens or 0, kl_mean=record.offpolicy_kl_mean,
+                                   kl_max=record.offpolicy_kl_max or 0.0, ess=record.offpolicy_ess or 1.0,
+                                   bounded_fraction=record.offpolicy_bounded_fraction or 0.0)}
+    empty = OffPolicyBucket(tokens=0, kl_mean=0.0, kl_max=0.0, ess=1.0, bounded_fraction=0.0)
+    rows |= {k: (record.offpolicy_by_staleness or {}).get(k, empty) for k in staleness_keys()}
+    for label, b in rows.items():
+        TRAINER.offpolicy_kl_mean.labels(staleness=label).set(b.kl_mean)
+        TRAINER.offpolicy_kl_max.labels(staleness=label).set(b.kl_max)
+        TRAINER.offpolicy_ess.labels(staleness=label).set(b.ess)
+        TRAINER.offpolicy_bounded.labels(staleness=label).set(b.bounded_fraction)
+        TRAINER.offpolicy_tokens.labels(staleness=label).set(b.tokens)

@@ -35,7 +35,7 @@ from trainer.learner import Learner
 from trainer.rank_step import SKIP, TRAIN, receive_command, send_command
 from trainer.rollout_batch import collate, drop_nonfinite_groups
 from trainer.sharding import full_weights
-from trainer.step_metrics import StepTiming, build_step_record
+from trainer.step_metrics import StepTiming, build_step_record, export_offpolicy
 
 log = logging.getLogger("trainer")
 ROLE = "trainer"
@@ -224,11 +224,13 @@ class Trainer:
             timing=StepTiming(wall_time_s=wall, epoch0=time.time() - wall, wait_s=wait_s, train_s=train_s,
                               publish_s=publish_s),
             trained_tokens_total=self.trained_tokens_total, max_staleness=self.cfg.effective_max_staleness,
-            max_token_staleness=self.cfg.effective_max_token_staleness, rank_load=rank_load)
+            max_token_staleness=self.cfg.effective_max_token_staleness, rank_load=rank_load,
+            offpolicy=self.learner.offpolicy if batch.num_samples else None)
         self.metrics.write(record.to_dict())
         if self.tb is not None:
             self.tb.write(record)
         self._export(record, wait_s, train_s, publish_s)
+        export_offpolicy(record)
         log.info("step %d reward %.3f staleness max %d loss %.4f", record.step, record.reward_mean,
                  record.staleness_max, record.loss)
 

@@ -112,6 +112,11 @@ class TrainerMetrics:
     rejected_groups: Counter
     rank_busy: Gauge
     rank_tokens: Gauge
+    offpolicy_kl_mean: Gauge
+    offpolicy_kl_max: Gauge
+    offpolicy_ess: Gauge
+    offpolicy_bounded: Gauge
+    offpolicy_tokens: Gauge
 
 
 ROLLOUT = RolloutMetrics(
@@ -174,6 +179,19 @@ TRAINER = TrainerMetrics(
                       "step's learner step (served by rank 0 for every rank).", ("rank",)),
     rank_tokens=_define(Gauge, "areal_trainer_rank_tokens", "Real tokens (prompt + response) each trainer rank "
                         "trained in the last step (served by rank 0 for every rank).", ("rank",)),
+    offpolicy_kl_mean=_define(Gauge, "areal_trainer_offpolicy_kl", "Last step: mean k3 estimate of KL(behaviour || "
+                              "proximal) per response token (nats), over all tokens (staleness=all) or those of one "
+                              "staleness bucket (0|1|2|3+).", ("staleness",)),
+    offpolicy_kl_max=_define(Gauge, "areal_trainer_offpolicy_kl_max", "Last step: largest per-token k3 estimate of "
+                             "KL(behaviour || proximal) (nats), by staleness bucket.", ("staleness",)),
+    offpolicy_ess=_define(Gauge, "areal_trainer_offpolicy_ess_ratio", "Last step: effective sample size over N of "
+                          "the importance weights pi_prox/pi_behav, (sum w)^2 / (N sum w^2), by staleness bucket.",
+                          ("staleness",)),
+    offpolicy_bounded=_define(Gauge, "areal_trainer_offpolicy_bounded_ratio", "Last step: fraction (0..1) of response "
+                              "tokens whose behaviour weight the bound clamped or masked, by staleness bucket.",
+                              ("staleness",)),
+    offpolicy_tokens=_define(Gauge, "areal_trainer_offpolicy_tokens", "Last step: response tokens counted in the "
+                             "off-policy statistics, by staleness bucket.", ("staleness",)),
     skipped_updates=_define(Counter, "areal_trainer_skipped_updates_total",
                             "Optimizer updates skipped because the loss or gradient norm was not finite "
                             "(gradients dropped, weights unchanged)."),

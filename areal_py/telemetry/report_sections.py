@@ -109,6 +109,41 @@ def rank_sections(records: Sequence[StepRecord]) -> list[Section]:
                        y_min=0.0))]
 
 
+def offpolicy_sections(records: Sequence[StepRecord]) -> list[Section]:
+    """Off-policyness over steps (the ``offpolicy_*`` fields): KL(behaviour || proximal) and ESS/N, for all
+    response tokens and per staleness bucket (none when the run did not record them)."""
+    kl = step_series(records, lambda r: r.offpolicy_kl_mean)
+    if not kl:
+        return []
+    keys = sorted({k for r in records for k in (r.offpolicy_by_staleness or {})}, key=lambda k: int(k.rstrip("+")))
+
+    def bucket(k: str, attr: str) -> list[tuple[float, float]]:
+        return step_series(records, lambda r: getattr(b, attr) if (b := (r.offpolicy_by_staleness or {}).get(k))
+                           else None)
+
+    kl_series = [Series("mean, all tokens", kl, PALETTE[0]),
+                 Series("max, all tokens", step_series(records, lambda r: r.offpolicy_kl_max), PALETTE[0], dash="5 3")]
+    kl_series += [Series(f"mean, staleness {k}", bucket(k, "kl_mean"), PALETTE[(i + 1) % len(PALETTE)])
+                  for i, k in enumerate(keys)]
+    ess_series = [Series("ESS/N, all tokens", step_series(records, lambda r: r.offpolicy_ess), PALETTE[0]),
+                  Series("bounded fraction", step_series(records, lambda r: r.offpolicy_bounded_fraction),
+                         PALETTE[3], dash="5 3")]
+    ess_series += [Series(f"ESS/N, staleness {k}", bucket(k, "ess"), PALETTE[(i + 1) % len(PALETTE)])
+                   for i, k in enumerate(keys)]
+    return [Section("offpolicy_kl", "Off-policy KL (behaviour vs proximal)", (
+        "k3 estimate of KL(behaviour || proximal) per response token: mean and max over each step's tokens, and "
+        "the mean over the tokens of each staleness (trainer version - token version; 3+ = three or more). 0 "
+        "on-policy; it grows with staleness and with the learning rate."),
+        line_chart(kl_series, chart_id="offpolicy_kl", title="KL(behaviour || proximal)", x_label="step",
+                   y_label="nats", y_min=0.0)),
+        Section("offpolicy_ess", "Importance-weight ESS and bounded tokens", (
+            "ESS/N = (sum w)^2 / (N sum w^2) of the weights w = pi_prox / pi_behav: 1 when every weight is equal "
+            "(on-policy), small when a few tokens dominate the correction; and the fraction of tokens whose "
+            "weight the bound in use clamped or masked (dashed)."),
+            line_chart(ess_series, chart_id="offpolicy_ess", title="ESS/N and bounded fraction", x_label="step",
+                       y_label="fraction", y_min=0.0, y_max=1.0))]
+
+
 def chart_sections(records: Sequence[StepRecord], config: Mapping[str, Any] | None = None) -> list[Section]:
     """Every chart of the report, drawn from step records (also usable by a live dashboard).
 
@@ -155,6 +190,7 @@ def chart_sections(records: Sequence[StepRecord], config: Mapping[str, Any] | No
                                     Series("max", step_series(records, lambda r: r.staleness_max))],
                                    chart_id="staleness", title="token staleness", x_label="step",
                                    y_label="versions", y_min=0.0)))
+    secs += offpolicy_sections(records)
     rewards = [Series("reward_mean", step_series(records, lambda r: r.reward_mean), PALETTE[0])]
     scored = step_series(records, lambda r: r.scored_reward_mean)
     if scored:  # differs from the batch's reward when dynamic sampling drops all-equal groups

@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from areal_py.telemetry.metrics import read_jsonl
 
-__all__ = ["CTRL_PREFIX", "ControllerCounters", "PhaseTimes", "StepRecord", "finite", "read_step_records"]
+__all__ = ["CTRL_PREFIX", "ControllerCounters", "OffPolicyBucket", "PhaseTimes", "StepRecord", "finite",
+           "read_step_records"]
 
 CTRL_PREFIX = "ctrl_"
 
@@ -74,6 +75,20 @@ class PhaseTimes:
     proximal: float
     train: float
     publish: float
+
+
+class OffPolicyBucket(BaseModel):
+    """The off-policy statistics of one set of response tokens (trainer/algo/offpolicy_stats.py):
+    how far the behaviour policy that sampled them is from the proximal policy of the step."""
+    model_config = ConfigDict(extra="allow")
+
+    tokens: int = Field(description="response tokens counted")
+    kl_mean: float = Field(description="mean k3 estimate of KL(behaviour || proximal) per token (nats, >= 0)")
+    kl_max: float = Field(description="largest per-token k3 estimate (nats)")
+    ess: float = Field(description="effective sample size of the weights pi_prox/pi_behav over N: "
+                                   "(sum w)^2 / (N sum w^2), 1 = all weights equal")
+    bounded_fraction: float = Field(description="fraction of the tokens whose behaviour weight the bound in use "
+                                                "clamped or masked")
 
 
 class StepRecord(BaseModel):
@@ -136,6 +151,18 @@ class StepRecord(BaseModel):
     real_token_fraction: float | None = Field(None, description="real (not padding) share of the tokens the "
                                                                "training forward passes computed: summed lengths / "
                                                                "summed rows x padded width of the micro-batches")
+    # off-policyness (trainer/algo/offpolicy_stats.py; docs/operations.md): behaviour vs proximal policy
+    offpolicy_kl_mean: float | None = Field(None, description="mean k3 estimate of KL(behaviour || proximal) per "
+                                            "response token (nats)")
+    offpolicy_kl_max: float | None = Field(None, description="largest per-token k3 estimate of KL(behaviour || "
+                                           "proximal) (nats)")
+    offpolicy_ess: float | None = Field(None, description="ESS/N of the importance weights pi_prox/pi_behav: "
+                                        "(sum w)^2 / (N sum w^2); 1 on-policy, about 1/N when one weight dominates")
+    offpolicy_bounded_fraction: float | None = Field(None, description="fraction of response tokens whose behaviour "
+                                                     "weight the bound in use clamped or masked")
+    offpolicy_by_staleness: dict[str, OffPolicyBucket] | None = Field(
+        None, description="the same statistics by token staleness (trainer version - token version): keys "
+        "\"0\", \"1\", \"2\", \"3+\"; buckets without tokens left out")
     # the trainer's ranks (trainer.world_size; one entry at world size 1)
     rank_busy_s: list[float] | None = Field(None, description="seconds each trainer rank spent in its learner step, "
                                                               "by rank")
