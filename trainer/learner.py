@@ -28,6 +28,7 @@ from trainer.algo.offpolicy_stats import OffPolicyStats, OffPolicyTally
 from trainer.compiled_forward import CompiledLogprobs, compile_wanted
 from trainer.critic import ValueModel
 from trainer.distributed import Dist
+from trainer.fused_ops import fuse_llama
 from trainer.micro_batching import PackCost, pack_by_cost, pack_by_padded_tokens, pack_by_tokens
 from trainer.pack_cost import pack_cost_for
 from trainer.rank_step import (
@@ -84,6 +85,10 @@ class Learner:
         want, why = compile_wanted(t.compile, next(model.parameters()).device, self.dist.world_size,
                                    t.activation_checkpointing)
         self.compiled = CompiledLogprobs(self.model) if want else None  # the policy's training forward
+        self.fused = None  # the policy's Llama modules patched with fused training ops (trainer/fused_ops.py)
+        if t.fused_ops and not want and self.dist.world_size == 1:
+            self.fused = fuse_llama(self.model)
+            log.info("fused training ops: %s", self.fused.patched or self.fused.reason)
         log.info("training forward: %s", "compiled, checked against eager (" + why + ")" if want else "eager, " + why)
         # fused=True: one kernel over all parameters (the CPU default is a Python loop per tensor), same update
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)
