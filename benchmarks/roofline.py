@@ -26,6 +26,7 @@ the limits of the machine at hand.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -116,6 +117,42 @@ def train_step_flops(shape: ModelShape, seq_lens: Sequence[int]) -> int:
     tokens = sum(seq_lens)
     pairs = sum(n * (n + 1) // 2 for n in seq_lens)
     return 3 * (2 * shape.linear_params * tokens + shape.attention_flops(pairs))
+
+
+def linear_gemms(shape: ModelShape) -> list[tuple[int, int, int]]:
+    """(in features, out features, count) of every linear a token goes through: q, k, v, o, gate, up, down per
+    layer and the LM head; sum(2 * in * out * count) == 2 * `ModelShape.linear_params` FLOPs per token."""
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    out = [(shape.hidden, q, shape.layers), (shape.hidden, kv, 2 * shape.layers), (q, shape.hidden, shape.layers),
+           (shape.hidden, shape.intermediate, 2 * shape.layers), (shape.intermediate, shape.hidden, shape.layers),
+           (shape.hidden, shape.vocab, 1)]
+    merged: dict[tuple[int, int], int] = {}
+    for i, o, n in out:
+        merged[(i, o)] = merged.get((i, o), 0) + n
+    return [(i, o, n) for (i, o), n in merged.items()]
+
+
+def model_gemm_gflops(shape: ModelShape, tokens: int, threads: int = 1, repeats: int = 3) -> float:
+    """The fp32 GEMM rate at the model's own linear shapes: forward (x W^T), input gradient (g W) and weight
+    gradient (g^T x) of each linear at `tokens` rows, the fastest of `repeats` each, weighted as a training
+    step weights them (FLOPs over summed times). An extra column beside the 2048^3 peak, not the floor's rate."""
+    if tokens < 1:
+        raise ValueError(f"tokens must be >= 1, got {tokens}")
+    before = torch.get_num_threads()
+    clock = timing_clock(threads)
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    flops = seconds = 0.0
+    try:
+        with torch.inference_mode():
+            for i, o, n in linear_gemms(shape):
+                x, w, g = (torch.randn(*dims, generator=gen) for dims in ((tokens, i), (o, i), (tokens, o)))
+                for a, b in ((x, w.t()), (g, w), (g.t(), x)):
+                    seconds += n * _best_s(functools.partial(torch.mm, a, b), repeats, clock=clock)
+                    flops += n * 2.0 * tokens * i * o
+    finally:
+        torch.set_num_threads(before)
+    return flops / seconds / 1e9
 
 
 def train_floor_s(flops: float, limits: MachineLimits) -> float:

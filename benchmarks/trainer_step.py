@@ -17,7 +17,10 @@ Variants, each its own `Learner` (AdamW step included) over the same initial wei
 - `cost_8192`: `pack_by_cost` at budget 8192, the cost model timed at start (as the trainer does);
 - `cost_8192_masked`: the same packing with the logprob formula used before (`masked_token_logprobs`:
   the attention mask always passed, so SDPA attends through a dense mask over full squares, and a full
-  log_softmax over the vocabulary), to measure what `token_logprobs`' fast path gains under the same load.
+  log_softmax over the vocabulary), to measure what `token_logprobs`' fast path gains under the same load;
+- `cost_8192_unfused`: `cost_8192` with `trainer.fused_ops=false` (the model's own RMSNorm, attention and MLP
+  modules instead of trainer/fused_ops.py's), the A/B of the fused ops in the same rounds.
+`--variants` picks a subset (the speedup vs `padded_8192` is reported only when it is among them).
 
 Side measurement (`varlen_vs_padded`): the model's forward + backward alone on the last batch, with
 the sequences packed back to back into rows (position ids restarting, block-diagonal causal mask built
@@ -54,7 +57,7 @@ from areal_py.models import EmbeddedModelSpec, create_embedded_model, eos_token_
 from areal_py.tasks.sum_cot import SumCotTask, response_for
 from areal_py.wire import protocol as P
 from benchmarks.common import command_line
-from benchmarks.roofline import ModelShape, measure_machine, train_floor_s, train_step_flops
+from benchmarks.roofline import ModelShape, measure_machine, model_gemm_gflops, train_floor_s, train_step_flops
 from trainer.learner import Learner
 from trainer.micro_batching import PackCost, pack_by_cost, pack_by_tokens
 from trainer.pack_cost import fit_cost, probe_shapes, time_shapes
@@ -63,7 +66,8 @@ from trainer.rollout_batch import RolloutBatch, collate, token_logprobs
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "sum_cot.yaml"
 VARIANTS = {"padded_8192": ("padded", 8192), "padded_2048": ("padded", 2048), "cost_8192": ("cost", 8192),
-            "cost_8192_masked": ("cost", 8192)}
+            "cost_8192_masked": ("cost", 8192), "cost_8192_unfused": ("cost", 8192)}
+EXTRA = {"cost_8192_unfused": ["trainer.fused_ops=false"]}  # config overrides beyond packing and budget
 QUICK_VARIANTS = ("padded_8192", "cost_8192")
 VERSION = 5
 
@@ -189,7 +193,7 @@ def varlen_vs_padded(model: torch.nn.Module, batch: RolloutBatch, cost: PackCost
             "max_logprob_diff": diff}
 
 
-def run(rounds: int, groups: int, quick: bool) -> dict:
+def run(rounds: int, groups: int, quick: bool, variants: tuple[str, ...] | None = None) -> dict:
     torch.set_num_threads(1)
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     limits = (measure_machine(1, gemm_n=512, dram_bytes=16 << 20, repeats=2) if quick else measure_machine(1))
@@ -200,15 +204,22 @@ def run(rounds: int, groups: int, quick: bool) -> dict:
         model, tokenizer = load_model_and_tokenizer(path)
     cost, points, cost_s = measure_cost(model, 8192, quick)
     names = QUICK_VARIANTS if quick else tuple(VARIANTS)
+    if variants:
+        unknown = set(variants) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
+        names = tuple(dict.fromkeys(variants))
     learners = {}
     for name in names:
         packing, budget = VARIANTS[name]
         cfg = load_config(CONFIG, [f"trainer.micro_batch_packing={packing}",
-                                   f"trainer.max_tokens_per_micro_batch={budget}"])
+                                   f"trainer.max_tokens_per_micro_batch={budget}", *EXTRA.get(name, [])])
         learners[name] = Learner(cfg, copy.deepcopy(model), None, pack_cost=cost if packing == "cost" else None)
+    shape = ModelShape.from_config(model.config)
+    # extra column: the GEMM rate at the model's own linear shapes (2048 rows, about a cost-packed micro-batch)
+    model_gemm = model_gemm_gflops(shape, 256 if quick else 2048, repeats=1 if quick else 3)
     task = SumCotTask(min_terms=cfg0.task.min_terms, max_terms=cfg0.task.max_terms, alpha=cfg0.task.tail_alpha,
                       seed=1234)
-    shape = ModelShape.from_config(model.config)
     per_round = []
     for r in range(rounds):
         batch = sum_cot_batch(tokenizer, task, groups, cfg0.controller.group_size, r * groups, seed=r,
@@ -248,16 +259,28 @@ def run(rounds: int, groups: int, quick: bool) -> dict:
             "real_token_fraction_min": min(row["variants"][name]["real_token_fraction"] for row in per_round),
             "micro_batches_median": statistics.median(row["variants"][name]["micro_batches"] for row in per_round),
             "x_floor_median": statistics.median(over),
-            "speedup_vs_padded_8192_median": statistics.median(
-                row["variants"]["padded_8192"]["cpu_s"] / row["variants"][name]["cpu_s"] for row in per_round),
+            "x_floor_min": min(over), "x_floor_max": max(over),
+            # the same steps against the floor at the model-shape GEMM rate (extra column, not the issue's floor)
+            "x_model_gemm_floor_median": statistics.median(o * model_gemm / limits.gemm_gflops for o in over),
         }
+        if "padded_8192" in names:
+            summary[name]["speedup_vs_padded_8192_median"] = statistics.median(
+                row["variants"]["padded_8192"]["cpu_s"] / row["variants"][name]["cpu_s"] for row in per_round)
+    if "cost_8192" in names and "cost_8192_unfused" in names:  # the fused ops' A/B, paired per round
+        ratios = [row["variants"]["cost_8192_unfused"]["cpu_s"] / row["variants"]["cost_8192"]["cpu_s"]
+                  for row in per_round]
+        summary["cost_8192"]["unfused_over_fused_median"] = statistics.median(ratios)
+        summary["cost_8192"]["unfused_over_fused_min"] = min(ratios)
+        summary["cost_8192"]["unfused_over_fused_max"] = max(ratios)
     return {
         "what": "learner step (Learner.train_step, AdamW included) on sum_cot-shaped batches, process CPU time, "
                 "1 torch thread, medians over interleaved rounds",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": quick,
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                     "loadavg_before": load_before, "loadavg_after": Path("/proc/loadavg").read_text().split()[:3],
-                    "limits": limits.to_dict(), "limits_source": "benchmarks.roofline.measure_machine(1)"},
+                    "limits": limits.to_dict(), "limits_source": "benchmarks.roofline.measure_machine(1)",
+                    "model_gemm_gflops": model_gemm,
+                    "model_gemm_source": "benchmarks.roofline.model_gemm_gflops(shape, 2048 rows)"},
         "model": {**vars(spec), "params": sum(p.numel() for p in model.parameters()),
                   "linear_params": shape.linear_params},
         "cost_model": {"c0": cost.c0, "c1": cost.c1, "c2": cost.c2, "points": points, "measure_s": cost_s},
@@ -272,20 +295,29 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--groups", type=int, default=16, help="prompts per batch (x 8 samples)")
     ap.add_argument("--quick", action="store_true", help="2 rounds of 2 prompts, two variants (the suite's check)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), help="a subset of the variants (default: all)")
+    ap.add_argument("--name", default="trainer_step", help="the results file's name, <out>/<name>.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    rep = run(2 if args.quick else args.rounds, 2 if args.quick else args.groups, args.quick)
+    rep = run(2 if args.quick else args.rounds, 2 if args.quick else args.groups, args.quick,
+              tuple(args.variants) if args.variants else None)
     rep["command"] = command_line("benchmarks.trainer_step", argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "trainer_step.json").write_text(json.dumps(rep, indent=1))
+    (args.out / f"{args.name}.json").write_text(json.dumps(rep, indent=1))
     lim = rep["machine"]["limits"]
-    print(f"fp32 GEMM peak {lim['gemm_gflops']:.1f} GFLOP/s (1 thread); cost model c0={rep['cost_model']['c0']:.3g} "
+    print(f"fp32 GEMM peak {lim['gemm_gflops']:.1f} GFLOP/s (1 thread; at the model's linear shapes "
+          f"{rep['machine']['model_gemm_gflops']:.1f}); cost model c0={rep['cost_model']['c0']:.3g} "
           f"c1={rep['cost_model']['c1']:.3g} c2={rep['cost_model']['c2']:.3g} (measured in "
           f"{rep['cost_model']['measure_s']:.1f} s)")
     for name, s in rep["summary"].items():
         print(f"{name:12s} step {s['cpu_s_median']:.3f} s  real tokens {s['real_token_fraction_median']:.3f} "
               f"(min {s['real_token_fraction_min']:.3f})  micro-batches {s['micro_batches_median']:.0f}  "
-              f"x floor {s['x_floor_median']:.2f}  speedup vs padded_8192 {s['speedup_vs_padded_8192_median']:.2f}")
+              f"x floor {s['x_floor_median']:.2f} ({s['x_floor_min']:.2f}-{s['x_floor_max']:.2f}; "
+              f"{s['x_model_gemm_floor_median']:.2f} at the model-shape GEMM rate)"
+              + (f"  speedup vs padded_8192 {s['speedup_vs_padded_8192_median']:.2f}"
+                 if "speedup_vs_padded_8192_median" in s else "")
+              + (f"  unfused/fused {s['unfused_over_fused_median']:.3f} ({s['unfused_over_fused_min']:.3f}-"
+                 f"{s['unfused_over_fused_max']:.3f})" if "unfused_over_fused_median" in s else ""))
     return rep
 
 

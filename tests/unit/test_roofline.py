@@ -105,3 +105,21 @@ def test_best_s_is_the_fastest_repetition_per_call_on_a_fake_clock() -> None:
     calls = []
     assert R._best_s(lambda: calls.append(1), repeats=3, inner=2, clock=lambda: next(ticks)) == 2.0
     assert len(calls) == 1 + 3 * 2
+
+
+def test_linear_gemms_cover_the_linear_params():
+    """Every linear counted once: sum(in * out * count) == linear_params, by hand for a small GQA shape."""
+    shape = R.ModelShape(hidden=8, layers=2, heads=4, kv_heads=2, head_dim=2, intermediate=12, vocab=5)
+    gemms = R.linear_gemms(shape)
+    # per layer: q 8x8, k and v 8x4 each, o 8x8, gate and up 8x12 each, down 12x8; head 8x5
+    assert sum(i * o * n for i, o, n in gemms) == 2 * (64 + 2 * 32 + 64 + 2 * 96 + 96) + 40 == shape.linear_params
+    assert (8, 12, 4) in gemms and (8, 8, 4) in gemms  # gate+up of 2 layers; q+o of 2 layers merged by shape
+
+
+def test_model_gemm_gflops_runs_and_checks_its_input():
+    shape = R.ModelShape(hidden=8, layers=1, heads=2, kv_heads=2, head_dim=4, intermediate=16, vocab=5)
+    threads = torch.get_num_threads()
+    rate = R.model_gemm_gflops(shape, tokens=16, repeats=1)
+    assert math.isfinite(rate) and rate > 0 and torch.get_num_threads() == threads
+    with pytest.raises(ValueError, match="tokens must be >= 1"):
+        R.model_gemm_gflops(shape, tokens=0)
