@@ -25,6 +25,7 @@ from trainer.algo import recipe as A
 from trainer.algo.kl import AdaptiveKLController, FixedKLController
 from trainer.algo.offpolicy import offpolicy_weight
 from trainer.algo.offpolicy_stats import OffPolicyStats, OffPolicyTally
+from trainer.algo.proximal import loglinear_versions
 from trainer.compiled_forward import CompiledLogprobs, compile_wanted
 from trainer.critic import ValueModel
 from trainer.distributed import Dist
@@ -99,6 +100,7 @@ class Learner:
         # one forward pass fewer per step); False forces the separate recompute (tests compare the two).
         self.prox_from_training_forward = True
         self.skipped_in_a_row = 0  # steps since the last applied update that were skipped for non-finite values
+        self._update_index = 0  # minibatch updates of this step so far (fixed_targets resets it)
         self._tokens = [0, 0]  # this step's training micro-batches: [real, computed (rows x padded width)] tokens
         self.rank_load: RankLoad | None = None  # the last step's work per rank (world size > 1)
         self.offpolicy: OffPolicyStats | None = None  # the last step's off-policy statistics (world size 1)
@@ -163,6 +165,7 @@ class Learner:
         proximal ones. With one update per batch the proximal policy is the policy being trained, read
         off its own training forward, so no recompute pass runs."""
         t0 = time.perf_counter()
+        self._update_index = 0  # the step's minibatch updates count from here (loglinear's k)
         from_forward = (need_prox and not on_policy and self.cfg.trainer.ppo_minibatches == 1
                         and self.prox_from_training_forward)
         prox, ref, old_values = self._fixed(sub, need_prox and not on_policy and not from_forward)
@@ -264,6 +267,10 @@ class Learner:
             self.critic_opt.zero_grad(set_to_none=True)
         norms = (global_norms(sub.loss_mask[minibatch], self.dist, version + 1) if self.dist.distributed
                  else A.Norms.of(sub.loss_mask[minibatch]))
+        # loglinear's endpoints: this is update k of the step's K, its weights at version + k/K (proximal.py)
+        updates = max(t.ppo_minibatches, self._update_index + 1)
+        progress = loglinear_versions(version, self._update_index, updates)[1] - version
+        self._update_index += 1
         mbs = [mb for mb in self.micro_batches(sub, minibatch) if len(mb)]
         for idx in pad_micro_batches(mbs, self.dist, "training micro-batches", version + 1):
             if idx is None:  # another rank has more micro-batches: join its FSDP collectives, weight 0
@@ -275,7 +282,8 @@ class Learner:
             self._tokens[1] += mb.attention_mask.numel()
             tmb = A.Targets(*(None if x is None else x[idx, :width] for x in
                               (tg.advantages, tg.prox, tg.ref, tg.old_values, tg.returns)),
-                            prox_is_current=tg.prox_is_current)
+                            prox_is_current=tg.prox_is_current,
+                            prox_progress=progress)
             logprobs = self.compiled if self.compiled is not None else token_logprobs
             logp, entropy = logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature,
                                      with_entropy=algo.entropy_coef > 0)

@@ -114,6 +114,23 @@ def test_loglinear_equals_recompute_when_tokens_come_from_the_proximal_version()
                 grads_after_step(["algo.prox_method=loglinear"], on_policy=True, generated_at=2))
 
 
+def test_loglinear_equals_recompute_with_one_update_per_batch_on_stale_tokens():
+    # one minibatch: the weights computing the loss are the proximal ones, alpha = 1 for every stale token,
+    # so loglinear gives the recomputed proximal logprobs and the same gradient (random behaviour logprobs:
+    # the behaviour weight and the clip both act)
+    recompute = grads_after_step(["algo.prox_method=recompute"], generated_at=1, prox_from_forward=False)
+    assert_same(recompute, grads_after_step(["algo.prox_method=loglinear"], generated_at=1))
+
+
+def test_loglinear_with_several_minibatches_matches_recompute_on_the_first_only():
+    # two minibatches: the first update sees the proximal weights (exact), the second interpolates; the
+    # optimizer is a no-op here, so the weights never move and the second (last, whose gradient is returned)
+    # update differs only by loglinear's alpha (< 1 at current version 3.5) where recompute's ratio is 1
+    a = grads_after_step(["algo.prox_method=recompute", "trainer.ppo_minibatches=2"], generated_at=1)
+    b = grads_after_step(["algo.prox_method=loglinear", "trainer.ppo_minibatches=2"], generated_at=1)
+    assert any(not torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_naive_ppo_differs_from_decoupled_on_stale_data():
     # behaviour logprobs are random, far from the model: the decoupled weight changes the update
     a = grads_after_step(["algo.loss=decoupled"], generated_at=1)

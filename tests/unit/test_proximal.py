@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from trainer.algo.policy_loss import decoupled_ppo_loss
-from trainer.algo.proximal import loglinear_alpha, loglinear_proximal
+from trainer.algo.proximal import loglinear_alpha, loglinear_proximal, loglinear_versions
 
 F64 = torch.float64
 NAN = float("nan")
@@ -74,10 +74,49 @@ def test_result_carries_no_gradient_and_keeps_dtype():
     ((torch.tensor([[5.0, 4.0, 3.0, 6.0, -1.0]]), 5, 6), "token_versions"),
     ((torch.tensor([[5, 4, 3, 6, -1]]), -1, 6), "proximal_version"),
     ((torch.tensor([[5, 4]]), 5, 6), "token_versions"),
+    ((torch.tensor([[5, 4, 3, 6, -1]]), 5, float("nan")), "current_version"),
+    ((torch.tensor([[5, 4, 3, 6, -1]]), 5.0, 6), "proximal_version"),
 ])
 def test_bad_arguments(args, name):
     with pytest.raises(ValueError, match=name):
         loglinear_proximal(t([[0.0] * 5]), t([[0.0] * 5]), *args)
+
+
+def test_the_trainer_interpolates_between_version_v_and_v_plus_k_over_k():
+    # trains version 3 in K = 4 minibatch updates: the proximal policy is 3, the weights of update k sit at 3 + k/4
+    assert [loglinear_versions(3, k, 4) for k in range(4)] == [(3, 3.0), (3, 3.25), (3, 3.5), (3, 3.75)]
+    assert loglinear_versions(0, 0, 1) == (0, 0.0)
+    for bad in [(-1, 0, 1), (3, 4, 4), (3, -1, 4), (3, 0, 0), (3, True, 2)]:
+        with pytest.raises(ValueError):
+            loglinear_versions(*bad)
+
+
+def test_first_update_gives_the_current_logprobs_exactly_for_stale_tokens():
+    # update 0 of the step that trains version 5: tokens of versions 3 and 4 -> alpha = (5-v)/(5-v) = 1,
+    # the result is the current logprob bit for bit (what recompute uses); version 5 keeps its behaviour logprob
+    behav = t([[-2.0, -3.0, -0.7, 0.0]])
+    current = t([[-1.1, -0.3, -0.7, NAN]])
+    versions = torch.tensor([[3, 4, 5, -1]])
+    torch.testing.assert_close(loglinear_alpha(versions, *loglinear_versions(5, 0, 1)), t([[1.0, 1.0, 0.0, 0.0]]))
+    out = loglinear_proximal(behav, current, versions, *loglinear_versions(5, 0, 1))
+    assert torch.equal(out, t([[-1.1, -0.3, -0.7, 0.0]]))
+
+
+def test_later_minibatch_updates_interpolate_by_hand():
+    # update 1 of K = 2 while training version 5: current 5.5
+    #   v = 4: alpha = (5-4)/(5.5-4) = 2/3;  v = 3: (5-3)/(5.5-3) = 0.8;  v = 5: 0
+    versions = torch.tensor([[4, 3, 5]])
+    torch.testing.assert_close(loglinear_alpha(versions, 5, 5.5), t([[2 / 3, 0.8, 0.0]]))
+    # v=4: -2 + 2/3 * (-0.5 - (-2)) = -1.0;  v=3: -3 + 0.8 * (-0.5 - (-3)) = -1.0
+    out = loglinear_proximal(t([[-2.0, -3.0, -0.7]]), t([[-0.5, -0.5, -0.9]]), versions, 5, 5.5)
+    torch.testing.assert_close(out, t([[-1.0, -1.0, -0.7]]))
+
+
+def test_areal_endpoints_reproduce_areals_own_numbers():
+    # AReaL (4aef98d8) passes current = the trained weights' version g and proximal g - 1. Its test
+    # (tests/test_prox_approx.py, current_version 4): v = 0 -> alpha 3/4, v = 2 -> 1/2; this function gives
+    # the same with those endpoints, so the difference is only which versions the trainer passes
+    torch.testing.assert_close(loglinear_alpha(torch.tensor([[0, 2]]), 3, 4), t([[0.75, 0.5]]))
 
 
 def test_shape_mismatch_names_current_logprobs():

@@ -67,6 +67,9 @@ class Targets:
     # One optimizer update per batch: the weights being trained ARE the proximal weights, so the
     # training forward's own (detached) logprobs are the proximal logprobs and `prox` is not computed.
     prox_is_current: bool = False
+    # loglinear: how far the weights computing this micro-batch's logprobs are into the step, k/K after
+    # k of its K minibatch updates (trainer/algo/proximal.py: they sit at version proximal + k/K)
+    prox_progress: float = 0.0
 
 
 def advantages(batch: RolloutBatch, rewards: torch.Tensor, group_size: int, algo: AlgoConfig, kl_coef: float,
@@ -141,7 +144,8 @@ def micro_batch_loss(logp: torch.Tensor, entropy: torch.Tensor | None, mb: Rollo
     if algo.loss == "ppo":  # naive PPO: the behaviour policy is the old policy, no proximal correction
         prox, behav_arg = behav, None
     elif algo.prox_method == "loglinear":
-        prox = loglinear_proximal(behav, logp.detach(), mb.token_versions, proximal_version, proximal_version + 1)
+        prox = loglinear_proximal(behav, logp.detach(), mb.token_versions, proximal_version,
+                                  proximal_version + t.prox_progress)
         behav_arg = behav
     else:
         prox, behav_arg = (logp.detach() if t.prox_is_current else t.prox), behav
