@@ -145,7 +145,8 @@ CONTROLLER = ControllerMetrics(
                             "Prompt groups finished and kept so far (the `accepted` of the admission rule)."),
     staleness_capacity_groups=_define(
         Gauge, "areal_controller_staleness_capacity_groups",
-        "Groups that may still be admitted: (version + max_staleness + 1) * batch_size - accepted - running."),
+        "Groups that may still be admitted: (version + max_staleness + 1) * batch_size - accepted - running, "
+        "or max_concurrent - running when controller.max_concurrent is set and smaller."),
     sample_staleness=_define(Histogram, "areal_controller_sample_staleness_versions",
                              "Staleness of each batched sample (policy versions behind, oldest token).",
                              buckets=STALENESS_BUCKETS),
