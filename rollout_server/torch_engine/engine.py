@@ -228,22 +228,32 @@ class Engine:
         if not self._rows:
             return []
         with torch.inference_mode():
-            sampled = self._run()
-            self._sample(sampled)
+            self._sample(*self._run())
         done = [s for s in self._rows if s.done is not None]
         if done:
             self._release(done)
         return [s.result(s.done) for s in done]  # type: ignore[arg-type]
 
     # --- scheduling --------------------------------------------------------------------------
-    def _run(self) -> list[tuple[Sequence, torch.Tensor]]:
-        """Feed every running sequence's uncached tokens; return (sequence, next-token logits) pairs.
+    def _run(self) -> tuple[list[Sequence], torch.Tensor]:
+        """Feed every running sequence's uncached tokens; return the sequences that sample this step
+        (every running one) and their next-token logits, row i for sequence i.
 
-        Rows with nothing cached are grouped by prompt: a group's first member prefills the prompt
-        only and the others get a copy of its K/V. Members with no output yet sample from that
+        A decode-only step (every sequence has all but its last token cached: the steady state) feeds
+        the rows in slot order and returns the forward's logits as they are, no regrouping or copy.
+        Otherwise rows with nothing cached are grouped by prompt: a group's first member prefills the
+        prompt only and the others get a copy of its K/V. Members with no output yet sample from that
         prompt's logits; members that already have outputs (a re-prefill after a weight update)
         feed those in a second forward, so everyone still gains exactly one token this step.
         """
+        if self._decode_only():
+            seqs = list(self._rows)
+            self.decode_tokens += len(seqs)
+            logits = self.runner.forward([s.slot for s in seqs], [s.num_cached for s in seqs],
+                                         [[s.output_ids[-1] if s.output_ids else s.prompt_ids[-1]] for s in seqs])
+            for seq in seqs:
+                seq.num_cached += 1
+            return seqs, logits
         groups: dict[tuple[int, ...], list[Sequence]] = {}
         rows: list[tuple[Sequence, int, list[int]]] = []  # (seq, start, tokens) fed in forward 1
         for seq in self._rows:
@@ -261,8 +271,12 @@ class Engine:
                 shared.append(members)
         logits = self._forward(rows)
         reps = {id(members[0]) for members in shared}
-        out = [(seq, logits[i]) for i, (seq, _, toks) in enumerate(rows)
-               if id(seq) not in reps and seq.num_cached + len(toks) == len(seq)]
+        seqs: list[Sequence] = []
+        pick: list[int] = []  # row of `logits` each sampling sequence reads
+        for i, (seq, _, toks) in enumerate(rows):
+            if id(seq) not in reps and seq.num_cached + len(toks) == len(seq):
+                seqs.append(seq)
+                pick.append(i)
         for seq, _, toks in rows:
             seq.num_cached += len(toks)
         extend: list[tuple[Sequence, int, list[int]]] = []
@@ -273,15 +287,22 @@ class Engine:
             for m in members:
                 m.num_cached = n
                 if len(m) == n:
-                    out.append((m, logits[row_of[id(rep)]]))
+                    seqs.append(m)
+                    pick.append(row_of[id(rep)])
                 else:
                     extend.append((m, n, m.output_ids))
+        out = logits if pick == list(range(len(rows))) else logits[torch.tensor(pick, dtype=torch.long, device=logits.device)]
         if extend:
-            logits = self._forward(extend)
-            out += [(seq, logits[i]) for i, (seq, _, _) in enumerate(extend)]
+            more = self._forward(extend)
+            seqs += [seq for seq, _, _ in extend]
+            out = torch.cat([out, more])
             for seq, _, toks in extend:
                 seq.num_cached += len(toks)
-        return out
+        return seqs, out
+
+    def _decode_only(self) -> bool:
+        """Every running sequence has all but its last token cached: this step feeds one token per row."""
+        return all(seq.num_cached == len(seq) - 1 for seq in self._rows)
 
     def _forward(self, rows: list[tuple[Sequence, int, list[int]]]) -> torch.Tensor:
         for _, _, toks in rows:
@@ -291,9 +312,8 @@ class Engine:
                 self.prefill_tokens += len(toks)
         return self.runner.forward([s.slot for s, _, _ in rows], [st for _, st, _ in rows], [t for _, _, t in rows])
 
-    def _sample(self, pairs: list[tuple[Sequence, torch.Tensor]]) -> None:
-        batch = [s for s, _ in pairs]
-        logits = torch.stack([lg for _, lg in pairs])
+    def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> None:
+        """Draw row i's token for `batch[i]` from `logits[i]`, record it, and mark finished sequences."""
         temps = torch.tensor([s.params.temperature for s in batch], dtype=torch.float32, device=logits.device)
         top_ps = torch.tensor([s.params.top_p for s in batch], dtype=torch.float32, device=logits.device)
         tokens, logps = sample(logits, temps, top_ps, self.generator)

@@ -10,8 +10,8 @@ from conftest import ROOT
 
 
 def test_engine_throughput_quick(tmp_path) -> None:
-    res = subprocess.run([sys.executable, "-m", "benchmarks.engine_throughput", "--quick", "--out", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "benchmarks.engine_throughput", "--quick", "--repeats", "2",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     data = json.loads((tmp_path / "engine_throughput.json").read_text())
     assert data["quick"] and data["command"].startswith("python -m benchmarks.engine_throughput")
@@ -29,7 +29,16 @@ def test_engine_throughput_quick(tmp_path) -> None:
         floor = model["roofline"]["floor_s"]
         assert floor > 0 and model["roofline"]["floor_tokens_per_s"] == wl["total_new_tokens"] / floor
         for r in engines.values():
-            assert r["x_above_roofline"] == r["elapsed_s"] / floor and len(r["runs_x_above_roofline"]) == 1
+            assert r["x_above_roofline"] == r["elapsed_s"] / floor and len(r["runs_x_above_roofline"]) == 2
+            assert min(r["runs_x_above_roofline"]) <= r["median_x_above_roofline"] <= max(r["runs_x_above_roofline"])
+        # rounds: the engines' order rotates, and each round's ratio uses that round's numbers
+        assert [r["order"] for r in model["rounds"]] == [["ours", "hf_static", "hf_cb"], ["hf_static", "hf_cb", "ours"]]
+        for r in model["rounds"]:
+            t = r["tokens_per_s"]
+            assert r["speedup_vs_best_baseline"] == t["ours"] / max(t["hf_static"], t["hf_cb"])
+        assert model["speedup_per_round"] == [r["speedup_vs_best_baseline"] for r in model["rounds"]]
+        assert model["best_baseline_median_x_above_roofline"] == min(
+            engines[e]["median_x_above_roofline"] for e in ("hf_static", "hf_cb"))
         (step,) = model["decode_steps"]
         assert (step["rows"], step["context"], step["runner"]) == (4, 16, "FastLlamaRunner")
         assert step["floor_s"] > 0 and step["x_above_roofline"] == step["median_s"] / step["floor_s"]

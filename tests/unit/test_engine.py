@@ -106,6 +106,46 @@ def test_sampled_logprobs_match_full_forward(kind: str) -> None:
     assert any(other[k].output_ids != done[k].output_ids for k in done)
 
 
+def test_decode_only_fast_path_equals_the_general_path() -> None:
+    """Steady decode steps skip the regrouping and the logits copy: with the general path forced for
+    every step, the same seed gives the same tokens, logprobs and feed counts (staggered joins and
+    group forks included, so both kinds of step run)."""
+    model = make_model("llama")
+    params = [SamplingParams(max_new_tokens=n, temperature=t, top_p=p, ignore_eos=True)
+              for n, t, p in [(9, 1.0, 1.0), (3, 0.7, 0.9), (14, 0.0, 1.0), (6, 1.3, 1.0), (11, 1.0, 0.5)]]
+
+    def go(fast: bool) -> tuple[dict[str, Finished], Engine, int]:
+        engine = Engine(model, EOS, max_running=3, seed=7)
+        calls = 0
+        if not fast:
+            engine._decode_only = lambda: False  # type: ignore[method-assign]
+        else:
+            check = engine._decode_only
+
+            def counted() -> bool:
+                nonlocal calls
+                hit = check()
+                calls += hit
+                return hit
+            engine._decode_only = counted  # type: ignore[method-assign]
+        for i, (prompt, p) in enumerate(zip(PROMPTS, params)):
+            engine.add(str(i), prompt, p)
+        engine.add_group(["g0", "g1"], PROMPTS[1], params[0])
+        return run(engine), engine, calls
+
+    fast, fe, decode_steps = go(True)
+    slow, se, _ = go(False)
+    assert decode_steps > 0  # the fast path ran
+    assert (fe.prefill_tokens, fe.decode_tokens) == (se.prefill_tokens, se.decode_tokens)
+    for k, f in slow.items():
+        assert fast[k].output_ids == f.output_ids
+        assert fast[k].logprobs == f.logprobs  # same forwards in the same order: bitwise
+    for i, prompt in enumerate(PROMPTS[:len(params)]):
+        t = params[i].temperature
+        ref = reference_logprobs(model, prompt, fast[str(i)].output_ids, t)
+        assert torch.allclose(torch.tensor(fast[str(i)].logprobs), ref, atol=ATOL)
+
+
 # 3. interruption by a weight update ------------------------------------------------------------
 def test_weight_update_mid_generation_retags_and_recomputes() -> None:
     engine = Engine(make_model("llama", seed=0), EOS, max_running=4)
