@@ -13,7 +13,7 @@ the profiler) is reported next to them.
 
     python -m benchmarks.learner_profile --round 2   # a short-tailed batch (most rounds look like it)
     python -m benchmarks.learner_profile --round 4   # a long-tailed one (responses to ~730 tokens)
-    python -m benchmarks.learner_profile --round 2 --unfused   # the same without trainer/fused_ops.py
+    python -m benchmarks.learner_profile --round 2 --fused     # the same with trainer.fused_ops=true
 
 `--compare-compile` measures instead `trainer.compile=on` against `off` side by side: two `Learner`s over
 the same initial weights, one warm-up step each on a first batch (the compiled one's includes the
@@ -126,7 +126,7 @@ def breakdown(events) -> dict[str, float]:
     return dict(parts)
 
 
-def run(round_: int, groups: int, unfused: bool = False) -> dict:
+def run(round_: int, groups: int, fused: bool = False) -> dict:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         cfg0 = load_config(CONFIG, [f"model.cache_dir={tmp}"])
@@ -134,7 +134,7 @@ def run(round_: int, groups: int, unfused: bool = False) -> dict:
         model, tokenizer = load_model_and_tokenizer(create_embedded_model(Path(tmp) / "model", spec))
     cost, _, _ = measure_cost(model, 8192, quick=False)
     cfg = load_config(CONFIG, ["trainer.micro_batch_packing=cost", "trainer.max_tokens_per_micro_batch=8192",
-                               f"trainer.fused_ops={str(not unfused).lower()}"])
+                               f"trainer.fused_ops={str(fused).lower()}"])
     learner = L.Learner(cfg, copy.deepcopy(model), None, pack_cost=cost)
     task = SumCotTask(min_terms=cfg0.task.min_terms, max_terms=cfg0.task.max_terms, alpha=cfg0.task.tail_alpha,
                       seed=1234)
@@ -273,8 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compare-compile", action="store_true", help="trainer.compile on vs off, interleaved rounds")
     ap.add_argument("--rounds", type=int, default=7, help="--compare-compile: timed rounds after the warm-up")
     ap.add_argument("--warm-cache", action="store_true", help="--compare-compile: keep torch's inductor cache")
-    ap.add_argument("--unfused", action="store_true", help="profile with trainer.fused_ops=false (the model's own "
-                    "modules); writes learner_profile_round<N>_unfused.json")
+    ap.add_argument("--fused", action="store_true", help="profile with trainer.fused_ops=true (trainer/fused_ops.py "
+                    "instead of the model's own modules); writes learner_profile_round<N>_fused.json")
     args = ap.parse_args(argv)
     if args.compare_compile:
         rep = compare_compile(args.rounds, args.groups, args.warm_cache)
@@ -284,10 +284,10 @@ def main(argv: list[str] | None = None) -> dict:
         (args.out / name).write_text(json.dumps(rep, indent=1))
         print(json.dumps(rep["summary"], indent=1))
         return rep
-    rep = run(args.round, args.groups, args.unfused)
+    rep = run(args.round, args.groups, args.fused)
     rep["command"] = command_line("benchmarks.learner_profile", argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"learner_profile_round{args.round}{'_unfused' if args.unfused else ''}.json").write_text(json.dumps(rep, indent=1))
+    (args.out / f"learner_profile_round{args.round}{'_fused' if args.fused else ''}.json").write_text(json.dumps(rep, indent=1))
     b = rep["batch"]
     print(f"round {rep['round']}: {b['sequences']} sequences, {b['tokens']} tokens (longest {b['max_len']}); "
           f"step {rep['step_cpu_s']:.3f} s CPU (median of 3, unprofiled); load {' '.join(rep['loadavg'])}")

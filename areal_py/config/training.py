@@ -126,11 +126,13 @@ class TrainerConfig(Section):
         "error or mismatch logs why and stays eager for the run. on: compile on any device; off: eager; auto: on "
         "for a CUDA model, off on CPU, where it does not pay back within a run (docs/benchmarks.md, Learner step: "
         "compiled). Only at world size 1 without activation checkpointing (otherwise eager, logged).")
-    fused_ops: bool = Field(True, description="Run the policy's Llama RMSNorms, attention (q/k/v as one GEMM, RoPE "
+    fused_ops: bool = Field(False, description="Run the policy's Llama RMSNorms, attention (q/k/v as one GEMM, RoPE "
                             "without rotate_half's cat) and MLP (gate/up as one GEMM, SiLU x up) through the hand-fused "
                             "autograd functions of trainer/fused_ops.py, each kind checked against the model's own "
                             "forward + backward once (1e-5); any mismatch or error keeps the model's own modules. "
-                            "Eager only: off when trainer.compile compiles the layers or at world size > 1.")
+                            "Eager only: ignored when trainer.compile compiles the layers or at world size > 1. Off by "
+                            "default: no faster than the model's own modules on the CPU measured (docs/benchmarks.md, "
+                            "Learner step: fused training ops).")
 
     @model_validator(mode="before")
     @classmethod
