@@ -1,4 +1,5 @@
-"""`areal-py run weights.transfer=dist`: the embedded default with two servers, weights over a gloo group."""
+"""`areal-py run weights.transfer=dist`: the embedded default with two servers, weights over a gloo group;
+and `trainer.world_size=2`, two FSDP2 trainer ranks (gloo), in the same run."""
 from __future__ import annotations
 
 import json
@@ -14,18 +15,31 @@ import pytest
 from conftest import ROOT, free_ports, run_cli, scaled
 
 from areal_py.telemetry.metrics import read_jsonl
+from areal_py.telemetry.step_record import read_step_records
 
 
-def test_dist_transfer_run_finishes_with_every_version_over_the_group(tmp_path, small_cfg):
+def test_two_ranks_and_dist_transfer_run_finishes_with_every_version_over_the_group(tmp_path, small_cfg):
+    """Two FSDP2 trainer ranks (gloo) and two servers fed over the weight group, in one run (each had a run
+    of its own before): both ranks' work is in every step record, the final model is gathered from the
+    shards onto rank 0, and every version reached both servers over the group, with no weight file."""
     steps = 4
-    res = run_cli(["run", "--quiet", *small_cfg, "rollout.num_servers=2", "weights.transfer=dist",
+    res = run_cli(["run", "--quiet", *small_cfg, "trainer.world_size=2", "trainer.checkpoint_every=2",
+                   "rollout.num_servers=2", "weights.transfer=dist",
                    f"weights.dist_port={free_ports(1)[0]}", "weights.dist_timeout_s=20",
                    "controller.max_staleness=1", f"trainer.total_steps={steps}"])
     assert res.returncode == 0, res.stdout + res.stderr
     run = tmp_path / "runs" / "t"
-    recs = read_jsonl(run / "metrics.jsonl")
-    assert [r["step"] for r in recs] == list(range(1, steps + 1))
-    assert set(recs[-1]["server_generated_tokens"]) == {"rollout-0", "rollout-1"}
+    recs = read_step_records(run / "metrics.jsonl")
+    assert [r.step for r in recs] == list(range(1, steps + 1))
+    for r in recs:
+        assert len(r.rank_busy_s) == 2 and all(b > 0 for b in r.rank_busy_s), r.rank_busy_s
+        assert len(r.rank_tokens) == 2 and all(t > 0 for t in r.rank_tokens), r.rank_tokens
+        assert r.rank_tokens_max == max(r.rank_tokens) and r.rank_tokens_min == min(r.rank_tokens)
+        assert sum(r.rank_tokens) <= r.trained_tokens  # the informative rows of the batch, split
+    assert "rank 1/2" in (run / "logs" / "trainer-1.log").read_text()  # the second rank ran as its own process
+    assert (run / "final" / "model.safetensors").is_file()  # gathered from the shards onto rank 0
+    assert (run / "checkpoints" / "step_000002").is_dir()
+    assert set(recs[-1].server_generated_tokens) == {"rollout-0", "rollout-1"}
     assert not (run / "weights").exists()  # no weight files: nothing went over the disk
     trainer_log = (run / "logs" / "trainer.log").read_text()
     assert "forming the weight group" in trainer_log and "stream frames" not in trainer_log  # no fallback
@@ -39,12 +53,14 @@ def test_dist_transfer_run_finishes_with_every_version_over_the_group(tmp_path, 
 
 def test_weight_swap_quick_compares_all_three_transfers(tmp_path):
     """benchmarks.weight_swap --quick: every (mode, transfer) pair has one latency per interleaved round, a
-    positive floor, and the machine's load recorded before and after."""
+    positive floor, and the machine's load recorded before and after; each is printed with its ratio to the
+    floor. (The suite's only run of this benchmark's quick mode.)"""
     out = tmp_path / "weight_swap.json"
     res = subprocess.run([sys.executable, "-m", "benchmarks.weight_swap", "--quick", "--out", str(out)], cwd=ROOT,
                          capture_output=True, text=True, timeout=scaled(200))
     assert res.returncode == 0, res.stdout + res.stderr
     rep = json.loads(out.read_text())
+    assert res.stdout.count(" ratio ") == len(rep["results"]), res.stdout  # one line per (mode, transfer) pair
     assert set(rep["results"]) == {f"{m}/{p}" for m in ("recompute", "keep") for p in ("disk", "stream", "dist")}
     for row in rep["results"].values():
         assert len(row["latencies_s"]) == rep["rounds"] and min(row["latencies_s"]) > 0 and row["floor_s"] > 0
