@@ -13,8 +13,7 @@ each variant is timed in interleaved rounds (process CPU time per call, median o
   keys along their contiguous axis); a layout experiment, not what the cache does (`--layouts`);
 - `kernel`: `rollout_server.torch_engine.attention_kernel`, one call over the cache buffers, each row
   read to its own length (built once per machine; skipped with the reason if it cannot be built);
-  `kernel_append`: the same call storing each row's new K/V first (the decode step's fused write);
-  `kernel_pf0`: the kernel with its software read-ahead off.
+  `kernel_append`: the same call storing each row's new K/V first (the decode step's fused write).
 
 GB/s = K/V bytes the variant reads / CPU seconds: the padded `rows x context` for plain, sdpa and
 the matmuls, each row's own length for the kernel; `vs_plain` is a variant's GB/s over plain's (1.00x
@@ -102,21 +101,11 @@ def variants(s: Shape, case, kernel: Kernel | None = None, layouts: bool = False
     if kernel is not None:
         slots, lens_t = torch.arange(s.rows), torch.tensor(lens)
         fns["kernel"] = lambda: kernel(q, kbuf, vbuf, slots, lens_t, scale)
-        if hasattr(kernel, "append"):  # the built kernel: its fused write, and its read-ahead off
+        if hasattr(kernel, "append"):  # the built kernel: its fused write
             # the rows it stores are the ones already there, so every call reads the same cache
             kn, vn = kbuf[slots, :, lens_t - 1].clone(), vbuf[slots, :, lens_t - 1].clone()
             fns["kernel_append"] = lambda: kernel.append(q, kbuf, vbuf, slots, lens_t, scale, kn, vn)
-            fns["kernel_pf0"] = lambda: _without_read_ahead(kernel, lambda: kernel(q, kbuf, vbuf, slots, lens_t, scale))
     return fns
-
-
-def _without_read_ahead(kernel, call):
-    saved = kernel.prefetch_bytes()
-    kernel.set_prefetch_bytes(0)
-    try:
-        return call()
-    finally:
-        kernel.set_prefetch_bytes(saved)
 
 
 def kv_bytes(s: Shape, lens: list[int] | None = None) -> int:
@@ -173,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"command": command_line("benchmarks.decode_attention", argv), "threads": args.threads,
                "rounds": rounds, "load_average_before": load_before, "kernel": built.reason, "shapes": []}
     names = ["plain", "sdpa", "matmul"] + ["matmul_kt"] * args.layouts + ["kernel"] * (built.fn is not None)
-    names += ["kernel_append", "kernel_pf0"] * hasattr(built.fn, "append")
+    names += ["kernel_append"] * hasattr(built.fn, "append")
     if built.fn is None:
         print(f"kernel skipped: {built.reason}", flush=True)
     print(f"{'shape':<14} " + " ".join(f"{v:>16}" for v in names), flush=True)

@@ -60,13 +60,10 @@ Builder = Callable[[str, Path], Kernel]
 class CompiledKernel:
     """The built library's entry points (`attention_kernel_source`). Calling it attends (`Kernel`);
     `append(q, keys, values, slots, lens, scale, k_new, v_new)` first stores row i's new key/value
-    (`[rows, Hkv, D]`) at position `lens[i] - 1` of slot `slots[i]` (distinct slots), then attends;
-    `set_prefetch_bytes`/`prefetch_bytes` tune the read-ahead (benchmarks compare it off and on)."""
+    (`[rows, Hkv, D]`) at position `lens[i] - 1` of slot `slots[i]` (distinct slots), then attends."""
 
     attend: Kernel
     append: AppendKernel
-    set_prefetch_bytes: Callable[[int], None]
-    prefetch_bytes: Callable[[], int]
 
     def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
                  lens: torch.Tensor, scale: float) -> torch.Tensor:

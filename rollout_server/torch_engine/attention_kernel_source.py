@@ -9,8 +9,6 @@ Two entry points over the slot K/V cache buffers (`[slots, Hkv, alloc, D]`, cont
   above. The stored row is the last one the attention reads for that (row, head), so it is read
   back from L1 instead of being written by a separate scatter that misses the cache per line.
   Slots must be distinct (two rows writing one slot would race between threads): checked.
-- `set_prefetch_bytes(n)` / `prefetch_bytes()`: how far ahead of its reads the kernel prefetches
-  (0 turns it off; results are bitwise the same either way, only the speed changes).
 
 Invariants:
 - Each (row, KV head) reads its keys and its values exactly once, for all G query heads of the
@@ -18,9 +16,9 @@ Invariants:
   and each pair is computed whole by one thread, so the result does not depend on the thread count.
 - Two passes over keys with an exact max, fp32 accumulation whatever the cache dtype, a Cephes-style
   exponential (about 1 ulp) written so it vectorises; keys and values walked in blocks of 64 rows.
-- The reads form one stream per thread: a pair's keys, its values, the next pair's keys. The
-  kernel prefetches `prefetch_bytes` ahead along that stream, across the 4 KiB page and region
-  boundaries where the hardware prefetcher stops and restarts.
+- No software prefetch: read-ahead along each thread's K, V, next-K stream (sequential, or the
+  values prefetched into L2 during the keys' pass) was measured and did not help
+  (docs/benchmarks.md, "Decode step: what is left ..."), so the hardware prefetcher does it.
 - fp32 with a head dimension divisible by 8 on an AVX2+FMA build takes explicit intrinsics; every
   other case the portable loops. Inputs are checked; a violation is a `RuntimeError` naming it.
 """
@@ -28,7 +26,7 @@ from __future__ import annotations
 
 __all__ = ["CPP_SOURCE", "FUNCTIONS"]
 
-FUNCTIONS = ("decode_attention", "decode_attention_append", "set_prefetch_bytes", "prefetch_bytes")
+FUNCTIONS = ("decode_attention", "decode_attention_append")
 
 CPP_SOURCE = r"""
 #include <ATen/Parallel.h>
@@ -45,8 +43,6 @@ CPP_SOURCE = r"""
 namespace {
 
 constexpr int LANES = 16;
-constexpr int64_t LINE = 64;
-int64_t g_prefetch_bytes = 1024;
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float acc[LANES] = {0};
@@ -77,25 +73,6 @@ inline float exp_nonpos(float x) {
   return p * scale;
 }
 
-// One thread's reads as a stream of segments (keys of a pair, its values, the next pair's keys):
-// `ahead(s, from, to)` prefetches the lines `ahead` bytes past bytes [from, to) of segment s,
-// continuing into the following segments. A prefetch never faults; it only moves lines into cache.
-struct Stream {
-  const char* seg[3] = {nullptr, nullptr, nullptr};
-  int64_t len[3] = {0, 0, 0};
-  int64_t dist = 0;
-  inline void ahead(int s, int64_t from, int64_t to) const {
-    if (dist <= 0) return;
-    for (int64_t p = ((from + dist) / LINE) * LINE; p < to + dist; p += LINE) {
-      int64_t off = p;
-      int t = s;
-      while (t < 3 && off >= len[t]) { off -= len[t]; ++t; }
-      if (t == 3 || seg[t] == nullptr) return;
-      __builtin_prefetch(seg[t] + off, 0, 3);
-    }
-  }
-};
-
 template <typename T>
 inline const float* as_float(const T* src, float* buf, int64_t n) {
   if constexpr (std::is_same<T, float>::value) {
@@ -109,21 +86,16 @@ inline const float* as_float(const T* src, float* buf, int64_t n) {
 constexpr int64_t BLOCK = 64;  // keys per block: the block stays in L1 while the G heads use it
 
 template <typename T>  // pass 1, any dtype: scores of the G heads from one key row at a time
-void scores(const float* qf, const T* k, int64_t L, int64_t G, int64_t D, float* kv, float* s, const Stream& st) {
-  const int64_t rb = D * static_cast<int64_t>(sizeof(T));
+void scores(const float* qf, const T* k, int64_t L, int64_t G, int64_t D, float* kv, float* s) {
   for (int64_t j = 0; j < L; ++j) {
-    st.ahead(0, j * rb, (j + 1) * rb);
     const float* kj = as_float(k + j * D, kv, D);
     for (int64_t g = 0; g < G; ++g) s[g * L + j] = dot(qf + g * D, kj, D);
   }
 }
 
 template <typename T>  // pass 2, any dtype: the G outputs from one value row at a time
-void weighted_sum(const float* s, const T* v, int64_t L, int64_t G, int64_t D, float* kv, float* o,
-                  const Stream& st) {
-  const int64_t rb = D * static_cast<int64_t>(sizeof(T));
+void weighted_sum(const float* s, const T* v, int64_t L, int64_t G, int64_t D, float* kv, float* o) {
   for (int64_t j = 0; j < L; ++j) {
-    st.ahead(1, j * rb, (j + 1) * rb);
     const float* vj = as_float(v + j * D, kv, D);
     for (int64_t g = 0; g < G; ++g) {
       const float p = s[g * L + j];
@@ -151,42 +123,30 @@ inline void dot4(const float* q, const float* k, int64_t D, float* out) {
   _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
 }
 
-// o[0 : 8*NV] += sum_j p[j] * v[j, 0 : 8*NV] over n rows of stride D, accumulators in registers;
-// with `st`, prefetches ahead of value rows j0 .. j0+n of the stream's values segment.
+// o[0 : 8*NV] += sum_j p[j] * v[j, 0 : 8*NV] over n rows of stride D, accumulators in registers.
 template <int NV>
-inline void pv_block(const float* v, const float* p, int64_t n, int64_t D, float* o, const Stream* st,
-                     int64_t j0) {
+inline void pv_block(const float* v, const float* p, int64_t n, int64_t D, float* o) {
   __m256 acc[NV];
   for (int t = 0; t < NV; ++t) acc[t] = _mm256_loadu_ps(o + 8 * t);
-  const int64_t rb = D * static_cast<int64_t>(sizeof(float));
   for (int64_t j = 0; j < n; ++j) {
-    if (st) st->ahead(1, (j0 + j) * rb, (j0 + j + 1) * rb);
     const __m256 pj = _mm256_set1_ps(p[j]);
     for (int t = 0; t < NV; ++t) acc[t] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * D + 8 * t), acc[t]);
   }
   for (int t = 0; t < NV; ++t) _mm256_storeu_ps(o + 8 * t, acc[t]);
 }
 
-void scores_avx2(const float* qf, const float* k, int64_t L, int64_t G, int64_t D, float* s, const Stream& st) {
-  const int64_t rb = D * static_cast<int64_t>(sizeof(float));
+void scores_avx2(const float* qf, const float* k, int64_t L, int64_t G, int64_t D, float* s) {
   for (int64_t jb = 0; jb < L; jb += BLOCK) {
     const int64_t je = std::min(L, jb + BLOCK);
     for (int64_t g = 0; g < G; ++g) {
       int64_t j = jb;
-      for (; j + 4 <= je; j += 4) {
-        if (g == 0) st.ahead(0, j * rb, (j + 4) * rb);
-        dot4(qf + g * D, k + j * D, D, s + g * L + j);
-      }
-      for (; j < je; ++j) {
-        if (g == 0) st.ahead(0, j * rb, (j + 1) * rb);
-        s[g * L + j] = dot(qf + g * D, k + j * D, D);
-      }
+      for (; j + 4 <= je; j += 4) dot4(qf + g * D, k + j * D, D, s + g * L + j);
+      for (; j < je; ++j) s[g * L + j] = dot(qf + g * D, k + j * D, D);
     }
   }
 }
 
-void weighted_sum_avx2(const float* s, const float* v, int64_t L, int64_t G, int64_t D, float* o,
-                       const Stream& st) {
+void weighted_sum_avx2(const float* s, const float* v, int64_t L, int64_t G, int64_t D, float* o) {
   for (int64_t jb = 0; jb < L; jb += BLOCK) {
     const int64_t n = std::min(L, jb + BLOCK) - jb;
     for (int64_t g = 0; g < G; ++g) {
@@ -194,16 +154,15 @@ void weighted_sum_avx2(const float* s, const float* v, int64_t L, int64_t G, int
         const float* vb = v + jb * D + c;
         const float* p = s + g * L + jb;
         float* og = o + g * D + c;
-        const Stream* ps = (g == 0 && c == 0) ? &st : nullptr;
         switch (std::min<int64_t>(8, (D - c) / 8)) {
-          case 1: pv_block<1>(vb, p, n, D, og, ps, jb); break;
-          case 2: pv_block<2>(vb, p, n, D, og, ps, jb); break;
-          case 3: pv_block<3>(vb, p, n, D, og, ps, jb); break;
-          case 4: pv_block<4>(vb, p, n, D, og, ps, jb); break;
-          case 5: pv_block<5>(vb, p, n, D, og, ps, jb); break;
-          case 6: pv_block<6>(vb, p, n, D, og, ps, jb); break;
-          case 7: pv_block<7>(vb, p, n, D, og, ps, jb); break;
-          default: pv_block<8>(vb, p, n, D, og, ps, jb); break;
+          case 1: pv_block<1>(vb, p, n, D, og); break;
+          case 2: pv_block<2>(vb, p, n, D, og); break;
+          case 3: pv_block<3>(vb, p, n, D, og); break;
+          case 4: pv_block<4>(vb, p, n, D, og); break;
+          case 5: pv_block<5>(vb, p, n, D, og); break;
+          case 6: pv_block<6>(vb, p, n, D, og); break;
+          case 7: pv_block<7>(vb, p, n, D, og); break;
+          default: pv_block<8>(vb, p, n, D, og); break;
         }
       }
     }
@@ -211,15 +170,15 @@ void weighted_sum_avx2(const float* s, const float* v, int64_t L, int64_t G, int
 }
 #else
 constexpr bool kAvx2 = false;
-void scores_avx2(const float*, const float*, int64_t, int64_t, int64_t, float*, const Stream&) {}
-void weighted_sum_avx2(const float*, const float*, int64_t, int64_t, int64_t, float*, const Stream&) {}
+void scores_avx2(const float*, const float*, int64_t, int64_t, int64_t, float*) {}
+void weighted_sum_avx2(const float*, const float*, int64_t, int64_t, int64_t, float*) {}
 #endif
 
 // kn/vn: the new key/value rows ([B, Hkv, D]) stored at position lens[i] - 1 first, or null.
 template <typename T>
 void run(const T* q, T* k, T* v, const T* kn, const T* vn, const int64_t* slots, const int64_t* lens, T* out,
          int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t alloc, int64_t max_len, float scale) {
-  const int64_t dist = g_prefetch_bytes, rb = D * static_cast<int64_t>(sizeof(T));
+  const int64_t rb = D * static_cast<int64_t>(sizeof(T));
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(G * max_len), o(G * D), qf(G * D), kv(D), inv(G);
     for (int64_t task = begin; task < end; ++task) {
@@ -229,24 +188,14 @@ void run(const T* q, T* k, T* v, const T* kn, const T* vn, const int64_t* slots,
         std::memcpy(k + base + (L - 1) * D, kn + task * D, rb);
         std::memcpy(v + base + (L - 1) * D, vn + task * D, rb);
       }
-      Stream st;
-      st.dist = dist;
-      st.seg[0] = reinterpret_cast<const char*>(k + base);
-      st.seg[1] = reinterpret_cast<const char*>(v + base);
-      st.len[0] = st.len[1] = L * rb;
-      if (task + 1 < end) {
-        const int64_t i2 = (task + 1) / Hkv, h2 = (task + 1) % Hkv;
-        st.seg[2] = reinterpret_cast<const char*>(k + (slots[i2] * Hkv + h2) * alloc * D);
-        st.len[2] = lens[i2] * rb;
-      }
       const T* qp = q + (i * Hkv + h) * G * D;
       for (int64_t x = 0; x < G * D; ++x) qf[x] = static_cast<float>(qp[x]) * scale;
       bool fast = false;
       if constexpr (std::is_same<T, float>::value) fast = kAvx2 && D % 8 == 0;
       if constexpr (std::is_same<T, float>::value) {
-        if (fast) scores_avx2(qf.data(), k + base, L, G, D, s.data(), st);
+        if (fast) scores_avx2(qf.data(), k + base, L, G, D, s.data());
       }
-      if (!fast) scores(qf.data(), k + base, L, G, D, kv.data(), s.data(), st);
+      if (!fast) scores(qf.data(), k + base, L, G, D, kv.data(), s.data());
       for (int64_t g = 0; g < G; ++g) {  // exact max, exponentials, their sum
         float* sg = s.data() + g * L;
         float m = sg[0];
@@ -263,9 +212,9 @@ void run(const T* q, T* k, T* v, const T* kn, const T* vn, const int64_t* slots,
       }
       std::fill(o.begin(), o.end(), 0.f);
       if constexpr (std::is_same<T, float>::value) {
-        if (fast) weighted_sum_avx2(s.data(), v + base, L, G, D, o.data(), st);
+        if (fast) weighted_sum_avx2(s.data(), v + base, L, G, D, o.data());
       }
-      if (!fast) weighted_sum(s.data(), v + base, L, G, D, kv.data(), o.data(), st);
+      if (!fast) weighted_sum(s.data(), v + base, L, G, D, kv.data(), o.data());
       T* op = out + (i * Hkv + h) * G * D;
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d) op[g * D + d] = static_cast<T>(o[g * D + d] * inv[g]);
@@ -345,11 +294,4 @@ at::Tensor decode_attention_append(at::Tensor q, at::Tensor keys, at::Tensor val
                                    at::Tensor lens, double scale, at::Tensor k_new, at::Tensor v_new) {
   return attend(q, keys, values, slots, lens, scale, &k_new, &v_new);
 }
-
-void set_prefetch_bytes(int64_t n) {
-  TORCH_CHECK(n >= 0 && n <= (1 << 20), "prefetch distance must be 0..1 MiB, got ", n);
-  g_prefetch_bytes = n;
-}
-
-int64_t prefetch_bytes() { return g_prefetch_bytes; }
 """

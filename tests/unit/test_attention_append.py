@@ -1,4 +1,4 @@
-"""The decode kernel's fused cache write (`CompiledKernel.append`) and read-ahead: exactly the separate
+"""The decode kernel's fused cache write (`CompiledKernel.append`): exactly the separate
 write followed by the kernel, bitwise, in the kernel alone and in the runner's steps (ragged rows, GQA,
 scattered slots, a slot reused by a new sequence next to decoding rows). The build cache is keyed by
 the C++ source, so an edited kernel is never loaded from a stale build.
@@ -65,24 +65,6 @@ def test_append_is_the_separate_write_then_the_kernel_bitwise(kernel, hkv: int, 
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         assert (got.float() - ref).abs().max() <= tol * ref.abs().max()
     assert kernel_agrees(kernel, hkv, g, d, dtype, CPU)  # the start-up check covers append too
-
-
-@pytest.mark.timeout(600)
-def test_read_ahead_changes_no_bit_and_is_checked(kernel) -> None:
-    q, k, v, slots, lens, _, _ = case(torch.Generator().manual_seed(7), 9, 3, 2, 48, 300)
-    default = kernel.prefetch_bytes()
-    assert default > 0
-    try:
-        outs = []
-        for n in (0, 64, default, 8192):
-            kernel.set_prefetch_bytes(n)
-            assert kernel.prefetch_bytes() == n
-            outs.append(kernel(q, k, v, slots, lens, 0.2))
-        with pytest.raises(RuntimeError, match="prefetch distance"):
-            kernel.set_prefetch_bytes(-1)
-    finally:
-        kernel.set_prefetch_bytes(default)
-    assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 @pytest.mark.timeout(600)
