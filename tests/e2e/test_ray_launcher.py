@@ -184,15 +184,19 @@ SEEDS = (0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytes
 
 @needs_ray
 @pytest.mark.parametrize("seed", SEEDS)
-def test_ray_two_ranks_learn(tmp_path, seed):
+def test_ray_two_ranks_learn(tmp_path, model_cache, seed):
     """The launcher's learning gate on the embedded default, two trainer ranks on a Ray started for the run:
     first 10 -> last 10 steps' reward gains at least 0.3. 100 steps, not the default's 200: past step 100 the
-    default wanders (docs/benchmarks.md, two trainer ranks), which the gate would measure instead."""
+    default wanders (docs/benchmarks.md, two trainer ranks), which the gate would measure instead.
+
+    In the session's model cache: seed 0's model (the default's, cold start included; the suite's
+    overrides touch no model or cold-start key) is already built there, so a fresh machine does not
+    build it a second time; seeds 1 and 2 cold-start their own there, as the default run does."""
     from conftest import net_overrides
 
     res = run_cli(["run", "--quiet", "run.launcher=ray", "trainer.world_size=2", "trainer.total_steps=100",
                    f"run.seed={seed}", f"run.output_dir={tmp_path}", "run.name=r", "run.dashboard_port=0",
-                   *net_overrides()], timeout=900)
+                   f"model.cache_dir={model_cache}", *net_overrides()], timeout=900)
     assert res.returncode == 0, res.stdout + res.stderr
     rewards = [r.reward_mean or 0.0 for r in read_step_records(tmp_path / "r" / "metrics.jsonl")]
     assert len(rewards) == 100
