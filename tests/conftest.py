@@ -159,3 +159,8 @@ def _kill_group(proc: subprocess.Popen) -> tuple[str, str]:
     if out is None:
         out, err = proc.communicate()
     return out or "", err or ""
+
+
+def window_means(rewards: list[float], width: int) -> list[float]:
+    """Means of consecutive, non-overlapping windows of `width` steps."""
+    return [sum(rewards[i:i + width]) / width for i in range(0, len(rewards) - width + 1, width)]

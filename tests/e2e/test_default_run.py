@@ -2,16 +2,11 @@
 of CI: pytest -m slow). docs/benchmarks.md (the default run, across seeds) holds the spread these thresholds
 come from."""
 import pytest
-from conftest import net_overrides, run_cli
+from conftest import net_overrides, run_cli, window_means
 
 from areal_py.telemetry.metrics import read_jsonl
 
 SEEDS = (0, 1, 2)
-
-
-def window_means(rewards: list[float], width: int) -> list[float]:
-    """Means of consecutive, non-overlapping windows of `width` steps."""
-    return [sum(rewards[i:i + width]) / width for i in range(0, len(rewards) - width + 1, width)]
 
 
 @pytest.mark.slow
