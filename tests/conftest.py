@@ -164,3 +164,15 @@ def _kill_group(proc: subprocess.Popen) -> tuple[str, str]:
 def window_means(rewards: list[float], width: int) -> list[float]:
     """Means of consecutive, non-overlapping windows of `width` steps."""
     return [sum(rewards[i:i + width]) / width for i in range(0, len(rewards) - width + 1, width)]
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The decode attention kernel (built once per machine, in the session's first use); skips where it cannot
+    be built, naming why."""
+    from rollout_server.torch_engine.attention_kernel import load_kernel
+
+    built = load_kernel()
+    if built.fn is None:
+        pytest.skip(f"no decode attention kernel on this machine: {built.reason}")
+    return built.fn

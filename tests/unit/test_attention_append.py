@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rollout_server.torch_engine import attention_kernel
 from rollout_server.torch_engine.attention_choice import kernel_agrees
-from rollout_server.torch_engine.attention_kernel import decode_attention_ref, load_kernel
+from rollout_server.torch_engine.attention_kernel import decode_attention_ref
 from rollout_server.torch_engine.kv_cache import SlotKVCache
 from rollout_server.torch_engine.model_runner import FastLlamaRunner
 
@@ -29,14 +29,6 @@ def test_an_edited_source_gets_its_own_build_directory(monkeypatch, tmp_path) ->
     monkeypatch.setattr(attention_kernel, "CPP_SOURCE", attention_kernel.CPP_SOURCE + "\n// edited\n")
     assert attention_kernel.source_key() != key and attention_kernel.build_dir(tmp_path) != before
     assert not attention_kernel.is_built(tmp_path)  # the old library is not this source's: rebuilt
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    built = load_kernel()
-    if built.fn is None:
-        pytest.skip(f"no decode attention kernel on this machine: {built.reason}")
-    return built.fn
 
 
 def case(gen, rows: int, hkv: int, g: int, d: int, alloc: int, dtype=torch.float32):

@@ -144,14 +144,6 @@ def random_case(gen, rows: int, hkv: int, g: int, d: int, alloc: int, dtype=torc
     return q, k, v, slots, lens
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    built = load_kernel()
-    if built.fn is None:
-        pytest.skip(f"no decode attention kernel on this machine: {built.reason}")
-    return built.fn
-
-
 @pytest.mark.timeout(600)  # the first run on a machine compiles the kernel
 @pytest.mark.parametrize(("hkv", "g", "d"), [(4, 1, 48), (2, 4, 64), (1, 7, 20), (3, 2, 16)])
 def test_kernel_equals_sdpa(kernel, hkv: int, g: int, d: int) -> None:
