@@ -103,7 +103,7 @@ class Learner:
         self._update_index = 0  # minibatch updates of this step so far (fixed_targets resets it)
         self._tokens = [0, 0]  # this step's training micro-batches: [real, computed (rows x padded width)] tokens
         self.rank_load: RankLoad | None = None  # the last step's work per rank (world size > 1)
-        self.offpolicy: OffPolicyStats | None = None  # the last step's off-policy statistics (world size 1)
+        self.offpolicy: OffPolicyStats | None = None  # the last step's off-policy statistics (whole batch, every rank)
         self._offpolicy = OffPolicyTally()
 
     def modules(self) -> dict[str, torch.nn.Module]:

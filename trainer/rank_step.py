@@ -16,7 +16,9 @@ Why world size N equals world size 1:
 - FSDP2 runs a collective in every forward and backward, so every rank must run the same number of
   them: `pad_micro_batches` pads a rank's micro-batch list to the largest with `None`, a zero-weight
   pass (`zero_pass`) that contributes exactly 0 to every gradient;
-- statistics are sums of per-rank parts that were already divided by global counts (`sum_stats`).
+- statistics are sums of per-rank parts that were already divided by global counts (`sum_stats`);
+  the off-policy statistics are formed from per-rank counts, sums and maxima combined first
+  (`offpolicy_across_ranks`), so every rank holds the one-process numbers of the whole batch.
 With ``trainer.ppo_minibatches > 1`` each rank cuts its own share into minibatches, so a minibatch is
 a different (equally random) part of the batch than in one process.
 """
@@ -31,6 +33,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from trainer.algo import recipe as A
+from trainer.algo.offpolicy_stats import OffPolicyTally, staleness_keys
 from trainer.batch_split import balance_groups, group_rows, group_tokens, pack_rows, unpack_rows
 from trainer.distributed import Dist, all_reduce, broadcast, scatter
 from trainer.rollout_batch import RolloutBatch, token_logprobs
@@ -92,6 +95,39 @@ def sum_stats(values: list[float], dist: Dist, step: int) -> list[float]:
         return values
     t = all_reduce(torch.tensor(values, dtype=torch.float64), dist, "the step's loss statistics", step)
     return t.tolist()
+
+
+# the fields of a tally's per-set sums (offpolicy_stats._Sums) combined by SUM, and the one combined by MAX
+OFFPOLICY_SUMMED = ("n", "w", "w2", "k3", "changed")
+OFFPOLICY_MAXED = "k3_max"
+_OFFPOLICY_INTS = ("n", "changed")
+
+
+def offpolicy_across_ranks(tally: OffPolicyTally, dist: Dist, step: int) -> OffPolicyTally:
+    """The step's off-policy tally over every rank's tokens, on every rank: the counts and sums of the whole
+    set and of each staleness bucket all-reduced with SUM, the k3 maxima with MAX. Counts travel as float64
+    (exact below 2**53); a bucket empty on one rank adds 0 to the sums and 0 to the max (k3 >= 0), so the
+    result is the tally one process holds on the whole batch, up to the order of the float64 sums. A bucket
+    is kept when any rank has tokens in it, exactly as one process keeps its non-empty buckets."""
+    if not dist.distributed:
+        return tally
+    keys = staleness_keys(tally.top)
+    sets = [tally.total, *(tally.buckets.get(k) for k in keys)]
+    sums = torch.tensor([[float(getattr(s, f)) if s is not None else 0.0 for f in OFFPOLICY_SUMMED] for s in sets],
+                        dtype=torch.float64)
+    maxima = torch.tensor([float(getattr(s, OFFPOLICY_MAXED)) if s is not None else 0.0 for s in sets],
+                          dtype=torch.float64)
+    all_reduce(sums, dist, "the off-policy statistics' token counts and sums", step)
+    all_reduce(maxima, dist, "the off-policy statistics' k3 maxima", step, op=torch.distributed.ReduceOp.MAX)
+
+    def merged(i: int):
+        values = {f: round(float(v)) if f in _OFFPOLICY_INTS else float(v)
+                  for f, v in zip(OFFPOLICY_SUMMED, sums[i], strict=True)}
+        return dataclasses.replace(tally.total, **values, **{OFFPOLICY_MAXED: float(maxima[i])})
+
+    out = OffPolicyTally(top=tally.top, total=merged(0))
+    out.buckets = {k: merged(i) for i, k in enumerate(keys, start=1) if sums[i, 0] > 0}
+    return out
 
 
 def norm_value(norm: torch.Tensor) -> float:
@@ -229,6 +265,7 @@ def train_share(learner: Any, sub: RolloutBatch | None, adv_pre: torch.Tensor | 
     sub = sub if sub is not None else _empty(group_size)
     stats: dict[str, float] = {k: 0.0 for k in STAT_KEYS}
     learner._tokens = [0, 0]
+    learner._offpolicy = OffPolicyTally()
     prox, ref, old_values, from_forward = learner.fixed_targets(sub, need_prox, on_policy, stats)
     returns = None
     if adv_pre is not None or not sub.num_samples:
@@ -248,6 +285,7 @@ def train_share(learner: Any, sub: RolloutBatch | None, adv_pre: torch.Tensor | 
     stats["skipped_updates"] = float(len(minibatches) - applied)
     real, computed = sum_stats([float(x) for x in learner._tokens], d, step)
     stats["real_token_fraction"] = real / max(computed, 1.0)
+    learner.offpolicy = offpolicy_across_ranks(learner._offpolicy, d, step).summary()
     for k in STAT_KEYS:
         stats[k] /= max(applied, 1)
     if applied:

@@ -4,6 +4,8 @@ Both ranks run every configuration in one spawned pair of processes (starting ra
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from dist_ranks import run_ranks
@@ -13,6 +15,7 @@ from areal_py.config import load_config
 from areal_py.wire import protocol as P
 from trainer import learner as L
 from trainer import rank_step
+from trainer.algo.offpolicy_stats import OffPolicyTally, staleness_keys
 from trainer.distributed import init_dist
 from trainer.learner import Learner
 from trainer.rollout_batch import collate
@@ -28,11 +31,14 @@ CASES = {  # name: (overrides, groups in the batch, version the tokens were gene
                           "algo.kl_coef=0.1", "algo.kl_in=reward", "algo.adv_estimator=rloo"], 5, 2),
     "one_group": (["trainer.micro_batch_size=2"], 1, 3),  # rank 1 gets no rows, joins with zero-weight passes
     "no_signal": ([], 0, 3),  # 2 groups, every reward equal: nothing informative, no update on any rank
+    # tokens of versions 0..3 (every staleness bucket) and a lower bound that clamps some weights
+    "mixed_stale_bounded": (["algo.offpolicy.lower=0.1"], 5, (0, 1, 2, 3)),
 }
 
 
-def make_batch(groups: int, version: int):
-    """``groups`` groups of 4 with varied lengths and rewards; 0 = two groups whose rewards are all equal."""
+def make_batch(groups: int, version: int | tuple[int, ...]):
+    """``groups`` groups of 4 with varied lengths and rewards; 0 = two groups whose rewards are all equal.
+    ``version``: every token's, or the versions each token's is drawn from."""
     g = torch.Generator().manual_seed(7)
     out, uniform = [], groups == 0
     for gid in range(groups or 2):
@@ -41,10 +47,16 @@ def make_batch(groups: int, version: int):
             n = int(torch.randint(1, 12, (1,), generator=g))
             ids = torch.randint(4, 32, (n,), generator=g).tolist()
             samples.append(P.Sample(output_ids=ids, logprobs=(-torch.rand(n, generator=g) * 3).tolist(),
-                                    versions=[version] * n, finish_reason="stop",
+                                    versions=_versions(version, n, g), finish_reason="stop",
                                     reward=1.0 if uniform else float((i + gid) % 3 == 0)))
         out.append(P.Group(gid=gid, prompt_index=gid, prompt_ids=[1, 2 + gid, 3] * (1 + gid % 2), samples=samples))
     return collate(out, pad_id=0)
+
+
+def _versions(version: int | tuple[int, ...], n: int, g: torch.Generator) -> list[int]:
+    if isinstance(version, int):
+        return [version] * n
+    return [version[int(i)] for i in torch.randint(0, len(version), (n,), generator=g)]
 
 
 def one_step(name: str, model_dir: str, dist=None) -> dict:
@@ -56,7 +68,7 @@ def one_step(name: str, model_dir: str, dist=None) -> dict:
     stats = learner.train_step(make_batch(groups, generated) if main else None, 3)
     out = {"stats": stats, "model": full_weights(learner.model, learner.dist),
            "critic": full_weights(learner.critic, learner.dist) if learner.critic is not None else None,
-           "load": learner.rank_load}
+           "load": learner.rank_load, "offpolicy": learner.offpolicy}
     return out
 
 
@@ -102,6 +114,8 @@ def test_world_size_two_equals_one(two_ranks, model_dir, name):
     assert moved > cfg_lr() / 2 if name != "no_signal" else moved == 0.0
     for k in ("loss", "grad_norm", "informative_samples", "value_loss", "kl_loss"):
         assert two["stats"][k] == pytest.approx(one["stats"][k], abs=1e-5), k
+    _same_offpolicy(two["offpolicy"], one["offpolicy"])
+    _same_offpolicy(r1[name]["offpolicy"], one["offpolicy"])  # every rank holds the whole batch's numbers
     load = two["load"]
     if name == "no_signal":
         assert load.tokens == [0, 0]
@@ -109,6 +123,36 @@ def test_world_size_two_equals_one(two_ranks, model_dir, name):
     assert len(load.tokens) == 2 and sum(load.tokens) > 0 and all(b > 0 for b in load.busy_s)
     if name == "one_group":
         assert load.tokens[1] == 0
+
+
+def _same_offpolicy(two, one) -> None:
+    """The off-policy statistics of world size 2 are those of one process on the whole batch."""
+    if one is None:  # nothing informative: no step, nothing computed
+        assert two is None
+        return
+    assert two.by_staleness.keys() == one.by_staleness.keys()
+    for key, g1, g2 in [("all", one.all, two.all), *((k, one.by_staleness[k], two.by_staleness[k])
+                                                        for k in one.by_staleness)]:
+        assert g2.tokens == g1.tokens, key
+        for f in ("kl_mean", "kl_max", "ess", "bounded_fraction"):
+            assert getattr(g2, f) == pytest.approx(getattr(g1, f), abs=1e-6, rel=0), f"{key}.{f}"
+
+
+def test_offpolicy_statistics_are_of_the_whole_batch(two_ranks):
+    """The mixed case fills every staleness bucket, bounds some tokens and is off-policy, so the comparison
+    above compares non-trivial numbers; the 2-rank result counts every valid token of the batch."""
+    s = two_ranks[0]["mixed_stale_bounded"]["offpolicy"]
+    assert list(s.by_staleness) == list(staleness_keys())
+    assert s.all.tokens == sum(g.tokens for g in s.by_staleness.values()) > 0
+    assert 0.0 < s.all.bounded_fraction < 1.0 and s.all.kl_mean > 0.0 and s.all.ess < 1.0
+    on = two_ranks[0]["token_mean"]["offpolicy"]  # every token from the trained version: prox = behav
+    assert (on.all.kl_max, on.all.ess, list(on.by_staleness)) == (0.0, 1.0, ["0"])
+
+
+def test_offpolicy_tally_fields_are_all_combined():
+    """`offpolicy_across_ranks` combines every field of a tally's sums: a new one would be left per-rank."""
+    names = {f.name for f in dataclasses.fields(OffPolicyTally().total)}
+    assert names == {*rank_step.OFFPOLICY_SUMMED, rank_step.OFFPOLICY_MAXED}
 
 
 def test_skip_command_reaches_the_other_rank(two_ranks):
