@@ -36,6 +36,9 @@ def test_two_ranks_and_dist_transfer_run_finishes_with_every_version_over_the_gr
         assert len(r.rank_tokens) == 2 and all(t > 0 for t in r.rank_tokens), r.rank_tokens
         assert r.rank_tokens_max == max(r.rank_tokens) and r.rank_tokens_min == min(r.rank_tokens)
         assert sum(r.rank_tokens) <= r.trained_tokens  # the informative rows of the batch, split
+        # the off-policy statistics of both ranks' tokens, combined (trainer/rank_step.py offpolicy_across_ranks)
+        assert r.offpolicy_kl_mean is not None and r.offpolicy_kl_mean >= 0.0 and 0.0 < r.offpolicy_ess <= 1.0
+        assert 0 < sum(b.tokens for b in r.offpolicy_by_staleness.values()) <= r.response_tokens
     assert "rank 1/2" in (run / "logs" / "trainer-1.log").read_text()  # the second rank ran as its own process
     assert (run / "final" / "model.safetensors").is_file()  # gathered from the shards onto rank 0
     assert (run / "checkpoints" / "step_000002").is_dir()
