@@ -1,19 +1,24 @@
-"""AReaL's staleness ablation at our scale: decoupled PPO vs naive PPO as data grows stale.
+"""The staleness ablation of issue 18: which off-policy objective keeps the reward as data grows stale.
 
-For each `controller.max_staleness` in {0, 1, 2, 4, 8} and each objective, one run on the
-embedded `arith` task with the same seeds:
+The grid: task (`arith`, or `sum_cot`'s long, interrupted, multi-version trajectories via
+configs/sum_cot.yaml) x objective (a named recipe of overrides, `RECIPES`) x `trainer.ppo_minibatches`
+x eta (`controller.max_staleness`) x seed. The score of a run is the held-out reward of its final
+model on fixed prompts (benchmarks.async_vs_sync.heldout_reward), not its training reward; each run
+also records its final training reward, samples/s, the staleness it saw and how far one training step
+moved the policy (`update_kl`, `approx_kl`: benchmarks/ablation_summary.py), so an lr can be chosen
+where one update moves the policy little.
 
-- decoupled (`algo.loss=decoupled`): the trust region is centred on the recomputed proximal
-  policy, and the behaviour policy only enters through the (capped) importance weight;
-- naive PPO (`algo.loss=ppo`): the behaviour policy's logprobs are used as the old policy, so
-  the clip is centred on a policy up to `max_staleness` versions old.
+Resumable and mergeable: each run's record is written to its own JSON file in the grid directory as
+it finishes; a run whose file exists (same cell overrides, same seed) is skipped; the summary
+(`summary.json`, `summary.md`, `summary.png`) pools every file of the grid directory, whichever
+machine or session wrote it. Split a grid across machines by seeds or bounds, copy the run files into
+one directory, and run again with `--summary-only`.
 
-On arith the trainer is the bottleneck, so generation runs ahead and the data really is as stale
-as the bound allows (the table reports the staleness seen). The paper's finding: the decoupled
-objective keeps the final reward as staleness grows; naive PPO loses it.
-
-    python -m benchmarks.staleness_ablation           # 150 steps, seeds 0,1 -> results/staleness_ablation.json
-    python -m benchmarks.staleness_ablation --quick   # 2 bounds x 2 objectives, a few steps, no result file
+    python -m benchmarks.staleness_ablation --task sum_cot --seeds 0,1,2,3,4,5      # the issue's grid (hours)
+    python -m benchmarks.staleness_ablation --task sum_cot --bounds 0,4 --objectives naive,decoupled \\
+        --minibatches 4 --seeds 0 --steps 10                                        # one short cell pair
+    python -m benchmarks.staleness_ablation --quick --out DIR   # 2 bounds x 2 objectives, 1 seed, tiny (suite)
+    python -m benchmarks.staleness_ablation --summary-only --grid benchmarks/results/staleness_ablation_sum_cot
 """
 from __future__ import annotations
 
@@ -22,128 +27,183 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 from areal_py.telemetry.run_summary import summarize_run
-from benchmarks.common import RESULTS_DIR, command_line, run_areal
+from areal_py.telemetry.step_record import StepRecord, read_step_records
+from benchmarks import async_vs_sync
+from benchmarks.ablation_summary import (
+    RunResult,
+    cell_key,
+    plot,
+    pool,
+    read_runs,
+    run_stem,
+    table,
+    weighted_mean,
+    write_run,
+)
+from benchmarks.common import RESULTS_DIR, ROOT, command_line, run_areal
 
-LOSSES = ("decoupled", "ppo")
-QUICK = ["trainer.total_steps=6", "controller.batch_size=4", "controller.group_size=4"]
+# Objectives as recipes of overrides. `decoupled` is whatever algo.offpolicy defaults to (today min(w, 5)
+# per token); `filter_mask5` is AReaL's example filter (token ratio mask at 5); `tis` token TIS at C = 2;
+# `none` the decoupled loss with no behaviour weight (AReaL's default without a filter).
+RECIPES: dict[str, list[str]] = {
+    "naive": ["algo.loss=ppo"],
+    "decoupled": ["algo.loss=decoupled"],
+    "filter_mask5": ["algo.loss=decoupled", "algo.offpolicy.action=mask", "algo.offpolicy.upper=5"],
+    "tis": ["algo.loss=decoupled", "algo.offpolicy.method=tis", "algo.offpolicy.upper=2"],
+    "none": ["algo.loss=decoupled", "algo.offpolicy.method=none"],
+}
+TASKS: dict[str, tuple[str | None, list[str], int]] = {
+    # task: (config file, overrides every run of it gets, default steps)
+    "arith": (None, [], 150),
+    "sum_cot": (async_vs_sync.CONFIG, ["run.mode=async"], 60),
+}
+# --quick: tiny batches and a few steps on arith (sum_cot: async_vs_sync's tiny sums), 2 x 2 x 1 seed
+QUICK_ARITH = ["controller.batch_size=4", "controller.group_size=4"]
+QUICK_STEPS = 3
+QUICK_HELDOUT_N = 16  # the suite checks the mechanics; each prompt moves a quick held-out reward by 1/16
+QUICK_BOUNDS, QUICK_OBJECTIVES = [0, 2], ["naive", "decoupled"]
+MOVED = {"--merge": "run files now accumulate in the grid directory (--grid): run the other seeds with the same "
+                    "--grid (or copy their files into it) and the summary pools them"}
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown table: one row per bound, final reward (mean ± standard error over seeds) and samples/s."""
-    head = ("| max_staleness | staleness seen (max) | decoupled: final reward | naive PPO: final reward "
-            "| decoupled: samples/s | naive PPO: samples/s |\n|---|---|---|---|---|---|")
-    lines = [head]
-    for r in rows:
-        d, p = r["decoupled"], r["ppo"]
-        lines.append(f"| {r['max_staleness']} | {max(d['staleness_max'], p['staleness_max'])} "
-                     f"| {d['reward_final']:.3f} ± {d['reward_final_sem']:.3f} "
-                     f"| {p['reward_final']:.3f} ± {p['reward_final_sem']:.3f} "
-                     f"| {d['samples_per_s']:.0f} | {p['samples_per_s']:.0f} |")
-    return "\n".join(lines)
+def update_kl(records: list[StepRecord]) -> float | None:
+    """Token-weighted mean over steps of the k3 KL(behaviour || proximal) on tokens exactly one version
+    stale: the policy one step before against the policy being trained, i.e. how far one step moved it."""
+    pairs = []
+    for r in records:
+        b = (r.offpolicy_by_staleness or {}).get("1")
+        if b is not None:
+            pairs.append((b.kl_mean, b.tokens))
+    return weighted_mean(pairs)
 
 
-def objective_summary(finals: list[float], means: dict) -> dict:
-    """Final reward over seeds as mean and standard error of the mean (two seeds: half their difference)."""
-    return {"reward_final": statistics.fmean(finals),
-            "reward_final_sem": statistics.stdev(finals) / len(finals) ** 0.5 if len(finals) > 1 else 0.0,
-            "reward_final_per_seed": finals, **means}
+def mean_approx_kl(records: list[StepRecord]) -> float | None:
+    vals = [r.approx_kl for r in records if r.approx_kl is not None]
+    return statistics.fmean(vals) if vals else None
 
 
-def check_mergeable(earlier: dict, bounds: list[int], seeds: list[int], extra: list[str]) -> None:
-    """Refuse, before any run starts, to pool results of a different grid or of the same seeds."""
-    if earlier["extra_overrides"] != extra:
-        raise SystemExit(f"--merge: the earlier runs used overrides {earlier['extra_overrides']}, these {extra}")
-    if set(earlier["seeds"]) & set(seeds):
-        raise SystemExit(f"--merge: seeds {sorted(set(earlier['seeds']) & set(seeds))} were run in both")
-    if sorted(r["max_staleness"] for r in earlier["rows"]) != sorted(bounds):
-        raise SystemExit(f"--merge: the earlier bounds {[r['max_staleness'] for r in earlier['rows']]} "
-                         f"differ from these {bounds}")
+def cell_overrides(task: str, objective: str, eta: int, minibatches: int, steps: int, lr: float | None,
+                   quick: bool, extra: list[str], heldout_n: int) -> list[str]:
+    """Everything that defines a cell, in a fixed order (the cell key hashes it). The config file and the
+    held-out count go in as `#` entries: they change the result but are not overrides."""
+    config, base, _ = TASKS[task]
+    tiny = (async_vs_sync.QUICK if task == "sum_cot" else QUICK_ARITH) if quick else []
+    tiny = [o for o in tiny if not o.startswith("trainer.total_steps=")]
+    return [f"#config={config or 'default'}", f"#heldout_n={heldout_n}", *base, *tiny, *RECIPES[objective],
+            f"controller.max_staleness={eta}", f"trainer.ppo_minibatches={minibatches}",
+            f"trainer.total_steps={steps}", *([f"trainer.lr={lr}"] if lr is not None else []), *extra]
 
 
-def merge(earlier: dict, rows: list[dict], seeds: list[int]) -> tuple[list[dict], list[int]]:
-    """Pool these runs with an earlier result file of the same grid run on other seeds.
+def run_one(out: Path, name: str, task: str, objective: str, eta: int, minibatches: int, seed: int,
+            overrides: list[str], heldout_n: int, command: str) -> RunResult:
+    """Train one run, score its final model on the held-out prompts, and return its record."""
+    config = TASKS[task][0]
+    t0 = time.time()
+    run_dir = run_areal(out, name, [o for o in overrides if not o.startswith("#")],
+                        config=str(ROOT / config) if config else None)
+    s = summarize_run(run_dir)
+    records = read_step_records(run_dir / "metrics.jsonl")
+    return RunResult(
+        task=task, objective=objective, eta=eta, minibatches=minibatches, seed=seed,
+        cell_key=cell_key([o for o in overrides if not o.startswith("run.seed=")]), overrides=overrides,
+        heldout_reward=async_vs_sync.heldout_reward(run_dir, heldout_n), heldout_n=heldout_n,
+        reward_final=s.reward_final, reward_first=s.reward_first, samples_per_s=s.samples_per_s,
+        staleness_mean=s.staleness_mean, staleness_max=s.staleness_max,
+        update_kl=update_kl(records), approx_kl=mean_approx_kl(records), steps=s.steps,
+        wall_s=round(time.time() - t0, 1), finished_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command=command)
 
-    Per-seed final rewards are concatenated (mean and standard error recomputed); the other
-    columns are seed-weighted means (maximum for `staleness_max`), exact because every run of a
-    file shares its seed list.
-    """
-    old_rows = {r["max_staleness"]: r for r in earlier["rows"]}
-    n_old, n_new = len(earlier["seeds"]), len(seeds)
-    merged = []
-    for row in rows:
-        out: dict = {"max_staleness": row["max_staleness"]}
-        for loss in LOSSES:
-            a, b = old_rows[row["max_staleness"]][loss], row[loss]
-            wmean = {k: (n_old * a[k] + n_new * b[k]) / (n_old + n_new)
-                     for k in ("reward_first", "samples_per_s", "staleness_mean")}
-            out[loss] = objective_summary(a["reward_final_per_seed"] + b["reward_final_per_seed"],
-                                          {**wmean, "staleness_max": max(a["staleness_max"], b["staleness_max"])})
-        merged.append(out)
-    return merged, earlier["seeds"] + seeds
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=sorted(TASKS), default="arith")
+    ap.add_argument("--quick", action="store_true", help=f"bounds {QUICK_BOUNDS}, objectives {QUICK_OBJECTIVES}, "
+                    f"seed 0, {QUICK_STEPS} tiny steps (unless given); files only under --out / --grid")
+    ap.add_argument("--bounds", default=None, help="eta values (controller.max_staleness), default 0,1,2,4,8,16")
+    ap.add_argument("--objectives", default=None, help=f"recipes among {','.join(RECIPES)} (default: all)")
+    ap.add_argument("--minibatches", default=None, help="trainer.ppo_minibatches values (default 1,4)")
+    ap.add_argument("--seeds", default=None, help="default 0,1,2,3,4,5")
+    ap.add_argument("--lr", type=float, default=None, help="trainer.lr (default: the task config's)")
+    ap.add_argument("--steps", type=int, default=None, help="trainer.total_steps (default: arith 150, sum_cot 60)")
+    ap.add_argument("--heldout-n", type=int, default=None, help="held-out prompts per final model (default "
+                    f"{async_vs_sync.HELDOUT_N}; --quick {QUICK_HELDOUT_N})")
+    ap.add_argument("--grid", default="", help="directory of the run files and the summary (default "
+                    "benchmarks/results/<name>; --quick: <out>/grid)")
+    ap.add_argument("--name", default="", help="grid directory name under benchmarks/results/ "
+                    "(default staleness_ablation_<task>)")
+    ap.add_argument("--out", default="", help="keep the run directories here (default: a temporary directory)")
+    ap.add_argument("--summary-only", action="store_true", help="run nothing: summarise the grid's files")
+    ap.add_argument("--merge", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="extra key.sub=value overrides for every run (part of the cell)")
+    args = ap.parse_args(argv)
+    if args.merge is not None:
+        ap.error(f"--merge was replaced: {MOVED['--merge']}")
+    unknown = [o for o in (args.objectives or "").split(",") if o and o not in RECIPES]
+    if unknown:
+        ap.error(f"unknown objectives {unknown}; recipes: {', '.join(RECIPES)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="bounds 0,4, a few small steps, one seed; no result file")
-    ap.add_argument("--bounds", default="0,1,2,4,8")
-    ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--out", default="", help="keep the runs here (default: a temporary directory)")
-    ap.add_argument("--name", default="staleness_ablation",
-                    help="result file stem under benchmarks/results/ (a variant with overrides gets its own)")
-    ap.add_argument("--merge", default="", help="an earlier result file of the same grid on other seeds: "
-                    "the written table pools both (e.g. run --seeds 2,3 --merge results/staleness_ablation.json)")
-    ap.add_argument("overrides", nargs="*", help="extra key.sub=value overrides for every run")
-    args = ap.parse_args(argv)
-    bounds = [0, 4] if args.quick else [int(b) for b in args.bounds.split(",")]
-    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
-    extra = (QUICK if args.quick else [f"trainer.total_steps={args.steps}"]) + args.overrides
+    args = parse_args(argv)
+    q = args.quick
+    bounds = _ints(args.bounds) if args.bounds else (QUICK_BOUNDS if q else [0, 1, 2, 4, 8, 16])
+    objectives = args.objectives.split(",") if args.objectives else (QUICK_OBJECTIVES if q else list(RECIPES))
+    minibatches = _ints(args.minibatches) if args.minibatches else ([1] if q else [1, 4])
+    seeds = _ints(args.seeds) if args.seeds else ([0] if q else [0, 1, 2, 3, 4, 5])
+    steps = args.steps or (QUICK_STEPS if q else TASKS[args.task][2])
+    heldout_n = args.heldout_n or (QUICK_HELDOUT_N if q else async_vs_sync.HELDOUT_N)
+    if q and not args.grid and not args.out:
+        raise SystemExit("--quick writes only under --out or --grid: give one")
+    grid = (Path(args.grid) if args.grid else Path(args.out) / "grid" if q
+            else RESULTS_DIR / (args.name or f"staleness_ablation_{args.task}"))
+    command = command_line("benchmarks.staleness_ablation", argv)
 
-    earlier = json.loads(Path(args.merge).read_text()) if args.merge else None
-    if earlier is not None:
-        check_mergeable(earlier, bounds, seeds, extra)
-    start = time.time()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(args.out) if args.out else Path(tmp)
-        for bound in bounds:
-            row: dict = {"max_staleness": bound}
-            for loss in LOSSES:
-                sums = []
-                for seed in seeds:
-                    name = f"{loss}-s{bound}-seed{seed}"
-                    d = run_areal(out, name, [f"algo.loss={loss}", f"controller.max_staleness={bound}",
-                                              f"run.seed={seed}", *extra])
-                    sums.append(summarize_run(d))
-                    print(f"{name}: final reward {sums[-1].reward_final:.3f}, "
-                          f"{sums[-1].samples_per_s:.0f} samples/s, staleness max {sums[-1].staleness_max}",
-                          flush=True)
-                row[loss] = objective_summary([s.reward_final for s in sums], {
-                    "reward_first": statistics.fmean(s.reward_first for s in sums),
-                    "samples_per_s": statistics.fmean(s.samples_per_s for s in sums),
-                    "staleness_max": max(s.staleness_max for s in sums),
-                    "staleness_mean": statistics.fmean(s.staleness_mean for s in sums),
-                })
-            rows.append(row)
-    new_seeds = seeds
-    if earlier is not None:
-        rows, seeds = merge(earlier, rows, seeds)
-    md = table(rows)
+    cells = [(mb, eta, obj) for mb in minibatches for eta in bounds for obj in objectives]
+    overrides = {c: cell_overrides(args.task, c[2], c[1], c[0], steps, args.lr, q, args.overrides, heldout_n)
+                 for c in cells}
+    keys = {c: cell_key(o) for c, o in overrides.items()}
+    ran = skipped = 0
+    if not args.summary_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(args.out) if args.out else Path(tmp)
+            for seed in seeds:  # seed-major: drift on a shared machine hits every cell alike
+                for (mb, eta, obj) in cells:
+                    stem = run_stem(obj, mb, eta, seed, keys[mb, eta, obj])
+                    if (grid / f"{stem}.json").exists():
+                        skipped += 1
+                        continue
+                    r = run_one(out, stem, args.task, obj, eta, mb, seed,
+                                [*overrides[mb, eta, obj], f"run.seed={seed}"], heldout_n, command)
+                    write_run(grid, stem, r)
+                    ran += 1
+                    print(f"{stem}: held-out {r.heldout_reward:.3f}, final reward {r.reward_final:.3f}, "
+                          f"{r.samples_per_s:.1f} samples/s, staleness max {r.staleness_max}, update KL "
+                          f"{r.update_kl if r.update_kl is not None else '-'} ({r.wall_s:.0f} s)", flush=True)
+    print(f"ran {ran}, skipped {skipped} already in {grid}")
+    found = read_runs(grid) if grid.is_dir() else []
+    summary = pool(found, [keys[c] for c in cells])
+    md = table(summary)
     print("\n" + md)
-    # Full runs are the committed results; a quick run writes only into --out, if given.
-    dest = RESULTS_DIR if not args.quick else Path(args.out) if args.out else None
-    if dest is not None:
-        dest.mkdir(parents=True, exist_ok=True)
-        cmd = command_line("benchmarks.staleness_ablation", argv)
-        report = {"command": cmd, "task": "arith (embedded default)", "seeds": seeds, "extra_overrides": extra,
-                  "rows": rows, "table": md, "benchmark_wall_s": round(time.time() - start, 1)}
-        if earlier is not None:
-            report |= {"merged_from": earlier["command"], "seeds_run_by_this_command": new_seeds}
-        (dest / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-        print(f"wrote {dest / f'{args.name}.json'}")
+    if summary:
+        report = {"command": command, "task": args.task, "grid": str(grid), "recipes": RECIPES,
+                  "cells": [{"cell_key": keys[c], "overrides": overrides[c]} for c in cells],
+                  "summary": [asdict(s) for s in summary], "table": md,
+                  "runs_in_grid_dir": len(found), "written_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        (grid / "summary.json").write_text(json.dumps(report, indent=1))
+        (grid / "summary.md").write_text(f"`{command}`\n\n{md}\n")
+        if plot(grid / "summary.png", summary):
+            print(f"wrote {grid / 'summary.png'}")
+        print(f"wrote {grid / 'summary.json'}")
     return 0
 
 

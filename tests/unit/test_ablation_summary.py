@@ -1,0 +1,146 @@
+"""benchmarks/ablation_summary.py and the staleness ablation's pure helpers, against hand-computed values."""
+import math
+
+import pytest
+
+from areal_py.telemetry.step_record import OffPolicyBucket, StepRecord
+from benchmarks.ablation_summary import (
+    MeanSem,
+    RunResult,
+    cell_key,
+    mean_sem,
+    pool,
+    read_runs,
+    run_stem,
+    summarize_cell,
+    table,
+    weighted_mean,
+    write_run,
+)
+
+
+def run(seed: int, held: float, final: float, *, key: str = "k1", eta: int = 2, kl: float | None = 0.01,
+        sps: float = 10.0, smax: int = 2) -> RunResult:
+    return RunResult(task="arith", objective="naive", eta=eta, minibatches=4, seed=seed, cell_key=key,
+                     overrides=["algo.loss=ppo", f"run.seed={seed}"], heldout_reward=held, heldout_n=16,
+                     reward_final=final, reward_first=0.1, samples_per_s=sps, staleness_mean=smax / 2,
+                     staleness_max=smax, update_kl=kl, approx_kl=None, steps=3, wall_s=1.0,
+                     finished_utc="2026-12-02T09:00:00+00:00", command="python -m benchmarks.staleness_ablation")
+
+
+def test_mean_sem_hand_computed():
+    # (0.8, 0.6, 0.5, 0.7): mean 0.65, squared deviations 0.0225 + 0.0025 + 0.0225 + 0.0025 = 0.05,
+    # sample variance 0.05 / 3, standard error sqrt(0.05 / 3) / 2
+    m = mean_sem([0.8, 0.6, 0.5, 0.7])
+    assert m.mean == pytest.approx(0.65) and m.n == 4
+    assert m.sem == pytest.approx(math.sqrt(0.05 / 3) / 2)
+    # two values: sem = |a - b| / 2
+    assert mean_sem([0.3, 0.5]).sem == pytest.approx(0.1)
+    assert mean_sem([0.4]) == MeanSem(0.4, None, 1)
+    with pytest.raises(ValueError, match="no values"):
+        mean_sem([])
+
+
+def test_weighted_mean_ignores_empty_buckets():
+    # (0.1 * 30 + 0.4 * 10) / 40 = 7 / 40
+    assert weighted_mean([(0.1, 30), (0.4, 10), (9.9, 0)]) == pytest.approx(0.175)
+    assert weighted_mean([]) is None and weighted_mean([(1.0, 0)]) is None
+
+
+def test_summarize_cell_pools_seeds():
+    c = summarize_cell([run(1, 0.6, 0.5, kl=0.02, sps=20.0, smax=1), run(0, 0.8, 0.7, kl=None, sps=10.0)])
+    assert c.seeds == [0, 1] and c.eta == 2 and c.minibatches == 4 and c.objective == "naive"
+    assert c.heldout_reward.mean == pytest.approx(0.7) and c.heldout_reward.sem == pytest.approx(0.1)
+    assert c.reward_final.mean == pytest.approx(0.6) and c.reward_final.sem == pytest.approx(0.1)
+    assert c.samples_per_s == pytest.approx(15.0) and c.staleness_max == 2
+    assert c.staleness_mean == pytest.approx(0.75)
+    assert c.update_kl == pytest.approx(0.02)  # only the run that measured it
+    assert c.approx_kl is None
+    with pytest.raises(ValueError, match="different cells or a seed twice"):
+        summarize_cell([run(0, 0.5, 0.5), run(0, 0.6, 0.6)])
+    with pytest.raises(ValueError, match="different cells"):
+        summarize_cell([run(0, 0.5, 0.5), run(1, 0.6, 0.6, key="k2")])
+
+
+def test_pool_orders_by_keys_dedups_seeds_and_skips_empty_cells():
+    runs = [run(0, 0.2, 0.2, key="b", eta=4), run(0, 0.5, 0.5, key="a"), run(0, 0.9, 0.9, key="a"),
+            run(1, 0.7, 0.7, key="a")]
+    cells = pool(runs, ["a", "b", "missing"])
+    assert [c.eta for c in cells] == [2, 4]
+    assert cells[0].seeds == [0, 1]
+    assert cells[0].heldout_reward.mean == pytest.approx(0.6)  # the first seed-0 file counts, not the copy
+    assert cells[1].heldout_reward == MeanSem(0.2, None, 1)
+
+
+def test_table_rows():
+    md = table(pool([run(0, 0.8, 0.7), run(1, 0.6, 0.5)], ["k1"]))
+    lines = md.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("| objective | minibatches | eta |")
+    assert lines[2] == ("| naive | 4 | 2 | 2 | 0.700 ± 0.100 | 0.600 ± 0.100 | 10.0 | 1.00 / 2 | 1.00e-02 | — |")
+    assert "0.200 (1 seed)" in table(pool([run(0, 0.2, 0.2)], ["k1"]))
+
+
+def test_run_files_round_trip(tmp_path):
+    grid = tmp_path / "grid"
+    r = run(3, 0.5, 0.4)
+    path = write_run(grid, run_stem(r.objective, r.minibatches, r.eta, r.seed, r.cell_key), r)
+    assert path.name == "naive-mb4-eta2-seed3-k1.json"
+    (grid / "summary.json").write_text('{"table": "not a run"}')
+    assert read_runs(grid) == [r]
+    assert not list(grid.glob(".*.tmp"))
+    (grid / "bad.json").write_text('{"cell_key": "x"}')
+    with pytest.raises(ValueError, match="missing"):
+        read_runs(grid)
+
+
+def test_cell_key_depends_on_every_override_and_its_order():
+    a = cell_key(["algo.loss=ppo", "controller.max_staleness=2"])
+    assert a == cell_key(["algo.loss=ppo", "controller.max_staleness=2"]) and len(a) == 10
+    assert a != cell_key(["algo.loss=ppo", "controller.max_staleness=4"])
+    assert a != cell_key(["controller.max_staleness=2", "algo.loss=ppo"])
+
+
+def _rec(step: int, buckets: dict[str, tuple[float, int]] | None, approx: float | None) -> StepRecord:
+    by = None if buckets is None else {k: OffPolicyBucket(tokens=n, kl_mean=kl, kl_max=kl, ess=1.0,
+                                                          bounded_fraction=0.0) for k, (kl, n) in buckets.items()}
+    return StepRecord(step=step, offpolicy_by_staleness=by, approx_kl=approx)
+
+
+def test_update_kl_is_the_one_version_bucket_token_weighted():
+    from benchmarks.staleness_ablation import mean_approx_kl, update_kl
+
+    recs = [_rec(1, {"0": (0.0, 50)}, 0.0), _rec(2, {"1": (0.01, 30), "2": (0.5, 5)}, 0.02),
+            _rec(3, {"1": (0.03, 10)}, None), _rec(4, None, 0.04)]
+    # (0.01 * 30 + 0.03 * 10) / 40 = 0.015; the "2" bucket (two steps of drift) is not one update
+    assert update_kl(recs) == pytest.approx(0.015)
+    assert mean_approx_kl(recs) == pytest.approx(0.02)  # (0 + 0.02 + 0.04) / 3
+    assert update_kl(recs[:1]) is None and mean_approx_kl([_rec(1, None, None)]) is None
+
+
+def test_cell_overrides_and_cli_errors():
+    from benchmarks.staleness_ablation import RECIPES, cell_overrides, parse_args
+
+    o = cell_overrides("sum_cot", "tis", 4, 4, 10, 1e-5, False, ["x.y=1"], 512)
+    assert o[:3] == ["#config=configs/sum_cot.yaml", "#heldout_n=512", "run.mode=async"]
+    assert o[3:] == [*RECIPES["tis"], "controller.max_staleness=4", "trainer.ppo_minibatches=4",
+                     "trainer.total_steps=10", "trainer.lr=1e-05", "x.y=1"]
+    quick = cell_overrides("arith", "naive", 0, 1, 3, None, True, [], 16)
+    assert "controller.batch_size=4" in quick and not any(x.startswith("trainer.lr=") for x in quick)
+    with pytest.raises(SystemExit):
+        parse_args(["--merge", "old.json"])
+    with pytest.raises(SystemExit):
+        parse_args(["--objectives", "naive,bogus"])
+
+
+def test_recipes_are_valid_configs():
+    """Every recipe loads as a config (algo.offpolicy's rules reject a setting the method ignores)."""
+    from areal_py.config import load_config
+    from benchmarks.staleness_ablation import RECIPES
+
+    for name, overrides in RECIPES.items():
+        cfg = load_config(None, overrides)
+        assert cfg.algo.loss == ("ppo" if name == "naive" else "decoupled"), name
+        op = cfg.algo.offpolicy
+        assert (op.method, op.action, op.upper) == {
+            "naive": ("filter", "clamp", 5.0), "decoupled": ("filter", "clamp", 5.0),
+            "filter_mask5": ("filter", "mask", 5.0), "tis": ("tis", "clamp", 2.0), "none": ("none", "clamp", 5.0)}[name]
