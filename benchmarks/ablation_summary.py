@@ -197,14 +197,18 @@ def plot(path: Path, cells: list[CellSummary]) -> bool:
     if plt is None or not cells:
         return False
     mbs = sorted({c.minibatches for c in cells})
+    colour = {obj: f"C{i}" for i, obj in enumerate(dict.fromkeys(c.objective for c in cells))}  # same in every panel
+    etas = sorted({c.eta for c in cells})
     fig, axes = plt.subplots(1, len(mbs), figsize=(5 * len(mbs), 4), squeeze=False, sharey=True)
     for ax, mb in zip(axes[0], mbs):
-        objectives = list(dict.fromkeys(c.objective for c in cells if c.minibatches == mb))
-        for i, obj in enumerate(objectives):
-            pts = sorted((c.eta, c.heldout_reward) for c in cells if c.minibatches == mb and c.objective == obj)
-            ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=[p[1].sem or 0.0 for p in pts],
-                        color=f"C{i}", marker="o", capsize=3, label=obj)
+        for obj, col in colour.items():
+            pts = sorted(((c.eta, c.heldout_reward) for c in cells if c.minibatches == mb and c.objective == obj),
+                         key=lambda p: p[0])
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=[p[1].sem or 0.0 for p in pts],
+                            color=col, marker="o", capsize=3, label=obj)
         ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(etas, [str(e) for e in etas])
         ax.set_xlabel("max_staleness (eta)")
         ax.set_title(f"ppo_minibatches = {mb}")
         ax.legend()

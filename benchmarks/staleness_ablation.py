@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                     ran += 1
                     print(f"{stem}: held-out {r.heldout_reward:.3f}, final reward {r.reward_final:.3f}, "
                           f"{r.samples_per_s:.1f} samples/s, staleness max {r.staleness_max}, update KL "
-                          f"{r.update_kl if r.update_kl is not None else '-'} ({r.wall_s:.0f} s)", flush=True)
+                          f"{'-' if r.update_kl is None else format(r.update_kl, '.2e')} ({r.wall_s:.0f} s)", flush=True)
     print(f"ran {ran}, skipped {skipped} already in {grid}")
     found = read_runs(grid) if grid.is_dir() else []
     summary = pool(found, [keys[c] for c in cells])

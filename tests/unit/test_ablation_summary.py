@@ -144,3 +144,17 @@ def test_recipes_are_valid_configs():
         assert (op.method, op.action, op.upper) == {
             "naive": ("filter", "clamp", 5.0), "decoupled": ("filter", "clamp", 5.0),
             "filter_mask5": ("filter", "mask", 5.0), "tis": ("tis", "clamp", 2.0), "none": ("none", "clamp", 5.0)}[name]
+
+
+def test_plot_one_panel_per_minibatch_setting(tmp_path):
+    """With matplotlib (the bench extra): a PNG is written; without it, plot says so by returning False."""
+    from benchmarks.ablation_summary import plot
+
+    cells = pool([run(0, 0.5, 0.5, key="a"), run(1, 0.7, 0.5, key="a"), run(0, 0.4, 0.4, key="b", eta=4)], ["a", "b"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert plot(tmp_path / "p.png", cells) is False and not (tmp_path / "p.png").exists()
+        return
+    assert plot(tmp_path / "p.png", cells) is True
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
