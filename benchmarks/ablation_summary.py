@@ -17,7 +17,7 @@ import json
 import math
 import os
 import statistics
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 
@@ -53,14 +53,15 @@ class RunResult:
     wall_s: float
     finished_utc: str
     command: str
+    lr: float | None = None  # trainer.lr if the grid set it (None: the task config's)
 
     @classmethod
     def from_dict(cls, d: dict) -> RunResult:
-        names = {f.name for f in fields(cls)}
-        missing = names - d.keys()
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        missing = required - d.keys()
         if missing:
             raise ValueError(f"not a staleness-ablation run record: missing {sorted(missing)}")
-        return cls(**{k: d[k] for k in names})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class CellSummary:
     """One cell of the grid over every seed found for it."""
     objective: str
     minibatches: int
+    lr: float | None
     eta: int
     seeds: list[int]
     heldout_reward: MeanSem
@@ -92,9 +94,9 @@ def cell_key(cell_overrides: list[str]) -> str:
     return hashlib.sha256("\n".join(cell_overrides).encode()).hexdigest()[:10]
 
 
-def run_stem(objective: str, minibatches: int, eta: int, seed: int, key: str) -> str:
+def run_stem(objective: str, minibatches: int, eta: int, seed: int, key: str, lr: float | None = None) -> str:
     """File stem of one run: readable, and unique per (cell overrides, seed) through the key."""
-    return f"{objective}-mb{minibatches}-eta{eta}-seed{seed}-{key}"
+    return f"{objective}-mb{minibatches}{'' if lr is None else f'-lr{lr:g}'}-eta{eta}-seed{seed}-{key}"
 
 
 def mean_sem(values: list[float]) -> MeanSem:
@@ -121,7 +123,7 @@ def summarize_cell(runs: list[RunResult]) -> CellSummary:
     kls = [r.update_kl for r in runs if r.update_kl is not None]
     akls = [r.approx_kl for r in runs if r.approx_kl is not None]
     return CellSummary(
-        objective=first.objective, minibatches=first.minibatches, eta=first.eta,
+        objective=first.objective, minibatches=first.minibatches, lr=first.lr, eta=first.eta,
         seeds=sorted(r.seed for r in runs),
         heldout_reward=mean_sem([r.heldout_reward for r in runs]),
         reward_final=mean_sem([r.reward_final for r in runs]),
@@ -144,11 +146,12 @@ def _opt(x: float | None, fmt: str) -> str:
 def table(cells: list[CellSummary]) -> str:
     """Markdown table, one row per cell in the given order: held-out and final training reward as
     mean ± standard error over seeds, samples/s, staleness seen and the per-update KL."""
-    lines = [("| objective | minibatches | eta | seeds | held-out reward | final training reward | samples/s "
+    lines = [("| objective | minibatches | lr | eta | seeds | held-out reward | final training reward | samples/s "
               "| staleness mean / max | update KL | approx_kl |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
-        lines.append(f"| {c.objective} | {c.minibatches} | {c.eta} | {len(c.seeds)} | {_pm(c.heldout_reward)} "
+        lr = "config" if c.lr is None else f"{c.lr:g}"
+        lines.append(f"| {c.objective} | {c.minibatches} | {lr} | {c.eta} | {len(c.seeds)} | {_pm(c.heldout_reward)} "
                      f"| {_pm(c.reward_final)} | {c.samples_per_s:.1f} | {c.staleness_mean:.2f} / {c.staleness_max} "
                      f"| {_opt(c.update_kl, '.2e')} | {_opt(c.approx_kl, '.2e')} |")
     return "\n".join(lines)
@@ -190,19 +193,20 @@ def pool(runs: list[RunResult], keys: list[str]) -> list[CellSummary]:
 
 def plot(path: Path, cells: list[CellSummary]) -> bool:
     """Final held-out reward against eta, one line per objective (error bars: standard error), one
-    panel per minibatch setting. False (nothing written) without matplotlib."""
+    panel per minibatch setting (and learning rate, if the grid has several). False (nothing written)
+    without matplotlib."""
     from benchmarks.common import try_pyplot
 
     plt = try_pyplot()
     if plt is None or not cells:
         return False
-    mbs = sorted({c.minibatches for c in cells})
+    panels = sorted({(c.minibatches, c.lr) for c in cells}, key=lambda p: (p[0], p[1] or 0.0))
     colour = {obj: f"C{i}" for i, obj in enumerate(dict.fromkeys(c.objective for c in cells))}  # same in every panel
     etas = sorted({c.eta for c in cells})
-    fig, axes = plt.subplots(1, len(mbs), figsize=(5 * len(mbs), 4), squeeze=False, sharey=True)
-    for ax, mb in zip(axes[0], mbs):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, sharey=True)
+    for ax, (mb, lr) in zip(axes[0], panels):
         for obj, col in colour.items():
-            pts = sorted(((c.eta, c.heldout_reward) for c in cells if c.minibatches == mb and c.objective == obj),
+            pts = sorted(((c.eta, c.heldout_reward) for c in cells if (c.minibatches, c.lr) == (mb, lr) and c.objective == obj),
                          key=lambda p: p[0])
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=[p[1].sem or 0.0 for p in pts],
@@ -210,7 +214,7 @@ def plot(path: Path, cells: list[CellSummary]) -> bool:
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xticks(etas, [str(e) for e in etas])
         ax.set_xlabel("max_staleness (eta)")
-        ax.set_title(f"ppo_minibatches = {mb}")
+        ax.set_title(f"ppo_minibatches = {mb}" + ("" if lr is None else f", lr = {lr:g}"))
         ax.legend()
     axes[0][0].set_ylabel("final held-out reward")
     fig.tight_layout()

@@ -99,8 +99,8 @@ def cell_overrides(task: str, objective: str, eta: int, minibatches: int, steps:
             f"trainer.total_steps={steps}", *([f"trainer.lr={lr}"] if lr is not None else []), *extra]
 
 
-def run_one(out: Path, name: str, task: str, objective: str, eta: int, minibatches: int, seed: int,
-            overrides: list[str], heldout_n: int, command: str) -> RunResult:
+def run_one(out: Path, name: str, task: str, objective: str, eta: int, minibatches: int, lr: float | None,
+            seed: int, overrides: list[str], heldout_n: int, command: str) -> RunResult:
     """Train one run, score its final model on the held-out prompts, and return its record."""
     config = TASKS[task][0]
     t0 = time.time()
@@ -116,7 +116,7 @@ def run_one(out: Path, name: str, task: str, objective: str, eta: int, minibatch
         staleness_mean=s.staleness_mean, staleness_max=s.staleness_max,
         update_kl=update_kl(records), approx_kl=mean_approx_kl(records), steps=s.steps,
         wall_s=round(time.time() - t0, 1), finished_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        command=command)
+        command=command, lr=lr)
 
 
 def _ints(text: str) -> list[int]:
@@ -132,7 +132,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--objectives", default=None, help=f"recipes among {','.join(RECIPES)} (default: all)")
     ap.add_argument("--minibatches", default=None, help="trainer.ppo_minibatches values (default 1,4)")
     ap.add_argument("--seeds", default=None, help="default 0,1,2,3,4,5")
-    ap.add_argument("--lr", type=float, default=None, help="trainer.lr (default: the task config's)")
+    ap.add_argument("--lr", default=None, help="trainer.lr values, e.g. 1e-4,3e-5,1e-5 for the short sweep that "
+                    "picks it by update KL (default: the task config's lr)")
     ap.add_argument("--steps", type=int, default=None, help="trainer.total_steps (default: arith 150, sum_cot 60)")
     ap.add_argument("--heldout-n", type=int, default=None, help="held-out prompts per final model (default "
                     f"{async_vs_sync.HELDOUT_N}; --quick {QUICK_HELDOUT_N})")
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     bounds = _ints(args.bounds) if args.bounds else (QUICK_BOUNDS if q else [0, 1, 2, 4, 8, 16])
     objectives = args.objectives.split(",") if args.objectives else (QUICK_OBJECTIVES if q else list(RECIPES))
     minibatches = _ints(args.minibatches) if args.minibatches else ([1] if q else [1, 4])
+    lrs: list[float | None] = [float(x) for x in args.lr.split(",") if x.strip()] if args.lr else [None]
     seeds = _ints(args.seeds) if args.seeds else ([0] if q else [0, 1, 2, 3, 4, 5])
     steps = args.steps or (QUICK_STEPS if q else TASKS[args.task][2])
     heldout_n = args.heldout_n or (QUICK_HELDOUT_N if q else async_vs_sync.HELDOUT_N)
@@ -168,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             else RESULTS_DIR / (args.name or f"staleness_ablation_{args.task}"))
     command = command_line("benchmarks.staleness_ablation", argv)
 
-    cells = [(mb, eta, obj) for mb in minibatches for eta in bounds for obj in objectives]
-    overrides = {c: cell_overrides(args.task, c[2], c[1], c[0], steps, args.lr, q, args.overrides, heldout_n)
+    cells = [(mb, lr, eta, obj) for mb in minibatches for lr in lrs for eta in bounds for obj in objectives]
+    overrides = {c: cell_overrides(args.task, c[3], c[2], c[0], steps, c[1], q, args.overrides, heldout_n)
                  for c in cells}
     keys = {c: cell_key(o) for c, o in overrides.items()}
     ran = skipped = 0
@@ -177,13 +179,14 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(args.out) if args.out else Path(tmp)
             for seed in seeds:  # seed-major: drift on a shared machine hits every cell alike
-                for (mb, eta, obj) in cells:
-                    stem = run_stem(obj, mb, eta, seed, keys[mb, eta, obj])
+                for c in cells:
+                    mb, lr, eta, obj = c
+                    stem = run_stem(obj, mb, eta, seed, keys[c], lr)
                     if (grid / f"{stem}.json").exists():
                         skipped += 1
                         continue
-                    r = run_one(out, stem, args.task, obj, eta, mb, seed,
-                                [*overrides[mb, eta, obj], f"run.seed={seed}"], heldout_n, command)
+                    r = run_one(out, stem, args.task, obj, eta, mb, lr, seed, [*overrides[c], f"run.seed={seed}"],
+                                heldout_n, command)
                     write_run(grid, stem, r)
                     ran += 1
                     print(f"{stem}: held-out {r.heldout_reward:.3f}, final reward {r.reward_final:.3f}, "

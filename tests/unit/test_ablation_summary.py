@@ -1,5 +1,7 @@
 """benchmarks/ablation_summary.py and the staleness ablation's pure helpers, against hand-computed values."""
+import json
 import math
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -75,8 +77,10 @@ def test_pool_orders_by_keys_dedups_seeds_and_skips_empty_cells():
 def test_table_rows():
     md = table(pool([run(0, 0.8, 0.7), run(1, 0.6, 0.5)], ["k1"]))
     lines = md.splitlines()
-    assert len(lines) == 3 and lines[0].startswith("| objective | minibatches | eta |")
-    assert lines[2] == ("| naive | 4 | 2 | 2 | 0.700 ± 0.100 | 0.600 ± 0.100 | 10.0 | 1.00 / 2 | 1.00e-02 | — |")
+    assert len(lines) == 3 and lines[0].startswith("| objective | minibatches | lr | eta |")
+    assert lines[2] == ("| naive | 4 | config | 2 | 2 | 0.700 ± 0.100 | 0.600 ± 0.100 | 10.0 | 1.00 / 2 | 1.00e-02 | — |")
+    lr_row = table(pool([replace(run(0, 0.2, 0.2), lr=3e-5)], ["k1"])).splitlines()[2]
+    assert lr_row.startswith("| naive | 4 | 3e-05 | 2 | 1 | 0.200 (1 seed) |")
     assert "0.200 (1 seed)" in table(pool([run(0, 0.2, 0.2)], ["k1"]))
 
 
@@ -88,6 +92,11 @@ def test_run_files_round_trip(tmp_path):
     (grid / "summary.json").write_text('{"table": "not a run"}')
     assert read_runs(grid) == [r]
     assert not list(grid.glob(".*.tmp"))
+    assert run_stem("tis", 1, 4, 0, "k", 1e-5) == "tis-mb1-lr1e-05-eta4-seed0-k"
+    # a record written before `lr` existed reads as the config's lr
+    old = {k: v for k, v in asdict(r).items() if k != "lr"}
+    (grid / "old.json").write_text(json.dumps(old | {"seed": 4}))
+    assert [x.lr for x in read_runs(grid)] == [None, None]
     (grid / "bad.json").write_text('{"cell_key": "x"}')
     with pytest.raises(ValueError, match="missing"):
         read_runs(grid)
