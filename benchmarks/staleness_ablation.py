@@ -99,13 +99,14 @@ def cell_overrides(task: str, objective: str, eta: int, minibatches: int, steps:
             f"trainer.total_steps={steps}", *([f"trainer.lr={lr}"] if lr is not None else []), *extra]
 
 
-def run_one(out: Path, name: str, task: str, objective: str, eta: int, minibatches: int, lr: float | None,
+def run_one(out: Path, grid: Path, name: str, task: str, objective: str, eta: int, minibatches: int, lr: float | None,
             seed: int, overrides: list[str], heldout_n: int, command: str) -> RunResult:
     """Train one run, score its final model on the held-out prompts, and return its record."""
     config = TASKS[task][0]
     t0 = time.time()
     run_dir = run_areal(out, name, [o for o in overrides if not o.startswith("#")],
                         config=str(ROOT / config) if config else None)
+    score_start_model(grid, run_dir, heldout_n)
     s = summarize_run(run_dir)
     records = read_step_records(run_dir / "metrics.jsonl")
     return RunResult(
@@ -117,6 +118,26 @@ def run_one(out: Path, name: str, task: str, objective: str, eta: int, minibatch
         update_kl=update_kl(records), approx_kl=mean_approx_kl(records), steps=s.steps,
         wall_s=round(time.time() - t0, 1), finished_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         command=command, lr=lr)
+
+
+def score_start_model(grid: Path, run_dir: Path, heldout_n: int) -> None:
+    """The held-out reward of the model the run started from (what RL has to improve on), once per start
+    model and held-out count: `<grid>/start-<model>-n<N>.json`."""
+    model = async_vs_sync.start_model(run_dir)
+    grid.mkdir(parents=True, exist_ok=True)
+    path = grid / f"start-{model.name}-n{heldout_n}.json"
+    if not path.exists():
+        reward = async_vs_sync.heldout_reward(run_dir, heldout_n, model_dir=model)
+        path.write_text(json.dumps({"start_model": model.name, "heldout_n": heldout_n, "heldout_reward": reward}))
+
+
+def start_rewards(grid: Path, heldout_n: int) -> dict[str, float]:
+    """{start model: held-out reward} of every start model scored in the grid with `heldout_n` prompts."""
+    out = {}
+    for p in sorted(grid.glob(f"start-*-n{heldout_n}.json")):
+        d = json.loads(p.read_text())
+        out[d["start_model"]] = d["heldout_reward"]
+    return out
 
 
 def _ints(text: str) -> list[int]:
@@ -185,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                     if (grid / f"{stem}.json").exists():
                         skipped += 1
                         continue
-                    r = run_one(out, stem, args.task, obj, eta, mb, lr, seed, [*overrides[c], f"run.seed={seed}"],
+                    r = run_one(out, grid, stem, args.task, obj, eta, mb, lr, seed, [*overrides[c], f"run.seed={seed}"],
                                 heldout_n, command)
                     write_run(grid, stem, r)
                     ran += 1
@@ -196,11 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     found = read_runs(grid) if grid.is_dir() else []
     summary = pool(found, [keys[c] for c in cells])
     md = table(summary)
+    start = start_rewards(grid, heldout_n) if grid.is_dir() else {}
     print("\n" + md)
+    if start:
+        md += "\n\nHeld-out reward of the start model: " + ", ".join(f"{v:.3f} ({k})" for k, v in start.items())
+        print(md.rsplit("\n", 1)[1])
     if summary:
         report = {"command": command, "task": args.task, "grid": str(grid), "recipes": RECIPES,
                   "cells": [{"cell_key": keys[c], "overrides": overrides[c]} for c in cells],
-                  "summary": [asdict(s) for s in summary], "table": md,
+                  "summary": [asdict(s) for s in summary], "table": md, "heldout_start": start,
                   "runs_in_grid_dir": len(found), "written_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         (grid / "summary.json").write_text(json.dumps(report, indent=1))
         (grid / "summary.md").write_text(f"`{command}`\n\n{md}\n")

@@ -112,7 +112,9 @@ def test_staleness_ablation_quick(tmp_path):
         r = next(x for x in runs if (x.objective, x.eta) == (cell["objective"], cell["eta"]))
         assert cell["seeds"] == [0] and cell["heldout_reward"] == {"mean": r.heldout_reward, "sem": None, "n": 1}
         assert cell["reward_final"]["mean"] == r.reward_final and cell["staleness_max"] == r.staleness_max
-    assert len(summary()["table"].splitlines()) == 2 + 4
+    assert len(summary()["table"].splitlines()) == 2 + 4 + 2  # header, rule, 4 cells, blank, start model
+    (start,) = summary()["heldout_start"].values()  # one start model for every cell
+    assert 0.0 <= start <= 1.0 and f"{start:.3f}" in summary()["table"]
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr

@@ -167,3 +167,14 @@ def test_plot_one_panel_per_minibatch_setting(tmp_path):
         return
     assert plot(tmp_path / "p.png", cells) is True
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_start_rewards_read_per_heldout_count(tmp_path):
+    from benchmarks.staleness_ablation import start_rewards
+
+    (tmp_path / "start-embedded-abc-n16.json").write_text(
+        json.dumps({"start_model": "embedded-abc", "heldout_n": 16, "heldout_reward": 0.25}))
+    (tmp_path / "start-embedded-abc-n512.json").write_text(
+        json.dumps({"start_model": "embedded-abc", "heldout_n": 512, "heldout_reward": 0.3}))
+    assert start_rewards(tmp_path, 16) == {"embedded-abc": 0.25}
+    assert start_rewards(tmp_path, 128) == {}
