@@ -67,6 +67,10 @@ QUICK_ARITH = ["controller.batch_size=4", "controller.group_size=4"]
 QUICK_STEPS = 3
 QUICK_HELDOUT_N = 16  # the suite checks the mechanics; each prompt moves a quick held-out reward by 1/16
 QUICK_BOUNDS, QUICK_OBJECTIVES = [0, 2], ["naive", "decoupled"]
+# keys the grid sets itself: an extra override of one would be recorded under the wrong cell
+GRID_KEYS = {"algo.loss": "--objectives", "algo.offpolicy.": "--objectives (a recipe)",
+             "controller.max_staleness": "--bounds", "trainer.ppo_minibatches": "--minibatches",
+             "trainer.lr": "--lr", "trainer.total_steps": "--steps", "run.seed": "--seeds"}
 MOVED = {"--merge": "run files now accumulate in the grid directory (--grid): run the other seeds with the same "
                     "--grid (or copy their files into it) and the summary pools them"}
 
@@ -169,6 +173,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.merge is not None:
         ap.error(f"--merge was replaced: {MOVED['--merge']}")
+    for o in args.overrides:
+        key = o.split("=", 1)[0]
+        flag = next((f for k, f in GRID_KEYS.items() if key == k or (k.endswith(".") and key.startswith(k))), None)
+        if flag:
+            ap.error(f"{o}: the grid sets {key} itself; use {flag}")
     unknown = [o for o in (args.objectives or "").split(",") if o and o not in RECIPES]
     if unknown:
         ap.error(f"unknown objectives {unknown}; recipes: {', '.join(RECIPES)}")

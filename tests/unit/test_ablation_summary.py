@@ -139,6 +139,10 @@ def test_cell_overrides_and_cli_errors():
         parse_args(["--merge", "old.json"])
     with pytest.raises(SystemExit):
         parse_args(["--objectives", "naive,bogus"])
+    for grid_key in ("trainer.ppo_minibatches=4", "algo.offpolicy.method=tis", "controller.max_staleness=1"):
+        with pytest.raises(SystemExit):
+            parse_args([grid_key])
+    assert parse_args(["trainer.eps_clip=0.3"]).overrides == ["trainer.eps_clip=0.3"]
 
 
 def test_recipes_are_valid_configs():
