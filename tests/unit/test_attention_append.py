@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_attention_kernel import gqa_model
 
 from rollout_server.torch_engine import attention_kernel
 from rollout_server.torch_engine.attention_choice import kernel_agrees
@@ -72,14 +72,6 @@ def test_append_rejects_bad_input_by_name(kernel) -> None:
     with pytest.raises(RuntimeError, match="length 11 outside 1..10"):
         kernel.append(q, k, v, slots, torch.tensor([1, 11, 2]), 1.0, kn, vn)
     assert torch.equal(k, k0)  # checked before anything is written
-
-
-def gqa_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=56, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      initializer_range=0.1)
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.mark.timeout(600)
