@@ -49,13 +49,16 @@ from benchmarks.common import RESULTS_DIR, ROOT, command_line, run_areal
 
 # Objectives as recipes of overrides. `decoupled` is whatever algo.offpolicy defaults to (today min(w, 5)
 # per token); `filter_mask5` is AReaL's example filter (token ratio mask at 5); `tis` token TIS at C = 2;
-# `none` the decoupled loss with no behaviour weight (AReaL's default without a filter).
+# `none` the decoupled loss with no behaviour weight (AReaL's default without a filter); `behav_trust` this
+# project's variant: the default weight plus the behaviour trust region at 0.2 (algo.offpolicy.behav_clip:
+# naive PPO's sign-aware stop around pi_behav, kept on top of the decoupled clip around pi_prox).
 RECIPES: dict[str, list[str]] = {
     "naive": ["algo.loss=ppo"],
     "decoupled": ["algo.loss=decoupled"],
     "filter_mask5": ["algo.loss=decoupled", "algo.offpolicy.action=mask", "algo.offpolicy.upper=5"],
     "tis": ["algo.loss=decoupled", "algo.offpolicy.method=tis", "algo.offpolicy.upper=2"],
     "none": ["algo.loss=decoupled", "algo.offpolicy.method=none"],
+    "behav_trust": ["algo.loss=decoupled", "algo.offpolicy.behav_clip=0.2"],
 }
 TASKS: dict[str, tuple[str | None, list[str], int]] = {
     # task: (config file, overrides every run of it gets, default steps)

@@ -46,6 +46,11 @@ class OffPolicyConfig(Section):
         "null = no upper bound (filter only: with lower null too, the raw unbounded weight).")
     lower: float | None = Field(
         None, allow_inf_nan=False, description="Lower bound (filter; icepop: default 1/upper); null = none.")
+    behav_clip: float | None = Field(
+        None, gt=0, lt=1, description="The behaviour trust region (any method): a token whose probability moved "
+        "more than this fraction away from the behaviour policy's, in the direction its advantage asks for "
+        "(pi_theta/pi_behav > 1 + behav_clip with A > 0, < 1 - behav_clip with A < 0), gets no gradient: naive "
+        "PPO's sign-aware clip, centred on pi_behav, on top of the decoupled clip around pi_prox. null = off.")
 
     @model_validator(mode="after")
     def _consistent(self) -> OffPolicyConfig:

@@ -154,9 +154,10 @@ def test_recipes_are_valid_configs():
         cfg = load_config(None, overrides)
         assert cfg.algo.loss == ("ppo" if name == "naive" else "decoupled"), name
         op = cfg.algo.offpolicy
-        assert (op.method, op.action, op.upper) == {
-            "naive": ("filter", "clamp", 5.0), "decoupled": ("filter", "clamp", 5.0),
-            "filter_mask5": ("filter", "mask", 5.0), "tis": ("tis", "clamp", 2.0), "none": ("none", "clamp", 5.0)}[name]
+        assert (op.method, op.action, op.upper, op.behav_clip) == {
+            "naive": ("filter", "clamp", 5.0, None), "decoupled": ("filter", "clamp", 5.0, None),
+            "filter_mask5": ("filter", "mask", 5.0, None), "tis": ("tis", "clamp", 2.0, None),
+            "none": ("none", "clamp", 5.0, None), "behav_trust": ("filter", "clamp", 5.0, 0.2)}[name]
 
 
 def test_plot_one_panel_per_minibatch_setting(tmp_path):

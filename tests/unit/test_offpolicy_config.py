@@ -40,6 +40,9 @@ def test_moved_keys_name_their_replacement(key, new):
     (["algo.offpolicy.upper=.inf"], "upper"),
     (["algo.loss=ppo", "algo.offpolicy.method=tis"], "no effect with algo.loss=ppo"),
     (["algo.loss=gspo", "algo.offpolicy.upper=2"], "no effect with algo.loss=gspo"),
+    (["algo.offpolicy.behav_clip=1"], "behav_clip"),
+    (["algo.offpolicy.behav_clip=0"], "behav_clip"),
+    (["algo.loss=ppo", "algo.offpolicy.behav_clip=0.2"], "no effect with algo.loss=ppo"),
 ])
 def test_inconsistent_settings_are_errors_naming_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -66,6 +69,7 @@ OPTIONS = {
     "tis_token": ["algo.offpolicy.method=tis", "algo.offpolicy.upper=2"],
     "tis_sequence": ["algo.offpolicy.method=tis", "algo.offpolicy.level=sequence", "algo.offpolicy.upper=2"],
     "icepop": ["algo.offpolicy.method=icepop", "algo.offpolicy.upper=3"],
+    "behav_clip": ["algo.offpolicy.method=none", "algo.offpolicy.behav_clip=0.2"],
 }
 
 
@@ -87,5 +91,5 @@ def test_each_option_trains_one_learner_step(name):
     assert any(not torch.equal(p.detach(), before[k]) for k, p in learner.model.named_parameters())
     valid = b.loss_mask.bool()
     assert stats["behav_weight_mean"] == pytest.approx(float(bw.weight[valid].mean()), rel=1e-4)
-    if name not in ("default", "none", "raw"):  # the option's bound acts on this batch
+    if name not in ("default", "none", "raw", "behav_clip"):  # the option's bound acts on this batch
         assert bw.changed.any() and bw.kept.any()

@@ -47,6 +47,21 @@ learner skips the update). The trainer rejects groups with non-finite logprobs b
 ``upper = None`` (no upper bound) is allowed here; AReaL requires a number. The pure function
 accepts any positive ratio bound; the config additionally requires a ratio ``upper`` > 1 as AReaL
 does (a bound <= 1 would drop or clamp every token the stale policy liked less).
+
+The behaviour trust region (``behav_clip``, this project's variant, composable with every method):
+naive PPO clips around pi_behav, decoupled PPO around pi_prox. With one update per batch the
+proximal ratio is exactly 1, so the decoupled clip never acts and nothing stops a stale token that
+the intervening updates already pushed far in its advantage's direction from being pushed again.
+``behaviour_trust_clip`` restores naive PPO's sign-aware stop, centred on the behaviour policy,
+while the decoupled loss keeps its bounded weight and its proximal clip:
+
+    rho_t = pi_theta(a_t) / pi_behav(a_t)
+    b_t   = (A_t > 0 and rho_t > 1 + delta) or (A_t < 0 and rho_t < 1 - delta)
+    l_t   = stop_gradient(l_t) where b_t                     (the token's loss value is kept)
+
+so a token moved more than delta since it was sampled, in the direction its advantage asks for,
+gets no gradient; tokens moved against their advantage keep theirs. On-policy (pi_behav =
+pi_prox) with delta = eps_clip it coincides with the proximal clip and changes nothing.
 """
 from __future__ import annotations
 
@@ -59,7 +74,7 @@ import torch
 from trainer.algo.kl import kl_estimate
 from trainer.algo.shapes import require_matrix, require_shape
 
-__all__ = ["OFFPOLICY_METHODS", "BehaviourWeight", "OffPolicySpec", "offpolicy_weight"]
+__all__ = ["OFFPOLICY_METHODS", "BehaviourWeight", "OffPolicySpec", "behaviour_trust_clip", "offpolicy_weight"]
 
 Method = Literal["none", "filter", "tis", "icepop"]
 OFFPOLICY_METHODS: tuple[str, ...] = ("none", "filter", "tis", "icepop")
@@ -81,7 +96,8 @@ class OffPolicySpec:
 
     ``level``: token | sequence (filter, tis); ``action``: mask | clamp, ``metric``: ratio | kl_k1 |
     kl_k2 | kl_k3 and ``agg``: mean | sum | max (filter only); ``upper``: C for tis/icepop, the upper
-    bound for filter (None = none); ``lower``: filter's lower bound, icepop's (None = 1/C).
+    bound for filter (None = none); ``lower``: filter's lower bound, icepop's (None = 1/C);
+    ``behav_clip``: delta of the behaviour trust region (``behaviour_trust_clip``; None = off).
     The default is the token-level clamp of the ratio at 5: the loss before this module existed.
     """
     method: Method = "filter"
@@ -91,6 +107,7 @@ class OffPolicySpec:
     agg: Literal["mean", "sum", "max"] = "mean"
     upper: float | None = 5.0
     lower: float | None = None
+    behav_clip: float | None = None
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("method", self.method, OFFPOLICY_METHODS), ("level", self.level, _LEVELS),
@@ -100,6 +117,10 @@ class OffPolicySpec:
                 raise ValueError(f"offpolicy {name} must be one of {allowed}, got {value!r}")
         _bound("upper", self.upper)
         _bound("lower", self.lower)
+        _bound("behav_clip", self.behav_clip)
+        if self.behav_clip is not None and not 0 < self.behav_clip < 1:
+            raise ValueError(f"offpolicy behav_clip is the delta of [1 - delta, 1 + delta]: it must be in (0, 1), "
+                             f"got {self.behav_clip!r}")
         ratio_bounds = self.method in ("tis", "icepop") or (self.method == "filter" and self.metric == "ratio")
         if ratio_bounds:
             for name, value in (("upper", self.upper), ("lower", self.lower)):
@@ -233,3 +254,28 @@ def offpolicy_weight(proximal_logprobs: torch.Tensor, behaviour_logprobs: torch.
             clamped = torch.where(in_bounds, base, clamped)
             moved = moved & ~in_bounds
         return BehaviourWeight(torch.where(valid, clamped, 0.0), raw, valid, moved & valid)
+
+
+def behaviour_trust_clip(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, advantages: torch.Tensor,
+                         mask: torch.Tensor, delta: float) -> torch.Tensor:
+    """[B, T] bool: the tokens the behaviour trust region stops (module docstring), without gradient.
+
+        rho_t = exp(logprobs_t - behaviour_t)
+        b_t   = valid_t and ((A_t > 0 and rho_t > 1 + delta) or (A_t < 0 and rho_t < 1 - delta))
+
+    A token at exactly 1 +- delta, or with A_t = 0, is not stopped. Positions outside ``mask`` are
+    never stopped and may hold -inf or NaN. NaN at a valid position compares false: not stopped
+    (the loss propagates it and the learner skips the update).
+    """
+    require_matrix("logprobs", logprobs)
+    for name, x in (("behaviour_logprobs", behaviour_logprobs), ("advantages", advantages), ("mask", mask)):
+        require_shape(name, x, logprobs.shape, f"{tuple(logprobs.shape)} (same as logprobs)")
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+        raise ValueError(f"behav_clip delta must be a number in (0, 1), got {delta!r}")
+    valid = mask.bool()
+    dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    with torch.no_grad():
+        log_rho = torch.where(valid, logprobs.detach().to(dtype) - behaviour_logprobs.detach().to(dtype), 0.0)
+        rho = torch.exp(log_rho)
+        adv = torch.where(valid, advantages.detach().to(dtype), 0.0)
+        return valid & (((adv > 0) & (rho > 1 + delta)) | ((adv < 0) & (rho < 1 - delta)))

@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 
 from trainer.algo.aggregation import AggMode, aggregate, normalizer_or_count
-from trainer.algo.offpolicy import BehaviourWeight, OffPolicySpec, offpolicy_weight
+from trainer.algo.offpolicy import BehaviourWeight, OffPolicySpec, behaviour_trust_clip, offpolicy_weight
 from trainer.algo.shapes import require_matrix, require_shape
 
 __all__ = ["BEHAV_MODES", "behaviour_weight", "clipped_surrogate", "decoupled_ppo_loss", "gspo_loss", "legacy_spec",
@@ -183,7 +183,8 @@ def decoupled_ppo_loss(
 
     Stats (Python floats; 0.0 when nothing is counted): over the *kept* tokens (the valid ones
     the correction did not drop; every valid token unless a mask acted): ``clip_fraction``
-    (clipped branch active, i.e. no gradient), ``ratio_mean`` (mean r); over the valid tokens:
+    (clipped branch active, or stopped by ``offpolicy.behav_clip``: no gradient),
+    ``behav_clip_fraction`` (stopped by the behaviour trust region), ``ratio_mean`` (mean r); over the valid tokens:
     ``behav_weight_mean`` (w after the bound, dropped tokens as 0), ``behav_masked_fraction`` (w
     changed by the bound: clamped or dropped), ``approx_kl`` (mean of proximal - logprobs: the k1
     estimate of KL(pi_prox || pi_theta), >= 0 in expectation, growing as the update moves the
@@ -248,6 +249,7 @@ def policy_loss(
                offpolicy None: behaviour_weight(proximal, behaviour, mask, behav_cap, behav_mode))
         l_t  = max(-r_t A_t, -clip(r_t, 1 - eps_clip, 1 + eps_high) A_t)            (PPO clip)
         l_t  = min(l_t, -c A_t)                  if A_t < 0 and dual_clip_c = c    (dual clip)
+        l_t  = stop_gradient(l_t)                where behaviour_trust_clip(...)   (offpolicy.behav_clip set)
         loss = aggregate(w_t * l_t, mask, agg_mode, agg_const, normalizer)
 
     Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games"): with A < 0 and a
@@ -260,7 +262,9 @@ def policy_loss(
     ``offpolicy`` (trainer/algo/offpolicy.py: none | filter | tis | icepop) replaces the legacy
     ``behav_cap``/``behav_mode`` pair, which must then stay at its defaults.
 
-    Stats as ``decoupled_ppo_loss`` plus ``dual_clip_fraction`` (kept tokens capped at -c A).
+    Stats as ``decoupled_ppo_loss`` plus ``dual_clip_fraction`` (kept tokens capped at -c A) and
+    ``behav_clip_fraction`` (kept tokens the behaviour trust region stopped). ``clip_fraction``
+    counts a token stopped by either trust region (it gets no gradient from this loss).
     """
     tensors = {"logprobs": logprobs, "proximal_logprobs": proximal_logprobs, "advantages": advantages}
     if behaviour_logprobs is not None:
@@ -293,10 +297,15 @@ def policy_loss(
         pg_loss = torch.where(dual_clipped, -adv * dual_clip_c, pg_loss)     # the cap -c A
     else:
         dual_clipped = torch.zeros_like(valid)
+    behav_clipped = torch.zeros_like(valid)
+    if behaviour_logprobs is not None and spec.behav_clip is not None:
+        behav_clipped = behaviour_trust_clip(logprobs, behaviour_logprobs, adv, valid, spec.behav_clip)
+        pg_loss = torch.where(behav_clipped, pg_loss.detach(), pg_loss)   # value kept, gradient stopped
     loss = aggregate(w * pg_loss, valid, agg_mode, agg_const, normalizer)
 
     stats = {  # clipping and ratio over the tokens that train (AReaL: kept tokens); see decoupled_ppo_loss
-        "clip_fraction": _masked_mean(clipped, kept),
+        "clip_fraction": _masked_mean(clipped | behav_clipped, kept),
+        "behav_clip_fraction": _masked_mean(behav_clipped, kept),
         "dual_clip_fraction": _masked_mean(dual_clipped, kept),
         "behav_weight_mean": _masked_mean(w, valid),
         "behav_masked_fraction": _masked_mean(bw.changed, valid),
