@@ -26,6 +26,13 @@ from transformers import (
 DEFAULT_CHARSET = "0123456789+-*=() abcdefghijklmnopqrstuvwxyz.,:;?!<>/"
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+EMBEDDED_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+"""The embedded tokenizer's chat template: `<bos><role>content</role>...<assistant>`, only characters of
+DEFAULT_CHARSET, so the chat path runs offline. The synthetic tasks use it only when task.chat_template
+asks (their default is false)."""
 
 _DTYPES = {
     "float32": torch.float32,
@@ -61,6 +68,7 @@ def build_char_tokenizer(charset: str = DEFAULT_CHARSET) -> PreTrainedTokenizerF
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
+        chat_template=EMBEDDED_CHAT_TEMPLATE,
         pad_token=PAD,
         bos_token=BOS,
         eos_token=EOS,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from areal_py.config import Config
 from areal_py.tasks.base import Prompt, Task
+from areal_py.tasks.prompt_render import render_prompt
 from areal_py.telemetry.prom import CONTROLLER as M
 from areal_py.wire import protocol as P
 from areal_py.wire.transport import RateLimitedLog, reject
@@ -93,7 +94,7 @@ class Rollouts:
         while True:
             prompt = self.task.prompt(self.counts.data_position)
             self.counts.data_position += 1
-            ids = list(self.tokenizer(prompt.text).input_ids)
+            ids = render_prompt(self.tokenizer, prompt, self.cfg.task.chat_template, self.cfg.task.system_prompt)
             if self.length_gate.fits(prompt.index, len(ids)):
                 return prompt, ids
 

@@ -7,13 +7,16 @@ from typing import Literal
 
 from pydantic import Field
 
-from areal_py.tasks.base import Prompt, RunLimits, TaskConfig, TaskRecipe, register_task
+from areal_py.tasks.base import ChatTemplateMode, Prompt, RunLimits, TaskConfig, TaskRecipe, register_task
 
 
 class ArithConfig(TaskConfig):
     name: Literal["arith"] = Field("arith", description="arith: synthetic a+b sums.")
     min_operand: int = Field(0, ge=0, description="arith: smallest operand.")
     max_operand: int = Field(9, ge=0, description="arith: largest operand.")
+    chat_template: ChatTemplateMode = Field(
+        "false", description="arith: raw-text prompts by default (the embedded model's cold start trains on them); "
+        "auto or true renders them with the tokenizer's chat template, in the cold start too.")
 
     def check(self, limits: RunLimits) -> None:
         if self.min_operand > self.max_operand:

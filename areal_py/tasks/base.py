@@ -26,19 +26,37 @@ import random
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ChatTemplateMode = Literal["auto", "true", "false"]
+"""task.chat_template: whether prompts go through the tokenizer's chat template (see tasks.prompt_render)."""
 
 DEFAULT_TASK = "arith"
 """The task of a config whose `task` section names none."""
 
 
 @dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a chat prompt; role is system, user or assistant (checked where prompts are loaded)."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
 class Prompt:
+    """One prompt of a task.
+
+    `text` is always set; for a chat prompt (`messages` given) it is the messages' contents joined by
+    blank lines, for text-only consumers (the reward model, logs). The ids the engine sees come from
+    `areal_py.tasks.prompt_render.render_prompt`, which uses `messages` when present."""
+
     index: int
     text: str
     answer: str
+    messages: tuple[ChatMessage, ...] | None = None
 
 
 @runtime_checkable
@@ -80,6 +98,20 @@ class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     name: str = Field(DEFAULT_TASK, description="Which registered task (a module of areal_py.tasks).")
+    chat_template: ChatTemplateMode = Field(
+        "auto", description="Render prompts with the tokenizer's chat template (apply_chat_template with "
+        "add_generation_prompt): auto = when the tokenizer has one, true = required (error without one), false = "
+        "never (plain tokenizer(text); chat-message prompts are then an error). The synthetic tasks default to "
+        "false: the embedded model's cold start trains on their raw text.")
+    system_prompt: str | None = Field(
+        None, description="A system message put before every prompt; needs a chat template (see chat_template). "
+        "Empty or null: none.")
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _yaml_bool(cls, value: Any) -> Any:
+        """YAML reads `true`/`false` as booleans; they mean the words."""
+        return ("true" if value else "false") if isinstance(value, bool) else value
 
     def check(self, limits: RunLimits) -> None:
         """Cross-field checks against the rest of the config; raise ValueError naming the keys."""

@@ -1,5 +1,7 @@
 """`jsonl`: prompts from a JSONL file of {"prompt", "answer"} records, graded by math-verify.
 
+A `prompt` is a string or a list of chat messages (validated at load, errors as file:line).
+
 It has no SFT example: the embedded model cannot be cold-started on it, so it needs model.path.
 """
 
@@ -14,14 +16,17 @@ from typing import Literal
 
 from pydantic import Field
 
-from areal_py.tasks.base import Prompt, RunLimits, TaskConfig, TaskRecipe, register_task
+from areal_py.tasks.base import ChatMessage, Prompt, RunLimits, TaskConfig, TaskRecipe, register_task
 from areal_py.tasks.math_answer import math_reward
+from areal_py.tasks.prompt_render import messages_text, parse_messages
 
 
 class JsonlConfig(TaskConfig):
     name: Literal["jsonl"] = Field("jsonl", description="jsonl: prompt file + math-verify reward.")
     path: str = Field("", description="jsonl: file with one {\"prompt\": ..., \"answer\": ...} object per line.")
-    prompt_key: str = Field("prompt", description="jsonl: key of the prompt text.")
+    prompt_key: str = Field("prompt", description="jsonl: key of the prompt: a string, or a list of chat messages "
+                            "[{\"role\": system|user|assistant, \"content\": ...}] ending with the user's "
+                            "(rendered by the chat template, see task.chat_template).")
     answer_key: str = Field("answer", description="jsonl: key of the reference answer.")
 
     def check(self, limits: RunLimits) -> None:
@@ -55,10 +60,11 @@ class JsonlTask:
         self._perm_cache: dict[int, list[int]] = {}
         self._lock = threading.Lock()
 
-    def _load(self) -> list[tuple[str, str]]:
+    def _load(self) -> list[tuple[str, str, tuple[ChatMessage, ...] | None]]:
+        """(text, answer, messages) per record; a `prompt` is a string or a list of chat messages."""
         if not self.path.is_file():
             raise FileNotFoundError(f"JSONL task file not found: {self.path}")
-        records: list[tuple[str, str]] = []
+        records: list[tuple[str, str, tuple[ChatMessage, ...] | None]] = []
         for lineno, line in enumerate(io.StringIO(_read_utf8(self.path), newline=None), start=1):
             if not line.strip():
                 continue
@@ -71,7 +77,15 @@ class JsonlTask:
             for key in (self.prompt_key, self.answer_key):
                 if key not in obj:
                     raise ValueError(f"{self.path}:{lineno}: missing key {key!r}")
-            records.append((str(obj[self.prompt_key]), str(obj[self.answer_key])))
+            value = obj[self.prompt_key]
+            if isinstance(value, str):
+                records.append((value, str(obj[self.answer_key]), None))
+            elif isinstance(value, list):
+                messages = parse_messages(value, f"{self.path}:{lineno}: {self.prompt_key!r}")
+                records.append((messages_text(messages), str(obj[self.answer_key]), messages))
+            else:
+                raise ValueError(f"{self.path}:{lineno}: {self.prompt_key!r} must be a string or a list of chat "
+                                 f"messages ({{\"role\", \"content\"}}), got {type(value).__name__}")
         if not records:
             raise ValueError(f"{self.path}: no records")
         return records
@@ -94,8 +108,8 @@ class JsonlTask:
         if index < 0:
             raise IndexError(f"prompt index must be >= 0, got {index}")
         epoch, offset = divmod(index, len(self.records))
-        text, answer = self.records[self._permutation(epoch)[offset]]
-        return Prompt(index=index, text=text, answer=answer)
+        text, answer, messages = self.records[self._permutation(epoch)[offset]]
+        return Prompt(index=index, text=text, answer=answer, messages=messages)
 
     def reward(self, prompt: Prompt, response_text: str, stopped: bool) -> float:
         # `stopped` is not required: a truncated response that already contains the answer

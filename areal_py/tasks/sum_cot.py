@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from areal_py.tasks.base import Prompt, RunLimits, TaskConfig, TaskRecipe, register_task
+from areal_py.tasks.base import ChatTemplateMode, Prompt, RunLimits, TaskConfig, TaskRecipe, register_task
 
 ANSWER_SEP = ";"
 
@@ -30,6 +30,9 @@ class SumCotConfig(TaskConfig):
     name: Literal["sum_cot"] = Field("sum_cot", description="sum_cot: long-tailed chain-of-thought sums "
                                      "(partial sums, then the answer).")
     min_terms: int = Field(3, ge=1, description="sum_cot: fewest numbers to add.")
+    chat_template: ChatTemplateMode = Field(
+        "false", description="sum_cot: raw-text prompts by default (the embedded model's cold start trains on them); "
+        "auto or true renders them with the tokenizer's chat template, in the cold start too.")
     max_terms: int = Field(120, ge=1, description="sum_cot: most numbers to add (the long tail is cut here).")
     tail_alpha: float = Field(1.1, gt=0, description="sum_cot: Pareto exponent of the number of terms "
                               "(smaller = heavier tail of long responses).")
