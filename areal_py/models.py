@@ -23,6 +23,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from areal_py.tokenizer_checks import require_eos
+
 DEFAULT_CHARSET = "0123456789+-*=() abcdefghijklmnopqrstuvwxyz.,:;?!<>/"
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -149,11 +151,15 @@ def _check_model_dir(path: Path) -> None:
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer of a local model directory, offline; pad falls back to EOS.
 
+    A tokenizer without EOS is refused here (tokenizer_checks.TokenizerError naming the directory), so the
+    first process that loads it, the launch's check, says so before any role starts.
+
     For processes that only tokenize (the controller) and need not hold the weights.
     """
     path = Path(path)
     _check_model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    require_eos(tokenizer, str(path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
