@@ -120,3 +120,17 @@ def context_length(cfg: Config) -> int | None:
 
     n = getattr(AutoConfig.from_pretrained(model_path(cfg), local_files_only=True), "max_position_embeddings", None)
     return int(n) if n else None
+
+
+def fits_context(prompt_tokens: int, context: int | None) -> bool:
+    """Whether the rollout engine takes a prompt of `prompt_tokens` tokens: it needs room for one new
+    token, so ``prompt_tokens < context`` (any prompt when the context is unknown, None). The engine
+    refuses the rest; the controller's length gate skips them with this rule, and `areal-py check`
+    counts them with it."""
+    return context is None or prompt_tokens < context
+
+
+def fits_full_response(prompt_tokens: int, context: int | None, max_new_tokens: int) -> bool:
+    """Whether a prompt leaves room for a whole response: ``prompt_tokens + max_new_tokens <= context``
+    (rollout.max_new_tokens); a prompt that fits the context but not this gets its responses cut short."""
+    return context is None or prompt_tokens + max_new_tokens <= context

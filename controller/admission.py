@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from areal_py.model_dir import fits_context
 from areal_py.telemetry.prom import CONTROLLER as M
 from areal_py.wire.transport import RateLimitedLog
 
@@ -37,7 +38,7 @@ class LengthGate:
 
     def fits(self, prompt_index: int, n_tokens: int) -> bool:
         """Whether a prompt of `n_tokens` may be admitted; one that may not is counted here."""
-        if self.context is None or n_tokens < self.context:
+        if fits_context(n_tokens, self.context):
             self.in_a_row = 0
             return True
         self.total += 1

@@ -1,4 +1,5 @@
-"""Command line: `areal-py run [config.yaml] [key.sub=value ...] [--resume]`, `areal-py serve ROLE ...`,
+"""Command line: `areal-py run [config.yaml] [key.sub=value ...] [--resume]`, `areal-py check [config.yaml]
+[key.sub=value ...]` (the run's data check alone: exit 0 may start, 1 refused, 2 bad config), `areal-py serve ROLE ...`,
 `areal-py sweep KEY=v1,v2,... [config.yaml] [key.sub=value ...]` and `areal-py slurm [config.yaml]
 [key.sub=value ...] [--submit] [--out FILE]`.
 
@@ -43,7 +44,7 @@ def serve(role: str, config: str | None, overrides: list[str], resume: bool) -> 
     cfg = load_config(config, overrides)
     if not cfg.run.name:
         raise ConfigError("run.name must be set when starting a role on its own (every role must agree on it)")
-    from areal_py.app.launcher import load_task
+    from areal_py.app.check import load_task
 
     # the roles that read the task (the controller, and any role that may have to build the embedded
     # model) build it first, so a bad data file is a ConfigError here, not a traceback from inside
@@ -56,6 +57,10 @@ def serve(role: str, config: str | None, overrides: list[str], resume: bool) -> 
     from areal_py.app.model_dir import prepare_model
 
     prepare_model(cfg)  # a no-op once built; `areal-py run` builds it before starting any role
+    if role == "controller":  # started by hand: the same data check as `areal-py run`, refusing the same way
+        from areal_py.app.check import check_config, enforce
+
+        logging.getLogger(role).info(enforce(check_config(cfg, task=task)))
     rank = int(os.environ.get("RANK") or 0) if role == "trainer" else 0  # trainer ranks > 0 (world_size > 1)
     if cfg.run.metrics_port and rank == 0:  # trainer rank 0 serves every rank's metrics (a `rank` label)
         from areal_py.telemetry.prom import start_metrics_server
@@ -95,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("args", nargs="*", help="[config.yaml] [key.sub=value ...]")
     p_run.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")
     p_run.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_check = sub.add_parser("check", help="check the data and model of a run before starting it (exit 1: refused)")
+    p_check.add_argument("args", nargs="*", help="[config.yaml] [key.sub=value ...]")
     p_serve = sub.add_parser("serve", help="start one role on its own")
     p_serve.add_argument("role", choices=ROLES)
     p_serve.add_argument("args", nargs="*", help="[config.yaml] [key.sub=value ...]")
@@ -134,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             except SubmitError as e:
                 print(f"areal-py: {e}", file=sys.stderr)
                 return 1
+        if ns.command == "check":
+            from areal_py.app.check import check_command
+
+            return check_command(config, overrides)
         if ns.command == "run":
             from areal_py.app.launcher import run
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from areal_py.app.check import check_config, enforce, load_task
 from areal_py.app.role_procs import (
     STOP_GRACE_S,
     RoleChild,
@@ -28,7 +29,6 @@ from areal_py.app.role_procs import (
     role_specs,
 )
 from areal_py.config import Config, ConfigError, dump_config, load_config, with_run_name
-from areal_py.tasks.base import Task
 from areal_py.telemetry.step_record import StepRecord, read_step_records
 from areal_py.telemetry.tensorboard import require_tensorboard
 
@@ -111,23 +111,16 @@ def busy_ports(cfg: Config) -> list[str]:
     return busy
 
 
-def load_task(cfg: Config) -> Task:
-    """The configured task, or a ConfigError naming the key and, for a JSONL file, the file and line.
+def prepare_run(config: str | None, overrides: list[str], resume: bool, data_check: bool = False) -> Config:
+    """The run's config, checked and written to its run directory, before any process starts.
 
-    Building it parses a JSONL file completely, so a missing file or a bad line is found here,
-    before any process starts, instead of in a role's log after the model is built.
-    """
-    from areal_py.tasks.base import build_task
-
-    try:
-        return build_task(cfg)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"{'task.path' if cfg.task.name == 'jsonl' else 'task'}: {e}") from None
-
-
-def prepare_run(config: str | None, overrides: list[str], resume: bool) -> Config:
+    `data_check` (areal-py run): with `model.path`, the data check (`areal_py.app.check`) runs here and
+    refuses the run with what to change; the embedded model's tokenizer is checked once it is built."""
     cfg = load_config(config, overrides)
-    load_task(cfg)  # fail before any process starts, not after the model is built
+    if data_check and cfg.model.path:
+        print(f"areal-py: {enforce(check_config(cfg))}", file=sys.stderr)
+    else:
+        load_task(cfg)  # fail before any process starts, not after the model is built
     busy = busy_ports(cfg)
     if busy:
         raise ConfigError(f"already in use on {cfg.net.bind_host}: {', '.join(busy)} (another areal-py run?); "
@@ -291,7 +284,7 @@ def _token_limit(cfg: Config) -> str:
 
 
 def run(config: str | None, overrides: list[str], resume: bool = False, quiet: bool = False) -> int:
-    cfg = prepare_run(config, overrides, resume)
+    cfg = prepare_run(config, overrides, resume, data_check=True)
     print(f"areal-py: run '{cfg.run.name}' in {cfg.run_dir()} (mode={cfg.run.mode}, "
           f"max_staleness={cfg.effective_max_staleness}{_token_limit(cfg)}, servers={cfg.rollout.num_servers})")
     # heavy imports only once the config is known good
@@ -309,6 +302,8 @@ def run(config: str | None, overrides: list[str], resume: bool = False, quiet: b
     path = prepare_model(cfg, progress=quiet_log if quiet else ColdStartBar())
     print(f"areal-py: model ready at {path} ({time.monotonic() - t0:.1f}s); torch threads: "
           + ", ".join(f"{r} {n}" for r, n in threads.items()))
+    if not cfg.model.path:  # the embedded model's own tokenizer, now that it is built
+        print(f"areal-py: {enforce(check_config(cfg))}", file=sys.stderr)
     if cfg.run.launcher == "ray":  # the only place Ray is imported from
         from areal_py.app.ray_launcher import RayLaunchError, start_on_ray
 

@@ -106,6 +106,11 @@ class TaskConfig(BaseModel):
     system_prompt: str | None = Field(
         None, description="A system message put before every prompt; needs a chat template (see chat_template). "
         "Empty or null: none.")
+    max_bad_fraction: float = Field(
+        0.1, ge=0, le=1, description="`areal-py run` (and `areal-py check`) refuse to start when more than this "
+        "share of the data is unusable: bad lines (not JSON, no prompt or answer key), prompts that cannot be "
+        "rendered, or prompts too long for a full response (model context - rollout.max_new_tokens). Below it the "
+        "run starts and says what it skips; with no usable prompt it never starts.")
 
     @field_validator("chat_template", mode="before")
     @classmethod

@@ -7,10 +7,12 @@ It has no SFT example: the embedded model cannot be cold-started on it, so it ne
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +21,27 @@ from pydantic import Field
 from areal_py.tasks.base import ChatMessage, Prompt, RunLimits, TaskConfig, TaskRecipe, register_task
 from areal_py.tasks.math_answer import math_reward
 from areal_py.tasks.prompt_render import messages_text, parse_messages
+
+
+class MissingKey(ValueError):
+    """A JSON object without the prompt or answer key."""
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A non-empty line of a JSONL file that is not a record: its 1-based number, what is wrong
+    (`malformed`: not a JSON object or a prompt of the wrong form; `missing_key`), and the message
+    (``path:line: why``)."""
+
+    line: int
+    kind: Literal["malformed", "missing_key"]
+    message: str
+
+
+def bad_lines_message(path: Path, bad: list[BadLine], good: int, shown: int = 20) -> str:
+    """``path: B bad line(s) of N non-empty:`` then each message, one a line (the first `shown`)."""
+    listed = [b.message for b in bad[:shown]] + ([f"... and {len(bad) - shown} more"] if len(bad) > shown else [])
+    return f"{path}: {len(bad)} bad line(s) of {len(bad) + good} non-empty:\n  " + "\n  ".join(listed)
 
 
 class JsonlConfig(TaskConfig):
@@ -41,6 +64,10 @@ class JsonlTask:
     """Prompts from a JSONL file of {"prompt", "answer"} records, graded by math-verify.
 
     Positions cycle through epochs; each epoch is a fresh permutation seeded by (seed, epoch).
+    A bad line (not a JSON object, a bad prompt, no prompt or answer key) is never a record: a strict
+    task (the default) refuses the file, listing every bad line; a lenient one (`strict=False`, how the
+    config builds it, after the launcher has applied task.max_bad_fraction) skips them and keeps them in
+    `bad_lines`, so every process that builds the task from one file holds the same records.
     """
 
     name = "jsonl"
@@ -51,11 +78,15 @@ class JsonlTask:
         prompt_key: str = "prompt",
         answer_key: str = "answer",
         seed: int = 0,
+        strict: bool = True,
     ) -> None:
         self.path = Path(path)
         self.prompt_key = prompt_key
         self.answer_key = answer_key
         self.seed = seed
+        self.strict = strict
+        self.bad_lines: list[BadLine] = []
+        self.line_numbers: list[int] = []  # the file line of each record
         self.records = self._load()
         self._perm_cache: dict[int, list[int]] = {}
         self._lock = threading.Lock()
@@ -69,26 +100,38 @@ class JsonlTask:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{self.path}:{lineno}: invalid JSON: {e.msg}") from e
-            if not isinstance(obj, dict):
-                raise ValueError(f"{self.path}:{lineno}: expected a JSON object")
-            for key in (self.prompt_key, self.answer_key):
-                if key not in obj:
-                    raise ValueError(f"{self.path}:{lineno}: missing key {key!r}")
-            value = obj[self.prompt_key]
-            if isinstance(value, str):
-                records.append((value, str(obj[self.answer_key]), None))
-            elif isinstance(value, list):
-                messages = parse_messages(value, f"{self.path}:{lineno}: {self.prompt_key!r}")
-                records.append((messages_text(messages), str(obj[self.answer_key]), messages))
-            else:
-                raise ValueError(f"{self.path}:{lineno}: {self.prompt_key!r} must be a string or a list of chat "
-                                 f"messages ({{\"role\", \"content\"}}), got {type(value).__name__}")
+                records.append(self._parse_line(lineno, line))
+            except ValueError as e:  # every bad line is kept, not only the first
+                self.bad_lines.append(BadLine(lineno, "missing_key" if isinstance(e, MissingKey) else "malformed",
+                                              str(e)))
+                continue
+            self.line_numbers.append(lineno)
+        if self.bad_lines and self.strict:
+            raise ValueError(bad_lines_message(self.path, self.bad_lines, len(records)))
         if not records:
-            raise ValueError(f"{self.path}: no records")
+            raise ValueError(f"{self.path}: no records" + (f"; {bad_lines_message(self.path, self.bad_lines, 0)}"
+                                                           if self.bad_lines else ""))
         return records
+
+    def _parse_line(self, lineno: int, line: str) -> tuple[str, str, tuple[ChatMessage, ...] | None]:
+        """One non-empty line as a record; ValueError ``path:line: why`` (MissingKey for a missing key)."""
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.path}:{lineno}: invalid JSON: {e.msg}") from e
+        if not isinstance(obj, dict):
+            raise ValueError(f"{self.path}:{lineno}: expected a JSON object")
+        for key in (self.prompt_key, self.answer_key):
+            if key not in obj:
+                raise MissingKey(f"{self.path}:{lineno}: missing key {key!r}")
+        value = obj[self.prompt_key]
+        if isinstance(value, str):
+            return (value, str(obj[self.answer_key]), None)
+        if isinstance(value, list):
+            messages = parse_messages(value, f"{self.path}:{lineno}: {self.prompt_key!r}")
+            return (messages_text(messages), str(obj[self.answer_key]), messages)
+        raise ValueError(f"{self.path}:{lineno}: {self.prompt_key!r} must be a string or a list of chat "
+                         f"messages ({{\"role\", \"content\"}}), got {type(value).__name__}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -108,8 +151,12 @@ class JsonlTask:
         if index < 0:
             raise IndexError(f"prompt index must be >= 0, got {index}")
         epoch, offset = divmod(index, len(self.records))
-        text, answer, messages = self.records[self._permutation(epoch)[offset]]
-        return Prompt(index=index, text=text, answer=answer, messages=messages)
+        return dataclasses.replace(self.record(self._permutation(epoch)[offset]), index=index)
+
+    def record(self, i: int) -> Prompt:
+        """The `i`-th record in file order (from line `line_numbers[i]`), as a prompt with index `i`."""
+        text, answer, messages = self.records[i]
+        return Prompt(index=i, text=text, answer=answer, messages=messages)
 
     def reward(self, prompt: Prompt, response_text: str, stopped: bool) -> float:
         # `stopped` is not required: a truncated response that already contains the answer
@@ -133,7 +180,7 @@ def _read_utf8(path: Path) -> str:
 
 
 def build(config: JsonlConfig, seed: int) -> JsonlTask:
-    return JsonlTask(config.path, prompt_key=config.prompt_key, answer_key=config.answer_key, seed=seed)
+    return JsonlTask(config.path, prompt_key=config.prompt_key, answer_key=config.answer_key, seed=seed, strict=False)
 
 
 def recipe(task: JsonlTask) -> TaskRecipe:

@@ -236,7 +236,7 @@ def test_a_new_task_is_one_file(tmp_path: Path, monkeypatch) -> None:
         with pytest.raises(ConfigError, match="too small for task.word"):  # its own config check runs
             load_config(None, ["task.name=echo_tmp", "task.word=yo", "rollout.max_new_tokens=2"])
         with pytest.raises(ConfigError, match=r"unknown key 'task.max_operand' for task.name=echo_tmp; "
-                                              r"allowed here: name, chat_template, system_prompt, word"):
+                                              r"allowed here: name, chat_template, system_prompt, max_bad_fraction, word"):
             load_config(None, ["task.name=echo_tmp", "task.max_operand=3"])
     finally:
         sys.modules.pop(f"{areal_py.tasks.__name__}.echo_tmp", None)
