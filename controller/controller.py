@@ -52,7 +52,8 @@ class Controller:
         self.registry = ServerRegistry(cfg.controller.server_timeout_s)
         rc = cfg.reward
         self.rewards = RewardPool(rc.functions, task, workers=rc.workers, timeout_s=rc.timeout_s,
-                                  reward_model={"path": rc.reward_model_path} if rc.reward_model_path else None)
+                                  reward_model={"path": rc.reward_model_path} if rc.reward_model_path else None,
+                                  answer=rc.answer.extraction())
 
         net, ctx = cfg.net, zmq.Context.instance()
         cap = net.max_message_bytes

@@ -30,6 +30,7 @@ from areal_py.rewards.functions import (
     task_recipe,
     validate_spec,
 )
+from areal_py.tasks.answer_extraction import DEFAULT_EXTRACTION, AnswerExtraction
 from areal_py.tasks.base import Prompt, Task, TaskRecipe
 from areal_py.telemetry.metrics import REWARD_ERRORS, REWARD_TIMEOUTS
 
@@ -52,7 +53,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, parent_pid: int, spec: dict[str, float],
-                 task: TaskRecipe | None, reward_model: dict[str, Any] | None) -> None:
+                 task: TaskRecipe | None, reward_model: dict[str, Any] | None, answer: AnswerExtraction) -> None:
     """Build the reward function once, then score chunks until told to stop (None) or EOF.
 
     In:  None | list of (prompt index, prompt text, answer, response text, stopped).
@@ -60,7 +61,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, parent_pid: int, s
     """
     _die_with_parent(parent_pid)
     try:
-        reward = build_reward_fn(spec, task_from_recipe(task), reward_model)
+        reward = build_reward_fn(spec, task_from_recipe(task), reward_model, answer)
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("init_error", short_traceback()))
         return
@@ -131,7 +132,7 @@ class _Worker:
 class RewardPool:
     """Scores ``(prompt, response_text, stopped)`` samples with a reward spec, off the caller's thread.
 
-    ``RewardPool(spec, task, workers=2, timeout_s=10.0, reward_model=None, chunk_size=8)``:
+    ``RewardPool(spec, task, workers=2, timeout_s=10.0, reward_model=None, chunk_size=8, answer=AnswerExtraction())``:
 
     - ``spec``: ``{name: weight}``, see :func:`build_reward_fn`; validated here.
     - ``task``: a registered task, or its :class:`TaskRecipe` (workers rebuild it from the recipe;
@@ -147,6 +148,7 @@ class RewardPool:
       killed and a fresh one started, and the chunk's unscored samples are requeued first.
     - ``chunk_size``: samples sent to a worker at once (one reward-model batch); a submit is
       spread over all workers.
+    - ``answer``: how ``math_accuracy`` finds the final answer (``reward.answer``).
 
     Single-threaded use: ``h = pool.submit(items)``; call ``h.done()`` or ``pool.poll()`` (which
     returns the handles completed since the last poll) from your loop; ``h.result()`` (or
@@ -157,7 +159,8 @@ class RewardPool:
     """
 
     def __init__(self, spec: dict[str, float], task: Task | TaskRecipe | None = None, *, workers: int = 2,
-                 timeout_s: float = 10.0, reward_model: dict[str, Any] | None = None, chunk_size: int = 8) -> None:
+                 timeout_s: float = 10.0, reward_model: dict[str, Any] | None = None, chunk_size: int = 8,
+                 answer: AnswerExtraction = DEFAULT_EXTRACTION) -> None:
         if workers < 0 or chunk_size < 1 or not timeout_s > 0:
             raise ValueError("need workers >= 0, chunk_size >= 1, timeout_s > 0")
         validate_spec(spec, reward_model)
@@ -166,6 +169,7 @@ class RewardPool:
         self.timeout_s = timeout_s
         self.chunk_size = chunk_size
         self.reward_model = reward_model
+        self.answer = answer
         self.timeouts = 0
         self.errors = 0
         self._closed = False
@@ -175,7 +179,7 @@ class RewardPool:
         self._workers: list[_Worker] = []
         if workers == 0:
             local_task = task_from_recipe(task) if isinstance(task, TaskRecipe) else task
-            self._local = build_reward_fn(self.spec, local_task, reward_model)
+            self._local = build_reward_fn(self.spec, local_task, reward_model, answer)
         else:
             if "accuracy" in self.spec and task is None:
                 raise ValueError("reward function 'accuracy' needs a task")
@@ -276,7 +280,8 @@ class RewardPool:
     def _start_worker(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe()
         proc = self._ctx.Process(target=_worker_main, name="reward-worker", daemon=True,
-                                 args=(child_conn, os.getpid(), self.spec, self._task_recipe, self.reward_model))
+                                 args=(child_conn, os.getpid(), self.spec, self._task_recipe, self.reward_model,
+                                       self.answer))
         proc.start()
         child_conn.close()
         return _Worker(proc, parent_conn)

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from areal_py.config.section import Section
+from areal_py.tasks.answer_extraction import AnswerExtraction, AnswerForm
 
 # A cost-model coefficient: finite and >= 0 (trainer.micro_batching.PackCost checks the same).
 _Coef = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -195,10 +196,27 @@ class AlgoConfig(Section):
         return self
 
 
+class AnswerConfig(Section):
+    """How `math_accuracy` finds a response's final answer (areal_py.tasks.answer_extraction, docs/rewards.md)."""
+
+    form: AnswerForm = Field("auto", description="Where the final answer is: boxed (\\boxed{...}), answer_tag "
+                             "(<answer>...</answer>), gsm8k (#### ...), last_number (the numbers of the last line "
+                             "holding one), or auto (the first of answer_tag, boxed, gsm8k present). The think block "
+                             "is never graded.")
+    strict: bool = Field(True, description="Score 0 unless the form is present and every candidate answer in it is "
+                         "right (a hedge such as two different boxes, or '41 or 42', scores 0); false: the last "
+                         "candidate counts (auto then falls back to the last number).")
+
+    def extraction(self) -> AnswerExtraction:
+        return AnswerExtraction(form=self.form, strict=self.strict)
+
+
 class RewardConfig(Section):
     functions: dict[str, float] = Field(default_factory=lambda: {"accuracy": 1.0},
                                         description="Weighted reward functions: accuracy, math_accuracy, "
-                                        "think_answer_format, reward_model, or module:function.")
+                                        "think_answer_format, reward_model, or module:function. Default "
+                                        "{accuracy: 1.0}, but {math_accuracy: 1.0} when task.name=jsonl.")
+    answer: AnswerConfig = Field(default_factory=AnswerConfig, description="Final-answer extraction of math_accuracy.")
     reward_model_path: str = Field("", description="Directory of a sequence-classification reward model.")
     workers: int = Field(1, ge=0, description="Reward worker processes (0 = score in the controller's thread, "
                          "no timeout enforcement).")

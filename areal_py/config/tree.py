@@ -45,6 +45,15 @@ class Config(Section):
                 type=PydanticCustomError("unknown_task", str(e)), loc=("name",), input=name)]) from None
 
     @model_validator(mode="after")
+    def _jsonl_default_reward(self) -> Config:
+        """A jsonl task's default reward is math_accuracy: strict final-answer extraction configured by
+        reward.answer (its own `accuracy` is the same grading with the default extraction). Only an
+        unset reward.functions is filled in; one the user wrote is kept."""
+        if self.task.name == "jsonl" and "functions" not in self.reward.model_fields_set:
+            self.reward.functions = {"math_accuracy": 1.0}
+        return self
+
+    @model_validator(mode="after")
     def _check(self) -> Config:
         self.task.check(RunLimits(max_new_tokens=self.rollout.max_new_tokens, model_path=self.model.path,
                                   embedded_context=self.model.embedded.max_position_embeddings))

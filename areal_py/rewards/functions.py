@@ -4,7 +4,8 @@ Every reward function has one signature, ``fn(prompt: Prompt, response_text: str
 -> float`` (``stopped``: the response ended with EOS). Built in, by name:
 
 - ``accuracy``: the task's own reward (exact match for ``arith`` and ``sum_cot``, math-verify for ``jsonl``).
-- ``math_accuracy``: 1.0 iff math-verify finds the response equivalent to ``prompt.answer``.
+- ``math_accuracy``: 1.0 iff the response's final answer (found as ``reward.answer`` says, think block
+  excluded, strict by default) is math-verify-equivalent to ``prompt.answer``.
 - ``think_answer_format``: DeepSeek-R1's format reward, see :data:`THINK_ANSWER_RE`.
 - ``reward_model``: a sequence-classification model's score of ``prompt.text + response_text``
   (:mod:`areal_py.rewards.reward_model`); needs ``reward_model={"path": ...}``.
@@ -27,8 +28,9 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from areal_py.tasks.answer_extraction import DEFAULT_EXTRACTION, AnswerExtraction
 from areal_py.tasks.base import Prompt, Task, TaskRecipe, build_task, recipe_of
-from areal_py.tasks.math_answer import math_reward
+from areal_py.tasks.math_answer import grade_answer
 
 RewardFn = Callable[[Prompt, str, bool], float]
 
@@ -46,20 +48,16 @@ def accuracy(task: Task) -> RewardFn:
     return functools.partial(_task_accuracy, task)
 
 
-_ANSWER_BLOCK_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+def math_accuracy(prompt: Prompt, response_text: str, stopped: bool,
+                  answer: AnswerExtraction = DEFAULT_EXTRACTION) -> float:
+    """1.0 iff the response's final answer is math-verify-equivalent to ``prompt.answer``.
 
-
-def math_accuracy(prompt: Prompt, response_text: str, stopped: bool) -> float:
-    """1.0 iff math-verify finds the response's answer equivalent to ``prompt.answer``.
-
-    If the response has ``<answer>...</answer>`` blocks, only the last block's content is graded
-    (math-verify alone scores ``<answer>12</answer>`` as wrong, and would pick up numbers from
-    the think block); otherwise math-verify extracts the answer from the whole text (a
-    ``\\boxed{}`` first, else the final expression). ``stopped`` is ignored, so a truncated
-    response that already holds the answer still counts.
+    The final answer is found by ``answer`` (``reward.answer``; default: ``auto``, strict), see
+    :mod:`areal_py.tasks.answer_extraction`: the think block is never graded, and in strict mode
+    a response with several different candidate answers, or none in the form, scores 0.
+    ``stopped`` is ignored, so a truncated response that already holds its answer still counts.
     """
-    blocks = _ANSWER_BLOCK_RE.findall(response_text)
-    return math_reward(prompt.answer, blocks[-1] if blocks else response_text)
+    return grade_answer(prompt.answer, response_text, answer)
 
 
 _NO_TAG = r"(?:(?!</?(?:think|answer)>).)*"
@@ -80,14 +78,15 @@ def think_answer_format(prompt: Prompt, response_text: str, stopped: bool) -> fl
     return 1.0 if THINK_ANSWER_RE.fullmatch(response_text) else 0.0
 
 
-def _constant(fn: RewardFn) -> Callable[[Task | None], RewardFn]:
-    return lambda task: fn
+def _constant(fn: RewardFn) -> Callable[[Task | None, AnswerExtraction], RewardFn]:
+    return lambda task, answer: fn
 
 
-# name -> builder(task) -> reward function. `accuracy` needs a task; the others ignore it.
-REWARD_FUNCTIONS: dict[str, Callable[[Task | None], RewardFn]] = {
-    "accuracy": lambda task: accuracy(_need_task(task)),
-    "math_accuracy": _constant(math_accuracy),
+# name -> builder(task, answer extraction) -> reward function. `accuracy` needs a task;
+# `math_accuracy` uses the answer extraction; the others ignore both.
+REWARD_FUNCTIONS: dict[str, Callable[[Task | None, AnswerExtraction], RewardFn]] = {
+    "accuracy": lambda task, answer: accuracy(_need_task(task)),
+    "math_accuracy": lambda task, answer: functools.partial(math_accuracy, answer=answer),
     "think_answer_format": _constant(think_answer_format),
 }
 REWARD_MODEL = "reward_model"
@@ -224,18 +223,20 @@ def validate_spec(spec: dict[str, float], reward_model: dict[str, Any] | None = 
 
 
 def build_reward_fn(spec: dict[str, float], task: Task | None,
-                    reward_model: dict[str, Any] | None = None) -> WeightedReward:
+                    reward_model: dict[str, Any] | None = None,
+                    answer: AnswerExtraction = DEFAULT_EXTRACTION) -> WeightedReward:
     """The weighted sum of the named reward functions, e.g. ``{"accuracy": 1, "think_answer_format": 0.5}``.
 
     ``reward_model``: keyword arguments of :class:`areal_py.rewards.reward_model.RewardModelScorer`
     (``path`` required), used when the spec names ``reward_model``; the model is loaded here.
+    ``answer``: how ``math_accuracy`` finds the final answer (``reward.answer``).
     Unknown names raise ValueError listing the allowed ones.
     """
     validate_spec(spec, reward_model)
     terms: list[tuple[str, float, RewardFn]] = []
     for name, weight in spec.items():
         if name in REWARD_FUNCTIONS:
-            fn = REWARD_FUNCTIONS[name](task)
+            fn = REWARD_FUNCTIONS[name](task, answer)
         elif name == REWARD_MODEL:
             # torch + transformers: imported only when a reward model is asked for
             from areal_py.rewards.reward_model import RewardModelReward, RewardModelScorer

@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import Field
 
 from areal_py.tasks.base import ChatMessage, Prompt, RunLimits, TaskConfig, TaskRecipe, register_task
-from areal_py.tasks.math_answer import math_reward
+from areal_py.tasks.math_answer import grade_answer
 from areal_py.tasks.prompt_render import messages_text, parse_messages
 
 
@@ -160,8 +160,9 @@ class JsonlTask:
 
     def reward(self, prompt: Prompt, response_text: str, stopped: bool) -> float:
         # `stopped` is not required: a truncated response that already contains the answer
-        # is still graded (the answer extraction decides).
-        return math_reward(prompt.answer, response_text)
+        # is still graded. The final answer is extracted strictly, the think block never graded
+        # (areal_py.tasks.answer_extraction): the same grading as math_accuracy's default.
+        return grade_answer(prompt.answer, response_text)
 
 
 def _read_utf8(path: Path) -> str:

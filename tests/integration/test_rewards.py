@@ -20,6 +20,7 @@ from areal_py.rewards.functions import (
     task_recipe,
     think_answer_format,
 )
+from areal_py.tasks.answer_extraction import AnswerExtraction
 from areal_py.tasks.arith import ArithConfig, ArithTask
 from areal_py.tasks.base import Prompt, TaskRecipe
 from areal_py.tasks.sum_cot import SumCotTask
@@ -87,7 +88,7 @@ def test_think_answer_format(text: str, expected: float) -> None:
 
 @pytest.mark.parametrize("answer, text, expected", [
     ("0.5", r"The answer is \boxed{\frac{1}{2}}", 1.0),
-    (r"\frac{1}{2}", "so $0.5$", 1.0),
+    (r"\frac{1}{2}", "so $0.5$", 0.0),  # strict by default: no answer in a form
     ("12", "<think>7+5 is 13? no</think><answer>12</answer>", 1.0),  # only the answer block is graded
     ("12", "<think>it is 12</think><answer>13</answer>", 0.0),
     ("12", "I get 13", 0.0),
@@ -95,6 +96,17 @@ def test_think_answer_format(text: str, expected: float) -> None:
 ])
 def test_math_accuracy(answer: str, text: str, expected: float) -> None:
     assert math_accuracy(Prompt(0, "q", answer), text, False) == expected
+
+
+def test_math_accuracy_takes_its_answer_extraction_from_the_builder() -> None:
+    """reward.answer reaches math_accuracy through build_reward_fn (and so the pool's workers)."""
+    p = Prompt(0, "q", "0.5")
+    assert build_reward_fn({"math_accuracy": 1.0}, None)(p, "so $0.5$", True) == 0.0
+    lenient = build_reward_fn({"math_accuracy": 1.0}, None, answer=AnswerExtraction("auto", strict=False))
+    assert lenient(p, "so $0.5$", True) == 1.0
+    boxed_only = build_reward_fn({"math_accuracy": 1.0}, None, answer=AnswerExtraction("boxed"))
+    assert boxed_only(p, "<answer>0.5</answer>", True) == 0.0
+    assert boxed_only(p, r"\boxed{0.5}", True) == 1.0
 
 
 def test_accuracy_delegates_to_the_task() -> None:
@@ -110,9 +122,11 @@ def test_weighted_composition_by_hand() -> None:
     text = "<think>7+5</think><answer>12</answer>"
     # accuracy: exact match fails (0); format 1; math 1; custom 2  ->  0 + 0.5 + 2.0 - 0.5
     assert fn(P, text, True) == pytest.approx(2.0)
-    # "12" alone: accuracy 1, format 0, math 1, custom 2  ->  1 + 0 + 2 - 0.5
-    assert fn(P, "12", True) == pytest.approx(2.5)
-    assert fn(P, "12", False) == pytest.approx(1.5)  # not stopped: accuracy 0
+    # "12" alone: accuracy 1, format 0, math 0 (strict: no answer form), custom 2  ->  1 + 0 + 0 - 0.5
+    assert fn(P, "12", True) == pytest.approx(0.5)
+    assert fn(P, "12", False) == pytest.approx(-0.5)  # not stopped: accuracy 0
+    # "\boxed{12}": accuracy 0 (not the exact text), format 0, math 1, custom 2  ->  0 + 0 + 2 - 0.5
+    assert fn(P, r"\boxed{12}", True) == pytest.approx(1.5)
 
 
 def test_unknown_or_bad_names_are_refused() -> None:
@@ -241,14 +255,16 @@ def test_dead_worker_is_counted_and_replaced(pool: RewardPool) -> None:
 
 
 def test_poll_loop_and_clean_close() -> None:
-    pool = RewardPool({"math_accuracy": 1.0, SCRIPTED: 0.0}, None, workers=1, timeout_s=5.0)
-    h = pool.submit([(P, r"\boxed{12}", False), (P, "11", True)])
+    # lenient extraction, so "it is 12" scores 1 only if reward.answer reaches the worker (strict: 0)
+    pool = RewardPool({"math_accuracy": 1.0, SCRIPTED: 0.0}, None, workers=1, timeout_s=5.0,
+                      answer=AnswerExtraction("auto", strict=False))
+    h = pool.submit([(P, r"\boxed{12}", False), (P, "11", True), (P, "it is 12", True)])
     completed: list = []
     deadline = time.monotonic() + 30
     while not completed and time.monotonic() < deadline:  # a single-threaded poll loop
         completed += pool.poll()
         time.sleep(0.01)
-    assert completed == [h] and h.result() == [1.0, 0.0]
+    assert completed == [h] and h.result() == [1.0, 0.0, 1.0]
     pending = pool.submit([(P, "SLEEP", True)] * 3)
     pids = pool.worker_pids()
     pool.close()

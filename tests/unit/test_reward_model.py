@@ -62,11 +62,12 @@ def test_scorer_batches_and_truncates_from_the_left(tiny_rm: Path) -> None:
 
 def test_reward_model_term_in_thread_and_in_a_worker(tiny_rm: Path) -> None:
     spec = {"reward_model": 1.0, "math_accuracy": 0.5}
-    items = [(Prompt(0, "7+5=", "12"), "12", True), (Prompt(1, "1+2=", "3"), "4", True),
-             (Prompt(2, "9+9=", "18"), "18", False)]
+    items = [(Prompt(0, "7+5=", "12"), r"\boxed{12}", True), (Prompt(1, "1+2=", "3"), r"\boxed{4}", True),
+             (Prompt(2, "9+9=", "18"), r"\boxed{18}", False)]
     rm = RewardModelScorer(tiny_rm)
     # by hand: model score of prompt + response, plus 0.5 for each right answer
-    expected = [rm.score(["7+5=12"])[0] + 0.5, rm.score(["1+2=4"])[0], rm.score(["9+9=18"])[0] + 0.5]
+    expected = [rm.score([r"7+5=\boxed{12}"])[0] + 0.5, rm.score([r"1+2=\boxed{4}"])[0],
+                rm.score([r"9+9=\boxed{18}"])[0] + 0.5]
     local = RewardPool(spec, None, workers=0, reward_model={"path": str(tiny_rm)})
     assert local.submit(items).result() == pytest.approx(expected, abs=1e-5)
     local.close()

@@ -112,11 +112,13 @@ def test_jsonl_non_utf8_byte_names_file_line_and_column(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("gold", "response", "expected"),
     [
-        ("\\boxed{4}", "4", 1.0),
+        ("\\boxed{4}", "<answer>4</answer>", 1.0),
         ("4", "so the answer is \\boxed{4}", 1.0),
-        ("0.5", "1/2", 1.0),
-        ("1/2", "$\\frac{1}{2}$", 1.0),
-        ("4", "5", 0.0),
+        ("0.5", "#### 1/2", 1.0),
+        ("1/2", "\\boxed{\\frac{1}{2}}", 1.0),
+        ("4", "\\boxed{5}", 0.0),
+        ("4", "4", 0.0),  # strict: no answer in a form (tests/unit/test_answer_extraction.py has the rules)
+        ("4", "<think>\\boxed{4}</think>\\boxed{5}", 0.0),  # the think block is never graded
         ("4", "", 0.0),
     ],
 )
@@ -129,7 +131,7 @@ def test_jsonl_reward_works_in_worker_thread(tmp_path: Path) -> None:
     """math-verify's signal timeouts would raise off the main thread; ours disables them there."""
     task = JsonlTask(_write(tmp_path / "d.jsonl", [json.dumps({"prompt": "p", "answer": "1/2"})]))
     out: list[float] = []
-    worker = threading.Thread(target=lambda: out.append(task.reward(task.prompt(0), "0.5", True)))
+    worker = threading.Thread(target=lambda: out.append(task.reward(task.prompt(0), "\\boxed{0.5}", True)))
     worker.start()
     worker.join()
     assert out == [1.0]
@@ -141,8 +143,9 @@ def test_jsonl_reward_verifier_exception_is_zero(tmp_path: Path, monkeypatch) ->
     def boom(*args, **kwargs):
         raise RuntimeError("verifier crashed")
 
+    assert task.reward(task.prompt(0), "\\boxed{4}", stopped=True) == 1.0
     monkeypatch.setattr(math_verify, "verify", boom)
-    assert task.reward(task.prompt(0), "4", stopped=True) == 0.0
+    assert task.reward(task.prompt(0), "\\boxed{4}", stopped=True) == 0.0
 
 
 def test_build_task_by_name() -> None:
