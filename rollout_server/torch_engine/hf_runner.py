@@ -1,11 +1,16 @@
 """The generic fallback runner: the Hugging Face forward over the slot KV cache, for any causal LM.
 
-`HFRunner` passes the slot cache as `past_key_values` (duck-typed `SlotKVCache.update`), with two
+`HFRunner` passes the slot cache (duck-typed `SlotKVCache.update`) under the keyword the model's forward
+declares: `cache` in the transformers releases that deprecate `past_key_values` (5.x, removal announced
+for 5.40), `past_key_values` in the older ones the project still allows (>= 4.56); a forward taking
+neither is refused at construction, naming the model class (`cache_keyword`). Two
 forwards per step (multi-token rows, then one-token rows), each left-padded so every row's last
 token is the last column; masks are additive and per layer type for sliding-window models. It is
 what `model_runner.make_runner` falls back to when the fast runner does not reproduce a model.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 import transformers
@@ -13,7 +18,18 @@ import transformers
 from rollout_server.kernel_report import KernelChoice
 from rollout_server.torch_engine.kv_cache import SlotKVCache
 
-__all__ = ["HFRunner", "additive_mask", "attention_layout"]
+__all__ = ["HFRunner", "additive_mask", "attention_layout", "cache_keyword"]
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword under which `model`'s forward takes a KV cache: `cache` where declared (the name that
+    replaces the deprecated `past_key_values`), else `past_key_values`; a ValueError when it has neither."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ValueError(f"{type(model).__name__}.forward takes no KV cache (neither `cache` nor `past_key_values`): "
+                     "the generic Hugging Face path cannot run it")
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -28,6 +44,7 @@ class HFRunner:
         self.source, self.reason = source, reason
         cfg = model.config.get_text_config()
         self.layer_types, self.window = attention_layout(cfg)
+        self.cache_kw = cache_keyword(model)
         self.forwards = 0
 
     def describe(self) -> str:
@@ -64,7 +81,7 @@ class HFRunner:
         self.cache.begin(slots, pos, valid, kv_len)
         try:
             out = self.model(input_ids=ids, position_ids=pos, attention_mask=self._mask(pos, kv_len),
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache})
         finally:
             self.cache.end()
         return out.logits[:, -1].float()

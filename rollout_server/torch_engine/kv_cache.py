@@ -14,7 +14,7 @@ memory follows the real peak load rather than `max_slots * max_seq_len` up front
 Two ways in: the engine's own model runner calls `write_flat`/`read` directly (its decode rows'
 new K/V may instead be stored by the decode attention kernel into these same buffers,
 `attention_kernel.CompiledKernel.append`), and the generic Hugging Face fallback passes this
-object as `past_key_values` (duck-typed `update`), addressed per forward with `begin`/`end`.
+object as the model's KV cache argument (duck-typed `update`), addressed per forward with `begin`/`end`.
 """
 from __future__ import annotations
 

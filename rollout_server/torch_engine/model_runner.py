@@ -17,7 +17,7 @@ itself); prefill attention is always SDPA. Decode-only steps
 can run their dense work compiled, checked against eager (`compiled_decode`, `enable_compile`).
 
 `HFRunner` (`hf_runner`) is the generic fallback for any other causal LM: the Hugging Face forward
-with the slot cache passed as `past_key_values`. `make_runner` picks between the two.
+with the slot cache passed as its KV cache (`hf_runner.cache_keyword`). `make_runner` picks between the two.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from rollout_server.backend import Finished
 from rollout_server.sampling import SamplingParams
 from rollout_server.torch_engine.engine import Engine
+from rollout_server.torch_engine.hf_runner import cache_keyword
 
 torch.set_num_threads(1)
 VOCAB, EOS = 40, 3
@@ -383,11 +384,11 @@ def test_keep_mode_continues_on_old_cache() -> None:
         # Reference for keep: K/V of prompt + first 3 outputs from A, then B decodes over that cache.
         with torch.no_grad():
             cache = DynamicCache(config=model_a.config)
-            model_a(input_ids=torch.tensor([prompt + f.output_ids[:3]]), past_key_values=cache, use_cache=True)
+            model_a(input_ids=torch.tensor([prompt + f.output_ids[:3]]), use_cache=True, **{cache_keyword(model_a): cache})
             ref = []
             for j in range(3, 9):
-                logits = model_b(input_ids=torch.tensor([[f.output_ids[j]]]), past_key_values=cache,
-                                 use_cache=True).logits[0, -1].float()
+                logits = model_b(input_ids=torch.tensor([[f.output_ids[j]]]), use_cache=True,
+                                 **{cache_keyword(model_b): cache}).logits[0, -1].float()
                 ref.append(torch.log_softmax(logits, -1)[f.output_ids[j + 1]])
         assert torch.allclose(lps[4:], torch.stack(ref), atol=ATOL)
         # ...which is not what a full recompute under B would give
