@@ -20,6 +20,7 @@ from areal_py.tasks.base import Task, build_task
 from areal_py.telemetry.dashboard import start_dashboard, stop_dashboard
 from areal_py.telemetry.prom import CONTROLLER as M
 from areal_py.telemetry.report import write_report
+from areal_py.telemetry.skips import skipped_lines
 from areal_py.wire import protocol as P
 from areal_py.wire.transport import WaitTimeout, make_socket, parse, recv, reject, send
 from controller.activity import ActivityTracker
@@ -37,6 +38,12 @@ log = logging.getLogger("controller")
 ROLE = "controller"
 
 
+def generic_engine_servers(live: list[ServerState]) -> int | None:
+    """How many of the `live` servers run the generic Hugging Face forward (None: none said its path)."""
+    said = [s.engine_path for s in live if s.engine_path is not None]
+    return sum(p == "generic" for p in said) if said else None
+
+
 class Controller:
     def __init__(self, cfg: Config, task: Task | None = None, tokenizer=None) -> None:
         self.cfg = cfg
@@ -44,6 +51,11 @@ class Controller:
         tokenizer = tokenizer or load_tokenizer(model_path(cfg))
         gate = LengthGate(context_length(cfg), cfg.controller.max_consecutive_skipped_prompts,
                           getattr(task, "name", type(task).__name__))
+        self.skipped_bad_lines = skipped_lines(task)  # left out by the task's loader: counted once, per start
+        if self.skipped_bad_lines:
+            M.skipped_prompts.labels(reason="bad_line").inc(self.skipped_bad_lines)
+            log.warning("task %s left out %d malformed data line(s) at load (ctrl_skipped_bad_lines; `areal-py "
+                        "check` lists them)", gate.task_name, self.skipped_bad_lines)
         self.n = cfg.controller.group_size
         self.batch_size = cfg.controller.batch_size
         self.max_staleness = cfg.effective_max_staleness  # admission
@@ -87,6 +99,8 @@ class Controller:
         body = msg.body
         if isinstance(body, (P.Hello, P.Heartbeat, P.WeightsLoaded)):
             server, fresh = self.registry.seen(server_id, body.version)
+            if isinstance(body, P.Hello):
+                server.engine_path = body.engine_path
             if fresh:
                 log.info("server %s joined at version %d", server_id, body.version)
             if isinstance(body, P.Heartbeat):
@@ -131,7 +145,8 @@ class Controller:
         while len(ro.ready) >= self.batch_size and c.next_batch_version < self.total_steps:
             b = c.next_batch_version
             pick = pick_batch(ro.ready, b, self.batch_size, self.max_token_staleness)
-            c.dropped_stale += pick.dropped
+            if pick.dropped:
+                c.drop("stale", pick.dropped)
             c.accepted -= pick.dropped
             ro.ready.clear()
             ro.ready.extend(pick.remaining)
@@ -142,14 +157,15 @@ class Controller:
                 M.sample_staleness.observe(age)
             M.reward_mean.set(sum(s.reward for g in groups for s in g.samples) / (self.batch_size * self.n))
             state = c.snapshot(reward_timeouts=self.rewards.timeouts, reward_errors=self.rewards.errors,
-                               skipped_too_long=ro.skipped_too_long)
+                               skipped_too_long=ro.skipped_too_long, skipped_bad_lines=self.skipped_bad_lines)
             live = self.registry.live()
             activity = self.activity.take(s.server_id for s in live)
             # The reward of everything scored since the last batch, groups dynamic sampling dropped
             # included: with DAPO the trained batch's reward is biased toward 0.5, this one is not.
             stats = P.BatchStats(servers_live=len(live), gen_busy_s=activity.gen_busy_s,
                                  rollout_slot_occupancy=activity.rollout_slot_occupancy,
-                                 scored_reward_mean=c.take_scored_reward_mean(), gen_tokens=dict(c.gen_tokens_by_server))
+                                 scored_reward_mean=c.take_scored_reward_mean(), gen_tokens=dict(c.gen_tokens_by_server),
+                                 generic_engine_servers=generic_engine_servers(live))
             try:
                 send(self.to_trainer, P.Batch(version=b, groups=groups, state=state, stats=stats,
                                               gen_spans=activity.spans))

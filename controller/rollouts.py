@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from areal_py.config import Config
 from areal_py.tasks.base import Prompt, Task
 from areal_py.tasks.prompt_render import render_prompt
-from areal_py.telemetry.prom import CONTROLLER as M
+from areal_py.telemetry.signal_watch import SignalWatch
 from areal_py.wire import protocol as P
 from areal_py.wire.transport import RateLimitedLog, reject
 from controller.admission import AdmissionError, LengthGate
@@ -53,6 +53,8 @@ class Rollouts:
         self.to_server = to_server
         self.drop_log = RateLimitedLog(log)
         self.n = cfg.controller.group_size
+        # dynamic sampling drops uniform groups before any step: a batch's worth of them in a row, N times over
+        self.uniform_watch = SignalWatch(cfg.trainer.warn_uninformative_steps * cfg.controller.batch_size)
         self.batch_size = cfg.controller.batch_size
         self.max_staleness = cfg.effective_max_staleness  # admission
         self.max_concurrent = cfg.controller.max_concurrent  # admission: groups in flight at once (None: unbounded)
@@ -132,7 +134,7 @@ class Rollouts:
             del self.inflight[g.gid]
             if any(x.finish_reason == "stale" for x in g.results.values()):
                 c.running -= 1  # aborted by the server as too stale for any batch to come
-                c.dropped_stale += 1
+                c.drop("stale")
                 c.aborted_in_a_row = 0
             elif any(x.finish_reason == "abort" for x in g.results.values()):
                 c.running -= 1  # refused by the server: forget it, capacity admits a fresh prompt
@@ -147,9 +149,8 @@ class Rollouts:
         prompts that pass the length gate but that no server takes (another context, a tokenizer whose ids
         the model lacks) would otherwise be admitted and dropped in a tight loop forever."""
         c = self.counts
-        c.dropped_aborted += 1
+        c.drop("aborted")
         c.aborted_in_a_row += 1
-        M.aborted_groups.inc()
         self.drop_log.warning("refused", "group %d (prompt %d, %d tokens) refused by %s; dropped (%d so far; the "
                               "server's log says why)", g.gid, g.prompt.index, len(g.prompt_ids), server_id,
                               c.dropped_aborted)
@@ -182,12 +183,26 @@ class Rollouts:
             c.running -= 1
             group = self._group(g, handle.result())
             c.add_scored([s.reward for s in group.samples])
-            if self.cfg.controller.dynamic_sampling and len({s.reward for s in group.samples}) == 1:
-                c.dropped_uniform += 1  # DAPO: no signal in it; capacity frees and a fresh prompt is admitted
-                continue
+            if self.cfg.controller.dynamic_sampling:
+                uniform = len({s.reward for s in group.samples}) == 1
+                self._watch_uniform(uniform, group.samples[0].reward)
+                if uniform:
+                    c.drop("uniform")  # DAPO: no signal in it; capacity frees and a fresh prompt is admitted
+                    continue
             self.ready.append(group)
             c.accepted += 1
         self.scoring = still
+
+    def _watch_uniform(self, uniform: bool, reward: float) -> None:
+        """Warn when dynamic sampling has dropped trainer.warn_uninformative_steps batches' worth of groups in
+        a row: no batch forms from them, so the trainer waits and nothing is learned."""
+        if self.uniform_watch.observe(0 if uniform else 1):
+            log.warning("controller: the last %d scored groups all had equal rewards (the last: %g) and dynamic "
+                        "sampling dropped every one: %d batches' worth with no learning signal, no batch formed "
+                        "from them (trainer.warn_uninformative_steps=%d). Check the reward (ctrl_reward_errors, "
+                        "scored_reward_mean) and whether the task suits the model", self.uniform_watch.streak,
+                        reward, self.uniform_watch.streak // self.batch_size,
+                        self.cfg.trainer.warn_uninformative_steps)
 
     def expire_servers(self) -> None:
         """Declare silent servers dead and queue their groups for re-dispatch (still `running`)."""

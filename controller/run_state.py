@@ -12,8 +12,12 @@ trained one and hands it back on resume. What a restart cannot carry over is rec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
+from areal_py.telemetry.prom import CONTROLLER as M
 from areal_py.wire import protocol as P
+
+DropReason = Literal["stale", "uniform", "aborted"]
 
 
 @dataclass
@@ -51,13 +55,21 @@ class RunCounters:
         self.scored_reward_sum, self.scored_samples = 0.0, 0
         return mean
 
-    def snapshot(self, *, reward_timeouts: int, reward_errors: int, skipped_too_long: int) -> P.ControllerState:
-        """The state a batch carries; the counts kept elsewhere (reward pool, length gate) are passed in."""
+    def drop(self, reason: DropReason, groups: int = 1) -> None:
+        """Count `groups` generated groups dropped before any batch, here and in Prometheus
+        (`areal_controller_dropped_groups_total{reason}`); the caller takes them out of `running`/`accepted`."""
+        setattr(self, f"dropped_{reason}", getattr(self, f"dropped_{reason}") + groups)
+        M.dropped_groups.labels(reason=reason).inc(groups)
+
+    def snapshot(self, *, reward_timeouts: int, reward_errors: int, skipped_too_long: int,
+                 skipped_bad_lines: int = 0) -> P.ControllerState:
+        """The state a batch carries; the counts kept elsewhere (reward pool, length gate, task) are passed in."""
         return P.ControllerState(
             data_position=self.data_position, accepted=self.accepted, running=self.running,
             dropped_stale=self.dropped_stale, dropped_uniform=self.dropped_uniform,
             reward_timeouts=reward_timeouts, reward_errors=reward_errors, generated_tokens=self.generated_tokens,
-            skipped_too_long=skipped_too_long, dropped_aborted=self.dropped_aborted)
+            skipped_too_long=skipped_too_long, dropped_aborted=self.dropped_aborted,
+            skipped_bad_lines=skipped_bad_lines)
 
     def restore(self, version: int, batch_size: int, state: P.ControllerState | None) -> None:
         """Start at trainer `version`, from the checkpointed `state` of its last batch (None: a fresh run).

@@ -13,6 +13,7 @@ class ServerState:
     inflight: dict[int, int] = field(default_factory=dict)  # gid -> samples still outstanding
     alive: bool = True
     last_weights_sent: float = 0.0
+    engine_path: str | None = None  # from its hello (protocol.EnginePath); None: not said
 
     @property
     def load(self) -> int:

@@ -10,6 +10,12 @@ changes the engine's speed by tens of percent, so a run records it where it can 
   the facts, one series per op);
 - the server's start-up log line (`KernelReport.describe`).
 
+The `runner` op is the engine path: `fast` (the engine's own packed runner) or `hf_forward` (the generic
+Hugging Face forward, `source` "fallback" with `reason` when the fast runner does not support or
+reproduce the model, "forced" when the config asked for it). `engine_path` reduces a report to the
+word the server sends in its `Hello` (fast | generic | external), which the controller counts into
+every step record (`generic_engine_servers`); a generic path is also a WARNING in the server's log.
+
 `op` is one of `OPS`; `source` says how the kernel was decided: "timed" (measured at this start),
 "cache" (a timing of an earlier start on this machine), "forced" (the config named it), "fallback"
 (the wanted kernel is unusable here: `reason` says why), "only" (nothing else to choose).
@@ -24,8 +30,10 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from areal_py.telemetry.prom import ROLLOUT
+from areal_py.wire.protocol import EnginePath
 
-__all__ = ["OPS", "KernelChoice", "KernelReport", "export_prometheus", "read_reports", "report_path", "write_report"]
+__all__ = ["OPS", "KernelChoice", "KernelReport", "engine_path", "export_prometheus", "read_reports", "report_path",
+           "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +62,15 @@ class KernelReport(BaseModel):
 
     def describe(self) -> str:
         return ", ".join(f"{c.op}={c.kernel} ({c.source}{', ' + c.reason if c.reason else ''})" for c in self.choices)
+
+
+def engine_path(choices: list[KernelChoice] | None) -> EnginePath:
+    """The engine path of a server's kernel choices: `generic` when its runner is the Hugging Face forward,
+    `fast` when it is the engine's own runner, `external` for an engine that reports no choices (SGLang)."""
+    runner = next((c for c in choices or [] if c.op == "runner"), None)
+    if runner is None:
+        return "external"
+    return "generic" if runner.kernel == "hf_forward" else "fast"
 
 
 def report_path(run_dir: Path, server_id: str) -> Path:

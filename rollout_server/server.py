@@ -23,7 +23,7 @@ from areal_py.wire import protocol as P
 from areal_py.wire.dist_weights import DistRejected, DistWeightsError, WeightGroup, model_specs, server_rank
 from areal_py.wire.transport import WaitTimeout, make_socket, parse, reject, send
 from rollout_server.backend import Backend, Finished
-from rollout_server.kernel_report import KernelReport, export_prometheus, write_report
+from rollout_server.kernel_report import KernelReport, engine_path, export_prometheus, write_report
 from rollout_server.sampling import SamplingParams
 
 log = logging.getLogger("rollout")
@@ -64,7 +64,7 @@ class RolloutServer:
         self.cfg = cfg
         self.server_id = server_id or cfg.rollout.server_id
         self.engine: Backend = engine or build_engine(cfg, seed=cfg.run.seed * 1000 + sum(self.server_id.encode()))
-        self._report_kernels()
+        self.engine_path = self._report_kernels()
         self.ctx = zmq.Context.instance()
         net = cfg.net
         self.dealer = make_socket(self.ctx, zmq.DEALER, net.addr(net.rollout_port), bind=False, identity=self.server_id,
@@ -84,19 +84,28 @@ class RolloutServer:
             self.dealer.close(linger=0)
             self.sub.close(linger=0)
             raise
-        send(self.dealer, P.Hello(server_id=self.server_id, version=self.engine.version))
+        send(self.dealer, P.Hello(server_id=self.server_id, version=self.engine.version, engine_path=self.engine_path))
 
-    def _report_kernels(self) -> None:
+    def _report_kernels(self) -> P.EnginePath:
         """An engine that chooses kernels (`kernel_choices`) has its choice logged, written to
-        `<run dir>/kernels/<server id>.json` and exported as `areal_rollout_kernel_info`."""
+        `<run dir>/kernels/<server id>.json` and exported as `areal_rollout_kernel_info`; the generic Hugging
+        Face path is a warning. Returns the engine path the server's hello announces."""
         choices = getattr(self.engine, "kernel_choices", None)
         if not callable(choices):
-            return
+            return engine_path(None)
         report = KernelReport(server_id=self.server_id, threads=torch.get_num_threads(), torch=torch.__version__,
                               choices=choices())
         path = write_report(self.cfg.run_dir(), report)
         export_prometheus(report)
         log.info("%s: kernels %s (recorded in %s)", self.server_id, report.describe(), path or "nowhere")
+        kind = engine_path(report.choices)
+        if kind == "generic":
+            runner = next(c for c in report.choices if c.op == "runner")
+            log.warning("%s: generating with the generic Hugging Face forward, not the engine's fast path (%s: %s); "
+                        "it is slower and has no kernel choice or compiled decode (generic_engine_servers in "
+                        "metrics.jsonl, areal_rollout_kernel_info{op=\"runner\"})", self.server_id, runner.source,
+                        runner.reason or "the engine was built with fast_runner=False")
+        return kind
 
     def _join_weight_group(self) -> WeightGroup | None:
         """weights.transfer=dist: join the weight group as rank 1 + this server's index, before saying hello

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from areal_py.config import AlgoConfig
 from areal_py.telemetry.gen_activity import to_run_time
 from areal_py.telemetry.prom import TRAINER
 from areal_py.telemetry.step_record import ControllerCounters, OffPolicyBucket, StepRecord
@@ -45,11 +46,12 @@ def build_step_record(*, trained_version: int, batch: RolloutBatch, dropped: Map
                       wire: P.Batch, stats: Mapping[str, float], timing: StepTiming, trained_tokens_total: int,
                       max_staleness: int, max_token_staleness: int,
                       rank_load: tuple[list[float], list[int]] | None = None,
-                      offpolicy: OffPolicyStats | None = None) -> StepRecord:
+                      offpolicy: OffPolicyStats | None = None, uninformative_steps: int | None = None) -> StepRecord:
     """The record of the step that trained `batch` (version `trained_version`, publishing the next):
     `dropped` the groups kept out of the loss per reason (`drop_nonfinite_groups`), `stats` the
     learner's, `rank_load` the (busy seconds, tokens) of each trainer rank, `offpolicy` the learner's
-    off-policy statistics (None: not computed, the fields stay unrecorded). Values are rounded as the file has
+    off-policy statistics (None: not computed, the fields stay unrecorded), `uninformative_steps` the
+    steps in a row without an informative sample (`SignalWatch.streak`). Values are rounded as the file has
     always held them."""
     token_stale, hist = staleness(batch, trained_version)
     some = batch.num_samples > 0
@@ -71,13 +73,22 @@ def build_step_record(*, trained_version: int, batch: RolloutBatch, dropped: Map
         gen_spans=to_run_time(wire.gen_spans, timing.epoch0),
         rollout_slot_occupancy=None if ws.rollout_slot_occupancy is None else round(ws.rollout_slot_occupancy, 4),
         gen_busy_s=round(ws.gen_busy_s, 4),
+        generic_engine_servers=ws.generic_engine_servers,
         **{k: round(v, 6) for k, v in stats.items()},
         controller=ControllerCounters.model_validate(wire.state.model_dump()),
+        uninformative_steps=uninformative_steps,
         **({} if rank_load is None else {
             "rank_busy_s": [round(x, 4) for x in rank_load[0]], "rank_tokens": list(rank_load[1]),
             "rank_tokens_max": max(rank_load[1]), "rank_tokens_min": min(rank_load[1])}),
         **({} if offpolicy is None else offpolicy_fields(offpolicy)),
     )
+
+
+def computed_stats(stats: Mapping[str, float], algo: AlgoConfig) -> dict[str, float]:
+    """The learner's stats less those it reports as 0.0 without computing them, so the step record leaves them
+    out (None) instead of logging a 0 that reads as a measurement: ``entropy`` is computed only for the entropy
+    bonus (``algo.entropy_coef > 0``, the learner's own condition)."""
+    return {k: v for k, v in stats.items() if not (k == "entropy" and algo.entropy_coef <= 0)}
 
 
 def _bucket(g: OffPolicyGroup) -> OffPolicyBucket:

@@ -12,6 +12,7 @@ the ranks' gradients rather than averaging them.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from areal_py.model_dir import model_path
 from areal_py.models import load_model_and_tokenizer
 from areal_py.telemetry.metrics import JsonlWriter, truncate_after_step
 from areal_py.telemetry.prom import TRAINER as M
+from areal_py.telemetry.signal_watch import SignalWatch
 from areal_py.telemetry.step_record import StepRecord
 from areal_py.telemetry.tensorboard import TensorBoardLog
 from areal_py.wire import protocol as P
@@ -35,7 +37,7 @@ from trainer.learner import Learner
 from trainer.rank_step import SKIP, TRAIN, receive_command, send_command
 from trainer.rollout_batch import collate, drop_nonfinite_groups
 from trainer.sharding import full_weights
-from trainer.step_metrics import StepTiming, build_step_record, export_offpolicy
+from trainer.step_metrics import StepTiming, build_step_record, computed_stats, export_offpolicy
 
 log = logging.getLogger("trainer")
 ROLE = "trainer"
@@ -53,6 +55,7 @@ class Trainer:
         self.resume_state: P.ControllerState | None = None
         self.wall_offset = 0.0
         self.trained_tokens_total = 0
+        self.signal = SignalWatch(t.warn_uninformative_steps)  # steps in a row with no informative sample
         self.ckpt_root = cfg.run_dir() / "checkpoints"
         if resume:
             self._resume()
@@ -209,6 +212,8 @@ class Trainer:
                 send_command(self.dist, self.version + 1, SKIP)
             stats = self.learner.skip_step(self.version, "every group of its batch held a non-finite value")
         train_s = time.perf_counter() - t0
+        self._watch_signal(self.version + 1, stats)
+        stats = computed_stats(stats, self.cfg.algo)
         load = self.learner.rank_load
         others = self.dist.world_size - 1  # a skipped step: the other ranks did nothing
         rank_load = ((load.busy_s, load.tokens) if load is not None and self.dist.distributed and batch.num_samples
@@ -225,7 +230,8 @@ class Trainer:
                               publish_s=publish_s),
             trained_tokens_total=self.trained_tokens_total, max_staleness=self.cfg.effective_max_staleness,
             max_token_staleness=self.cfg.effective_max_token_staleness, rank_load=rank_load,
-            offpolicy=self.learner.offpolicy if batch.num_samples else None)
+            offpolicy=self.learner.offpolicy if batch.num_samples else None,
+            uninformative_steps=self.signal.streak)
         self.metrics.write(record.to_dict())
         if self.tb is not None:
             self.tb.write(record)
@@ -233,6 +239,17 @@ class Trainer:
         export_offpolicy(record)
         log.info("step %d reward %.3f staleness max %d loss %.4f", record.step, record.reward_mean,
                  record.staleness_max, record.loss)
+
+    def _watch_signal(self, step: int, stats: dict[str, float]) -> None:
+        """Count steps without an informative sample; warn at trainer.warn_uninformative_steps in a row (and
+        every as many after): such a run trains nothing while reporting steps done."""
+        warn = self.signal.observe(stats.get("informative_samples", 0.0))
+        M.uninformative_steps.set(self.signal.streak)
+        if warn:
+            log.warning("step %d: %d steps in a row trained no informative sample: in every group all rewards were "
+                        "equal, so every advantage was 0 and nothing was learned (trainer.warn_uninformative_steps="
+                        "%d). Check the reward (reward_mean always 0 or 1? ctrl_reward_errors?), the answer format "
+                        "and whether the task suits the model", step, self.signal.streak, self.signal.limit)
 
     def _report_dropped(self, wire: P.Batch, dropped: dict[str, list[int]]) -> None:
         """Count and log the groups `drop_nonfinite_groups` kept out of the loss (gids: the first 10)."""
@@ -260,7 +277,7 @@ class Trainer:
             M.rank_tokens.labels(rank=str(rank)).set(tokens)
         for gauge, value in ((M.loss, record.loss), (M.clip, record.clip_fraction), (M.approx_kl, record.approx_kl),
                              (M.entropy, record.entropy), (M.grad_norm, record.grad_norm)):
-            gauge.set(value or 0.0)
+            gauge.set(math.nan if value is None else value)  # NaN: not computed this run (e.g. entropy)
 
     def wall_time(self) -> float:
         return self.wall_offset + time.monotonic() - self.start_time

@@ -116,6 +116,12 @@ class TrainerConfig(Section):
         5, ge=0, description="Stop the run with an error after this many steps in a row applied no update because "
         "of non-finite values (a NaN/inf loss or gradient norm, or every group of the batch rejected for a "
         "non-finite reward or logprob): a run that cannot train should fail, not spin. 0 = never stop.")
+    warn_uninformative_steps: int = Field(
+        10, ge=0, description="Warn (a WARNING log line, the step record's uninformative_steps, the Prometheus gauge "
+        "areal_trainer_uninformative_steps and a note in the report) once this many steps in a row trained no "
+        "informative sample (every group's rewards equal: no advantage, nothing learned), and again every this many "
+        "steps while it lasts; with controller.dynamic_sampling the controller warns once it has dropped this many "
+        "batches' worth of uniform groups in a row. The run goes on. 0 = never warn.")
     world_size: int = Field(1, ge=1, description="Trainer ranks: `areal-py run` starts this many trainer processes "
                             "(RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, as torchrun sets them); models are "
                             "sharded with FSDP2 per decoder layer, each rank trains a token-balanced share of the batch. "

@@ -93,7 +93,7 @@ class ControllerMetrics:
     server_policy_version: Gauge
     policy_version: Gauge
     skipped_prompts: Counter
-    aborted_groups: Counter
+    dropped_groups: Counter
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,7 @@ class TrainerMetrics:
     grad_norm: Gauge
     skipped_updates: Counter
     rejected_groups: Counter
+    uninformative_steps: Gauge
     rank_busy: Gauge
     rank_tokens: Gauge
     offpolicy_kl_mean: Gauge
@@ -156,10 +157,12 @@ CONTROLLER = ControllerMetrics(
                                   "Policy version each rollout server reports loaded.", ("server",)),
     policy_version=_define(Gauge, "areal_controller_policy_version", "Current global policy version."),
     skipped_prompts=_define(Counter, "areal_controller_skipped_prompts_total",
-                            "Prompts skipped at admission, never dispatched, by reason (too_long: no room for one "
-                            "new token in the model's context).", ("reason",)),
-    aborted_groups=_define(Counter, "areal_controller_aborted_groups_total",
-                           "Groups a rollout server refused (finish_reason abort), dropped."),
+                            "Prompts skipped, never dispatched, by reason: too_long (no room for one new token in "
+                            "the model's context), bad_line (a data line the task could not load).", ("reason",)),
+    dropped_groups=_define(Counter, "areal_controller_dropped_groups_total",
+                           "Generated groups dropped before any batch, by reason: uniform (dynamic sampling: every "
+                           "reward equal), stale (too old for any batch to come), aborted (a rollout server refused "
+                           "it, finish_reason abort).", ("reason",)),
 )
 
 TRAINER = TrainerMetrics(
@@ -174,7 +177,8 @@ TRAINER = TrainerMetrics(
     loss=_define(Gauge, "areal_trainer_loss", "Policy loss of the last step."),
     clip=_define(Gauge, "areal_trainer_clip_ratio", "Fraction (0..1) of tokens clipped in the last step."),
     approx_kl=_define(Gauge, "areal_trainer_approx_kl", "Approximate KL(proximal || current) of the last step."),
-    entropy=_define(Gauge, "areal_trainer_entropy", "Mean token entropy (nats) of the last step."),
+    entropy=_define(Gauge, "areal_trainer_entropy", "Mean token entropy (nats) of the last step; NaN when not "
+                    "computed (algo.entropy_coef = 0)."),
     grad_norm=_define(Gauge, "areal_trainer_grad_norm", "Gradient norm (before clipping) of the last step."),
     rank_busy=_define(Gauge, "areal_trainer_rank_learner_step_seconds", "Seconds each trainer rank spent in the last "
                       "step's learner step (served by rank 0 for every rank).", ("rank",)),
@@ -199,6 +203,10 @@ TRAINER = TrainerMetrics(
     rejected_groups=_define(Counter, "areal_trainer_rejected_groups_total",
                             "Prompt groups dropped before the loss, by reason: nonfinite_reward or "
                             "nonfinite_logprob (a value not finite in float32).", ("reason",)),
+    uninformative_steps=_define(Gauge, "areal_trainer_uninformative_steps",
+                                "Steps in a row, the last one included, that trained no informative sample (every "
+                                "group's rewards equal); 0 after a step with signal. trainer.warn_uninformative_steps "
+                                "of them log a warning."),
 )
 
 

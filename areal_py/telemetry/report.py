@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from areal_py.config import TrainerConfig
 from areal_py.telemetry.report_data import (
     RATE_WINDOW,
     busy_fraction,
@@ -26,6 +27,7 @@ from areal_py.telemetry.report_data import (
     timeline_lanes,
 )
 from areal_py.telemetry.report_sections import ZOOM_STEPS, Section, chart_sections, not_computed
+from areal_py.telemetry.skips import signal_summary, skip_counts
 from areal_py.telemetry.step_record import StepRecord
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "main",
     "not_computed",
     "render_html",
+    "skipped_html",
     "staleness_histogram",
     "step_series",
     "summary",
@@ -94,8 +97,39 @@ th{background:#f4f4f4;font-weight:normal}
 .sec.wide p{max-width:none}
 .sec p.note{font-size:12px;color:#7a5a00;background:#fff8e1;padding:4px 6px;border-radius:3px;max-width:548px}
 .empty{font-size:16px;color:#a33;padding:20px 0}
+#skipped p.warn{font-size:13px;color:#fff;background:#b3261e;padding:6px 8px;border-radius:3px}
+#skipped p.note{font-size:12px;color:#7a5a00;background:#fff8e1;padding:4px 6px;border-radius:3px}
 details{margin-top:12px}
 """
+
+
+def _warn_limit(config: Mapping[str, Any] | None) -> int:
+    """trainer.warn_uninformative_steps of the run's config, or its default."""
+    sec = (config or {}).get("trainer")
+    v = sec.get("warn_uninformative_steps") if isinstance(sec, Mapping) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else TrainerConfig().warn_uninformative_steps
+
+
+def skipped_html(records: Sequence[StepRecord], config: Mapping[str, Any] | None = None) -> str:
+    """The "Skipped" table (every reason of ``skips.SKIP_REASONS`` with its count, "not recorded" for a run
+    whose records lack it), always shown; and a warning when steps trained no informative sample for
+    trainer.warn_uninformative_steps in a row."""
+    rows = skip_counts(records)
+    total = sum(c.count or 0 for c in rows)
+    body = "".join(f'<tr data-reason="{escape(c.reason)}"><th>{escape(c.reason)}</th>'
+                   f'<td class="count">{"not recorded" if c.count is None else f"{c.count:,}"}</td>'
+                   f"<td>{escape(c.unit)}</td><td>{escape(c.what)}</td></tr>" for c in rows)
+    head = f"<h2>Skipped: {total:,} item(s)</h2>" if total else "<h2>Skipped: nothing</h2>"
+    out = f'<section id="skipped">{head}<table class="skipped">{body}</table>'
+    sig, limit = signal_summary(records), _warn_limit(config)
+    if sig is not None and sig.without:
+        loud = limit > 0 and sig.longest >= limit
+        text = (f"{sig.without} of {sig.steps} steps trained no informative sample (every group's rewards equal: "
+                f"zero advantage, nothing learned); longest stretch {sig.longest} in a row"
+                + (f", at or past trainer.warn_uninformative_steps={limit}: check the reward and the task."
+                   if loud else "."))
+        out += f'<p class="{"warn" if loud else "note"}" id="uninformative">{escape(text)}</p>'
+    return out + "</section>"
 
 
 def render_html(run_name: str, records: Sequence[StepRecord], config_rows: Sequence[tuple[str, str]] | None,
@@ -105,7 +139,7 @@ def render_html(run_name: str, records: Sequence[StepRecord], config_rows: Seque
     parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
              f"<title>areal-py run {escape(run_name)}</title><style>{CSS}</style></head><body>",
              f"<h1>Run <span id=\"run-name\">{escape(run_name)}</span></h1>",
-             _table(summary(records), "summary")]
+             _table(summary(records), "summary"), skipped_html(records, config)]
     ctrl = [(f"ctrl_{k}", str(v)) for k, v in records[-1].controller.items()] if records else []
     if ctrl:
         parts.append("<details><summary>controller counters at the last step</summary>" + _table(ctrl, "ctrl")

@@ -165,4 +165,8 @@ def summary(records: Sequence[StepRecord]) -> list[tuple[str, str]]:
         for key, v in (("generated_tokens", lr.generated_tokens), ("trained_tokens_total", lr.trained_tokens_total)):
             if finite(v) is not None:
                 rows.append((key, f"{int(v):,}"))
+    generic = max((r.generic_engine_servers for r in records if r.generic_engine_servers is not None), default=None)
+    if generic is not None:  # runs recorded before servers said their engine path have none
+        rows.append(("rollout engine path", "no server on the generic fallback (fast path, or SGLang)" if generic == 0 else
+                     f"generic Hugging Face forward on {generic} server(s) (slower; kernels/<server>.json says why)"))
     return rows

@@ -57,9 +57,15 @@ class SamplingBody(_Body):
 
 
 # --- controller <-> rollout server -------------------------------------------------------------
+EnginePath = Literal["fast", "generic", "external"]
+"""How a server generates: the torch engine's fast runner, its generic Hugging Face forward fallback, or an
+engine of its own (SGLang). rollout_server/kernel_report.py says why."""
+
+
 class Hello(_Body):
     server_id: str
     version: int = Field(ge=0)
+    engine_path: EnginePath | None = None  # None: the server did not say
 
 
 class Heartbeat(_Body):
@@ -183,6 +189,7 @@ class ControllerState(_Body):
     generated_tokens: Count = 0  # every token the servers returned for an awaited result
     skipped_too_long: Count = 0  # prompts longer than the model's context, never dispatched
     dropped_aborted: Count = 0   # groups a server refused (finish_reason abort)
+    skipped_bad_lines: Count = 0  # data lines the task left out at load (malformed); a property of the data
 
 
 class TrainerHello(_Body):
@@ -229,6 +236,9 @@ class BatchStats(_Body):
     rollout_slot_occupancy: float | None = Field(None, ge=0, allow_inf_nan=False)
     # mean reward of every sample scored, dynamic sampling's drops included (None: none was scored)
     scored_reward_mean: float | None = Field(None, allow_inf_nan=False)
+    # live servers running the generic Hugging Face forward, not the engine's fast path (None: no live server
+    # said which path it runs)
+    generic_engine_servers: Count | None = None
     gen_tokens: dict[ServerId, Count] = Field(default_factory=dict, max_length=MAX_SERVERS)
 
     @model_validator(mode="before")

@@ -115,7 +115,7 @@ def test_groups_the_servers_all_refuse_stop_the_run_and_are_counted(cfg, monkeyp
     ctrl, sent = ready_controller(cfg, ArithTask(), monkeypatch)
     clock = FakeClock()
     ctrl.rollouts.drop_log = RateLimitedLog(ctrl_mod.log, clock=clock)
-    before = M.aborted_groups._value.get()
+    before = M.dropped_groups.labels(reason="aborted")._value.get()
 
     pending: list[P.Generate] = []
 
@@ -135,7 +135,7 @@ def test_groups_the_servers_all_refuse_stop_the_run_and_are_counted(cfg, monkeyp
         finish("stop")  # one that works: refusals are not "in a row" any more
         for _ in range(4):
             finish("abort")
-        assert ctrl.counts.dropped_aborted == 8 and M.aborted_groups._value.get() - before == 8
+        assert ctrl.counts.dropped_aborted == 8 and M.dropped_groups.labels(reason="aborted")._value.get() - before == 8
         with pytest.raises(AdmissionError, match=r"5 groups in a row .*refused"):
             finish("abort")
     finally:

@@ -90,7 +90,7 @@ def test_batch_state_and_stats_are_typed_and_travel_as_the_flat_maps_they_were()
                 state=P.ControllerState(**TODAY_STATE), stats=stats)
     frames = [bytes(f) for f in P.encode(b)]
     body = msgpack.unpackb(frames[0])["body"]
-    assert body["state"] == TODAY_STATE
+    assert body["state"] == {**TODAY_STATE, "skipped_bad_lines": 0}  # a counter added since: 0 when absent
     assert body["stats"] == {"servers_live": 2, "gen_busy_s": 1.5, "rollout_slot_occupancy": 0.25,
                              "scored_reward_mean": -0.5, "gen_tokens/rollout-0": 30, "gen_tokens/rollout-1": 12}
     m = P.decode(frames)
