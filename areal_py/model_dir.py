@@ -12,6 +12,7 @@ from pathlib import Path
 from areal_py.config import Config
 from areal_py.models import EmbeddedModelSpec
 from areal_py.tasks.base import SftTask, build_task
+from areal_py.tasks.prompt_render import prompt_format
 
 # Bump when the cold-start recipe changes so stale cached models are not reused.
 CACHE_VERSION = 1
@@ -66,6 +67,8 @@ class EmbeddedModelRequest:
     task: SftTask
     settings: EmbeddedSettings
     threads: int
+    chat_template: str = "false"  # task.chat_template: the cold start renders its prompts as the controller does
+    system_prompt: str | None = None  # task.system_prompt
 
     @property
     def path(self) -> Path:
@@ -84,12 +87,13 @@ def embedded_model_request(cfg: Config) -> EmbeddedModelRequest:
     if not isinstance(task, SftTask):
         raise ValueError(f"the embedded model is cold-started on a synthetic task (arith, sum_cot); "
                          f"task.name={cfg.task.name} needs model.path")
-    settings = EmbeddedSettings(spec=spec.to_dict(), task=task_identity(task), steps=cs.steps,
+    fmt = prompt_format(cfg.task.chat_template, cfg.task.system_prompt)
+    settings = EmbeddedSettings(spec=spec.to_dict(), task=task_identity(task) | fmt, steps=cs.steps,
                                 label_noise=cs.label_noise, lr=cs.lr, betas=COLD_START_BETAS,
                                 warmup_steps=COLD_START_WARMUP_STEPS,
                                 batch_size=cs.batch_size, seed=seed, final_lr_ratio=cs.final_lr_ratio)
     return EmbeddedModelRequest(Path(cfg.model.cache_dir).expanduser(), spec, task, settings,
-                                cfg.run.torch_threads)
+                                cfg.run.torch_threads, cfg.task.chat_template, cfg.task.system_prompt)
 
 
 def model_path(cfg: Config) -> Path:

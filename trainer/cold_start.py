@@ -32,6 +32,7 @@ from areal_py.models import (
 )
 from areal_py.tasks.arith import ArithTask
 from areal_py.tasks.base import Prompt, SftTask, Task
+from areal_py.tasks.prompt_render import prompt_format, render_prompt
 from areal_py.threads import auto_threads
 from trainer.micro_batching import pack_by_padded_tokens
 
@@ -42,14 +43,16 @@ DEFAULT_LABEL_NOISE = 0.2
 
 
 def _sft_rows(
-    tokenizer: PreTrainedTokenizerBase, task: SftTask, rng: random.Random, batch_size: int, label_noise: float
+    tokenizer: PreTrainedTokenizerBase, task: SftTask, rng: random.Random, batch_size: int, label_noise: float,
+    chat_template: str = "false", system_prompt: str | None = None,
 ) -> list[tuple[list[int], list[int]]]:
-    """`prompt + target + eos` token ids with labels only on the target and EOS."""
+    """`prompt + target + eos` token ids with labels only on the target and EOS; the prompt rendered as the
+    controller renders it (render_prompt under task.chat_template and task.system_prompt)."""
     eos = eos_token_id(tokenizer)
     rows: list[tuple[list[int], list[int]]] = []
     for _ in range(batch_size):
         prompt, target = task.sft_example(rng, label_noise)
-        prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids
+        prompt_ids = render_prompt(tokenizer, Prompt(0, prompt, ""), chat_template, system_prompt)
         target_ids = tokenizer(target, add_special_tokens=False).input_ids + [eos]
         rows.append((prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids))
     return rows
@@ -99,6 +102,8 @@ def cold_start(
     seed: int = 0,
     max_tokens_per_micro_batch: int = 8192,
     on_step: Callable[[int, float], None] | None = None,
+    chat_template: str = "false",
+    system_prompt: str | None = None,
 ) -> dict:
     """SFT in place with AdamW, linear warm-up and optional cosine decay (`lr_factor`); returns
     {steps, seconds, first/final loss}.
@@ -125,7 +130,7 @@ def cold_start(
     losses: list[float] = []
     start = time.perf_counter()
     for _ in range(steps):
-        rows = _sft_rows(tokenizer, task, rng, batch_size, label_noise)
+        rows = _sft_rows(tokenizer, task, rng, batch_size, label_noise, chat_template, system_prompt)
         n_targets = sum(sum(1 for x in lab if x != -100) for _, lab in rows)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
@@ -164,8 +169,12 @@ def evaluate(
     start_index: int = 0,
     batch_size: int = 256,
     prompts: list[Prompt] | None = None,
+    chat_template: str = "false",
+    system_prompt: str | None = None,
 ) -> float:
     """Fraction of prompts `start_index..+n` rewarded (or of `prompts`, if given), sampled with plain HF `generate`.
+
+    Prompts are rendered as the controller renders them (render_prompt under `chat_template`, `system_prompt`).
 
     Independent of the project's rollout engine, so it can cross-check it. temperature 0
     means greedy. The response is cut at the first EOS; special tokens before it are kept in
@@ -192,7 +201,8 @@ def evaluate(
             n = len(prompts)
             for lo in range(0, n, batch_size):
                 chunk = prompts[lo : lo + batch_size]
-                enc = tokenizer([p.text for p in chunk], return_tensors="pt", padding=True)
+                enc = tokenizer.pad({"input_ids": [render_prompt(tokenizer, p, chat_template, system_prompt)
+                                                   for p in chunk]}, return_tensors="pt")
                 out = model.generate(
                     input_ids=enc.input_ids.to(device),
                     attention_mask=enc.attention_mask.to(device),
@@ -259,6 +269,8 @@ def prepare_embedded_model(
     seed: int = 0,
     threads: int = 0,
     progress: Progress | None = None,
+    chat_template: str = "false",
+    system_prompt: str | None = None,
 ) -> Path:
     """Directory of the cold-started embedded model, built once per distinct setting.
 
@@ -276,7 +288,7 @@ def prepare_embedded_model(
     progress = progress or LogProgress()
     settings = EmbeddedSettings(
         spec=spec.to_dict(),
-        task=task_identity(task),
+        task=task_identity(task) | prompt_format(chat_template, system_prompt),
         steps=steps,
         label_noise=label_noise,
         lr=lr,
@@ -302,12 +314,12 @@ def prepare_embedded_model(
             return final
         for stale in cache_dir.glob(f".{final.name}-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        _build(final, settings, spec, task, threads or auto_threads(1), progress)
+        _build(final, settings, spec, task, threads or auto_threads(1), progress, chat_template, system_prompt)
     return final
 
 
 def _build(final: Path, settings: EmbeddedSettings, spec: EmbeddedModelSpec, task: SftTask, threads: int,
-           progress: Progress) -> None:
+           progress: Progress, chat_template: str = "false", system_prompt: str | None = None) -> None:
     """Create, cold-start and save the model in a temp dir next to `final`, then rename it into place."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     old_threads = torch.get_num_threads()
@@ -329,6 +341,8 @@ def _build(final: Path, settings: EmbeddedSettings, spec: EmbeddedModelSpec, tas
             final_lr_ratio=settings.final_lr_ratio,
             label_noise=settings.label_noise,
             seed=settings.seed,
+            chat_template=chat_template,
+            system_prompt=system_prompt,
             on_step=lambda i, loss: progress({"event": "step", "step": i, "steps": settings.steps, "loss": loss,
                                               "elapsed_s": time.perf_counter() - t0}),
         )

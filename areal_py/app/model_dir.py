@@ -60,6 +60,7 @@ def _build_embedded(cfg: Config, progress: Callable[[dict], None] | None) -> Pat
     path = prepare_embedded_model(req.cache_dir, req.spec, task=req.task, steps=s.steps, label_noise=s.label_noise,
                                   lr=s.lr, betas=s.betas, warmup_steps=s.warmup_steps,
                                   final_lr_ratio=s.final_lr_ratio, batch_size=s.batch_size, seed=s.seed,
-                                  threads=req.threads, progress=progress)
+                                  threads=req.threads, progress=progress, chat_template=req.chat_template,
+                                  system_prompt=req.system_prompt)
     assert path == req.path, f"cold start built {path}, the config resolves to {req.path}"
     return path

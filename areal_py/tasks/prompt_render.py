@@ -96,6 +96,13 @@ def messages_text(messages: Sequence[ChatMessage]) -> str:
     return "\n\n".join(m.content for m in messages)
 
 
+def prompt_format(chat_template: str | bool = "false", system_prompt: str | None = None) -> dict:
+    """What of the rendering shapes a model trained on rendered prompts (the embedded cold start's cache
+    key): empty for plain text (``false``), so keys of raw-text models stay as they were."""
+    mode = chat_template_mode(chat_template)
+    return {} if mode == "false" else {"chat_template": mode, "system_prompt": system_prompt or None}
+
+
 def render_prompt(tokenizer: Any, prompt: Prompt, chat_template: str = "auto",
                   system_prompt: str | None = None) -> list[int]:
     """The token ids of `prompt` as the engine receives them (the rule: this module's docstring).

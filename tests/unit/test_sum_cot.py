@@ -141,10 +141,11 @@ def test_task_keys_of_another_task_name_the_task_and_its_keys() -> None:
                              "model.embedded.max_position_embeddings=300"])
     assert (cfg.task.name, cfg.task.max_terms) == ("sum_cot", 40)
     with pytest.raises(ConfigError, match=r"unknown key 'task.max_terms' for task.name=arith \(the default\); "
-                                          r"allowed here: name, chat_template, system_prompt, min_operand, max_operand"):
+                                          r"allowed here: name, chat_template, system_prompt, max_bad_fraction, min_operand, "
+                                          r"max_operand"):
         load_config(None, ["task.max_terms=40"])
     with pytest.raises(ConfigError, match=r"unknown key 'task.min_operand' for task.name=sum_cot; allowed here: "
-                                          r"name, chat_template, system_prompt, min_terms, max_terms, tail_alpha, "
+                                          r"name, chat_template, system_prompt, max_bad_fraction, min_terms, max_terms, tail_alpha, "
                                           r"sft_max_terms, sft_tail_alpha"):
         load_config(str(ROOT / "configs/sum_cot.yaml"), ["task.min_operand=1"])
 
