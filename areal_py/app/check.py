@@ -39,6 +39,20 @@ def load_task(cfg: Config) -> Task:
         raise ConfigError(f"{'task.path' if cfg.task.name == 'jsonl' else 'task'}: {e}") from None
 
 
+def refuse_bad_lines(cfg: Config, task: Task) -> None:
+    """DataRefused when a data file's bad lines alone put the run past task.max_bad_fraction, listing every
+    one with its number: found before any model or tokenizer is loaded."""
+    bad = list(getattr(task, "bad_lines", []))
+    total = len(bad) + (len(task) if hasattr(task, "__len__") else 0)
+    if bad and len(bad) / total > cfg.task.max_bad_fraction:
+        from areal_py.tasks.jsonl import bad_lines_message
+
+        raise DataRefused(f"task.path: {bad_lines_message(getattr(task, 'path', cfg.task.name), bad, total - len(bad))}"
+                          f"\n  refusing to start: {len(bad)} of {total} lines are bad, more than task.max_bad_fraction="
+                          f"{cfg.task.max_bad_fraction:g}: fix or remove them, or raise task.max_bad_fraction to at least "
+                          f"{len(bad) / total:.3g} to skip them")
+
+
 def check_tokenizer(cfg: Config) -> tuple[Any, str]:
     """The tokenizer the controller will load, and a note on where it came from.
 
@@ -75,7 +89,7 @@ def check_config(cfg: Config, task: Task | None = None, tokenizer: Any = None) -
     """The data report of `cfg` (a ConfigError when the task or model cannot be loaded at all); `task` and
     `tokenizer` default to what the roles will load (the task as `load_task` builds it: a JSONL
     file's bad lines skipped and kept in `task.bad_lines`)."""
-    from areal_py.tasks.prompt_render import render_prompt
+    from areal_py.tasks.prompt_render import render_prompt, uses_chat_template
 
     task = task if task is not None else load_task(cfg)
     notes = []
@@ -92,6 +106,11 @@ def check_config(cfg: Config, task: Task | None = None, tokenizer: Any = None) -
         n = len(task) if hasattr(task, "__len__") else SYNTHETIC_SAMPLE
         items = [(f"prompt {i}", task.prompt(i)) for i in range(n)]
         source = f"task {task.name}" + ("" if hasattr(task, "__len__") else f", its first {n} prompts")
+    try:
+        how = "with the tokenizer's chat template" if uses_chat_template(tokenizer, t.chat_template) else "as plain text"
+        notes.append(f"prompts rendered {how} (task.chat_template={t.chat_template})")
+    except ValueError:
+        pass  # every prompt then fails to render, with this reason: counted below
     rendered = []
     for where, prompt in items:
         try:

@@ -44,11 +44,13 @@ def serve(role: str, config: str | None, overrides: list[str], resume: bool) -> 
     cfg = load_config(config, overrides)
     if not cfg.run.name:
         raise ConfigError("run.name must be set when starting a role on its own (every role must agree on it)")
-    from areal_py.app.check import load_task
+    from areal_py.app.check import load_task, refuse_bad_lines
 
     # the roles that read the task (the controller, and any role that may have to build the embedded
     # model) build it first, so a bad data file is a ConfigError here, not a traceback from inside
     task = load_task(cfg) if role == "controller" or not cfg.model.path else None
+    if task is not None:
+        refuse_bad_lines(cfg, task)
     logging.basicConfig(level=cfg.run.log_level, format=f"%(asctime)s {role} %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run finally-blocks: sockets close cleanly
     import torch

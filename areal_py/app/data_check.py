@@ -182,7 +182,9 @@ def skip_summary(r: DataReport) -> str:
     """What a run that starts on this data leaves out or cuts short, in one line."""
     parts = []
     if r.malformed or r.missing_keys:
-        parts.append(f"{len(r.malformed) + len(r.missing_keys)} bad line(s) are never prompted")
+        where = [m.split(": ", 1)[0] for m in (*r.malformed, *r.missing_keys)]
+        parts.append(f"{len(where)} bad line(s) are never prompted ({', '.join(where[:3])}"
+                     f"{', ...' if len(where) > 3 else ''})")
     if r.empty_answers:
         parts.append(f"{len(r.empty_answers)} prompt(s) with an empty answer score 0")
     if r.unrenderable:
@@ -199,7 +201,7 @@ def refusal(r: DataReport) -> str | None:
     if not r.refused:
         return None
     head = (f"no usable prompt in {r.total}" if r.usable == 0 else
-            f"{r.bad} of {r.total} prompts ({100 * r.bad_fraction:.1f}%) are unusable, more than "
+            f"{r.bad} of {r.total} lines/prompts ({100 * r.bad_fraction:.1f}%) are unusable, more than "
             f"task.max_bad_fraction={r.max_bad_fraction:g}")
     fixes = []
     bad_lines = [*r.malformed, *r.missing_keys, *r.empty_answers]

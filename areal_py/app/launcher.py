@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from areal_py.app.check import check_config, enforce, load_task
+from areal_py.app.check import check_config, enforce, load_task, refuse_bad_lines
 from areal_py.app.role_procs import (
     STOP_GRACE_S,
     RoleChild,
@@ -117,10 +117,10 @@ def prepare_run(config: str | None, overrides: list[str], resume: bool, data_che
     `data_check` (areal-py run): with `model.path`, the data check (`areal_py.app.check`) runs here and
     refuses the run with what to change; the embedded model's tokenizer is checked once it is built."""
     cfg = load_config(config, overrides)
+    task = load_task(cfg)  # fail before any process starts, not after the model is built
+    refuse_bad_lines(cfg, task)
     if data_check and cfg.model.path:
-        print(f"areal-py: {enforce(check_config(cfg))}", file=sys.stderr)
-    else:
-        load_task(cfg)  # fail before any process starts, not after the model is built
+        print(f"areal-py: {enforce(check_config(cfg, task=task))}", file=sys.stderr)
     busy = busy_ports(cfg)
     if busy:
         raise ConfigError(f"already in use on {cfg.net.bind_host}: {', '.join(busy)} (another areal-py run?); "

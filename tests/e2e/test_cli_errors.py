@@ -19,7 +19,7 @@ def test_run_with_a_bad_jsonl_line_fails_before_any_process_starts(tmp_path, sma
     res = run_cli(["run", "--quiet", *small_cfg, f"model.path={tmp_path}", "task.name=jsonl", f"task.path={data}"],
                   timeout=120)
     assert res.returncode == 2, res.stderr
-    assert f"areal-py: task.path: {data.parent}/{where}" in res.stderr, res.stderr
+    assert res.stderr.startswith("areal-py: task.path: ") and f"{data.parent}/{where}" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr, res.stderr
     assert not (tmp_path / "runs" / "t" / "logs").exists()
 
@@ -40,5 +40,7 @@ def test_serve_controller_with_a_bad_jsonl_line_is_a_clean_error(tmp_path, model
                    f"model.cache_dir={model_cache}", "run.dashboard_port=0", *net_overrides(),
                    f"model.path={tmp_path}", "task.name=jsonl", f"task.path={data}"], timeout=120)
     assert res.returncode == 2, res.stderr
-    assert f"areal-py: task.path: {data}:2: expected a JSON object" in res.stderr, res.stderr
+    assert f"areal-py: task.path: {data}: 1 bad line(s) of 2 non-empty:\n  {data}:2: expected a JSON object" \
+        in res.stderr, res.stderr
+    assert "task.max_bad_fraction" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr, res.stderr

@@ -71,7 +71,7 @@ def test_report_counts_each_prompt_once_by_hand() -> None:
     assert r.token_range == (3, 10) and r.max_prompt_tokens == 7
     assert r.refused  # 6/9 > 0.5
     why = refusal(r)
-    assert "6 of 9 prompts (66.7%)" in why and "task.max_bad_fraction to at least 0.667" in why
+    assert "6 of 9 lines/prompts (66.7%)" in why and "task.max_bad_fraction to at least 0.667" in why
     assert "rollout.max_new_tokens=3, so at most 7 fit" in why
     assert "d:8: invalid JSON" in format_report(r)
 
@@ -153,3 +153,15 @@ def test_jsonl_without_model_path_is_one_clear_line(tmp_path: Path, capsys) -> N
         err = capsys.readouterr().err
         assert "Traceback" not in err
         assert "task.name=jsonl needs model.path" in err and len(err.strip().splitlines()) == 2  # header + reason
+
+
+def test_bad_lines_past_the_threshold_refuse_before_the_model_is_loaded(tmp_path: Path, capsys) -> None:
+    data = _jsonl(tmp_path / "d.jsonl", [_rec("1+2=", "3"), "{oops", "[]", _rec("2+2=", "4")])
+    not_a_model = tmp_path / "empty"  # never read: the data refuses the run first
+    not_a_model.mkdir()
+    args = ["task.name=jsonl", f"task.path={data}", f"model.path={not_a_model}", f"run.output_dir={tmp_path / 'runs'}"]
+    assert cli.main(["run", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"areal-py: task.path: {data}: 2 bad line(s) of 4 non-empty:\n  {data}:2: invalid JSON")
+    assert f"{data}:3: expected a JSON object" in err and "at least 0.5 to skip them" in err
+    assert "model.path" not in err and not (tmp_path / "runs").exists()

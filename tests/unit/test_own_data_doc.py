@@ -1,0 +1,29 @@
+"""docs/own-data.md stays true: its script builds the model and data, and `areal-py check` prints what it shows."""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+from areal_py.app import cli
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "own-data.md"
+
+
+def _blocks(kind: str) -> list[str]:
+    return re.findall(rf"```{kind}\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
+
+
+def test_the_worked_example_prints_what_the_doc_shows(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_blocks("python")[0], str(DOC), "exec"), {"__name__": "own_data_doc"})  # noqa: S102
+    assert (tmp_path / "my-model" / "config.json").is_file()
+    command = shlex.split(_blocks("bash")[0].replace("\\\n", " "))
+    assert command[:2] == ["areal-py", "check"]
+    capsys.readouterr()
+    assert cli.main(command[1:]) == 0
+    shown, refused = _blocks("text")
+    assert capsys.readouterr().out == shown
+    assert cli.main([*command[1:], "rollout.max_new_tokens=200"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert all(line in out for line in refused.splitlines())
