@@ -133,7 +133,7 @@ def enforce(report: DataReport) -> str:
     why = refusal(report)
     if why is not None:
         raise DataRefused(f"refusing to start: {why} (details: areal-py check with the same arguments)")
-    return f"data check: {report.usable} of {report.total} prompts usable; {skip_summary(report)}"
+    return f"data check ({report.source}): {report.usable} of {report.total} usable; {skip_summary(report)}"
 
 
 def check_command(config: str | None, overrides: list[str]) -> int:
