@@ -22,6 +22,7 @@ from areal_py.telemetry.prom import CONTROLLER as M
 from areal_py.telemetry.report import write_report
 from areal_py.telemetry.skips import skipped_lines
 from areal_py.wire import protocol as P
+from areal_py.wire.trainer_link import bind_trainer
 from areal_py.wire.transport import WaitTimeout, make_socket, parse, recv, reject, send
 from controller.activity import ActivityTracker
 from controller.admission import AdmissionError, LengthGate
@@ -72,11 +73,9 @@ class Controller:
         self.router = make_socket(ctx, zmq.ROUTER, net.addr(net.rollout_port, bind=True), bind=True, max_message_bytes=cap)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.pub = make_socket(ctx, zmq.PUB, net.addr(net.weights_port, bind=True), bind=True, max_message_bytes=cap)
-        self.from_trainer = make_socket(ctx, zmq.PULL, net.addr(net.trainer_port, bind=True), bind=True,
-                                        max_message_bytes=cap)
-        self.to_trainer = make_socket(ctx, zmq.PUSH, net.addr(net.batch_port, bind=True), bind=True,
-                                      max_message_bytes=cap)
-        self.to_trainer.setsockopt(zmq.SNDTIMEO, int(cfg.trainer.batch_timeout_s * 1000))
+        # ROUTERs: trainer messages accepted from, and batches sent to, the trainer's routing id alone
+        self.from_trainer, self.to_trainer = bind_trainer(ctx, net, send_timeout_s=cfg.trainer.batch_timeout_s)
+        self.trainer_id: bytes | None = None  # routing id of the trainer's hello (areal_py/wire/trainer_link.py)
 
         self.counts = RunCounters()  # restored from the trainer's checkpoint on resume (see start)
         self.rollouts = Rollouts(cfg, task, tokenizer, gate, self.registry, self.rewards, self.counts, self._to_server)
@@ -166,18 +165,39 @@ class Controller:
                                  rollout_slot_occupancy=activity.rollout_slot_occupancy,
                                  scored_reward_mean=c.take_scored_reward_mean(), gen_tokens=dict(c.gen_tokens_by_server),
                                  generic_engine_servers=generic_engine_servers(live))
-            try:
-                send(self.to_trainer, P.Batch(version=b, groups=groups, state=state, stats=stats,
-                                              gen_spans=activity.spans))
-            except zmq.Again:
-                raise WaitTimeout(f"controller: timed out after {self.cfg.trainer.batch_timeout_s:.0f}s "
-                                  f"waiting for the trainer to take batch {b}") from None
+            self.send_batch(P.Batch(version=b, groups=groups, state=state, stats=stats, gen_spans=activity.spans))
             c.next_batch_version += 1
 
+    def send_batch(self, batch: P.Batch) -> None:
+        """Send `batch` to the trainer alone (its routing id), waiting up to trainer.batch_timeout_s.
+
+        Unroutable (the trainer's batch link not connected yet, or reconnecting) is retried, pinging the
+        servers meanwhile; a trainer whose queue stays full blocks the send itself (SNDTIMEO)."""
+        timeout = self.cfg.trainer.batch_timeout_s
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                send(self.to_trainer, batch, to=self.trainer_id)
+                return
+            except zmq.Again:
+                pass
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH:
+                    raise
+                if time.monotonic() < deadline:
+                    self.ping()
+                    time.sleep(0.05)
+                    continue
+            raise WaitTimeout(f"controller: timed out after {timeout:.0f}s waiting for the trainer to take batch "
+                              f"{batch.version} on {self.cfg.net.addr(self.cfg.net.batch_port, bind=True)}")
+
     # --- trainer side ------------------------------------------------------------------------------
-    def on_trainer(self, msg: P.Message) -> None:
+    def on_trainer(self, sender: bytes, msg: P.Message) -> None:
+        """A message on the trainer port: accepted only from the routing id that said the trainer's hello."""
         body = msg.body
-        if isinstance(body, P.WeightsReady):
+        if sender != self.trainer_id:
+            reject(ROLE, "not_trainer", f"{msg.type} from {sender!r}, not the trainer ({self.trainer_id!r})")
+        elif isinstance(body, P.WeightsReady):
             self.weights.publish(body, msg.tensors)
         elif isinstance(body, P.TrainerDone):
             log.info("trainer finished at version %d", body.version)
@@ -189,12 +209,14 @@ class Controller:
 
     def start(self) -> None:
         """Wait for the trainer's hello: it fixes the starting version and, on resume, the counters."""
-        _, msg = recv(self.from_trainer, ROLE, timeout_s=self.cfg.controller.startup_timeout_s, tick=self.ping,
-                      waiting_for=f"the trainer's hello on {self.cfg.net.addr(self.cfg.net.trainer_port, bind=True)}")
+        sender, msg = recv(self.from_trainer, ROLE, timeout_s=self.cfg.controller.startup_timeout_s, tick=self.ping,
+                           routed=True, waiting_for="the trainer's hello on "
+                                                    f"{self.cfg.net.addr(self.cfg.net.trainer_port, bind=True)}")
         while not isinstance(msg.body, P.TrainerHello):
             reject(ROLE, "unexpected_type", f"{msg.type} before the trainer's hello")
-            _, msg = recv(self.from_trainer, ROLE, timeout_s=self.cfg.controller.startup_timeout_s, tick=self.ping,
-                          waiting_for="the trainer's hello")
+            sender, msg = recv(self.from_trainer, ROLE, timeout_s=self.cfg.controller.startup_timeout_s,
+                               tick=self.ping, routed=True, waiting_for="the trainer's hello")
+        self.trainer_id = sender
         hello: P.TrainerHello = msg.body
         c = self.counts
         c.restore(hello.version, self.batch_size, hello.resume_state)
@@ -210,9 +232,9 @@ class Controller:
         events = dict(poller.poll(timeout_ms))
         while events:
             if self.from_trainer in events:
-                _, msg = parse(self.from_trainer.recv_multipart(copy=False), ROLE)
-                if msg is not None:
-                    self.on_trainer(msg)
+                sender, msg = parse(self.from_trainer.recv_multipart(copy=False), ROLE, routed=True)
+                if msg is not None and sender is not None:
+                    self.on_trainer(sender, msg)
             if self.router in events:
                 sender, msg = parse(self.router.recv_multipart(copy=False), ROLE, routed=True)
                 if msg is not None and sender is not None:

@@ -29,7 +29,8 @@ from areal_py.telemetry.step_record import StepRecord
 from areal_py.telemetry.tensorboard import TensorBoardLog
 from areal_py.wire import protocol as P
 from areal_py.wire.dist_weights import DistWeightsError, WeightGroup, layout_for
-from areal_py.wire.transport import make_socket, recv, reject, send
+from areal_py.wire.trainer_link import connect_trainer
+from areal_py.wire.transport import recv, reject, send
 from areal_py.wire.weights import named_weights, save_weights
 from trainer.checkpoint import CheckpointError, load_latest_checkpoint, save_checkpoint
 from trainer.distributed import DistError, close_dist, init_dist
@@ -67,10 +68,7 @@ class Trainer:
         self.tb = (TensorBoardLog(cfg.run_dir() / "tensorboard", resume_step=self.version if resume else None)
                    if cfg.run.tensorboard else None)
         net, ctx = cfg.net, zmq.Context.instance()
-        self.to_ctrl = make_socket(ctx, zmq.PUSH, net.addr(net.trainer_port), bind=False,
-                                   max_message_bytes=net.max_message_bytes)
-        self.batches = make_socket(ctx, zmq.PULL, net.addr(net.batch_port), bind=False,
-                                   max_message_bytes=net.max_message_bytes)
+        self.to_ctrl, self.batches = connect_trainer(ctx, net)  # DEALERs under one random routing id
 
     def _resume(self) -> None:
         """Restore the newest usable checkpoint, and cut metrics.jsonl back to its step: the steps after it

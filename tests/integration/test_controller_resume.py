@@ -28,7 +28,7 @@ def cfg(tmp_path):
 
 def test_resume_state_restores_the_counts_and_a_malformed_one_is_rejected(cfg):
     ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
-    push = make_socket(zmq.Context.instance(), zmq.PUSH, cfg.net.addr(cfg.net.trainer_port), bind=False)
+    push = make_socket(zmq.Context.instance(), zmq.DEALER, cfg.net.addr(cfg.net.trainer_port), bind=False, identity="trainer")
     before = rejected_count("controller", "invalid_body")
     try:
         bad = {"version": 3, "resume_state": {**SAVED, "generated_tokens": -1}}

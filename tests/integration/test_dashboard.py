@@ -203,7 +203,7 @@ def test_controller_writes_the_report_when_its_serve_ends(tmp_path: Path) -> Non
     run_dir.mkdir(parents=True)
     write_records(run_dir / "metrics.jsonl", synthetic_records(N))  # what the trainer wrote
     ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
-    push = make_socket(zmq.Context.instance(), zmq.PUSH, cfg.net.addr(cfg.net.trainer_port), bind=False)
+    push = make_socket(zmq.Context.instance(), zmq.DEALER, cfg.net.addr(cfg.net.trainer_port), bind=False, identity="trainer")
     try:
         send(push, P.TrainerHello(version=0))
         send(push, P.TrainerDone(version=0))

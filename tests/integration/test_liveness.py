@@ -35,7 +35,7 @@ def ctx():
 def test_controller_stops_when_its_last_server_stays_silent(tmp_path, ctx):
     cfg = config(tmp_path, "controller.server_timeout_s=0.3", "controller.no_server_timeout_s=1")
     ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
-    push = make_socket(ctx, zmq.PUSH, cfg.net.addr(cfg.net.trainer_port), bind=False)
+    push = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.trainer_port), bind=False, identity="trainer")
     srv = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.rollout_port), bind=False, identity="rollout-7")
     try:
         send(push, P.TrainerHello(version=0))
@@ -60,7 +60,7 @@ def test_controller_pings_servers_even_while_waiting_for_the_trainer(tmp_path, c
     cfg = config(tmp_path, "rollout.heartbeat_s=0.05")
     ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
     sub = make_socket(ctx, zmq.SUB, cfg.net.addr(cfg.net.weights_port), bind=False)
-    push = make_socket(ctx, zmq.PUSH, cfg.net.addr(cfg.net.trainer_port), bind=False)
+    push = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.trainer_port), bind=False, identity="trainer")
     started = threading.Thread(target=ctrl.start, daemon=True)
     started.start()
     try:
@@ -144,7 +144,7 @@ def test_trainer_batch_wait_is_bounded_and_named(tmp_path, ctx):
     from trainer.trainer import Trainer
 
     cfg = config(tmp_path, "trainer.batch_timeout_s=0.5")
-    pull = make_socket(ctx, zmq.PULL, cfg.net.addr(cfg.net.batch_port), bind=False)
+    pull = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.batch_port), bind=False)
     try:
         fake = SimpleNamespace(cfg=cfg, batches=pull, version=3)
         with pytest.raises(WaitTimeout, match=r"batch 3 from the controller at tcp://127\.0\.0\.1:\d+"):

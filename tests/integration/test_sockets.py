@@ -141,7 +141,7 @@ def test_interruption_through_the_wire(cfg, ctx):
 def test_controller_rejects_garbage_on_both_sockets(cfg, ctx):
     ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
     dealer = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.rollout_port), bind=False, identity="srv")
-    push = make_socket(ctx, zmq.PUSH, cfg.net.addr(cfg.net.trainer_port), bind=False)
+    push = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.trainer_port), bind=False, identity="trainer")
     try:
         send(push, P.TrainerHello(version=0))
         ctrl.start()
@@ -170,8 +170,9 @@ def test_trainer_rejects_garbage_and_trains(tmp_path, model_cache, ctx):
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=s", *net_overrides(), f"model.cache_dir={model_cache}",
                              "trainer.total_steps=1", "weights.transfer=stream"])
-    pull = make_socket(ctx, zmq.PULL, cfg.net.addr(cfg.net.trainer_port, bind=True), bind=True)
-    push = make_socket(ctx, zmq.PUSH, cfg.net.addr(cfg.net.batch_port, bind=True), bind=True)
+    pull = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.trainer_port, bind=True), bind=True)
+    push = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.batch_port, bind=True), bind=True)
+    push.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a batch to an unconnected trainer fails here, not silently
     trainer = Trainer(cfg)
     ids = trainer.tokenizer("3+4=").input_ids
     out = trainer.tokenizer("7", add_special_tokens=False).input_ids + [trainer.tokenizer.eos_token_id]
@@ -181,16 +182,17 @@ def test_trainer_rejects_garbage_and_trains(tmp_path, model_cache, ctx):
     t = threading.Thread(target=trainer.serve, daemon=True)
     t.start()
     try:
-        _, hello = recv(pull, "test", timeout_s=30, waiting_for="trainer hello")
+        trainer_id, hello = recv(pull, "test", timeout_s=30, waiting_for="trainer hello", routed=True)
         assert hello.body == P.TrainerHello(version=0, resume_state=None)
+        assert trainer_id.startswith(b"trainer-")  # its batch link has the same routing id
         before = rejected_count("trainer")
         for frames in GARBAGE:
-            push.send_multipart(frames)
-        send(push, P.Batch(version=5, groups=[group], state={}))  # valid message, wrong version
-        send(push, P.Batch(version=0, groups=[group], state={"data_position": 1}))
-        _, w = recv(pull, "test", timeout_s=60, waiting_for="new weights")
+            push.send_multipart([trainer_id, *frames])
+        send(push, P.Batch(version=5, groups=[group], state={}), to=trainer_id)  # valid message, wrong version
+        send(push, P.Batch(version=0, groups=[group], state={"data_position": 1}), to=trainer_id)
+        _, w = recv(pull, "test", timeout_s=60, waiting_for="new weights", routed=True)
         assert w.type == "weights_ready" and w.body.version == 1 and w.tensors
-        _, done = recv(pull, "test", timeout_s=60, waiting_for="trainer done")
+        _, done = recv(pull, "test", timeout_s=60, waiting_for="trainer done", routed=True)
         assert done.type == "trainer_done"
         assert rejected_count("trainer") - before == len(GARBAGE) + 1
         t.join(10)
@@ -203,7 +205,7 @@ def test_trainer_rejects_garbage_and_trains(tmp_path, model_cache, ctx):
 def test_dead_server_work_is_redispatched_and_never_counted_twice(cfg, ctx):
     cfg.controller.server_timeout_s = 0.5
     ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
-    push = make_socket(ctx, zmq.PUSH, cfg.net.addr(cfg.net.trainer_port), bind=False)
+    push = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.trainer_port), bind=False, identity="trainer")
     a = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.rollout_port), bind=False, identity="a")
     b = None
     try:
@@ -289,7 +291,7 @@ def test_server_aborts_sequences_too_stale_for_any_batch(cfg, ctx):
 
 def test_controller_counts_stale_aborts_and_tells_servers_the_floor(cfg, ctx):
     ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
-    push = make_socket(ctx, zmq.PUSH, cfg.net.addr(cfg.net.trainer_port), bind=False)
+    push = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.trainer_port), bind=False, identity="trainer")
     a = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.rollout_port), bind=False, identity="a")
     try:
         send(push, P.TrainerHello(version=0))

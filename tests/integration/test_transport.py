@@ -100,7 +100,7 @@ def test_controller_drops_a_message_over_the_size_limit_and_keeps_serving(tmp_pa
                              "controller.batch_size=2", "controller.group_size=2"])
     ctx = zmq.Context.instance()
     ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
-    push = make_socket(ctx, zmq.PUSH, cfg.net.addr(cfg.net.trainer_port), bind=False)
+    push = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.trainer_port), bind=False, identity="trainer")
     big = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.rollout_port), bind=False, identity="big")
     small = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.rollout_port), bind=False, identity="small")
     try:

@@ -1,0 +1,67 @@
+"""The trainer's two links to the controller, and why only the trainer can use them.
+
+The controller binds a ROUTER on `net.trainer_port` (hello, weights, done: trainer -> controller) and
+a ROUTER on `net.batch_port` (batches: controller -> trainer). The trainer connects a DEALER to each,
+both under one routing id drawn at random per trainer process (`new_trainer_id`).
+
+Invariants the controller keeps with them (controller/controller.py):
+- the routing id of the first `TrainerHello` is the trainer's; any other sender's message on the
+  trainer port (a `TrainerDone`, a `WeightsReady`, a second hello) is rejected and counted
+  (`not_trainer`), so no other process can stop the run or choose the servers' weights;
+- batches are sent to that routing id alone. A PUSH socket deals its messages round-robin to every
+  PULL connected to it, so any process connecting to the batch port took every other batch.
+
+The id is 64 random bits: another process cannot guess it to claim the trainer's name first (a ROUTER
+refuses a second connection under an id already connected). Across machines the sockets are also
+authenticated (CURVE); this is what holds on loopback, where anyone local may connect.
+"""
+from __future__ import annotations
+
+import secrets
+
+import zmq
+
+from areal_py.config.launch import NetConfig
+from areal_py.wire.curve import TRAINER, Gatekeeper, client_curve
+from areal_py.wire.transport import make_socket
+
+TRAINER_ID_PREFIX = "trainer-"
+
+
+def new_trainer_id() -> str:
+    """A routing id for one trainer process: ``trainer-`` and 16 random hex digits."""
+    return f"{TRAINER_ID_PREFIX}{secrets.token_hex(8)}"
+
+
+def connect_trainer(ctx: zmq.Context, net: NetConfig, identity: str | None = None) -> tuple[zmq.Socket, zmq.Socket]:
+    """The trainer's side: (to the controller, batches from it), two DEALERs under one routing id; CURVE
+    clients with the trainer's key pair when net.keys_dir is set."""
+    identity = identity or new_trainer_id()
+    curve = client_curve(net.keys_dir, TRAINER)
+    to_ctrl = make_socket(ctx, zmq.DEALER, net.addr(net.trainer_port), bind=False, identity=identity,
+                          max_message_bytes=net.max_message_bytes, curve=curve)
+    batches = make_socket(ctx, zmq.DEALER, net.addr(net.batch_port), bind=False, identity=identity,
+                          max_message_bytes=net.max_message_bytes, curve=curve)
+    return to_ctrl, batches
+
+
+def bind_trainer(ctx: zmq.Context, net: NetConfig, *, send_timeout_s: float,
+                 gate: Gatekeeper | None = None) -> tuple[zmq.Socket, zmq.Socket]:
+    """The controller's side: (from the trainer, batches to it), two ROUTERs; CURVE servers accepting only
+    the trainer's key when `gate` is given.
+
+    The batch ROUTER is ROUTER_MANDATORY: a batch for a routing id not connected raises EHOSTUNREACH
+    instead of vanishing, and one for a trainer that stopped taking them blocks up to
+    `send_timeout_s` (the trainer's queue is full) and then raises `zmq.Again`.
+    """
+    from_trainer = make_socket(ctx, zmq.ROUTER, net.addr(net.trainer_port, bind=True), bind=True,
+                               max_message_bytes=net.max_message_bytes, curve=gate and gate.server("trainer"))
+    try:
+        to_trainer = make_socket(ctx, zmq.ROUTER, net.addr(net.batch_port, bind=True), bind=True,
+                                 max_message_bytes=net.max_message_bytes, curve=gate and gate.server("batch"))
+    except OSError:
+        from_trainer.close()
+        raise
+    to_trainer.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    to_trainer.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
+    return from_trainer, to_trainer
