@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import zmq
 
 from areal_py.wire import protocol as P
-from areal_py.wire.transport import WaitTimeout, send
+from areal_py.wire.transport import WaitTimeout, reject, send
+from areal_py.wire.weight_files import path_problem
 from controller.run_state import RunCounters
 from controller.servers import ServerRegistry, ServerState
 
@@ -34,6 +35,7 @@ class PublishedWeights:
     path: str | None
     tensors: dict
     dist: P.DistLayout | None = None
+    sha256: str | None = None
     at: float = field(default_factory=time.monotonic)
 
 
@@ -49,8 +51,13 @@ class WeightSync:
         self.latest: PublishedWeights | None = None
 
     def publish(self, w: P.WeightsReady, tensors: dict) -> None:
-        self.latest = PublishedWeights(w.version, w.path, tensors, w.dist)
-        send(self.pub, self.update_message(w.version, w.path, w.dist), tensors or None)
+        """Broadcast new weights; a path that cannot be the file of its version (`path_problem`: relative,
+        `..`, another name) is rejected here (counted, reason weights_path) and never reaches a server."""
+        if w.path is not None and (problem := path_problem(w.path, w.version)) is not None:
+            reject("controller", "weights_path", problem)
+            return
+        self.latest = PublishedWeights(w.version, w.path, tensors, w.dist, w.sha256)
+        send(self.pub, self.update_message(w.version, w.path, w.dist, w.sha256), tensors or None)
         for s in self.registry.live():
             s.last_weights_sent = time.monotonic()
 
@@ -62,12 +69,13 @@ class WeightSync:
             return  # nothing held to send: a dist-only version (see the module docstring)
         if force or time.monotonic() - server.last_weights_sent > CATCH_UP_AFTER_S:
             server.last_weights_sent = time.monotonic()
-            self.to_server(server, self.update_message(w.version, w.path), w.tensors or None)
+            self.to_server(server, self.update_message(w.version, w.path, sha256=w.sha256), w.tensors or None)
 
-    def update_message(self, version: int, path: str | None, dist: P.DistLayout | None = None) -> P.UpdateWeights:
+    def update_message(self, version: int, path: str | None, dist: P.DistLayout | None = None,
+                       sha256: str | None = None) -> P.UpdateWeights:
         """Weights plus the oldest token version a batch still to come can take (older work is doomed)."""
         floor = max(0, self.counts.next_batch_version - self.max_token_staleness)
-        return P.UpdateWeights(version=version, path=path, min_token_version=floor, dist=dist)
+        return P.UpdateWeights(version=version, path=path, min_token_version=floor, dist=dist, sha256=sha256)
 
     def check(self) -> None:
         """Raise WaitTimeout once a live server stays behind the newest weights past the sync timeout."""

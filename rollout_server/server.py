@@ -22,7 +22,8 @@ from areal_py.telemetry.prom import ROLLOUT as M
 from areal_py.wire import protocol as P
 from areal_py.wire.dist_weights import DistRejected, DistWeightsError, WeightGroup, model_specs, server_rank
 from areal_py.wire.transport import WaitTimeout, make_socket, parse, reject, send
-from rollout_server.backend import Backend, Finished
+from areal_py.wire.weight_files import WeightFileError, load_verified, read_verified
+from rollout_server.backend import Backend, Finished, WeightSource
 from rollout_server.kernel_report import KernelReport, engine_path, export_prometheus, write_report
 from rollout_server.sampling import SamplingParams
 
@@ -163,11 +164,13 @@ class RolloutServer:
         if u.version <= self.engine.version:
             return  # a duplicate (broadcast and directed catch-up can both arrive)
         try:
-            if not u.path and not tensors:
-                raise ValueError("update carries neither a path nor tensors")
-            self.engine.update_weights(u.path or tensors, u.version)
-        except (OSError, KeyError, ValueError) as e:
-            reject(ROLE, "bad_weights", f"cannot load version {u.version}: {e}")
+            self.engine.update_weights(self._weights_source(u, tensors), u.version)
+        except WeightFileError as e:
+            reject(ROLE, e.reason, f"version {u.version} not loaded, still serving {self.engine.version}: {e}")
+            return
+        except Exception as e:  # noqa: BLE001 - no update may end the server: engines validate before the first copy
+            reject(ROLE, "bad_weights", f"cannot load version {u.version}, still serving {self.engine.version}: "
+                   f"{type(e).__name__}: {e}")
             return
         seconds = time.perf_counter() - start
         M.weight_swap_seconds.observe(seconds)
@@ -177,6 +180,18 @@ class RolloutServer:
                  self.engine.num_running)
         send(self.dealer, P.WeightsLoaded(server_id=self.server_id, version=u.version, seconds=seconds))
         self._abort_stale(u.min_token_version)
+
+    def _weights_source(self, u: P.UpdateWeights, tensors: dict[str, torch.Tensor]) -> WeightSource:
+        """What the engine loads: the frames' tensors, or the notice's file once checked (weight_files.py: in
+        this run's weights.dir, named for its version, hashing to the notice's sha256). An engine whose model
+        lives here gets the tensors of the bytes that were hashed; another (SGLang) the checked path."""
+        if u.path is None:
+            if not tensors:
+                raise WeightFileError("bad_weights", "update carries neither a path nor tensors")
+            return tensors
+        if isinstance(getattr(self.engine, "model", None), torch.nn.Module):
+            return load_verified(u.path, self.cfg.weights_dir(), u.version, u.sha256)
+        return str(read_verified(u.path, self.cfg.weights_dir(), u.version, u.sha256)[0])
 
     def _receive_dist(self, u: P.UpdateWeights) -> dict[str, torch.Tensor] | None:
         """The tensors of a dist broadcast, or None: not a member (a restart, or the group failed: the weights

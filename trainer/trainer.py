@@ -31,6 +31,7 @@ from areal_py.wire import protocol as P
 from areal_py.wire.dist_weights import DistWeightsError, WeightGroup, layout_for
 from areal_py.wire.trainer_link import connect_trainer
 from areal_py.wire.transport import recv, reject, send
+from areal_py.wire.weight_files import sha256_file
 from areal_py.wire.weights import named_weights, save_weights
 from trainer.checkpoint import CheckpointError, load_latest_checkpoint, save_checkpoint
 from trainer.distributed import DistError, close_dist, init_dist
@@ -134,7 +135,7 @@ class Trainer:
             return
         if self.cfg.weights.transfer == "disk":
             path = save_weights(weights, self.cfg.weights_dir(), self.version, keep=self.cfg.weights.keep)
-            send(self.to_ctrl, P.WeightsReady(version=self.version, path=str(path.resolve())))
+            send(self.to_ctrl, P.WeightsReady(version=self.version, path=str(path.resolve()), sha256=sha256_file(path)))
         else:
             send(self.to_ctrl, P.WeightsReady(version=self.version, path=None), weights)
 

@@ -142,11 +142,15 @@ class UpdateWeights(_Body):
 
     `min_token_version`: tokens older than this can no longer be trained (every batch still to come
     would drop them), so servers abort sequences holding them instead of finishing doomed work.
+
+    `sha256`: hex digest of the file at `path`, which the trainer computes after writing it; a server loads
+    the file only if its bytes match it (areal_py/wire/weight_files.py), and refuses a path without one.
     """
     version: int = Field(ge=0)
-    path: str | None = None
+    path: str | None = Field(None, max_length=4096)
     min_token_version: int = Field(0, ge=0)
     dist: DistLayout | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
 
 
 class WeightsLoaded(_Body):

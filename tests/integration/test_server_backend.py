@@ -7,6 +7,7 @@ import time
 from collections import OrderedDict
 
 import pytest
+import torch
 import zmq
 from conftest import net_overrides
 
@@ -14,6 +15,8 @@ from areal_py.config import load_config
 from areal_py.telemetry.metrics import rejected_count
 from areal_py.wire import protocol as P
 from areal_py.wire.transport import make_socket, recv, send
+from areal_py.wire.weight_files import sha256_file
+from areal_py.wire.weights import save_weights
 from rollout_server.backend import Backend, Finished, Trajectory, WeightSource
 from rollout_server.sampling import SamplingParams
 from rollout_server.server import RolloutServer
@@ -32,6 +35,7 @@ class ScriptedBackend:
         self.running: dict[str, Trajectory] = {}
         self.updates: list[tuple[WeightSource, int]] = []
         self.closed = False
+        self.fail_update = False
 
     @property
     def num_running(self) -> int:
@@ -68,8 +72,8 @@ class ScriptedBackend:
         return [rid for rid, t in self.running.items() if t.versions and t.versions[0] < min_version]
 
     def update_weights(self, weights: WeightSource, version: int) -> None:
-        if weights == "unreadable":
-            raise OSError("no such file")
+        if self.fail_update:
+            raise RuntimeError("the engine failed to load it")
         self.updates.append((weights, version))
         self.version = version
 
@@ -170,17 +174,26 @@ def test_server_drives_any_backend_through_the_protocol(cfg, tmp_path):
         # a weight update by path reaches the backend as the path; then the stale floor aborts the old group
         send(router, P.Generate(gid=3, attempt=0, prompt_ids=[5], n=2, sampling=sampling(10**6)), to=b"fake")
         wait_for(lambda: backend.num_running == 2 and all(x.output_ids for x in backend.running.values()))
-        weights = str(tmp_path / "v1.safetensors")
-        send(pub, P.UpdateWeights(version=1, path=weights, min_token_version=1))
+        file = save_weights({"w": torch.zeros(2)}, cfg.weights_dir(), 1)
+        weights = str(file.resolve())
+        send(pub, P.UpdateWeights(version=1, path=weights, min_token_version=1, sha256=sha256_file(file)))
         r = results(router, 2, seen)
         assert {(x.gid, x.finish_reason) for x in r} == {(3, "stale")} and all(x.versions[0] == 0 for x in r)
         assert any(isinstance(b, P.WeightsLoaded) and b.version == 1 for b in seen)
         assert backend.updates == [(weights, 1)] and backend.version == 1 and not backend.has_work()
 
-        # a failing update is rejected and leaves the version as it was
-        before = rejected_count("rollout")
-        send(pub, P.UpdateWeights(version=2, path="unreadable"))
-        wait_for(lambda: rejected_count("rollout") > before)
+        # a failing update is rejected and leaves the version as it was: a path out of the weights dir, the
+        # right file with a wrong hash, and a backend that raises on a checked file
+        before, by_reason = rejected_count("rollout"), [rejected_count("rollout", r) for r in ("weights_path",
+                                                                                             "weights_hash")]
+        file2 = save_weights({"w": torch.ones(2)}, cfg.weights_dir(), 2)
+        send(pub, P.UpdateWeights(version=2, path="unreadable", sha256=sha256_file(file2)))
+        send(pub, P.UpdateWeights(version=2, path=str(file2), sha256="0" * 64))
+        wait_for(lambda: rejected_count("rollout") - before == 2)
+        assert [rejected_count("rollout", r) for r in ("weights_path", "weights_hash")] == [n + 1 for n in by_reason]
+        backend.fail_update = True
+        send(pub, P.UpdateWeights(version=2, path=str(file2), sha256=sha256_file(file2)))
+        wait_for(lambda: rejected_count("rollout") - before == 3)
         assert backend.version == 1 and backend.updates == [(weights, 1)]
     finally:
         server.running = False
