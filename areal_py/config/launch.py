@@ -50,7 +50,12 @@ class RunConfig(Section):
 
 
 class NetConfig(Section):
-    bind_host: str = Field("127.0.0.1", description="Interface the controller binds to.")
+    bind_host: str = Field("127.0.0.1", description="Interface the controller binds to; off loopback only with "
+                           "net.keys_dir (the sockets refuse to start without keys).")
+    keys_dir: str = Field("", description="Directory of CURVE keys (`areal-py keys DIR`): set, every socket is "
+                          "authenticated and encrypted and the controller accepts only the listed trainer and rollout "
+                          "keys; empty, plain TCP, allowed on loopback only. `areal-py run`/`slurm` fill it with "
+                          "<run dir>/keys when the controller binds off loopback (docs/operations.md).")
     controller_host: str = Field("127.0.0.1", description="Host the trainer and servers connect to.")
     rollout_port: int = Field(45501, ge=1, le=65535, description="Controller ROUTER for rollout servers.")
     weights_port: int = Field(45502, ge=1, le=65535, description="Controller PUB for weight-update broadcasts.")

@@ -73,3 +73,28 @@ def own_bind_address(preferred: str, peer: str, port: int) -> str:
     For a role that serves something (its /metrics) beside the controller: `net.bind_host` is the
     controller's interface, which on another host is no address of this one."""
     return preferred if can_bind(preferred) else local_address_toward(peer, port)
+
+
+WILDCARDS = ("", "*", "0.0.0.0", "::")
+
+
+def is_local_host(host: str) -> bool:
+    """True when every address ``host`` resolves to is loopback (`is_loopback`).
+
+    A wildcard (0.0.0.0, ::, *) is every interface, so not local; a name that does not resolve counts as not
+    local (the caller refusing is the safe side)."""
+    host = host.strip("[]")
+    if host in WILDCARDS:
+        return False
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addrs) and all(is_loopback(a) for a in addrs)
+
+
+def tcp_host(endpoint: str) -> str | None:
+    """The host of a ZeroMQ ``tcp://host:port`` endpoint; None for another transport (ipc, inproc)."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    return endpoint[len("tcp://"):].rsplit(":", 1)[0]

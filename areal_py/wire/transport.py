@@ -11,11 +11,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
+from areal_py.config import ConfigError
 from areal_py.telemetry.metrics import REJECTED_MESSAGES
+from areal_py.wire.netaddr import is_local_host, tcp_host
 from areal_py.wire.protocol import Message, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -71,16 +73,44 @@ def _nbytes(frames: list[Any]) -> int:
     return sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames)
 
 
+class InsecureSocket(ConfigError):
+    """A socket off loopback without CURVE keys."""
+
+
+class CurveSide(Protocol):
+    """The CURVE options of one socket (areal_py.wire.curve: CurveServer, CurveClient), set before bind/connect."""
+
+    def apply(self, sock: zmq.Socket) -> None: ...
+
+
+def require_keys(addr: str, *, bind: bool) -> None:
+    """Refuse a tcp endpoint off loopback without CURVE: anyone who reaches the port could join the run."""
+    host = tcp_host(addr)
+    if host is None or is_local_host(host):
+        return
+    raise InsecureSocket(
+        f"refusing to {'listen on' if bind else 'connect to'} {addr} without CURVE keys: off loopback every socket "
+        "must be authenticated and encrypted. Create keys with `areal-py keys DIR` and set net.keys_dir=DIR on every "
+        "role (`areal-py run` and `areal-py slurm` make a run's keys themselves), or keep net.bind_host and "
+        "net.controller_host on 127.0.0.1")
+
+
 def make_socket(ctx: zmq.Context, kind: int, addr: str, *, bind: bool, identity: str | None = None,
-                max_message_bytes: int | None = None) -> zmq.Socket:
+                max_message_bytes: int | None = None, curve: CurveSide | None = None) -> zmq.Socket:
     """A socket with LINGER 0; roles pass `net.max_message_bytes` so no peer can make them allocate more.
 
     ZMQ_MAXMSGSIZE is checked by libzmq per frame, not per multipart message: a frame over it makes
     libzmq drop the connection (the message is lost, never seen by the role, not counted; the peer
     reconnects by itself), so the limit must exceed the largest single tensor streamed as weights.
+    `curve` makes it a CURVE server or client; without it a tcp address off loopback is refused
+    (`InsecureSocket`) before any socket exists.
     """
+    if curve is None:
+        require_keys(addr, bind=bind)
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve.apply(sock)
     if max_message_bytes is not None:
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     if identity is not None:
