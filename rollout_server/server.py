@@ -20,6 +20,7 @@ from areal_py.models import eos_token_id, load_model_and_tokenizer, load_tokeniz
 from areal_py.telemetry.gen_activity import BusyMeter
 from areal_py.telemetry.prom import ROLLOUT as M
 from areal_py.wire import protocol as P
+from areal_py.wire.curve import client_curve
 from areal_py.wire.dist_weights import DistRejected, DistWeightsError, WeightGroup, model_specs, server_rank
 from areal_py.wire.transport import WaitTimeout, make_socket, parse, reject, send
 from areal_py.wire.weight_files import WeightFileError, load_verified, read_verified
@@ -68,10 +69,11 @@ class RolloutServer:
         self.engine_path = self._report_kernels()
         self.ctx = zmq.Context.instance()
         net = cfg.net
+        curve = client_curve(net.keys_dir, self.server_id)  # net.keys_dir: its own pair, or the shared rollout one
         self.dealer = make_socket(self.ctx, zmq.DEALER, net.addr(net.rollout_port), bind=False, identity=self.server_id,
-                                  max_message_bytes=net.max_message_bytes)
+                                  max_message_bytes=net.max_message_bytes, curve=curve)
         self.sub = make_socket(self.ctx, zmq.SUB, net.addr(net.weights_port), bind=False,
-                               max_message_bytes=net.max_message_bytes)
+                               max_message_bytes=net.max_message_bytes, curve=curve)
         self.generated_tokens = 0
         self.running = True
         self._last_beat = 0.0
@@ -145,6 +147,10 @@ class RolloutServer:
     def _generate(self, g: P.Generate) -> None:
         params = SamplingParams(max_new_tokens=g.sampling.max_new_tokens, temperature=g.sampling.temperature,
                                 top_p=g.sampling.top_p)
+        if g.n > self.cfg.controller.group_size:  # the controller asks for at most a group's samples
+            reject(ROLE, "bad_request", f"group {g.gid}: {g.n} samples asked, controller.group_size is "
+                   f"{self.cfg.controller.group_size}")
+            return
         rids = [request_id(g.gid, g.attempt, idx) for idx in range(g.n)]
         try:
             self.engine.add_group(rids, list(g.prompt_ids), params)

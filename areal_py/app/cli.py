@@ -1,7 +1,7 @@
 """Command line: `areal-py run [config.yaml] [key.sub=value ...] [--resume]`, `areal-py check [config.yaml]
 [key.sub=value ...]` (the run's data check alone: exit 0 may start, 1 refused, 2 bad config), `areal-py serve ROLE ...`,
-`areal-py sweep KEY=v1,v2,... [config.yaml] [key.sub=value ...]` and `areal-py slurm [config.yaml]
-[key.sub=value ...] [--submit] [--out FILE]`.
+`areal-py sweep KEY=v1,v2,... [config.yaml] [key.sub=value ...]`, `areal-py slurm [config.yaml]
+[key.sub=value ...] [--submit] [--out FILE]` and `areal-py keys DIR [--servers N]` (CURVE keys, net.keys_dir).
 
 `serve` starts one role on its own (socket addresses from config), so the roles can run on
 different machines; `run` is the same three roles launched locally.
@@ -48,6 +48,9 @@ def serve(role: str, config: str | None, overrides: list[str], resume: bool) -> 
 
     # the roles that read the task (the controller, and any role that may have to build the embedded
     # model) build it first, so a bad data file is a ConfigError here, not a traceback from inside
+    from areal_py.app.keys import check_role_keys
+
+    check_role_keys(cfg, role)  # off loopback only with CURVE keys, and those readable, before any model loads
     task = load_task(cfg) if role == "controller" or not cfg.model.path else None
     if task is not None:
         refuse_bad_lines(cfg, task)
@@ -108,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("role", choices=ROLES)
     p_serve.add_argument("args", nargs="*", help="[config.yaml] [key.sub=value ...]")
     p_serve.add_argument("--resume", action="store_true", help="trainer: continue from the latest checkpoint")
+    p_keys = sub.add_parser("keys", help="write CURVE key pairs for the roles (net.keys_dir), say where each goes")
+    p_keys.add_argument("dir", help="directory to create the keys in (refused if it already holds them)")
+    p_keys.add_argument("--servers", type=int, default=0,
+                        help="one pair per rollout server, rollout-0..N-1 (default 0: one pair all servers share)")
     p_sweep = sub.add_parser("sweep", help="run a grid over one config key, compare, recommend a value")
     p_sweep.add_argument("grid", help="KEY=v1,v2,... e.g. max_staleness=0,1,2,4,8 (a unique leaf name is enough)")
     p_sweep.add_argument("args", nargs="*", help="[config.yaml] [key.sub=value ...] for every run")
@@ -128,8 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in extra if a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    config, overrides = _split([*ns.args, *extra])
+    config, overrides = _split([*getattr(ns, "args", []), *extra])
     try:
+        if ns.command == "keys":
+            from areal_py.app.keys import keys_command
+
+            return keys_command(ns.dir, ns.servers)
         if ns.command == "sweep":
             from areal_py.app.sweep import run_sweep
 

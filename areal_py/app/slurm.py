@@ -33,6 +33,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from areal_py.app.keys import ensure_run_keys
 from areal_py.config import Config, ConfigError, dump_config, load_config
 
 # Words of a step's command that the job script fills in: the head node's name is known only when the job
@@ -269,12 +270,14 @@ def pin_hosts(cfg_file: Path, head: str) -> Config:
 
     The controller's sockets, the trainer ranks' rendezvous and the weight group are on the head node, so
     net.controller_host and weights.dist_host become `head`; a loopback net.bind_host (unreachable from the
-    other nodes) becomes 0.0.0.0, any other is kept (an interface the user chose)."""
+    other nodes) becomes 0.0.0.0, any other is kept (an interface the user chose). Off loopback without
+    net.keys_dir, the run's own CURVE keys are made in <run dir>/keys and named there (app/keys.py)."""
     cfg = load_config(cfg_file)
     cfg.net.controller_host = head
     cfg.weights.dist_host = head
     if cfg.net.bind_host == "localhost" or _is_loopback(cfg.net.bind_host):
         cfg.net.bind_host = "0.0.0.0"
+    ensure_run_keys(cfg)
     dump_config(cfg, cfg_file)
     return cfg
 

@@ -210,11 +210,7 @@ class Gatekeeper:
 
     def __post_init__(self) -> None:
         self.pair = self.keys.pair(CONTROLLER)
-        self.allowed = {role: self.keys.role_keys(role) for role in (TRAINER, ROLLOUT)}
-        for role, listed in self.allowed.items():
-            if not listed:
-                raise KeyFileError(f"{self.keys.path} lists no {role} key ({role}.key or {role}-*.key): the controller "
-                                f"would refuse every {role}; create keys with `areal-py keys`")
+        self.allowed = self.check_lists(self.keys)
         self._auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("areal_py.wire.zap"))
         self._auth.start()
         for domain in DOMAINS:
@@ -224,6 +220,17 @@ class Gatekeeper:
         self._n = 0
         self._thread = threading.Thread(target=self._watch_loop, name="curve-monitor", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def check_lists(keys: KeyDir) -> dict[str, dict[bytes, str]]:
+        """The allow-list of each client role (public key -> file stem); an empty one is refused: the
+        controller would turn every client of that role away."""
+        allowed = {role: keys.role_keys(role) for role in (TRAINER, ROLLOUT)}
+        for role, listed in allowed.items():
+            if not listed:
+                raise KeyFileError(f"{keys.path} lists no {role} key ({role}.key or {role}-*.key): the controller "
+                                   f"would refuse every {role}; create keys with `areal-py keys`")
+        return allowed
 
     @classmethod
     def from_config(cls, keys_dir: str, ctx: zmq.Context) -> Gatekeeper | None:

@@ -138,12 +138,19 @@ def test_script_passes_shellcheck(tmp_path, split):
                                           ("10.1.2.3", "10.1.2.3")])
 def test_pin_hosts_points_every_role_at_the_head_node(tmp_path, bind, expect):
     f = tmp_path / "config.yaml"
-    dump_config(_cfg(f"net.bind_host={bind}", "trainer.total_steps=7"), f)
+    dump_config(_cfg(f"net.bind_host={bind}", "trainer.total_steps=7", tmp=tmp_path / "runs"), f)
     pin_hosts(f, "gpu-node-17")
     data = yaml.safe_load(f.read_text())
     assert data["net"]["controller_host"] == "gpu-node-17" and data["weights"]["dist_host"] == "gpu-node-17"
     assert data["net"]["bind_host"] == expect
     assert data["trainer"]["total_steps"] == 7  # the rest of the resolved config is untouched
+    # off loopback, so CURVE: the run's own keys, made once on the shared run directory, named for every role
+    keys = tmp_path / "runs" / "r1" / "keys"
+    assert data["net"]["keys_dir"] == str(keys) and (keys / "trainer.key_secret").is_file()
+    public = (keys / "controller.key").read_text()
+    pin_hosts(f, "gpu-node-17")  # a requeued job: the same keys, not new ones
+    assert yaml.safe_load(f.read_text())["net"]["keys_dir"] == str(keys)
+    assert (keys / "controller.key").read_text() == public
 
 
 def test_submit_without_sbatch_says_where_to_run_it(tmp_path, monkeypatch):
