@@ -10,7 +10,7 @@ last admissible batch behind fresh short ones if batches were filled in completi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from areal_py.wire import protocol as P
 from controller.staleness import sample_staleness
@@ -22,6 +22,7 @@ class BatchPick:
     ages: list[int]  # staleness of each group in `groups`
     remaining: list[P.Group]  # admissible groups left waiting, oldest first
     dropped: int  # groups too old for this and every later batch
+    stale: list[P.Group] = field(default_factory=list)  # those `dropped` groups, oldest first
 
 
 def pick_batch(ready: Sequence[P.Group], batch_version: int, batch_size: int, max_token_staleness: int) -> BatchPick:
@@ -32,8 +33,8 @@ def pick_batch(ready: Sequence[P.Group], batch_version: int, batch_size: int, ma
     aged = [(sample_staleness(batch_version, [v for s in g.samples for v in s.versions]), g) for g in ready]
     aged.sort(key=lambda x: -x[0])
     kept = [(age, g) for age, g in aged if age <= max_token_staleness]
-    dropped = len(aged) - len(kept)
+    stale = [g for age, g in aged if age > max_token_staleness]
     if len(kept) < batch_size:
-        return BatchPick([], [], [g for _, g in kept], dropped)
+        return BatchPick([], [], [g for _, g in kept], len(stale), stale)
     return BatchPick([g for _, g in kept[:batch_size]], [a for a, _ in kept[:batch_size]],
-                     [g for _, g in kept[batch_size:]], dropped)
+                     [g for _, g in kept[batch_size:]], len(stale), stale)

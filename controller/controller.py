@@ -151,7 +151,7 @@ class Controller:
             b = c.next_batch_version
             pick = pick_batch(ro.ready, b, self.batch_size, self.max_token_staleness)
             if pick.dropped:
-                c.drop("stale", pick.dropped)
+                c.drop("stale", [g.prompt_index for g in pick.stale])
             c.accepted -= pick.dropped
             ro.ready.clear()
             ro.ready.extend(pick.remaining)
@@ -171,7 +171,8 @@ class Controller:
                                  rollout_slot_occupancy=activity.rollout_slot_occupancy,
                                  scored_reward_mean=c.take_scored_reward_mean(), gen_tokens=dict(c.gen_tokens_by_server),
                                  generic_engine_servers=generic_engine_servers(live))
-            self.send_batch(P.Batch(version=b, groups=groups, state=state, stats=stats, gen_spans=activity.spans))
+            self.send_batch(P.Batch(version=b, groups=groups, state=state, stats=stats, gen_spans=activity.spans,
+                                    **self.ledger_fields(b)))
             c.next_batch_version += 1
 
     def send_batch(self, batch: P.Batch) -> None:
@@ -196,6 +197,22 @@ class Controller:
                     continue
             raise WaitTimeout(f"controller: timed out after {timeout:.0f}s waiting for the trainer to take batch "
                               f"{batch.version} on {self.cfg.net.addr(self.cfg.net.batch_port, bind=True)}")
+
+    def ledger_fields(self, b: int) -> dict:
+        """What batch `b` carries besides its groups: the prompts dropped since the previous batch (the
+        ledger) and, when the trainer checkpoints this batch's state (version b + 1), every admitted group
+        not yet trained or dropped, so a resume from that checkpoint loses none (controller/rollouts.py)."""
+        buffer = self.rollouts.snapshot() if self.cfg.trainer.checkpoints_at(b + 1) else None
+        return {"dropped_prompts": self.counts.take_dropped(), "buffer": buffer}
+
+    def resume(self, hello: P.TrainerHello) -> None:
+        """Go on from the trainer's version and, on resume, its checkpoint's counters and buffer: the
+        buffer's groups wait for a batch or generate their missing samples again, nothing admitted is lost."""
+        self.counts.restore(hello.version, self.batch_size, hello.resume_state, hello.resume_buffer)
+        if hello.resume_state is not None:
+            self.rollouts.length_gate.total = hello.resume_state.skipped_too_long
+        if hello.resume_buffer is not None:
+            self.rollouts.restore(hello.resume_buffer)
 
     # --- trainer side ------------------------------------------------------------------------------
     def on_trainer(self, sender: bytes, msg: P.Message) -> None:
@@ -224,10 +241,8 @@ class Controller:
                                tick=self.ping, routed=True, waiting_for="the trainer's hello")
         self.trainer_id = sender
         hello: P.TrainerHello = msg.body
+        self.resume(hello)
         c = self.counts
-        c.restore(hello.version, self.batch_size, hello.resume_state)
-        if hello.resume_state is not None:
-            self.rollouts.length_gate.total = hello.resume_state.skipped_too_long
         log.info("trainer at version %d; data position %d, accepted %d, max_staleness %d, max_token_staleness %d",
                  hello.version, c.data_position, c.accepted, self.max_staleness, self.max_token_staleness)
 

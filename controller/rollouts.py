@@ -4,6 +4,11 @@ A group goes admitted -> undispatched -> on a server (`inflight`) -> scoring -> 
 every step of the way is counted in the shared `RunCounters` (see controller.run_state for what
 `running` and `accepted` mean). Rewards are computed in a worker pool so scoring never delays
 dispatch or batching.
+
+Resume is lossless: `snapshot` is every admitted group not yet trained or dropped (ready groups, and
+pending ones with the samples they have finished), `restore` takes it back after a restart. A
+restored group generates only its missing samples (`InflightGroup.slots`), and its finished ones keep
+their per-token versions, so `pick_batch` applies the staleness bound to them as to any other.
 """
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ class InflightGroup:
     prompt_ids: list[int]
     attempt: int = 0
     server: str | None = None
-    results: dict[int, P.Result] = field(default_factory=dict)
+    results: dict[int, P.Result] = field(default_factory=dict)  # sample index in the group -> its result
+    slots: list[int] = field(default_factory=list)  # the current attempt's Result.idx j is sample slots[j]
 
 
 class Rollouts:
@@ -99,31 +105,37 @@ class Rollouts:
             ids = render_prompt(self.tokenizer, prompt, self.cfg.task.chat_template, self.cfg.task.system_prompt)
             if self.length_gate.fits(prompt.index, len(ids)):
                 return prompt, ids
+            self.counts.note_dropped("too_long", [prompt.index])
 
     @property
     def skipped_too_long(self) -> int:
         return self.length_gate.total
 
     def dispatch(self) -> None:
+        """Send each undispatched group's missing samples (all of them, but for a group restored with some
+        finished) to the least loaded server, once every live server runs the trainer's version (a resumed
+        run's servers start from the base model: work sent before they load its weights would be stale)."""
         r = self.cfg.rollout
         sampling = P.SamplingBody(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
-        while self.undispatched:
+        while self.undispatched and self.version is not None:
             server = self.registry.least_loaded()
             if server is None:
                 return
             g = self.inflight[self.undispatched.popleft()]
-            g.server, g.results = server.server_id, {}
-            server.inflight[g.gid] = self.n
-            self.to_server(server, P.Generate(gid=g.gid, attempt=g.attempt, prompt_ids=g.prompt_ids, n=self.n,
+            g.server = server.server_id
+            g.slots = [i for i in range(self.n) if i not in g.results]
+            server.inflight[g.gid] = len(g.slots)
+            self.to_server(server, P.Generate(gid=g.gid, attempt=g.attempt, prompt_ids=g.prompt_ids, n=len(g.slots),
                                               sampling=sampling))
 
     # --- results -----------------------------------------------------------------------------------
     def on_result(self, server_id: str, r: P.Result) -> None:
         g = self.inflight.get(r.gid)
-        if g is None or g.attempt != r.attempt or g.server != server_id or r.idx >= self.n or r.idx in g.results:
+        if (g is None or g.attempt != r.attempt or g.server != server_id or r.idx >= len(g.slots)
+                or g.slots[r.idx] in g.results):
             reject(ROLE, "stale_result", f"result {r.gid}:{r.attempt}:{r.idx} from {server_id} is not awaited")
             return
-        g.results[r.idx] = r
+        g.results[g.slots[r.idx]] = r
         c = self.counts
         c.add_generated(server_id, len(r.output_ids))
         server = self.registry.servers[server_id]
@@ -131,25 +143,31 @@ class Rollouts:
         if server.inflight[g.gid] == 0:
             del server.inflight[g.gid]
         if len(g.results) == self.n:
-            del self.inflight[g.gid]
-            if any(x.finish_reason == "stale" for x in g.results.values()):
-                c.running -= 1  # aborted by the server as too stale for any batch to come
-                c.drop("stale")
-                c.aborted_in_a_row = 0
-            elif any(x.finish_reason == "abort" for x in g.results.values()):
-                c.running -= 1  # refused by the server: forget it, capacity admits a fresh prompt
-                self.on_refused(g, server_id)
-            else:
-                c.aborted_in_a_row = 0
-                self.scoring.append((g, self.rewards.submit([self._scoring_item(g.prompt, g.results[i])
-                                                             for i in range(self.n)])))
+            self._finished(g, server_id)
+
+    def _finished(self, g: InflightGroup, server_id: str) -> None:
+        """A group with all its samples: dropped (stale, refused) or sent for scoring."""
+        c = self.counts
+        del self.inflight[g.gid]
+        if any(x.finish_reason == "stale" for x in g.results.values()):
+            c.running -= 1  # aborted by the server as too stale for any batch to come
+            c.drop("stale", [g.prompt.index])
+            c.aborted_in_a_row = 0
+        elif any(x.finish_reason == "abort" for x in g.results.values()):
+            c.running -= 1  # refused by the server: forget it, capacity admits a fresh prompt
+            self.on_refused(g, server_id)
+        else:
+            c.aborted_in_a_row = 0
+            self.scoring.append((g, self.rewards.submit([self._scoring_item(g.prompt, g.results[i])
+                                                         for i in range(self.n)])))
+
 
     def on_refused(self, g: InflightGroup, server_id: str) -> None:
         """Count a group a server refused; max_consecutive_skipped_prompts of them in a row stop the run:
         prompts that pass the length gate but that no server takes (another context, a tokenizer whose ids
         the model lacks) would otherwise be admitted and dropped in a tight loop forever."""
         c = self.counts
-        c.drop("aborted")
+        c.drop("aborted", [g.prompt.index])
         c.aborted_in_a_row += 1
         self.drop_log.warning("refused", "group %d (prompt %d, %d tokens) refused by %s; dropped (%d so far; the "
                               "server's log says why)", g.gid, g.prompt.index, len(g.prompt_ids), server_id,
@@ -187,7 +205,7 @@ class Rollouts:
                 uniform = len({s.reward for s in group.samples}) == 1
                 self._watch_uniform(uniform, group.samples[0].reward)
                 if uniform:
-                    c.drop("uniform")  # DAPO: no signal in it; capacity frees and a fresh prompt is admitted
+                    c.drop("uniform", [group.prompt_index])  # DAPO: no signal in it; capacity frees and a fresh prompt is admitted
                     continue
             self.ready.append(group)
             c.accepted += 1
@@ -216,3 +234,38 @@ class Rollouts:
                 g.server, g.results = None, {}
                 self.undispatched.appendleft(gid)
             server.inflight.clear()
+
+    # --- lossless resume ---------------------------------------------------------------------------
+    def snapshot(self) -> P.ControllerBuffer:
+        """Every admitted group neither trained nor dropped: `ready`, and pending ones (undispatched,
+        generating or scoring) with the samples they have finished, as `Rollouts.restore` takes them back."""
+        pending = [P.PendingGroup(gid=g.gid, prompt_index=g.prompt.index, prompt_ids=g.prompt_ids,
+                                  done=[r.model_copy(update={"idx": i}) for i, r in sorted(g.results.items())])
+                   for g in [*self.inflight.values(), *(g for g, _ in self.scoring)]]
+        return P.ControllerBuffer(ready=list(self.ready), pending=pending, next_gid=self.counts.next_gid)
+
+    def restore(self, buffer: P.ControllerBuffer) -> None:
+        """Take back a `snapshot` after a restart (RunCounters.restore has counted it as accepted/running).
+
+        Ready groups wait for a batch again; a pending group with all its samples goes to scoring, any other
+        is queued to generate only its missing samples (`dispatch` waits for the servers to run the resumed
+        version). A group whose samples do not fit the group (a sample index out of range or given twice) is
+        dropped as `invalid`, counted in the ledger, rather than trained.
+        """
+        self.ready.extend(buffer.ready)
+        for pg in buffer.pending:
+            g = InflightGroup(pg.gid, self.task.prompt(pg.prompt_index), list(pg.prompt_ids))
+            g.results = {r.idx: r for r in pg.done if r.idx < self.n}
+            if len(g.results) != len(pg.done):
+                self.counts.running -= 1
+                self.counts.note_dropped("invalid", [pg.prompt_index])
+                log.warning("resumed group %d (prompt %d) dropped: its finished samples %s do not fit a group of %d",
+                            pg.gid, pg.prompt_index, [r.idx for r in pg.done], self.n)
+                continue
+            self.inflight[g.gid] = g
+            if len(g.results) == self.n:
+                self._finished(g, "resume")
+            else:
+                self.undispatched.append(g.gid)
+        log.info("resumed %d ready and %d pending groups (%d finished samples kept)", len(buffer.ready),
+                 len(buffer.pending), sum(len(pg.done) for pg in buffer.pending))

@@ -76,12 +76,27 @@ def build_step_record(*, trained_version: int, batch: RolloutBatch, dropped: Map
         generic_engine_servers=ws.generic_engine_servers,
         **{k: round(v, 6) for k, v in stats.items()},
         controller=ControllerCounters.model_validate(wire.state.model_dump()),
+        **ledger_fields(wire, dropped),
         uninformative_steps=uninformative_steps,
         **({} if rank_load is None else {
             "rank_busy_s": [round(x, 4) for x in rank_load[0]], "rank_tokens": list(rank_load[1]),
             "rank_tokens_max": max(rank_load[1]), "rank_tokens_min": min(rank_load[1])}),
         **({} if offpolicy is None else offpolicy_fields(offpolicy)),
     )
+
+
+def ledger_fields(wire: P.Batch, dropped: Mapping[str, list[int]]) -> dict:
+    """The step's ledger entries: the prompt indices of the groups trained (the batch's, less the positions
+    `dropped` kept out of the loss), and those dropped since the previous step, by reason: the controller's
+    (`Batch.dropped_prompts`) and this step's (`dropped`, positions in the batch, mapped to prompt indices)."""
+    out = {reason: list(prompts) for reason, prompts in wire.dropped_prompts.items()}
+    left_out = set()
+    for reason, positions in dropped.items():
+        if positions:
+            out.setdefault(reason, []).extend(wire.groups[i].prompt_index for i in positions)
+            left_out.update(positions)
+    trained = [g.prompt_index for i, g in enumerate(wire.groups) if i not in left_out]
+    return {"trained_prompts": trained, "dropped_prompts": out}
 
 
 def computed_stats(stats: Mapping[str, float], algo: AlgoConfig) -> dict[str, float]:

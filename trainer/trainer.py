@@ -55,6 +55,7 @@ class Trainer:
         self.learner = Learner(cfg, self.model, path, dist=self.dist)
         self.version = 0
         self.resume_state: P.ControllerState | None = None
+        self.resume_buffer: P.ControllerBuffer | None = None  # the controller's groups in flight at the checkpoint
         self.wall_offset = 0.0
         self.trained_tokens_total = 0
         self.signal = SignalWatch(t.warn_uninformative_steps)  # steps in a row with no informative sample
@@ -85,6 +86,12 @@ class Trainer:
             self.resume_state = P.ControllerState.model_validate(saved) if saved else None
         except ValidationError as e:
             raise CheckpointError(f"{d / 'state.json'}: controller_state is not a valid controller state: {e}") from None
+        buffer = state.get("controller_buffer")  # absent or null: written without one (nothing in flight resumes)
+        try:
+            self.resume_buffer = P.ControllerBuffer.model_validate(buffer) if buffer is not None else None
+        except ValidationError as e:
+            raise CheckpointError(f"{d / 'state.json'}: controller_buffer is not a valid controller buffer: "
+                                  f"{e}") from None
         self.wall_offset = state["wall_time_s"]
         self.trained_tokens_total = state.get("trained_tokens_total", 0)
         log.info("resumed from %s at version %d", d, self.version)
@@ -155,19 +162,20 @@ class Trainer:
             self.follow()
             return
         self.join_weight_group()
-        send(self.to_ctrl, P.TrainerHello(version=self.version, resume_state=self.resume_state))
+        send(self.to_ctrl, P.TrainerHello(version=self.version, resume_state=self.resume_state,
+                                                 resume_buffer=self.resume_buffer))
         if self.version > 0:
             self.publish()  # servers start from the base model; give them the resumed weights
         t = self.cfg.trainer
-        last_state = self.resume_state
+        last_state, last_buffer = self.resume_state, self.resume_buffer
         try:
             while self.version < t.total_steps:
                 wire, wait_s = self.next_batch()
                 self._step(wire, wait_s)
-                last_state = wire.state
+                last_state, last_buffer = wire.state, wire.buffer
                 if t.checkpoint_every and self.version % t.checkpoint_every == 0 and self.version < t.total_steps:
-                    self.checkpoint(last_state)
-            self.checkpoint(last_state)
+                    self.checkpoint(last_state, last_buffer)
+            self.checkpoint(last_state, last_buffer)
             self.save_final()
             send(self.to_ctrl, P.TrainerDone(version=self.version))
         finally:
@@ -281,11 +289,15 @@ class Trainer:
     def wall_time(self) -> float:
         return self.wall_offset + time.monotonic() - self.start_time
 
-    def checkpoint(self, controller_state: P.ControllerState | None) -> None:
-        """Every rank writes its shards; the run position is rank 0's (the one that received the batches)."""
+    def checkpoint(self, controller_state: P.ControllerState | None,
+                   buffer: P.ControllerBuffer | None = None) -> None:
+        """Every rank writes its shards; the run position is rank 0's (the one that received the batches):
+        the last trained batch's controller state and buffer (its groups not yet trained, for a lossless resume;
+        the controller attaches one to every batch whose state is checkpointed, TrainerConfig.checkpoints_at)."""
         saved = controller_state.model_dump() if controller_state is not None else {}
         state = {"version": self.version, "controller_state": saved, "wall_time_s": self.wall_time(),
-                 "trained_tokens_total": self.trained_tokens_total}
+                 "trained_tokens_total": self.trained_tokens_total,
+                 "controller_buffer": buffer.model_dump() if buffer is not None else None}
         d = save_checkpoint(self.ckpt_root, self.learner.modules(), self.learner.optimizers(), state,
                             keep=self.cfg.trainer.keep_checkpoints, dist=self.dist)
         if self.dist.is_main:

@@ -146,6 +146,12 @@ class TrainerConfig(Section):
                             "default: no faster than the model's own modules on the CPU measured (docs/benchmarks.md, "
                             "Learner step: fused training ops).")
 
+    def checkpoints_at(self, version: int) -> bool:
+        """Whether the trainer checkpoints on reaching `version`: every `checkpoint_every` versions and at
+        `total_steps` (the end). The controller attaches its buffer to exactly the batches trained into such a
+        version (batch v-1 for version v), so both sides must use this one rule."""
+        return version >= self.total_steps or (self.checkpoint_every > 0 and version % self.checkpoint_every == 0)
+
     @model_validator(mode="before")
     @classmethod
     def _moved_keys(cls, data):

@@ -180,6 +180,12 @@ class StepRecord(BaseModel):
                                                             "trained, by rank")
     rank_tokens_max: int | None = Field(None, description="most tokens any trainer rank trained this step")
     rank_tokens_min: int | None = Field(None, description="fewest tokens any trainer rank trained this step")
+    # the ledger (areal_py/telemetry/ledger.py): every prompt taken from the task, trained once or dropped
+    trained_prompts: list[int] | None = Field(None, description="prompt indices of the groups this step trained "
+                                              "(its batch less the groups kept out of the loss)")
+    dropped_prompts: dict[str, list[int]] | None = Field(None, description="prompt indices dropped since the previous "
+                                                         "step, by reason: the controller's (stale, uniform, aborted, "
+                                                         "too_long, invalid) and this step's non-finite groups")
     controller: ControllerCounters = Field(default_factory=ControllerCounters,
                                            description="controller counters, on disk as ctrl_<name> keys")
 

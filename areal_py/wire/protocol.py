@@ -196,9 +196,33 @@ class ControllerState(_Body):
     skipped_bad_lines: Count = 0  # data lines the task left out at load (malformed); a property of the data
 
 
+MAX_BUFFERED_GROUPS = 2**20  # groups a controller buffer may hold: far above any run's in-flight work
+
+
+class PendingGroup(_Body):
+    """An admitted group not yet scored (undispatched, generating or being scored), with the samples of it
+    that have finished: `done[i]` is one sample's Result, its `idx` the sample's place in the group."""
+    gid: int = Field(ge=0)
+    prompt_index: int = Field(ge=0)
+    prompt_ids: list[int] = Field(min_length=1)
+    done: list[Result] = Field(default_factory=list)
+
+
+class ControllerBuffer(_Body):
+    """The controller's work as of one batch, what makes resume lossless: every admitted group neither
+    trained (in this or an earlier batch) nor dropped. `ready`: scored and waiting for a batch; `pending`:
+    admitted and not yet scored, with their finished samples (per-token versions and logprobs kept, so
+    the staleness rule still applies to them after a resume). The trainer checkpoints it with the
+    batch's `ControllerState` and hands both back in its hello."""
+    ready: list[Group] = Field(default_factory=list, max_length=MAX_BUFFERED_GROUPS)
+    pending: list[PendingGroup] = Field(default_factory=list, max_length=MAX_BUFFERED_GROUPS)
+    next_gid: Count = 0  # gids below it are taken: a resumed controller numbers new groups from here
+
+
 class TrainerHello(_Body):
     version: int = Field(ge=0)
     resume_state: ControllerState | None = None
+    resume_buffer: ControllerBuffer | None = None  # None: a fresh run, or a checkpoint written without one
 
 
 class WeightsReady(UpdateWeights):
@@ -275,6 +299,15 @@ class Batch(_Body):
     stats: BatchStats = Field(default_factory=BatchStats)
     # when any server was generating since the previous batch: [start, end] in epoch seconds
     gen_spans: list[tuple[float, float]] = Field(default_factory=list, max_length=256)
+    # prompts dropped (or skipped at admission) since the previous batch, by reason: the run's ledger
+    dropped_prompts: dict[Annotated[str, StringConstraints(max_length=64)], list[Count]] = Field(
+        default_factory=dict, max_length=64)
+    # set on the batches whose state the trainer checkpoints (TrainerConfig.checkpoints_at); None on the others
+    buffer: ControllerBuffer | None = None
+
+
+ControllerBuffer.model_rebuild()  # it names Group, defined after it
+TrainerHello.model_rebuild()
 
 
 BODIES: dict[str, type[_Body]] = {
