@@ -126,6 +126,18 @@ def context_length(cfg: Config) -> int | None:
     return int(n) if n else None
 
 
+def vocab_size(cfg: Config) -> int | None:
+    """Rows of the policy's embedding (`vocab_size` of its config, padding included), the bound on any token id
+    it can generate; None when the config does not say or the model is the embedded one (its vocabulary is
+    its tokenizer's, `len(tokenizer)`). Reads only the config."""
+    if not cfg.model.path:
+        return None
+    from transformers import AutoConfig  # heavy; only for a real checkpoint
+
+    n = getattr(AutoConfig.from_pretrained(model_path(cfg), local_files_only=True), "vocab_size", None)
+    return int(n) if n else None
+
+
 def fits_context(prompt_tokens: int, context: int | None) -> bool:
     """Whether the rollout engine takes a prompt of `prompt_tokens` tokens: it needs room for one new
     token, so ``prompt_tokens < context`` (any prompt when the context is unknown, None). The engine

@@ -14,7 +14,7 @@ from pathlib import Path
 import zmq
 
 from areal_py.config import Config, dump_config
-from areal_py.model_dir import context_length, model_path
+from areal_py.model_dir import context_length, model_path, vocab_size
 from areal_py.models import load_tokenizer
 from areal_py.tasks.base import Task, build_task
 from areal_py.telemetry.dashboard import start_dashboard, stop_dashboard
@@ -28,6 +28,7 @@ from areal_py.wire.transport import WaitTimeout, make_socket, parse, recv, rejec
 from controller.activity import ActivityTracker
 from controller.admission import AdmissionError, LengthGate
 from controller.batching import pick_batch
+from controller.result_check import Invalid, ResultLimits, check_result, check_version
 from controller.reward_pool import RewardPool
 from controller.rollouts import Rollouts
 from controller.run_state import RunCounters
@@ -51,6 +52,7 @@ class Controller:
         self.cfg = cfg
         task = task or build_task(cfg)
         tokenizer = tokenizer or load_tokenizer(model_path(cfg))
+        self.vocab_size = vocab_size(cfg) or len(tokenizer)  # bound on the token ids a Result may carry
         gate = LengthGate(context_length(cfg), cfg.controller.max_consecutive_skipped_prompts,
                           getattr(task, "name", type(task).__name__))
         self.skipped_bad_lines = skipped_lines(task)  # left out by the task's loader: counted once, per start
@@ -99,10 +101,30 @@ class Controller:
             log.warning("cannot reach %s: %s", server.server_id, e)
 
     # --- rollout side ------------------------------------------------------------------------------
+    def newest_version(self) -> int:
+        """The newest policy version that exists: the trainer's last published weights, or its start."""
+        w = self.weights.latest
+        return max(self.counts.base_version, w.version if w is not None else 0)
+
+    def result_limits(self) -> ResultLimits:
+        return ResultLimits(group_size=self.n, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                            vocab_size=self.vocab_size, newest_version=self.newest_version())
+
     def on_rollout(self, sender: bytes, msg: P.Message) -> None:
+        """A message from a rollout server, checked before it counts (controller/result_check.py). Only a
+        hello or a heartbeat registers a server: a result or a load report from an id never registered is
+        rejected (unknown_server), so a forged message cannot add a member the weight sync waits for. An
+        awaited result that fails a check sends its group to be generated again."""
         server_id = sender.decode(errors="replace")
         body = msg.body
+        known = server_id in self.registry.servers
         if isinstance(body, (P.Hello, P.Heartbeat, P.WeightsLoaded)):
+            bad = check_version(body.version, self.newest_version(), f"{msg.type} from {server_id}")
+            if bad is None and not known and isinstance(body, P.WeightsLoaded):
+                bad = Invalid("unknown_server", f"weights_loaded from {server_id}, which never said hello")
+            if bad is not None:
+                reject(ROLE, bad.reason, bad.detail)
+                return
             server, fresh = self.registry.seen(server_id, body.version)
             if isinstance(body, P.Hello):
                 server.engine_path = body.engine_path
@@ -112,6 +134,15 @@ class Controller:
                 self.activity.add(server_id, body, received=time.time())
             self.weights.catch_up(server, force=fresh)
         elif isinstance(body, P.Result):
+            if not known:
+                reject(ROLE, "unknown_server", f"result {body.gid}:{body.attempt}:{body.idx} from {server_id}, "
+                       "which never said hello")
+                return
+            bad = check_result(body, self.result_limits())
+            if bad is not None:
+                reject(ROLE, bad.reason, f"{bad.detail} (from {server_id})")
+                self.rollouts.on_invalid_result(server_id, body)
+                return
             self.registry.seen(server_id)
             self.rollouts.on_result(server_id, body)
         else:
@@ -126,11 +157,30 @@ class Controller:
         if not self.registry.servers or self.registry.live():
             return
         timeout = self.cfg.controller.no_server_timeout_s
-        last = max(s.last_seen for s in self.registry.servers.values())
+        last = max(s.last_live for s in self.registry.servers.values())
         if time.monotonic() - last > timeout:
+            evicted = sorted(s.server_id for s in self.registry.servers.values() if s.evicted_until is not None)
+            silent = sorted(set(self.registry.servers) - set(evicted))
+            why = [(f"{', '.join(silent)} went silent (dead after controller.server_timeout_s="
+                    f"{self.registry.timeout_s:g}s)")] if silent else []
+            if evicted:
+                why.append(f"{', '.join(evicted)} did not load the newest weights within controller."
+                           f"weight_sync_timeout_s={self.weights.sync_timeout_s:g}s (evicted; their logs say why)")
             raise WaitTimeout(f"controller: timed out after {timeout:.0f}s waiting for a live rollout server: "
-                              f"{', '.join(sorted(self.registry.servers))} went silent (dead after "
-                              f"controller.server_timeout_s={self.registry.timeout_s:g}s) and none came back")
+                              f"{'; '.join(why)}, and none came back")
+
+    def evict_laggards(self) -> None:
+        """Evict each live server that has not loaded the newest weights within controller.weight_sync_timeout_s:
+        its groups go to the others, and it rejoins once it reports those weights (it is still sent them).
+        Waiting for it would stall the run, failing would let one server end it."""
+        w = self.weights.latest
+        for s in self.weights.laggards():
+            log.error("server %s still at version %d, %.0fs after weight version %d was sent: evicted, "
+                      "re-dispatching its %d groups", s.server_id, s.version, self.weights.sync_timeout_s, w.version,
+                      len(s.inflight))
+            M.evicted_servers.inc()
+            self.registry.evict(s, w.version)
+            self.rollouts.move_work(s)
 
     def ping(self) -> None:
         """Tell every server the controller lives, every `rollout.heartbeat_s`.
@@ -268,7 +318,7 @@ class Controller:
         self.check_servers_present()
         for s in self.registry.live():
             self.weights.catch_up(s)
-        self.weights.check()
+        self.evict_laggards()
         ro.harvest_rewards()
         ro.admit()
         ro.dispatch()

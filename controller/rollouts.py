@@ -42,6 +42,7 @@ class InflightGroup:
     prompt_ids: list[int]
     attempt: int = 0
     server: str | None = None
+    avoid: str | None = None  # a server whose result for it was rejected: the group goes elsewhere if it can
     results: dict[int, P.Result] = field(default_factory=dict)  # sample index in the group -> its result
     slots: list[int] = field(default_factory=list)  # the current attempt's Result.idx j is sample slots[j]
 
@@ -118,10 +119,11 @@ class Rollouts:
         r = self.cfg.rollout
         sampling = P.SamplingBody(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
         while self.undispatched and self.version is not None:
-            server = self.registry.least_loaded()
+            g = self.inflight[self.undispatched[0]]
+            server = self.registry.least_loaded(avoid=g.avoid)
             if server is None:
                 return
-            g = self.inflight[self.undispatched.popleft()]
+            self.undispatched.popleft()
             g.server = server.server_id
             g.slots = [i for i in range(self.n) if i not in g.results]
             server.inflight[g.gid] = len(g.slots)
@@ -160,7 +162,6 @@ class Rollouts:
             c.aborted_in_a_row = 0
             self.scoring.append((g, self.rewards.submit([self._scoring_item(g.prompt, g.results[i])
                                                          for i in range(self.n)])))
-
 
     def on_refused(self, g: InflightGroup, server_id: str) -> None:
         """Count a group a server refused; max_consecutive_skipped_prompts of them in a row stop the run:
@@ -225,15 +226,35 @@ class Rollouts:
     def expire_servers(self) -> None:
         """Declare silent servers dead and queue their groups for re-dispatch (still `running`)."""
         for server in self.registry.expire():
-            moved = list(server.inflight)
             log.error("server %s silent for %.0fs: declared dead, re-dispatching %d groups",
-                      server.server_id, self.registry.timeout_s, len(moved))
-            for gid in moved:
-                g = self.inflight[gid]
-                g.attempt += 1  # late results of the old attempt are rejected, nothing counts twice
-                g.server, g.results = None, {}
-                self.undispatched.appendleft(gid)
-            server.inflight.clear()
+                      server.server_id, self.registry.timeout_s, len(server.inflight))
+            self.move_work(server)
+
+    def move_work(self, server: ServerState) -> None:
+        """Queue every group `server` holds for re-dispatch, first in line (they stay `running`)."""
+        for gid in list(server.inflight):
+            self.redispatch(self.inflight[gid])
+        server.inflight.clear()
+
+    def redispatch(self, g: InflightGroup) -> None:
+        """Generate `g` again under a new attempt number: late results of the old attempt are rejected as
+        stale, so nothing counts twice."""
+        g.attempt += 1
+        g.server, g.results = None, {}
+        self.undispatched.appendleft(g.gid)
+
+    def on_invalid_result(self, server_id: str, r: P.Result) -> None:
+        """An awaited result that failed the semantic check (controller/result_check.py; rejected and counted
+        already): the group's attempt on `server_id` is abandoned and the group generated again, on another
+        server when one is live, so bad numbers never reach a batch and the group is not lost."""
+        g = self.inflight.get(r.gid)
+        if g is None or g.attempt != r.attempt or g.server != server_id:
+            return  # not awaited: the rejection was all
+        server = self.registry.servers.get(server_id)
+        if server is not None:
+            server.inflight.pop(g.gid, None)
+        g.avoid = server_id
+        self.redispatch(g)
 
     # --- lossless resume ---------------------------------------------------------------------------
     def snapshot(self) -> P.ControllerBuffer:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from areal_py.wire import protocol as P
-from areal_py.wire.transport import WaitTimeout, reject, send
+from areal_py.wire.transport import reject, send
 from areal_py.wire.weight_files import path_problem
 from controller.run_state import RunCounters
 from controller.servers import ServerRegistry, ServerState
@@ -77,12 +77,12 @@ class WeightSync:
         floor = max(0, self.counts.next_batch_version - self.max_token_staleness)
         return P.UpdateWeights(version=version, path=path, min_token_version=floor, dist=dist, sha256=sha256)
 
-    def check(self) -> None:
-        """Raise WaitTimeout once a live server stays behind the newest weights past the sync timeout."""
+    def laggards(self) -> list[ServerState]:
+        """Live servers still behind the newest weights `sync_timeout_s` after they were sent them (the
+        publish, or their joining since): the controller evicts them rather than wait, or fail the run."""
         w = self.latest
         if w is None:
-            return
-        behind = [s.server_id for s in self.registry.live() if s.version < w.version]
-        if behind and time.monotonic() - w.at > self.sync_timeout_s:
-            raise WaitTimeout(f"controller: timed out after {self.sync_timeout_s:.0f}s "
-                              f"waiting for servers {behind} to load weight version {w.version}")
+            return []
+        now = time.monotonic()
+        return [s for s in self.registry.live()
+                if s.version < w.version and now - max(w.at, s.joined) > self.sync_timeout_s]

@@ -57,7 +57,9 @@ class ControllerConfig(Section):
         "max_concurrent_rollouts: admission takes min(max_concurrent - running, the staleness bound's capacity). "
         "null = unbounded: the staleness bound alone decides.")
     server_timeout_s: float = Field(10.0, gt=0, description="A server silent this long is declared dead; its work is re-dispatched.")
-    weight_sync_timeout_s: float = Field(60.0, gt=0, description="Longest wait for every live server to load a new version.")
+    weight_sync_timeout_s: float = Field(60.0, gt=0, description="Longest wait for a live server to load a new version "
+                                         "once sent it; past it the server is evicted (its work re-dispatched) until it "
+                                         "reports that version.")
     startup_timeout_s: float = Field(120.0, gt=0, description="Longest wait for the trainer and the first server to connect.")
     no_server_timeout_s: float = Field(
         120.0, gt=0, description="Once a server has connected: longest time with no live rollout server (counted "

@@ -94,6 +94,7 @@ class ControllerMetrics:
     policy_version: Gauge
     skipped_prompts: Counter
     dropped_groups: Counter
+    evicted_servers: Counter
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,9 @@ CONTROLLER = ControllerMetrics(
                            "Generated groups dropped before any batch, by reason: uniform (dynamic sampling: every "
                            "reward equal), stale (too old for any batch to come), aborted (a rollout server refused "
                            "it, finish_reason abort).", ("reason",)),
+    evicted_servers=_define(Counter, "areal_controller_evicted_servers_total",
+                            "Rollout servers evicted for not loading the newest weights within "
+                            "controller.weight_sync_timeout_s (their work re-dispatched; they rejoin once they do)."),
 )
 
 TRAINER = TrainerMetrics(
