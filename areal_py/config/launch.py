@@ -59,8 +59,10 @@ class NetConfig(Section):
     controller_host: str = Field("127.0.0.1", description="Host the trainer and servers connect to.")
     rollout_port: int = Field(45501, ge=1, le=65535, description="Controller ROUTER for rollout servers.")
     weights_port: int = Field(45502, ge=1, le=65535, description="Controller PUB for weight-update broadcasts.")
-    trainer_port: int = Field(45503, ge=1, le=65535, description="Controller PULL for trainer messages.")
-    batch_port: int = Field(45504, ge=1, le=65535, description="Controller PUSH of ready batches to the trainer.")
+    trainer_port: int = Field(45503, ge=1, le=65535, description="Controller ROUTER for trainer messages (accepted from the "
+                              "trainer's routing id only).")
+    batch_port: int = Field(45504, ge=1, le=65535, description="Controller ROUTER sending ready batches to the trainer "
+                            "(its routing id only).")
     max_message_bytes: int = Field(
         8 * 2**30, ge=1024, description="ZMQ_MAXMSGSIZE of every role's sockets: a larger incoming frame (libzmq "
         "checks each frame of a multipart message, not the sum) is dropped with its connection. Streamed weights "
