@@ -23,6 +23,7 @@ from conftest import ROOT, free_ports, scaled
 
 from areal_py.config import dump_config, load_config
 from areal_py.telemetry.step_record import read_step_records
+from areal_py.wire.curve import generate_keys
 
 SUBNET = "10.231.0"
 CONTROLLER, TRAINER0, TRAINER1, ROLLOUT0, ROLLOUT1 = (f"{SUBNET}.{i}" for i in (1, 11, 12, 21, 22))
@@ -168,8 +169,9 @@ def _run_roles(hosts: list[Host], cfg_file: Path, env: dict[str, str], timeout_s
 # (weights through the controller's sockets) costs as long again, so it is in the slow set
 @pytest.mark.parametrize("transfer", ["dist", pytest.param("stream", marks=pytest.mark.slow)])
 def test_roles_on_five_hosts_finish_a_run(hosts, tmp_path, model_cache, transfer):
-    """Controller, two servers and two trainer ranks, each on its own address: the run finishes its steps,
-    both servers generate, both ranks train, and no process is left in any namespace."""
+    """Controller, two servers and two trainer ranks, each on its own address, every socket CURVE (off loopback
+    nothing else is allowed): the run finishes its steps, both servers generate, both ranks train, and no
+    process is left in any namespace."""
     # the first server to say hello may get every group admitted before the second one does; groups admitted
     # after step 1 are spread by load, and by step 4 both servers' tokens are in the record (as in test_dist_run)
     steps = 4
@@ -185,8 +187,10 @@ def test_roles_on_five_hosts_finish_a_run(hosts, tmp_path, model_cache, transfer
     if transfer == "dist":
         overrides += [f"weights.dist_host={TRAINER0}", f"weights.dist_port={ports[4]}", "weights.dist_timeout_s=30",
                       "weights.dist_join_timeout_s=120"]
+    generate_keys(run_dir / "keys")  # off loopback every socket is CURVE (what `areal-py keys` writes)
+    overrides.append(f"net.keys_dir={run_dir / 'keys'}")
     cfg = load_config(None, overrides)
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("GLOO_SOCKET_IFNAME", None)  # the trainer must find its interface itself
