@@ -134,7 +134,7 @@ class RolloutServer:
         body = msg.body
         if isinstance(body, P.Generate):
             self._generate(body)
-        elif isinstance(body, P.UpdateWeights):
+        elif type(body) is P.UpdateWeights:  # not its subclass WeightsReady, the trainer's notice to the controller
             self._update_weights(body, msg.tensors)
         elif isinstance(body, P.Ping):
             pass  # heard (poll_once noted it): the controller lives
@@ -147,6 +147,10 @@ class RolloutServer:
     def _generate(self, g: P.Generate) -> None:
         params = SamplingParams(max_new_tokens=g.sampling.max_new_tokens, temperature=g.sampling.temperature,
                                 top_p=g.sampling.top_p)
+        if g.n > self.cfg.controller.group_size:  # the controller asks for at most a group's samples
+            reject(ROLE, "bad_request", f"group {g.gid}: {g.n} samples asked, controller.group_size is "
+                   f"{self.cfg.controller.group_size}")
+            return
         rids = [request_id(g.gid, g.attempt, idx) for idx in range(g.n)]
         try:
             self.engine.add_group(rids, list(g.prompt_ids), params)

@@ -77,6 +77,7 @@ def test_rollout_server_rejects_garbage_and_keeps_serving(cfg, ctx):
 def test_server_reports_going_idle_before_the_results_that_idle_it(cfg, ctx):
     """The heartbeat that closes a busy span leaves before the group's last result, so the controller
     always has a batch's generation when the batch completes."""
+    cfg.controller.group_size = 3  # a server takes at most a group's samples
     router = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.rollout_port, bind=True), bind=True)
     server = RolloutServer(cfg, "srv", engine=Engine(tiny_model(0), eos_token_id=10_000, max_running=8))
     t = threading.Thread(target=server.serve, daemon=True)
@@ -111,7 +112,7 @@ def test_interruption_through_the_wire(cfg, ctx):
     try:
         recv(router, "test", timeout_s=10, waiting_for="hello", routed=True)
         time.sleep(0.3)  # let the SUB subscription reach the PUB before the broadcast
-        send(router, P.Generate(gid=1, attempt=0, prompt_ids=[3, 4, 5], n=3,
+        send(router, P.Generate(gid=1, attempt=0, prompt_ids=[3, 4, 5], n=2,
                                 sampling=P.SamplingBody(max_new_tokens=12, temperature=1.0, top_p=1.0)), to=b"srv")
         server.poll_once(2000)
         for _ in range(4):  # four decode steps under version 0
