@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from areal_py.tokenizer_as_written import as_written
 from areal_py.tokenizer_checks import require_eos
 
 DEFAULT_CHARSET = "0123456789+-*=() abcdefghijklmnopqrstuvwxyz.,:;?!<>/"
@@ -151,6 +152,8 @@ def _check_model_dir(path: Path) -> None:
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer of a local model directory, offline; pad falls back to EOS.
 
+    The tokenizer is the one tokenizer.json describes, not a rebuild by the class transformers picks for the
+    architecture (tokenizer_as_written.as_written: kept as loaded when it encodes alike, else loaded as written).
     A tokenizer without EOS is refused here (tokenizer_checks.TokenizerError naming the directory), so the
     first process that loads it, the launch's check, says so before any role starts.
 
@@ -158,7 +161,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """
     path = Path(path)
     _check_model_dir(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = as_written(AutoTokenizer.from_pretrained(path, local_files_only=True), path)
     require_eos(tokenizer, str(path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
