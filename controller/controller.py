@@ -307,8 +307,9 @@ class Controller:
                 if msg is not None and sender is not None:
                     self.on_trainer(sender, msg)
             if self.router in events:
-                sender, msg = parse(self.router.recv_multipart(copy=False), ROLE, routed=True)
-                if msg is not None and sender is not None:
+                frames = self.router.recv_multipart(copy=False)
+                sender, msg = parse(frames, ROLE, routed=True)
+                if msg is not None and sender is not None and (self.gate is None or self.gate.sender_fits(sender, frames)):
                     self.on_rollout(sender, msg)
             self.ping()  # even while a flood of messages keeps this loop going
             events = dict(poller.poll(0))

@@ -35,7 +35,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from areal_py.config import ConfigError
-from areal_py.wire.transport import reject
+from areal_py.wire.transport import reject, summarize
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,11 @@ DOMAINS = {"rollout": ROLLOUT, "weights": ROLLOUT, "trainer": TRAINER, "batch": 
 
 class KeyFileError(ConfigError):
     """A key directory or key file that cannot be used; the message names the file and what to do."""
+
+
+def summarize_id(sender: bytes) -> str:
+    """A peer's routing id for a log line, bounded whatever it sent."""
+    return summarize(repr(sender), 80)
 
 
 # --- key files -------------------------------------------------------------------------------------------
@@ -248,6 +253,19 @@ class Gatekeeper:
         if not ok:
             self.last_denied[domain] = key
         return ok
+
+    def sender_fits(self, sender: bytes, frames: list[zmq.Frame]) -> bool:
+        """Whether a message on the rollout ROUTER came under the routing id its CURVE key allows: a server with
+        a pair of its own (`rollout-3.key`) may speak only as `rollout-3`; the shared `rollout.key` as any
+        server. A mismatch is counted (`wrong_key`): one server's key cannot speak for another server."""
+        user = frames[0].get("User-Id") if frames else None  # the z85 client key, from the ZAP reply
+        stem = self.allowed[ROLLOUT].get(user.encode()) if user else None
+        if stem == ROLLOUT or (stem is not None and stem.encode() == sender):
+            return True
+        who = summarize_id(sender)
+        reject(self.role, "wrong_key", f"a message under server id {who} signed with "
+               f"{f'the key of {stem}' if stem else 'no listed rollout key'}: dropped")
+        return False
 
     def watch(self, sock: zmq.Socket, domain: str) -> None:
         """Count `sock`'s refused handshakes: a monitor PAIR handed to the monitor thread (created here, then

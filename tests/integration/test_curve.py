@@ -142,3 +142,38 @@ def test_each_socket_admits_only_its_role_and_every_refusal_is_counted(gate) -> 
     assert _wait_for(lambda: (send(pub, P.Ping()), listener.poll(100))[1] != 0)
     assert listener.recv_multipart() and not spy.poll(300)
     assert not router.poll(300) and not from_trainer.poll(0)  # nothing else got through
+
+
+def test_a_servers_own_key_speaks_only_under_its_own_id(tmp_path) -> None:
+    """With one pair per server, rollout-0's key sending as rollout-1 is dropped and counted (wrong_key);
+    under its own id it passes, and the shared rollout key may speak as any server."""
+    generate_keys(tmp_path / "per", servers=2)
+    keys = KeyDir(tmp_path / "per")
+    generate_keys(tmp_path / "shared")  # and a shared rollout pair beside the per-server ones
+    for f in ("rollout.key", "rollout.key_secret"):
+        (tmp_path / "per" / f).write_bytes((tmp_path / "shared" / f).read_bytes())
+    (tmp_path / "per" / "rollout.key_secret").chmod(0o600)
+    ctx = zmq.Context()
+    g = Gatekeeper(keys, ctx, role="t-curve-id")
+    try:
+        (port,) = free_ports(1)
+        router = make_socket(ctx, zmq.ROUTER, f"tcp://127.0.0.1:{port}", bind=True, curve=g.server("rollout"))
+        ctrl = keys.public("controller")
+        honest = make_socket(ctx, zmq.DEALER, f"tcp://127.0.0.1:{port}", bind=False, identity="rollout-0",
+                             curve=CurveClient(keys.pair("rollout-0"), ctrl))
+        impostor = make_socket(ctx, zmq.DEALER, f"tcp://127.0.0.1:{port}", bind=False, identity="rollout-1",
+                               curve=CurveClient(keys.pair("rollout-0"), ctrl))
+        shared = make_socket(ctx, zmq.DEALER, f"tcp://127.0.0.1:{port}", bind=False, identity="rollout-5",
+                             curve=CurveClient(keys.pair("rollout"), ctrl))
+        before = rejected_count("t-curve-id", "wrong_key")
+        verdicts = {}
+        for s in (honest, impostor, shared):
+            send(s, P.Ping())
+            assert router.poll(20_000)
+            frames = router.recv_multipart(copy=False)
+            verdicts[bytes(frames[0])] = g.sender_fits(bytes(frames[0]), frames)
+        assert verdicts == {b"rollout-0": True, b"rollout-1": False, b"rollout-5": True}
+        assert rejected_count("t-curve-id", "wrong_key") - before == 1
+    finally:
+        g.stop()
+        ctx.destroy(linger=0)
