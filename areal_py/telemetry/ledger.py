@@ -108,9 +108,13 @@ def read_run_ledger(run_dir: Path) -> Ledger:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m areal_py.telemetry.ledger",
                                  description="Check that every prompt a run took was trained once or dropped "
-                                             "with a reason (exit 1 if not).")
+                                             "with a reason (exit 1 if not, 2 without a run there).")
     ap.add_argument("run_dir", type=Path)
-    led = read_run_ledger(ap.parse_args(argv).run_dir)
+    run_dir = ap.parse_args(argv).run_dir
+    if not (run_dir / "metrics.jsonl").is_file():
+        print(f"{run_dir / 'metrics.jsonl'} does not exist: give the run directory, <run.output_dir>/<run.name>")
+        return 2
+    led = read_run_ledger(run_dir)
     print(led.summary())
     problems = led.problems()
     for p in problems:

@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT, run_cli, scaled, wait_for
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from areal_py.telemetry.ledger import read_run_ledger
 from areal_py.telemetry.metrics import read_jsonl
 from areal_py.telemetry.report import timeline_lanes
 from areal_py.telemetry.step_record import StepRecord
@@ -152,6 +153,12 @@ def test_resume_after_kill_past_the_last_checkpoint(tmp_path, small_cfg):
     dropped = list((tmp_path / "runs" / "t").glob("metrics.jsonl.dropped-*"))  # the crashed run's rows past 8
     assert len(dropped) == 1 and [json.loads(x)["step"] for x in dropped[0].read_text().splitlines()
                                   if x.endswith("}")] == crashed[8:]
+    # lossless: the groups buffered or in flight at the checkpoint were resumed, not skipped; every prompt
+    # taken was trained exactly once or dropped with a reason, and resumed tokens kept the staleness bound
+    ledger = read_run_ledger(tmp_path / "runs" / "t")
+    assert ledger.problems() == [], ledger.summary()
+    assert sum(ledger.trained.values()) == 16 * 8 and not ledger.buffered
+    assert_bound(recs, 1)
 
     # the finished run, resumed with more steps, continues from its final checkpoint
     run_dir = tmp_path / "runs" / "t"
@@ -169,6 +176,7 @@ def test_resume_after_kill_past_the_last_checkpoint(tmp_path, small_cfg):
     assert after[0]["ctrl_accepted"] >= ctrl["accepted"] >= 16 * 8  # 16 steps of batch 8 were admitted
     assert after[0]["wall_time_s"] >= state["wall_time_s"]
     assert_bound(after, 1)
+    assert read_run_ledger(run_dir).problems() == []
     ctrl_log = (run_dir / "logs" / "controller.log").read_text()
     assert f"data position {ctrl['data_position']}, accepted {ctrl['accepted']}" in ctrl_log
 
