@@ -41,11 +41,12 @@ def keys_command(directory: str, servers: int = 0) -> int:
 
 
 def ensure_run_keys(cfg: Config) -> Path | None:
-    """For a run whose controller binds off loopback with no net.keys_dir: a key set of its own in
-    `<run dir>/keys` (written once, reused by --resume), named in `cfg.net.keys_dir` so every role reads it
-    from the run's config.yaml. Returns that directory, or None when nothing was needed or keys are given.
+    """For a run whose sockets leave loopback (net.bind_host or net.controller_host) with no net.keys_dir: a
+    key set of its own in `<run dir>/keys` (written once, reused by --resume), named in `cfg.net.keys_dir` so
+    every role reads it from the run's config.yaml. Returns that directory, or None when nothing was needed or keys are given.
     The run directory is on a filesystem every node shares (docs/operations.md), so each role finds its key."""
-    if cfg.net.keys_dir or is_local_host(cfg.net.bind_host):
+    net = cfg.net
+    if net.keys_dir or (is_local_host(net.bind_host) and is_local_host(net.controller_host)):
         return None
     d = cfg.run_dir() / "keys"
     if not (d / f"{CONTROLLER}.key_secret").exists():

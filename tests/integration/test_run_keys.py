@@ -39,6 +39,9 @@ def test_the_launcher_makes_a_runs_keys_off_loopback_and_keeps_them(tmp_path) ->
     chosen = launcher.prepare_run(None, _overrides(tmp_path, "run.name=chosen", "net.bind_host=0.0.0.0",
                                                    f"net.keys_dir={given}"), resume=False)
     assert chosen.net.keys_dir == str(given) and not (chosen.run_dir() / "keys").exists()  # yours are kept
+    reached = launcher.prepare_run(None, _overrides(tmp_path, "run.name=reached", "net.controller_host=10.1.2.3"),
+                                   resume=False)
+    assert reached.net.keys_dir == str(reached.run_dir() / "keys")  # the roles would connect off loopback
 
     (cfg.run_dir() / "checkpoints" / "step_000001").mkdir(parents=True)
     resumed = launcher.prepare_run(None, _overrides(tmp_path, "net.bind_host=0.0.0.0"), resume=True)
