@@ -166,6 +166,7 @@ def test_a_run_submitted_as_a_slurm_job_trains_and_finishes(local_slurm, small_c
     assert "rollout-0: serving, connected to tcp://localhost:" in (run_dir / "logs" / "rollout-0.log").read_text()
     pinned = load_config(run_dir / "config.yaml")
     assert (pinned.net.controller_host, pinned.net.bind_host) == (NODE, "0.0.0.0")
+    assert pinned.net.keys_dir == str(run_dir / "keys")  # off loopback, so the job made and used the run's keys
 
 
 def _processes_reading(cfg_file: Path) -> dict[int, list[str]]:
