@@ -270,18 +270,24 @@ class Rollouts:
 
         Ready groups wait for a batch again; a pending group with all its samples goes to scoring, any other
         is queued to generate only its missing samples (`dispatch` waits for the servers to run the resumed
-        version). A group whose samples do not fit the group (a sample index out of range or given twice) is
-        dropped as `invalid`, counted in the ledger, rather than trained.
+        version). A group that cannot be what this run checkpointed (a sample index out of range or given
+        twice, a token version newer than the resumed one) is dropped as `invalid`, counted in the ledger,
+        rather than trained.
         """
-        self.ready.extend(buffer.ready)
+        c, newest = self.counts, self.counts.base_version
+        for group in buffer.ready:
+            if max((v for s in group.samples for v in s.versions), default=0) > newest:
+                c.accepted -= 1
+                self._drop_invalid(group.gid, group.prompt_index, f"a token version above {newest}")
+            else:
+                self.ready.append(group)
         for pg in buffer.pending:
             g = InflightGroup(pg.gid, self.task.prompt(pg.prompt_index), list(pg.prompt_ids))
             g.results = {r.idx: r for r in pg.done if r.idx < self.n}
-            if len(g.results) != len(pg.done):
-                self.counts.running -= 1
-                self.counts.note_dropped("invalid", [pg.prompt_index])
-                log.warning("resumed group %d (prompt %d) dropped: its finished samples %s do not fit a group of %d",
-                            pg.gid, pg.prompt_index, [r.idx for r in pg.done], self.n)
+            if len(g.results) != len(pg.done) or any(v > newest for r in pg.done for v in r.versions):
+                c.running -= 1
+                self._drop_invalid(pg.gid, pg.prompt_index, f"samples {[r.idx for r in pg.done]} of a group of "
+                                                            f"{self.n}, token versions up to {newest}")
                 continue
             self.inflight[g.gid] = g
             if len(g.results) == self.n:
@@ -290,3 +296,8 @@ class Rollouts:
                 self.undispatched.append(g.gid)
         log.info("resumed %d ready and %d pending groups (%d finished samples kept)", len(buffer.ready),
                  len(buffer.pending), sum(len(pg.done) for pg in buffer.pending))
+
+    def _drop_invalid(self, gid: int, prompt_index: int, expected: str) -> None:
+        self.counts.note_dropped("invalid", [prompt_index])
+        log.warning("resumed group %d (prompt %d) dropped as invalid: the checkpoint's buffer does not fit this run "
+                    "(expected %s)", gid, prompt_index, expected)

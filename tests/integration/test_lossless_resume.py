@@ -167,19 +167,24 @@ def test_resumed_tokens_too_old_for_the_next_batch_are_dropped_as_stale(tmp_path
     assert first_generate.n == 1  # only the missing sample of the pending group was generated
 
 
-@pytest.mark.parametrize("done_idx", [[0, 0], [2]])
-def test_a_buffered_group_that_does_not_fit_the_group_is_dropped_as_invalid(tmp_path, monkeypatch, done_idx):
-    """A checkpoint is our own file, but a pending group with a sample index twice or past group_size is
-    dropped with a reason (invalid), never trained with a hole in it."""
+@pytest.mark.parametrize("done_idx,version", [([0, 0], 0), ([2], 0), ([1], 3)])
+def test_a_buffered_group_that_does_not_fit_the_run_is_dropped_as_invalid(tmp_path, monkeypatch, done_idx, version):
+    """A checkpoint is our own file, but a pending group with a sample index twice or past group_size, or
+    tokens newer than the resumed version (2), is dropped with a reason (invalid), never trained; a ready
+    group with such tokens likewise."""
     cfg = make_cfg(tmp_path)
-    done = [P.Result(gid=3, attempt=0, idx=i, output_ids=[5, 2], logprobs=[-0.1, -0.2], versions=[0, 0],
+    done = [P.Result(gid=3, attempt=0, idx=i, output_ids=[5, 2], logprobs=[-0.1, -0.2], versions=[0, version],
                      finish_reason="stop") for i in done_idx]
+    future = P.Sample(output_ids=[5], logprobs=[-0.1], versions=[3], finish_reason="stop", reward=1.0)
     buffer = P.ControllerBuffer(pending=[P.PendingGroup(gid=3, prompt_index=3, prompt_ids=[1, 5], done=done)],
+                                ready=[P.Group(gid=2, prompt_index=2, prompt_ids=[1, 5], samples=[future, future])],
                                 next_gid=4)
-    sim = Sim(cfg, monkeypatch, hello=P.TrainerHello(version=0, resume_state=P.ControllerState(data_position=4),
-                                                     resume_buffer=buffer))
+    state = P.ControllerState(data_position=4, accepted=2 * 2 + 1, running=1)
+    sim = Sim(cfg, monkeypatch, version=2, hello=P.TrainerHello(version=2, resume_state=state, resume_buffer=buffer))
     try:
-        assert sim.ctrl.counts.running == 0 and 3 not in sim.ctrl.rollouts.inflight
-        assert sim.ctrl.counts.take_dropped() == {"invalid": [3]}
+        c = sim.ctrl.counts
+        assert (c.running, c.accepted) == (0, 4) and 3 not in sim.ctrl.rollouts.inflight
+        assert not sim.ctrl.rollouts.ready
+        assert c.take_dropped() == {"invalid": [2, 3]}
     finally:
         sim.ctrl.close()
