@@ -1,0 +1,78 @@
+"""kill -9 of a role mid-run, then `areal-py run --resume`: the ledger holds (every prompt the run took is
+trained exactly once or dropped with a reason) and the staleness bound holds for resumed tokens.
+
+The trainer's case runs in the default suite (tests/e2e/test_e2e.py, test_resume_after_kill_past_the_last_
+checkpoint); the controller's and a rollout server's are whole runs each, so `slow`."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_cli, scaled, wait_for
+
+from areal_py.telemetry.ledger import read_run_ledger
+from areal_py.telemetry.metrics import read_jsonl
+
+pytestmark = pytest.mark.slow
+STEPS = 12
+
+
+def in_flight_after(run_dir: Path, step: int) -> bool:
+    """The last step record is past `step` and its batch left groups running or ready (8 groups a batch)."""
+    recs = read_jsonl(run_dir / "metrics.jsonl")
+    return bool(recs) and recs[-1]["step"] > step and (recs[-1]["ctrl_running"] > 0
+                                                        or recs[-1]["ctrl_accepted"] > recs[-1]["step"] * 8)
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def role_pid(launcher: int, name: str) -> int:
+    found = [p for p in children(launcher) if f"{name}" in Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ")]
+    assert len(found) == 1, (name, found)
+    return found[0]
+
+
+@pytest.mark.parametrize("victim,servers", [("controller", 1), ("rollout-1", 2)])
+def test_kill_9_of_a_role_then_resume_keeps_the_ledger(tmp_path, small_cfg, victim, servers):
+    run_dir = tmp_path / "runs" / "t"
+    # staleness 3 and a checkpoint every step: the kill comes right after a step whose batch left groups in
+    # flight (usually: the trainer then waits for the next batch), so the resume has work to keep
+    args = [*small_cfg, "trainer.checkpoint_every=1", "controller.max_staleness=3", f"rollout.num_servers={servers}",
+            "controller.server_timeout_s=3", f"trainer.total_steps={STEPS}"]
+    proc = subprocess.Popen([sys.executable, "-m", "areal_py.app.cli", "run", "--quiet", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if victim == "controller":
+            wait_for(lambda: in_flight_after(run_dir, 3) or proc.poll() is not None, 600,
+                     "a step past the third whose batch left groups in flight")
+        else:  # a server holds work at any time
+            wait_for(lambda: len(read_jsonl(run_dir / "metrics.jsonl")) >= 2 or proc.poll() is not None, 600,
+                     "two training steps")
+        assert proc.poll() is None, proc.communicate()
+        os.kill(role_pid(proc.pid, victim), signal.SIGKILL)
+        out, err = proc.communicate(timeout=scaled(300))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if victim == "controller":
+        assert proc.returncode == 1 and "process 'controller' failed" in err, err
+        res = run_cli(["run", "--quiet", "--resume", *args], timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+        log = (run_dir / "logs" / "controller.log").read_text()
+        assert re.search(r"resumed \d+ ready and \d+ pending groups", log), log  # from the checkpoint's buffer
+    else:  # a server's death is survived: its work is re-dispatched, nothing resumes
+        assert proc.returncode == 0, out + err
+    recs = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
+    assert all(r["staleness_max"] <= 3 for r in recs)
+    ledger = read_run_ledger(run_dir)
+    assert ledger.problems() == [], ledger.summary()
+    assert sum(ledger.trained.values()) == STEPS * 8 and not ledger.buffered
