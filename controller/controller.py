@@ -24,7 +24,7 @@ from areal_py.telemetry.skips import skipped_lines
 from areal_py.wire import protocol as P
 from areal_py.wire.curve import Gatekeeper
 from areal_py.wire.trainer_link import bind_trainer
-from areal_py.wire.transport import WaitTimeout, make_socket, parse, recv, reject, send
+from areal_py.wire.transport import WaitTimeout, make_socket, parse, recv, reject, send, try_send
 from controller.activity import ActivityTracker
 from controller.admission import AdmissionError, LengthGate
 from controller.batching import pick_batch
@@ -270,6 +270,8 @@ class Controller:
         body = msg.body
         if sender != self.trainer_id:
             reject(ROLE, "not_trainer", f"{msg.type} from {sender!r}, not the trainer ({self.trainer_id!r})")
+        elif isinstance(body, P.Ping):  # the waiting trainer's probe: answered on the batch link, never blocking
+            try_send(self.to_trainer, P.Ping(), to=self.trainer_id)
         elif isinstance(body, P.WeightsReady):
             self.weights.publish(body, msg.tensors)
         elif isinstance(body, P.TrainerDone):

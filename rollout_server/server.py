@@ -22,7 +22,7 @@ from areal_py.telemetry.prom import ROLLOUT as M
 from areal_py.wire import protocol as P
 from areal_py.wire.curve import client_curve
 from areal_py.wire.dist_weights import DistRejected, DistWeightsError, WeightGroup, model_specs, server_rank
-from areal_py.wire.transport import WaitTimeout, make_socket, parse, reject, send
+from areal_py.wire.transport import ControllerLost, make_socket, parse, reject, send
 from areal_py.wire.weight_files import WeightFileError, load_verified, read_verified
 from rollout_server.backend import Backend, Finished, WeightSource
 from rollout_server.kernel_report import KernelReport, engine_path, export_prometheus, write_report
@@ -267,9 +267,15 @@ class RolloutServer:
         if not self.heard_once:
             timeout += self.cfg.controller.startup_timeout_s
         if time.monotonic() - self.last_heard > timeout:
-            raise WaitTimeout(f"rollout {self.server_id}: timed out after {timeout:.0f}s waiting for the controller "
-                              f"at {self.cfg.net.addr(self.cfg.net.rollout_port)}: no message from it, not even a "
-                              "ping (is it running? dead?)")
+            key = ("rollout.controller_timeout_s" if self.heard_once else
+                   "rollout.controller_timeout_s + controller.startup_timeout_s, before its first word")
+            raise ControllerLost(
+                f"rollout {self.server_id}: lost the controller: timed out after {timeout:.0f}s waiting for the "
+                f"controller at {self.cfg.net.addr(self.cfg.net.rollout_port)} ({key}): no message from it, not even "
+                f"a ping (is it running? dead?). Lost: this server's {self.engine.num_running + self.engine.num_waiting}"
+                " request(s) in flight, generated again after a resume (from the checkpoint's data position and "
+                "the controller's buffer in it); it holds nothing else. Resume with `areal-py run --resume`, or, roles "
+                "started by hand, start every role again, the trainer with --resume")
 
     # --- loop ----------------------------------------------------------------------------------
     def poll_once(self, timeout_ms: int) -> None:

@@ -29,11 +29,11 @@ from areal_py.telemetry.step_record import StepRecord
 from areal_py.telemetry.tensorboard import TensorBoardLog
 from areal_py.wire import protocol as P
 from areal_py.wire.dist_weights import DistWeightsError, WeightGroup, layout_for
-from areal_py.wire.trainer_link import connect_trainer
-from areal_py.wire.transport import recv, reject, send
+from areal_py.wire.trainer_link import Pulse, connect_trainer
+from areal_py.wire.transport import ControllerLost, WaitTimeout, parse, reject, send, try_send
 from areal_py.wire.weight_files import sha256_file
 from areal_py.wire.weights import named_weights, save_weights
-from trainer.checkpoint import CheckpointError, load_latest_checkpoint, save_checkpoint
+from trainer.checkpoint import CheckpointError, checkpoint_dirs, load_latest_checkpoint, save_checkpoint
 from trainer.distributed import DistError, close_dist, init_dist
 from trainer.learner import Learner
 from trainer.rank_step import SKIP, TRAIN, receive_command, send_command
@@ -43,6 +43,29 @@ from trainer.step_metrics import StepTiming, build_step_record, computed_stats, 
 
 log = logging.getLogger("trainer")
 ROLE = "trainer"
+
+
+def controller_pulse(cfg: Config) -> Pulse:
+    """The trainer's watch on the controller: probed every rollout.heartbeat_s, lost after
+    trainer.controller_timeout_s of silence (controller.startup_timeout_s more before its first word)."""
+    return Pulse(probe_s=cfg.rollout.heartbeat_s, silence_s=cfg.trainer.controller_timeout_s,
+                 grace_s=cfg.controller.startup_timeout_s)
+
+
+def lost_controller(cfg: Config, version: int, silent_s: float) -> str:
+    """ControllerLost's message for a trainer at `version`: the bound, what is kept, what is lost, how to resume.
+    The trainer writes no checkpoint then: one without the controller's buffer would lose the groups in flight,
+    while the latest checkpoint holds them."""
+    ckpts = checkpoint_dirs(cfg.run_dir() / "checkpoints")
+    kept = (f"kept: {ckpts[0]}, the latest checkpoint (weights, optimizer, data position and the controller's "
+            "groups in flight at that step); lost: the steps trained since it and what the controller held since, "
+            "both trained again from it on resume, nothing admitted is skipped" if ckpts else
+            "no checkpoint was written yet, so nothing is kept: start the run again (without --resume)")
+    return (f"{ROLE}: lost the controller at {cfg.net.addr(cfg.net.trainer_port)}: nothing from it for "
+            f"{silent_s:.0f}s while waiting for batch {version} (trainer.controller_timeout_s="
+            f"{cfg.trainer.controller_timeout_s:g}; it died, hangs or cannot be reached); {kept}. Resume with "
+            f"`areal-py run --resume run.name={cfg.run.name}`, or, roles started by hand, start the controller and "
+            "servers again and the trainer with `areal-py serve trainer <config> --resume`")
 
 
 class Trainer:
@@ -71,6 +94,7 @@ class Trainer:
                    if cfg.run.tensorboard else None)
         net, ctx = cfg.net, zmq.Context.instance()
         self.to_ctrl, self.batches = connect_trainer(ctx, net)  # DEALERs under one random routing id
+        self.pulse = controller_pulse(cfg)
 
     def _resume(self) -> None:
         """Restore the newest usable checkpoint, and cut metrics.jsonl back to its step: the steps after it
@@ -147,11 +171,31 @@ class Trainer:
             send(self.to_ctrl, P.WeightsReady(version=self.version, path=None), weights)
 
     def next_batch(self) -> tuple[P.Batch, float]:
+        """The batch for this version. While waiting, the controller is probed (a Ping on the trainer link every
+        rollout.heartbeat_s, answered on the batch link; areal_py/wire/trainer_link.py): silence past
+        trainer.controller_timeout_s ends the wait with ControllerLost, and trainer.batch_timeout_s bounds it
+        whatever the controller says."""
         t0 = time.perf_counter()
+        start = time.monotonic()
+        self.pulse.restart(start)
+        deadline = start + self.cfg.trainer.batch_timeout_s
         while True:
-            _, msg = recv(self.batches, ROLE, timeout_s=self.cfg.trainer.batch_timeout_s,
-                          waiting_for=f"batch {self.version} from the controller at "
-                                      f"{self.cfg.net.addr(self.cfg.net.batch_port)}")
+            now = time.monotonic()
+            if self.pulse.lost(now):
+                raise ControllerLost(lost_controller(self.cfg, self.version, now - self.pulse.last_heard))
+            if now >= deadline:
+                raise WaitTimeout(f"{ROLE}: timed out after {self.cfg.trainer.batch_timeout_s:.0f}s waiting for batch "
+                                  f"{self.version} from the controller at {self.cfg.net.addr(self.cfg.net.batch_port)}")
+            if self.pulse.probe_due(now):
+                try_send(self.to_ctrl, P.Ping())
+            if not self.batches.poll(int(min(self.pulse.probe_s, deadline - now) * 1000) + 1):
+                continue
+            _, msg = parse(self.batches.recv_multipart(copy=False), ROLE)
+            if msg is None:  # counted by parse
+                continue
+            self.pulse.heard(time.monotonic())
+            if isinstance(msg.body, P.Ping):  # the controller's answer to a probe
+                continue
             if isinstance(msg.body, P.Batch) and msg.body.version == self.version:
                 return msg.body, time.perf_counter() - t0
             detail = f"batch for version {msg.body.version}" if isinstance(msg.body, P.Batch) else msg.type

@@ -112,6 +112,11 @@ class TrainerConfig(Section):
                                   "deleted after each save; more than 1 leaves a fallback if the newest is "
                                   "damaged). 0 = keep all.")
     batch_timeout_s: float = Field(300.0, gt=0, description="Longest wait for the controller to deliver a batch.")
+    controller_timeout_s: float = Field(
+        120.0, gt=0, description="Trainer rank 0, while waiting for a batch, probes the controller every "
+        "rollout.heartbeat_s and stops with a ControllerLost error naming its latest checkpoint once the controller "
+        "has answered nothing (no batch, no reply) for this long: it died, hangs or is unreachable. Before the "
+        "controller's first word, controller.startup_timeout_s more is allowed. Also bounded by batch_timeout_s.")
     max_consecutive_skipped_steps: int = Field(
         5, ge=0, description="Stop the run with an error after this many steps in a row applied no update because "
         "of non-finite values (a NaN/inf loss or gradient norm, or every group of the batch rejected for a "

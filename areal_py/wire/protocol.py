@@ -167,7 +167,9 @@ class Ping(_Body):
     """Controller -> every server (on the weights PUB), every `rollout.heartbeat_s`: the controller lives.
 
     A server hearing nothing from the controller (ping or any other message) for
-    `rollout.controller_timeout_s` stops with an error instead of waiting forever.
+    `rollout.controller_timeout_s` stops with an error instead of waiting forever. The trainer, while it
+    waits for a batch, sends one to the controller every `rollout.heartbeat_s` and the controller answers
+    it with one on the batch link; `trainer.controller_timeout_s` without an answer stops the trainer.
     """
 
 

@@ -11,13 +11,21 @@ Invariants the controller keeps with them (controller/controller.py):
 - batches are sent to that routing id alone. A PUSH socket deals its messages round-robin to every
   PULL connected to it, so any process connecting to the batch port took every other batch.
 
+Liveness: the controller sends the trainer nothing but batches, so while trainer rank 0 waits for one it
+probes: a `Ping` on the trainer link every `rollout.heartbeat_s`, which the controller answers with a
+`Ping` on the batch link (to the trainer's id alone). Silence is counted only while the trainer waits
+(`Pulse.restart`: a long step of its own is not the controller's silence), and past
+`trainer.controller_timeout_s` the wait ends with `ControllerLost`.
+
 The id is 64 random bits: another process cannot guess it to claim the trainer's name first (a ROUTER
 refuses a second connection under an id already connected). Across machines the sockets are also
 authenticated (CURVE); this is what holds on loopback, where anyone local may connect.
 """
 from __future__ import annotations
 
+import math
 import secrets
+from dataclasses import dataclass
 
 import zmq
 
@@ -65,3 +73,39 @@ def bind_trainer(ctx: zmq.Context, net: NetConfig, *, send_timeout_s: float,
     to_trainer.setsockopt(zmq.ROUTER_MANDATORY, 1)
     to_trainer.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
     return from_trainer, to_trainer
+
+
+@dataclass
+class Pulse:
+    """When a peer was last heard from, and when to probe it next (times from `time.monotonic`).
+
+    Lost once silent for more than `limit()`: `silence_s`, plus `grace_s` before its first word (a peer
+    started later by hand, or still loading on a busy machine). Only the waiting side counts silence, so
+    each wait starts the clock anew (`restart`)."""
+
+    probe_s: float
+    silence_s: float
+    grace_s: float = 0.0
+    last_heard: float = 0.0
+    heard_once: bool = False
+    last_probe: float = -math.inf
+
+    def restart(self, now: float) -> None:
+        """A wait begins: silence is counted from now (or from the last word, if later)."""
+        self.last_heard = max(self.last_heard, now)
+
+    def heard(self, now: float) -> None:
+        self.last_heard, self.heard_once = now, True
+
+    def limit(self) -> float:
+        return self.silence_s + (0.0 if self.heard_once else self.grace_s)
+
+    def lost(self, now: float) -> bool:
+        return now - self.last_heard > self.limit()
+
+    def probe_due(self, now: float) -> bool:
+        """True every `probe_s` (and the first time): the caller sends its probe then."""
+        if now - self.last_probe < self.probe_s:
+            return False
+        self.last_probe = now
+        return True

@@ -27,6 +27,12 @@ class WaitTimeout(TimeoutError):
     """A blocking wait ran out; the message says what was awaited and for how long."""
 
 
+class ControllerLost(WaitTimeout):
+    """A trainer or rollout server heard nothing from the controller (no batch, no ping, no answer to its
+    own probe) for its configured bound: the controller died, hangs or cannot be reached. The message
+    names the bound's key, what the role held that is lost, and how to resume."""
+
+
 SUMMARY_CHARS = 200  # of a rejected message's detail in the log line
 LOG_EVERY_S = 10.0  # per (role, reason); the first of a kind is always logged at once
 
@@ -133,6 +139,18 @@ def send(sock: zmq.Socket, body: Any, tensors: dict | None = None, *, to: bytes 
     if to is not None:
         frames = [to, *frames]
     sock.send_multipart(frames, copy=False)
+
+
+def try_send(sock: zmq.Socket, body: Any, *, to: bytes | None = None) -> bool:
+    """Send `body` without blocking; False when it cannot leave now (no peer connected, a full queue, a routing
+    id not connected). For liveness probes and their answers: a lost one is followed by the next, and a probe
+    must never block the loop that is waiting for its answer."""
+    frames = encode(body, None)
+    try:
+        sock.send_multipart([to, *frames] if to is not None else frames, flags=zmq.NOBLOCK, copy=False)
+    except zmq.ZMQError:  # EAGAIN (would block), EHOSTUNREACH (ROUTER_MANDATORY, peer gone)
+        return False
+    return True
 
 
 def parse(frames: list[Any], role: str, *, routed: bool = False) -> tuple[bytes | None, Message | None]:

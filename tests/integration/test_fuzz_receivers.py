@@ -210,12 +210,12 @@ def test_controller_survives_and_counts_hostile_messages_on_both_ports(cfg, n):
 def test_trainer_batch_receiver_counts_every_message(cfg, n):
     """Trainer.next_batch, the trainer's only receiver, on a fake self: each message is either the batch it
     waits for (returned) or counted as rejected, exactly."""
-    from trainer.trainer import Trainer
+    from trainer.trainer import Trainer, controller_pulse
 
     ctx = zmq.Context.instance()
     router = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.batch_port, bind=True), bind=True)
-    _, batches = connect_trainer(ctx, cfg.net, identity="trainer-fz")
-    me = SimpleNamespace(batches=batches, version=0, cfg=cfg)
+    to_ctrl, batches = connect_trainer(ctx, cfg.net, identity="trainer-fz")  # to_ctrl: its probes, unanswered
+    me = SimpleNamespace(batches=batches, to_ctrl=to_ctrl, version=0, cfg=cfg, pulse=controller_pulse(cfg))
     ledger = Ledger("trainer")
     accepted = 0
     probe = P.Batch(version=0, state=P.ControllerState(), groups=[P.Group(
@@ -246,8 +246,10 @@ def test_trainer_batch_receiver_counts_every_message(cfg, n):
         run()
         sent = sum(ledger.sent.values())
         assert ledger.decode_rejections() == ledger.expected_decode_rejections()
-        assert ledger.rejected() + accepted == sent  # nothing vanished uncounted
+        pings = ledger.decoded(("ping",))  # the controller's answer to the trainer's probe: taken as its word
+        assert ledger.rejected() + accepted + pings == sent  # nothing vanished uncounted
         assert accepted <= ledger.decoded(("batch",))
     finally:
         router.close()
         batches.close()
+        to_ctrl.close()

@@ -1,6 +1,7 @@
 """Each role started on its own notices a dead peer within a configured time and exits with an error
 naming what it waited for, instead of idling forever: the controller without a live rollout server,
-a rollout server without word from the controller, the trainer without a batch."""
+a rollout server without word from the controller, the trainer without a batch or, while it waits for one,
+without the controller's answer to its probes."""
 from __future__ import annotations
 
 import threading
@@ -16,7 +17,8 @@ from areal_py.config import load_config
 from areal_py.models import build_char_tokenizer
 from areal_py.tasks.arith import ArithTask
 from areal_py.wire import protocol as P
-from areal_py.wire.transport import WaitTimeout, make_socket, recv, send
+from areal_py.wire.trainer_link import connect_trainer
+from areal_py.wire.transport import ControllerLost, WaitTimeout, make_socket, recv, send
 from controller.controller import Controller
 from rollout_server.server import RolloutServer
 from rollout_server.torch_engine.engine import Engine
@@ -101,8 +103,9 @@ def test_server_exits_when_the_controller_stays_silent(tmp_path, ctx):
         recv(router, "test", timeout_s=10, waiting_for="hello", routed=True)  # then silence
         t.join(30)
         assert not t.is_alive()
-        assert len(errors) == 1 and isinstance(errors[0], WaitTimeout), errors
+        assert len(errors) == 1 and isinstance(errors[0], ControllerLost), errors
         assert "srv" in str(errors[0]) and "the controller" in str(errors[0])
+        assert "rollout.controller_timeout_s" in str(errors[0]) and "--resume" in str(errors[0])
         assert cfg.net.addr(cfg.net.rollout_port) in str(errors[0])
     finally:
         server.running = False
@@ -141,13 +144,69 @@ def test_any_message_from_the_controller_keeps_the_server_going(tmp_path, ctx):
 
 
 def test_trainer_batch_wait_is_bounded_and_named(tmp_path, ctx):
-    from trainer.trainer import Trainer
+    from trainer.trainer import Trainer, controller_pulse
 
     cfg = config(tmp_path, "trainer.batch_timeout_s=0.5")
     pull = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.batch_port), bind=False)
+    probe = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.trainer_port), bind=False)
     try:
-        fake = SimpleNamespace(cfg=cfg, batches=pull, version=3)
+        fake = SimpleNamespace(cfg=cfg, batches=pull, to_ctrl=probe, version=3, pulse=controller_pulse(cfg))
         with pytest.raises(WaitTimeout, match=r"batch 3 from the controller at tcp://127\.0\.0\.1:\d+"):
             Trainer.next_batch(fake)
     finally:
         pull.close()
+        probe.close()
+
+
+def test_trainer_notices_a_dead_controller_within_its_bound_and_says_how_to_resume(tmp_path, ctx):
+    """A real controller answers the waiting trainer's probes, so a wait longer than trainer.controller_timeout_s
+    goes on while it lives; once it is gone (its sockets closed, as a kill -9 leaves them) the wait ends with
+    ControllerLost naming the bound, the latest checkpoint and the resume command."""
+    from trainer.trainer import Trainer, controller_pulse
+
+    cfg = config(tmp_path, "trainer.controller_timeout_s=2", "controller.startup_timeout_s=1",
+                 "rollout.heartbeat_s=0.1", "trainer.batch_timeout_s=120")
+    (cfg.run_dir() / "checkpoints" / "step_2").mkdir(parents=True)  # what the message names as kept
+    ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
+    to_ctrl, batches = connect_trainer(ctx, cfg.net)
+    fake = SimpleNamespace(cfg=cfg, batches=batches, to_ctrl=to_ctrl, version=0, pulse=controller_pulse(cfg))
+    alive, errors = threading.Event(), []
+    alive.set()
+
+    def controller() -> None:
+        while alive.is_set():
+            ctrl.step(20)  # no server: no batch ever comes, only the answers to the probes
+
+    def trainer() -> None:
+        try:
+            Trainer.next_batch(fake)
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            errors.append(e)
+
+    send(to_ctrl, P.TrainerHello(version=0))
+    ctrl.start()
+    loop, waiting = threading.Thread(target=controller, daemon=True), threading.Thread(target=trainer, daemon=True)
+    loop.start()
+    waiting.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not fake.pulse.heard_once and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fake.pulse.heard_once, "the controller never answered the trainer's probe"
+        waiting.join(3)  # longer than the bound: a live controller's answers keep the trainer waiting
+        assert waiting.is_alive() and not errors, errors
+    finally:
+        alive.clear()
+        loop.join(10)
+        ctrl.close()  # the controller is gone
+    waiting.join(30)
+    try:
+        assert not waiting.is_alive(), "the trainer did not notice the controller's death"
+        assert len(errors) == 1 and isinstance(errors[0], ControllerLost), errors
+        text = str(errors[0])
+        assert "trainer.controller_timeout_s=2" in text and "waiting for batch 0" in text
+        assert str(cfg.run_dir() / "checkpoints" / "step_2") in text
+        assert "areal-py run --resume run.name=s" in text
+    finally:
+        to_ctrl.close()
+        batches.close()
