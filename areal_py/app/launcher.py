@@ -255,7 +255,7 @@ def monitor(cfg: Config, children: list[RoleChild], quiet: bool = False,
                 bar.close()
                 c = failed[0]
                 print(f"\nareal-py: process '{c.name}' failed with exit code {codes[c.name]}; stopping the others."
-                      f"\n  log: {c.log_path}\n{c.tail()}", file=sys.stderr)
+                      f"\n  log: {c.log_path}\n{c.tail()}\nareal-py: {resume_hint(cfg)}", file=sys.stderr)
                 return 1
             if codes["controller"] == 0 and all(codes[c.name] == 0 for c in children if c.name.startswith("trainer")):
                 bar.close()
@@ -267,6 +267,18 @@ def monitor(cfg: Config, children: list[RoleChild], quiet: bool = False,
         return 130
     finally:
         stop(children)
+
+
+def resume_hint(cfg: Config) -> str:
+    """How to go on after a failed or killed run: from its newest checkpoint, which holds the controller's
+    buffer as well (nothing admitted is lost), or, without one, from the start."""
+    from trainer.checkpoint import checkpoint_dirs  # imports torch: only once a run has failed
+
+    ckpts = checkpoint_dirs(cfg.run_dir() / "checkpoints")
+    if not ckpts:
+        return "no checkpoint was written yet: run the same command again (without --resume) to start afresh"
+    return (f"continue from {ckpts[0].name} with the same command and `--resume run.name={cfg.run.name}` "
+            "(the steps after it are trained again, nothing admitted is lost)")
 
 
 def summarize(cfg: Config) -> str:

@@ -1,8 +1,8 @@
-"""kill -9 of a role mid-run, then `areal-py run --resume`: the ledger holds (every prompt the run took is
-trained exactly once or dropped with a reason) and the staleness bound holds for resumed tokens.
+"""kill -9 of a role (or of the launcher) mid-run, then `areal-py run --resume`: the ledger holds (every prompt
+the run took is trained exactly once or dropped with a reason) and the staleness bound holds for resumed tokens.
 
 The trainer's case runs in the default suite (tests/e2e/test_e2e.py, test_resume_after_kill_past_the_last_
-checkpoint); the controller's and a rollout server's are whole runs each, so `slow`."""
+checkpoint); the controller's, the launcher's and a rollout server's are whole runs each, so `slow`."""
 from __future__ import annotations
 
 import os
@@ -40,7 +40,14 @@ def role_pid(launcher: int, name: str) -> int:
     return found[0]
 
 
-@pytest.mark.parametrize("victim,servers", [("controller", 1), ("rollout-1", 2)])
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("victim,servers", [("controller", 1), ("launcher", 1), ("rollout-1", 2)])
 def test_kill_9_of_a_role_then_resume_keeps_the_ledger(tmp_path, small_cfg, victim, servers):
     run_dir = tmp_path / "runs" / "t"
     # staleness 3 and a checkpoint every step: the kill comes right after a step whose batch left groups in
@@ -50,20 +57,29 @@ def test_kill_9_of_a_role_then_resume_keeps_the_ledger(tmp_path, small_cfg, vict
     proc = subprocess.Popen([sys.executable, "-m", "areal_py.app.cli", "run", "--quiet", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        if victim == "controller":
-            wait_for(lambda: in_flight_after(run_dir, 3) or proc.poll() is not None, 600,
-                     "a step past the third whose batch left groups in flight")
+        if victim == "controller":  # on a machine where generation keeps no group in flight, at step 6 anyway
+            wait_for(lambda: in_flight_after(run_dir, 3) or len(read_jsonl(run_dir / "metrics.jsonl")) >= 6
+                     or proc.poll() is not None, 600, "a step past the third whose batch left groups in flight")
+        elif victim == "launcher":  # any time past a checkpoint: the roles it leaves stop on their own
+            wait_for(lambda: len(read_jsonl(run_dir / "metrics.jsonl")) >= 4 or proc.poll() is not None, 600,
+                     "four training steps")
         else:  # a server holds work at any time
             wait_for(lambda: len(read_jsonl(run_dir / "metrics.jsonl")) >= 2 or proc.poll() is not None, 600,
                      "two training steps")
         assert proc.poll() is None, proc.communicate()
-        os.kill(role_pid(proc.pid, victim), signal.SIGKILL)
+        roles = children(proc.pid)
+        os.kill(proc.pid if victim == "launcher" else role_pid(proc.pid, victim), signal.SIGKILL)
         out, err = proc.communicate(timeout=scaled(300))
     finally:
         if proc.poll() is None:
             proc.kill()
-    if victim == "controller":
-        assert proc.returncode == 1 and "process 'controller' failed" in err, err
+    if victim != "rollout-1":
+        if victim == "controller":  # the launcher stops the others and says how to go on
+            assert proc.returncode == 1 and "process 'controller' failed" in err, err
+            assert "--resume run.name=t" in err, err
+        else:  # the kernel stops the roles of a killed launcher (SIGTERM): nothing is orphaned
+            assert proc.returncode == -signal.SIGKILL
+        wait_for(lambda: not any(alive(p) for p in roles), 60, "every role of the stopped run to exit")
         res = run_cli(["run", "--quiet", "--resume", *args], timeout=600)
         assert res.returncode == 0, res.stdout + res.stderr
         log = (run_dir / "logs" / "controller.log").read_text()
