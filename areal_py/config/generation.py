@@ -15,8 +15,9 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(5, ge=1, description="Longest response in tokens.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy); the trainer uses the same.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
-    heartbeat_s: float = Field(0.5, gt=0, description="Seconds between server heartbeats, and between the "
-                               "controller's pings to the servers.")
+    heartbeat_s: float = Field(0.5, gt=0, description="Seconds between server heartbeats, between the "
+                               "controller's pings to the servers, and between the waiting trainer's probes of the "
+                               "controller (trainer.controller_timeout_s).")
     controller_timeout_s: float = Field(
         120.0, gt=0, description="A server that hears nothing from the controller (not even a ping, sent every "
         "heartbeat_s from every wait of the controller's) for this long stops with an error. Before the "
