@@ -54,6 +54,10 @@ class RunResult:
     finished_utc: str
     command: str
     lr: float | None = None  # trainer.lr if the grid set it (None: the task config's)
+    # sha256 of the start model's weights file: the embedded model is cold-started per machine and the
+    # cold start is not bit-reproducible across CPUs, so runs are pooled only when they share it
+    start_sha256: str | None = None
+    code_rev: str | None = None  # the commit of the code that ran it (`+dirty`: with uncommitted changes)
 
     @classmethod
     def from_dict(cls, d: dict) -> RunResult:
@@ -179,13 +183,20 @@ def read_runs(grid: Path) -> list[RunResult]:
 def pool(runs: list[RunResult], keys: list[str]) -> list[CellSummary]:
     """Summaries of the cells named by `keys` (in that order) from every run found; a cell with no
     run yet is left out. A seed found twice for one cell (the same run copied from two machines)
-    counts once: the first file in name order."""
+    counts once: the first file in name order.
+    Runs of one cell that started from different models (`start_sha256`) are not pooled: ValueError
+    naming them (a run recorded before the field existed, None, is taken as it is).
+    """
     out = []
     for key in keys:
         by_seed: dict[int, RunResult] = {}
         for r in runs:
             if r.cell_key == key:
                 by_seed.setdefault(r.seed, r)
+        starts = {r.start_sha256 for r in by_seed.values()} - {None}
+        if len(starts) > 1:
+            raise ValueError(f"cell {key}: its runs started from different models ({', '.join(sorted(starts))}): "
+                             "pool only runs of one start model (staleness_ablation --start-model pins it)")
         if by_seed:
             out.append(summarize_cell(list(by_seed.values())))
     return out

@@ -19,12 +19,23 @@ one directory, and run again with `--summary-only`.
         --minibatches 4 --seeds 0 --steps 10                                        # one short cell pair
     python -m benchmarks.staleness_ablation --quick --out DIR   # 2 bounds x 2 objectives, 1 seed, tiny (suite)
     python -m benchmarks.staleness_ablation --summary-only --grid benchmarks/results/staleness_ablation_sum_cot
+
+The start model. The embedded model is cold-started once per machine, and the cold start is not
+bit-reproducible across CPUs (the same recipe gave held-out 0.516 on one machine and 0.594 on
+another: docs/benchmarks.md), so runs from two machines are comparable only if they started from the
+same weights. Every run records the sha256 of its start model's weights, and cells refuse to pool
+runs of different start models. `--start-model DIR` pins one: a saved copy of a cold-started model
+directory is installed into the model cache before any run (and a different model already cached
+there is an error), so every machine trains from the same start.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from dataclasses import asdict
@@ -113,7 +124,7 @@ def run_one(out: Path, grid: Path, name: str, task: str, objective: str, eta: in
     t0 = time.time()
     run_dir = run_areal(out, name, [o for o in overrides if not o.startswith("#")],
                         config=str(ROOT / config) if config else None)
-    score_start_model(grid, run_dir, heldout_n)
+    start_sha = score_start_model(grid, run_dir, heldout_n)
     s = summarize_run(run_dir)
     records = read_step_records(run_dir / "metrics.jsonl")
     return RunResult(
@@ -124,18 +135,62 @@ def run_one(out: Path, grid: Path, name: str, task: str, objective: str, eta: in
         staleness_mean=s.staleness_mean, staleness_max=s.staleness_max,
         update_kl=update_kl(records), approx_kl=mean_approx_kl(records), steps=s.steps,
         wall_s=round(time.time() - t0, 1), finished_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        command=command, lr=lr)
+        command=command, lr=lr, start_sha256=start_sha, code_rev=code_revision())
 
 
-def score_start_model(grid: Path, run_dir: Path, heldout_n: int) -> None:
+def weights_sha256(model_dir: Path) -> str:
+    """sha256 of a model directory's weights file (model.safetensors)."""
+    with open(model_dir / "model.safetensors", "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def code_revision() -> str:
+    """The commit the runs' code is at, `+dirty` when the tree has uncommitted changes (outside results)."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!benchmarks/results"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev or "unknown") + ("+dirty" if dirty else "")
+
+
+def pin_start_model(task: str, pinned: Path) -> Path:
+    """Install the saved start model `pinned` where the task's runs look for their cold-started model.
+
+    Already there with the same weights: nothing to do. Already there with other weights: SystemExit
+    (move the cached directory aside to use the pinned one). Returns the cache directory."""
+    from areal_py.config import load_config
+    from areal_py.model_dir import embedded_model_request
+
+    config, base, _ = TASKS[task]
+    cfg = load_config(str(ROOT / config) if config else None, base)
+    target = embedded_model_request(cfg).path
+    want = weights_sha256(pinned)
+    if target.exists():
+        have = weights_sha256(target)
+        if have != want:
+            raise SystemExit(f"--start-model {pinned} (weights sha256 {want[:12]}) but {target} already holds another "
+                             f"start model ({have[:12]}): move {target} aside to train from the pinned one")
+        return target
+    shutil.copytree(pinned, target)
+    print(f"installed the pinned start model {pinned} ({want[:12]}) as {target}", flush=True)
+    return target
+
+
+def score_start_model(grid: Path, run_dir: Path, heldout_n: int) -> str:
     """The held-out reward of the model the run started from (what RL has to improve on), once per start
-    model and held-out count: `<grid>/start-<model>-n<N>.json`."""
+    model and held-out count: `<grid>/start-<model>-<sha12>-n<N>.json`. Returns the weights' sha256."""
     model = async_vs_sync.start_model(run_dir)
+    sha = weights_sha256(model)
     grid.mkdir(parents=True, exist_ok=True)
-    path = grid / f"start-{model.name}-n{heldout_n}.json"
+    path = grid / f"start-{model.name}-{sha[:12]}-n{heldout_n}.json"
     if not path.exists():
         reward = async_vs_sync.heldout_reward(run_dir, heldout_n, model_dir=model)
-        path.write_text(json.dumps({"start_model": model.name, "heldout_n": heldout_n, "heldout_reward": reward}))
+        path.write_text(json.dumps({"start_model": model.name, "start_sha256": sha, "heldout_n": heldout_n,
+                                    "heldout_reward": reward}))
+    return sha
 
 
 def start_rewards(grid: Path, heldout_n: int) -> dict[str, float]:
@@ -143,7 +198,8 @@ def start_rewards(grid: Path, heldout_n: int) -> dict[str, float]:
     out = {}
     for p in sorted(grid.glob(f"start-*-n{heldout_n}.json")):
         d = json.loads(p.read_text())
-        out[d["start_model"]] = d["heldout_reward"]
+        sha = d.get("start_sha256")
+        out[d["start_model"] + (f" {sha[:12]}" if sha else "")] = d["heldout_reward"]
     return out
 
 
@@ -171,6 +227,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "(default staleness_ablation_<task>)")
     ap.add_argument("--out", default="", help="keep the run directories here (default: a temporary directory)")
     ap.add_argument("--summary-only", action="store_true", help="run nothing: summarise the grid's files")
+    ap.add_argument("--start-model", default="", help="a saved cold-started model directory to train every run "
+                    "from (installed into the model cache first); runs of different start models never pool")
     ap.add_argument("--merge", default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="extra key.sub=value overrides for every run (part of the cell)")
     args = ap.parse_args(argv)
@@ -208,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                  for c in cells}
     keys = {c: cell_key(o) for c, o in overrides.items()}
     ran = skipped = 0
+    if args.start_model and not args.summary_only:
+        pin_start_model(args.task, Path(args.start_model))
     if not args.summary_only:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(args.out) if args.out else Path(tmp)

@@ -183,3 +183,41 @@ def test_start_rewards_read_per_heldout_count(tmp_path):
         json.dumps({"start_model": "embedded-abc", "heldout_n": 512, "heldout_reward": 0.3}))
     assert start_rewards(tmp_path, 16) == {"embedded-abc": 0.25}
     assert start_rewards(tmp_path, 128) == {}
+
+
+def test_pool_refuses_runs_of_different_start_models():
+    """The cold start differs across CPUs: one cell's seeds must share their start model's weights."""
+    same = [replace(run(0, 0.5, 0.5), start_sha256="aa"), replace(run(1, 0.7, 0.7), start_sha256="aa"),
+            run(2, 0.6, 0.6)]  # a record from before the field (None) pools with either
+    assert pool(same, ["k1"])[0].seeds == [0, 1, 2]
+    with pytest.raises(ValueError, match="different models .*aa, bb"):
+        pool([*same, replace(run(3, 0.6, 0.6), start_sha256="bb")], ["k1"])
+
+
+def test_pinning_the_start_model(tmp_path, monkeypatch):
+    """--start-model installs the saved copy where the runs look; other weights already there are an error."""
+    from types import SimpleNamespace
+
+    import benchmarks.staleness_ablation as sa
+
+    pinned, target = tmp_path / "pinned", tmp_path / "cache" / "embedded-x"
+    pinned.mkdir()
+    (pinned / "model.safetensors").write_bytes(b"weights one")
+    (pinned / "config.json").write_text("{}")
+    monkeypatch.setattr("areal_py.model_dir.embedded_model_request", lambda cfg: SimpleNamespace(path=target))
+    assert sa.pin_start_model("sum_cot", pinned) == target
+    assert (target / "config.json").exists()
+    # sha256(b"weights one"), computed with `sha256sum`
+    assert sa.weights_sha256(target) == "0b58304e84fd78c3ce0421116fbde92ed848ccea3aee4f2ff04489e1a49157eb"
+    assert sa.pin_start_model("sum_cot", pinned) == target            # already there, same weights
+    (pinned / "model.safetensors").write_bytes(b"weights two")
+    with pytest.raises(SystemExit, match="already holds another start model"):
+        sa.pin_start_model("sum_cot", pinned)
+
+
+def test_start_rewards_name_the_start_weights(tmp_path):
+    from benchmarks.staleness_ablation import start_rewards
+
+    (tmp_path / "start-embedded-abc-0123456789ab-n512.json").write_text(json.dumps(
+        {"start_model": "embedded-abc", "start_sha256": "0123456789abcdef", "heldout_n": 512, "heldout_reward": 0.5}))
+    assert start_rewards(tmp_path, 512) == {"embedded-abc 0123456789ab": 0.5}
