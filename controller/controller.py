@@ -8,6 +8,7 @@ poll loop over the rollout ROUTER and the trainer's PULL; the work itself lives 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from pathlib import Path
 
@@ -84,17 +85,22 @@ class Controller:
         self.from_trainer, self.to_trainer = bind_trainer(ctx, net, send_timeout_s=cfg.trainer.batch_timeout_s,
                                                           gate=self.gate)
         self.trainer_id: bytes | None = None  # routing id of the trainer's hello (areal_py/wire/trainer_link.py)
+        # this process's id, on every message to a peer: one hearing another id knows the controller restarted
+        # and rejoins; a server ignores what a dead controller sent (rollout_server/server.py)
+        self.session = secrets.token_hex(8)
 
         self.counts = RunCounters()  # restored from the trainer's checkpoint on resume (see start)
         self.rollouts = Rollouts(cfg, task, tokenizer, gate, self.registry, self.rewards, self.counts, self._to_server)
         self.weights = WeightSync(self.pub, self.registry, self.counts, self._to_server,
                                   max_token_staleness=self.max_token_staleness,
-                                  sync_timeout_s=cfg.controller.weight_sync_timeout_s)
+                                  sync_timeout_s=cfg.controller.weight_sync_timeout_s, session=self.session)
         self.activity = ActivityTracker()  # servers' generation spans and slot use since the last batch
         self.trainer_done = False
         self.last_ping = 0.0
 
     def _to_server(self, server: ServerState, body, tensors: dict | None = None) -> None:
+        if "session" in type(body).model_fields:
+            body = body.model_copy(update={"session": self.session})
         try:
             send(self.router, body, tensors, to=server.server_id.encode())
         except zmq.ZMQError as e:  # unroutable: the server is gone; expiry will move its work
@@ -112,20 +118,30 @@ class Controller:
 
     def on_rollout(self, sender: bytes, msg: P.Message) -> None:
         """A message from a rollout server, checked before it counts (controller/result_check.py). Only a
-        hello or a heartbeat registers a server: a result or a load report from an id never registered is
-        rejected (unknown_server), so a forged message cannot add a member the weight sync waits for. An
-        awaited result that fails a check sends its group to be generated again."""
+        hello registers a server: a heartbeat, result or load report from an id never registered is rejected
+        (unknown_server), so a forged message cannot add a member the weight sync waits for, and after a
+        restart a server's work for the dead controller, queued on its socket, cannot slip in before it
+        rejoins. An awaited result that fails a check sends its group to be generated again."""
         server_id = sender.decode(errors="replace")
         body = msg.body
         known = server_id in self.registry.servers
         if isinstance(body, (P.Hello, P.Heartbeat, P.WeightsLoaded)):
-            bad = check_version(body.version, self.newest_version(), f"{msg.type} from {server_id}")
-            if bad is None and not known and isinstance(body, P.WeightsLoaded):
-                bad = Invalid("unknown_server", f"weights_loaded from {server_id}, which never said hello")
+            version = body.version
+            if isinstance(body, P.Hello) and body.rejoin and version > self.newest_version() > 0:
+                # its weights come from steps this run rolled back (the controller restarted from an older
+                # checkpoint): none of them is usable, so it counts as the start's weights, below every
+                # version a resumed run holds: it is sent the newest and takes no work before loading them
+                log.info("server %s rejoins with version %d, past this controller's %d: sending it the newest "
+                         "weights", server_id, version, self.newest_version())
+                version = 0
+            bad = check_version(version, self.newest_version(), f"{msg.type} from {server_id}")
+            if bad is None and not known and not isinstance(body, P.Hello):
+                # a heartbeat or load report queued while the controller was away, or forged: only a hello joins
+                bad = Invalid("unknown_server", f"{msg.type} from {server_id}, which never said hello")
             if bad is not None:
                 reject(ROLE, bad.reason, bad.detail)
                 return
-            server, fresh = self.registry.seen(server_id, body.version)
+            server, fresh = self.registry.seen(server_id, version)
             if isinstance(body, P.Hello):
                 server.engine_path = body.engine_path
             if fresh:
@@ -191,7 +207,7 @@ class Controller:
         now = time.monotonic()
         if now - self.last_ping >= self.cfg.rollout.heartbeat_s:
             self.last_ping = now
-            send(self.pub, P.Ping())
+            send(self.pub, P.Ping(session=self.session))
 
     # --- batches -----------------------------------------------------------------------------------
     def assemble_batches(self) -> None:
@@ -271,7 +287,7 @@ class Controller:
         if sender != self.trainer_id:
             reject(ROLE, "not_trainer", f"{msg.type} from {sender!r}, not the trainer ({self.trainer_id!r})")
         elif isinstance(body, P.Ping):  # the waiting trainer's probe: answered on the batch link, never blocking
-            try_send(self.to_trainer, P.Ping(), to=self.trainer_id)
+            try_send(self.to_trainer, P.Ping(session=self.session), to=self.trainer_id)
         elif isinstance(body, P.WeightsReady):
             self.weights.publish(body, msg.tensors)
         elif isinstance(body, P.TrainerDone):
@@ -283,12 +299,20 @@ class Controller:
             reject(ROLE, "unexpected_type", f"{msg.type} on the trainer socket")
 
     def start(self) -> None:
-        """Wait for the trainer's hello: it fixes the starting version and, on resume, the counters."""
+        """Wait for the trainer's hello: it fixes the starting version and, on resume, the counters.
+
+        A probe (Ping) before it is answered with this controller's session: a running trainer whose
+        controller restarted learns so from it, rolls back to its latest checkpoint and says the hello of a
+        resume (docs/operations.md). Anything else before the hello (a running trainer's queued weights
+        notice, a forgery) is rejected."""
         sender, msg = recv(self.from_trainer, ROLE, timeout_s=self.cfg.controller.startup_timeout_s, tick=self.ping,
                            routed=True, waiting_for="the trainer's hello on "
                                                     f"{self.cfg.net.addr(self.cfg.net.trainer_port, bind=True)}")
         while not isinstance(msg.body, P.TrainerHello):
-            reject(ROLE, "unexpected_type", f"{msg.type} before the trainer's hello")
+            if isinstance(msg.body, P.Ping) and sender is not None:
+                try_send(self.to_trainer, P.Ping(session=self.session), to=sender)
+            else:
+                reject(ROLE, "unexpected_type", f"{msg.type} before the trainer's hello")
             sender, msg = recv(self.from_trainer, ROLE, timeout_s=self.cfg.controller.startup_timeout_s,
                                tick=self.ping, routed=True, waiting_for="the trainer's hello")
         self.trainer_id = sender

@@ -1,6 +1,6 @@
 """What the controller knows about each rollout server: liveness, version, the work it holds.
 
-Membership rules: a server joins by a hello or heartbeat (never by a result: a forged gid must not
+Membership rules: a server joins by a hello alone (never by a heartbeat or a result: a forged gid must not
 conjure a member); silence past `timeout_s` is death (`expire`); a server that does not load the newest
 weights in time is evicted (`evict`) and rejoins only once it reports running them, so it neither
 stalls the weight sync nor takes work meanwhile.
@@ -30,7 +30,8 @@ class ServerState:
 
 
 class ServerRegistry:
-    """Servers register by saying anything (hello or heartbeat); silence beyond a timeout is death."""
+    """Servers the controller has met (the caller registers one on its hello alone); silence beyond a timeout
+    is death, and a known server's next word revives it."""
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s

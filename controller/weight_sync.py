@@ -41,13 +41,14 @@ class PublishedWeights:
 
 class WeightSync:
     def __init__(self, pub: zmq.Socket, registry: ServerRegistry, counts: RunCounters, to_server: ToServer, *,
-                 max_token_staleness: int, sync_timeout_s: float) -> None:
+                 max_token_staleness: int, sync_timeout_s: float, session: str | None = None) -> None:
         self.pub = pub
         self.registry = registry
         self.counts = counts
         self.to_server = to_server
         self.max_token_staleness = max_token_staleness
         self.sync_timeout_s = sync_timeout_s
+        self.session = session  # the controller's, on every update (a server ignores a dead controller's)
         self.latest: PublishedWeights | None = None
 
     def publish(self, w: P.WeightsReady, tensors: dict) -> None:
@@ -75,7 +76,8 @@ class WeightSync:
                        sha256: str | None = None) -> P.UpdateWeights:
         """Weights plus the oldest token version a batch still to come can take (older work is doomed)."""
         floor = max(0, self.counts.next_batch_version - self.max_token_staleness)
-        return P.UpdateWeights(version=version, path=path, min_token_version=floor, dist=dist, sha256=sha256)
+        return P.UpdateWeights(version=version, path=path, min_token_version=floor, dist=dist, sha256=sha256,
+                               session=self.session)
 
     def laggards(self) -> list[ServerState]:
         """Live servers still behind the newest weights `sync_timeout_s` after they were sent them (the

@@ -79,6 +79,10 @@ class RolloutServer:
         self._last_beat = 0.0
         self.last_heard = time.monotonic()  # any valid message from the controller, pings included
         self.heard_once = False
+        self.session: str | None = None  # the controller's, from its messages: another one means it restarted
+        self.dead_sessions: set[str] = set()  # those of controllers that restarted: their messages are refused
+        self.held: set[str] = set()  # request ids the engine holds for the controller
+        self.reload = False  # after a rejoin: load the controller's next weights whatever their version
         self.meter = BusyMeter(time.time())
         self._dist_expected: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         try:
@@ -132,6 +136,13 @@ class RolloutServer:
     # --- messages ------------------------------------------------------------------------------
     def _handle(self, msg: P.Message) -> None:
         body = msg.body
+        session = getattr(body, "session", None)
+        if session is not None and session != self.session:
+            if session in self.dead_sessions:  # sent by a controller that has restarted since: its work died with it
+                reject(ROLE, "old_session", f"{msg.type} from controller session {session}, which restarted as "
+                       f"{self.session}")
+                return
+            self._new_session(session)
         if isinstance(body, P.Generate):
             self._generate(body)
         elif type(body) is P.UpdateWeights:  # not its subclass WeightsReady, the trainer's notice to the controller
@@ -144,6 +155,27 @@ class RolloutServer:
         else:
             reject(ROLE, "unexpected_type", f"{msg.type} is not a message a rollout server accepts")
 
+    def _new_session(self, session: str) -> None:
+        """Every message of a controller carries its session. The first one heard is noted; a new one means
+        the controller restarted, and its work here died with it: every held request is dropped without a
+        result, and what the dead controller sent that is still queued here is refused when it comes
+        (`old_session`), so none of it reaches the new controller, which knows nothing of it. Then this
+        server says hello again (`rejoin`) with the version it runs, and loads the next weights it is sent
+        even when their version is older: the run may have rolled back past its own (docs/operations.md)."""
+        old, self.session = self.session, session
+        if old is None:
+            return
+        self.dead_sessions.add(old)
+        dropped = len(self.held)
+        for rid in self.held:
+            self.engine.abort(rid)
+        self.held.clear()
+        self.reload = True
+        log.warning("%s: the controller restarted (session %s, was %s): dropped %d request(s) in flight; rejoining "
+                    "at version %d", self.server_id, session, old, dropped, self.engine.version)
+        send(self.dealer, P.Hello(server_id=self.server_id, version=self.engine.version,
+                                  engine_path=self.engine_path, rejoin=True))
+
     def _generate(self, g: P.Generate) -> None:
         params = SamplingParams(max_new_tokens=g.sampling.max_new_tokens, temperature=g.sampling.temperature,
                                 top_p=g.sampling.top_p)
@@ -154,6 +186,7 @@ class RolloutServer:
         rids = [request_id(g.gid, g.attempt, idx) for idx in range(g.n)]
         try:
             self.engine.add_group(rids, list(g.prompt_ids), params)
+            self.held.update(rids)
         except ValueError as e:  # too long, duplicate...: answer so the controller never waits on it
             reject(ROLE, "bad_request", f"group {g.gid}: {e}")
             for rid in rids:
@@ -167,7 +200,7 @@ class RolloutServer:
             if received is None:
                 return
             tensors = received
-        if u.version <= self.engine.version:
+        if u.version <= self.engine.version and not self.reload:
             return  # a duplicate (broadcast and directed catch-up can both arrive)
         try:
             self.engine.update_weights(self._weights_source(u, tensors), u.version)
@@ -178,6 +211,7 @@ class RolloutServer:
             reject(ROLE, "bad_weights", f"cannot load version {u.version}, still serving {self.engine.version}: "
                    f"{type(e).__name__}: {e}")
             return
+        self.reload = False
         seconds = time.perf_counter() - start
         M.weight_swap_seconds.observe(seconds)
         M.interrupted_requests.inc(self.engine.num_running)
@@ -229,6 +263,7 @@ class RolloutServer:
                      min_version)
 
     def _send_result(self, f: Finished) -> None:
+        self.held.discard(f.rid)
         gid, attempt, idx = parse_request_id(f.rid)
         send(self.dealer, P.Result(gid=gid, attempt=attempt, idx=idx, output_ids=f.output_ids,
                                    logprobs=f.logprobs, versions=f.versions, finish_reason=f.finish_reason))

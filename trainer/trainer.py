@@ -68,6 +68,14 @@ def lost_controller(cfg: Config, version: int, silent_s: float) -> str:
             "servers again and the trainer with `areal-py serve trainer <config> --resume`")
 
 
+class ControllerRestarted(Exception):
+    """The controller answered a probe under a session other than the one this trainer said hello to."""
+
+    def __init__(self, session: str) -> None:
+        super().__init__(f"the controller restarted (session {session})")
+        self.session = session
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False) -> None:
         self.cfg = cfg
@@ -95,6 +103,7 @@ class Trainer:
         net, ctx = cfg.net, zmq.Context.instance()
         self.to_ctrl, self.batches = connect_trainer(ctx, net)  # DEALERs under one random routing id
         self.pulse = controller_pulse(cfg)
+        self.controller_session: str | None = None  # from its answers to probes; another one: it restarted
 
     def _resume(self) -> None:
         """Restore the newest usable checkpoint, and cut metrics.jsonl back to its step: the steps after it
@@ -195,6 +204,10 @@ class Trainer:
                 continue
             self.pulse.heard(time.monotonic())
             if isinstance(msg.body, P.Ping):  # the controller's answer to a probe
+                session = msg.body.session
+                if session is not None and self.controller_session not in (None, session):
+                    raise ControllerRestarted(session)
+                self.controller_session = session or self.controller_session
                 continue
             if isinstance(msg.body, P.Batch) and msg.body.version == self.version:
                 return msg.body, time.perf_counter() - t0
@@ -206,15 +219,17 @@ class Trainer:
             self.follow()
             return
         self.join_weight_group()
-        send(self.to_ctrl, P.TrainerHello(version=self.version, resume_state=self.resume_state,
-                                                 resume_buffer=self.resume_buffer))
-        if self.version > 0:
-            self.publish()  # servers start from the base model; give them the resumed weights
+        self.hello()
         t = self.cfg.trainer
         last_state, last_buffer = self.resume_state, self.resume_buffer
         try:
             while self.version < t.total_steps:
-                wire, wait_s = self.next_batch()
+                try:
+                    wire, wait_s = self.next_batch()
+                except ControllerRestarted as e:
+                    self.rejoin(e.session)
+                    last_state, last_buffer = self.resume_state, self.resume_buffer
+                    continue
                 self._step(wire, wait_s)
                 last_state, last_buffer = wire.state, wire.buffer
                 if t.checkpoint_every and self.version % t.checkpoint_every == 0 and self.version < t.total_steps:
@@ -224,6 +239,42 @@ class Trainer:
             send(self.to_ctrl, P.TrainerDone(version=self.version))
         finally:
             self.close()
+
+    def hello(self) -> None:
+        """Tell the controller where the run stands: the version, and on resume the checkpoint's counters
+        and buffer; then the resumed weights, since servers start from the base model."""
+        send(self.to_ctrl, P.TrainerHello(version=self.version, resume_state=self.resume_state,
+                                          resume_buffer=self.resume_buffer))
+        if self.version > 0:
+            self.publish()
+
+    def rejoin(self, session: str) -> None:
+        """The controller restarted (`areal-py serve controller --resume`): what it held died with it, and
+        the latest checkpoint holds it as of that step, so roll back to that checkpoint in this process
+        and say the hello of `--resume`, as a restarted trainer would: the steps since are trained again
+        and the ledger stays exact. World size 1 only (the other ranks would have to roll back with it),
+        and only with a checkpoint to go back to; otherwise stop with ControllerLost, as before."""
+        ckpts = checkpoint_dirs(self.ckpt_root)
+        if self.dist.distributed or not ckpts:
+            why = ("trainer.world_size > 1, whose ranks cannot roll back in process" if self.dist.distributed else
+                   "no checkpoint was written yet to roll back to")
+            raise ControllerLost(f"{ROLE}: the controller at {self.cfg.net.addr(self.cfg.net.trainer_port)} restarted "
+                                 f"(session {session}) and this trainer cannot rejoin it: {why}. Start the run again: "
+                                 f"`areal-py run --resume run.name={self.cfg.run.name}` (or, without a checkpoint, "
+                                 "without --resume)")
+        log.warning("the controller restarted (session %s, was %s) while this trainer waited for batch %d: rolling "
+                    "back to %s and rejoining", session, self.controller_session, self.version, ckpts[0])
+        self.metrics.close()  # _resume rewrites metrics.jsonl without the rows past the checkpoint
+        if self.tb is not None:
+            self.tb.close()
+        self._resume()
+        self.metrics = JsonlWriter(self.cfg.run_dir() / "metrics.jsonl")
+        if self.tb is not None:
+            self.tb = TensorBoardLog(self.cfg.run_dir() / "tensorboard", resume_step=self.version)
+        self.signal = SignalWatch(self.cfg.trainer.warn_uninformative_steps)
+        self.start_time = time.monotonic()  # wall time goes on from the checkpoint's, as on --resume
+        self.controller_session = session
+        self.hello()
 
     def follow(self) -> None:
         """Ranks > 0: train the share rank 0 hands out each step, take part in every gather and checkpoint,

@@ -84,6 +84,9 @@ def serve(role: str, config: str | None, overrides: list[str], resume: bool) -> 
     if role == "controller":
         from controller.controller import Controller
 
+        if resume:  # its state comes from the trainer's hello either way; --resume says the run is under way
+            logging.getLogger(role).info("waiting for the run's trainer and servers to rejoin: the trainer rolls back "
+                                         "to its latest checkpoint and says the hello of a resume")
         Controller(cfg, task=task).serve()
     elif role == "trainer":
         from trainer.trainer import Trainer
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p_serve = sub.add_parser("serve", help="start one role on its own")
     p_serve.add_argument("role", choices=ROLES)
     p_serve.add_argument("args", nargs="*", help="[config.yaml] [key.sub=value ...]")
-    p_serve.add_argument("--resume", action="store_true", help="trainer: continue from the latest checkpoint")
+    p_serve.add_argument("--resume", action="store_true", help="trainer: continue from the latest checkpoint; controller: "
+                         "restart a running run's controller, which its trainer and servers rejoin")
     p_keys = sub.add_parser("keys", help="write CURVE key pairs for the roles (net.keys_dir), say where each goes")
     p_keys.add_argument("dir", help="directory to create the keys in (refused if it already holds them)")
     p_keys.add_argument("--servers", type=int, default=0,

@@ -63,9 +63,13 @@ engine of its own (SGLang). rollout_server/kernel_report.py says why."""
 
 
 class Hello(_Body):
+    """A server joins (the only message that registers one). `rejoin`: said again because the controller
+    restarted (a new `Ping.session`); its `version` may then be one the restarted controller never
+    published (the run rolled back past it), and such a server is registered as holding no usable weights."""
     server_id: str
     version: int = Field(ge=0)
     engine_path: EnginePath | None = None  # None: the server did not say
+    rejoin: bool = False
 
 
 class Heartbeat(_Body):
@@ -85,6 +89,10 @@ class Heartbeat(_Body):
     spans: list[tuple[float, float]] = Field(default_factory=list, max_length=256)
 
 
+Session = Annotated[str, StringConstraints(max_length=64)]
+"""A controller process's random id (`Ping.session`); on a controller's message to a server, whose it is."""
+
+
 class Generate(_Body):
     """One prompt's group: the server runs `n` samples and streams each back as it finishes."""
     gid: int = Field(ge=0)
@@ -92,6 +100,7 @@ class Generate(_Body):
     prompt_ids: list[int] = Field(min_length=1)
     n: int = Field(ge=1)
     sampling: SamplingBody
+    session: Session | None = None  # the sending controller's (None: not said)
 
 
 class Result(_Body):
@@ -151,6 +160,7 @@ class UpdateWeights(_Body):
     min_token_version: int = Field(0, ge=0)
     dist: DistLayout | None = None
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    session: Session | None = None  # the sending controller's (None: not said, and the trainer's notice)
 
 
 class WeightsLoaded(_Body):
@@ -161,6 +171,7 @@ class WeightsLoaded(_Body):
 
 class Shutdown(_Body):
     reason: str = ""
+    session: Session | None = None  # the sending controller's (None: not said)
 
 
 class Ping(_Body):
@@ -170,7 +181,12 @@ class Ping(_Body):
     `rollout.controller_timeout_s` stops with an error instead of waiting forever. The trainer, while it
     waits for a batch, sends one to the controller every `rollout.heartbeat_s` and the controller answers
     it with one on the batch link; `trainer.controller_timeout_s` without an answer stops the trainer.
+
+    `session`: drawn at random by each controller process (None in the trainer's probes). A peer that hears a
+    session other than the one it knew learns that the controller restarted, and rejoins it
+    (docs/operations.md, reconnecting to a restarted controller).
     """
+    session: Session | None = None
 
 
 # --- controller <-> trainer --------------------------------------------------------------------

@@ -215,7 +215,8 @@ def test_trainer_batch_receiver_counts_every_message(cfg, n):
     ctx = zmq.Context.instance()
     router = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.batch_port, bind=True), bind=True)
     to_ctrl, batches = connect_trainer(ctx, cfg.net, identity="trainer-fz")  # to_ctrl: its probes, unanswered
-    me = SimpleNamespace(batches=batches, to_ctrl=to_ctrl, version=0, cfg=cfg, pulse=controller_pulse(cfg))
+    me = SimpleNamespace(batches=batches, to_ctrl=to_ctrl, version=0, cfg=cfg, pulse=controller_pulse(cfg),
+                         controller_session=None)
     ledger = Ledger("trainer")
     accepted = 0
     probe = P.Batch(version=0, state=P.ControllerState(), groups=[P.Group(

@@ -150,7 +150,8 @@ def test_trainer_batch_wait_is_bounded_and_named(tmp_path, ctx):
     pull = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.batch_port), bind=False)
     probe = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.trainer_port), bind=False)
     try:
-        fake = SimpleNamespace(cfg=cfg, batches=pull, to_ctrl=probe, version=3, pulse=controller_pulse(cfg))
+        fake = SimpleNamespace(cfg=cfg, batches=pull, to_ctrl=probe, version=3, pulse=controller_pulse(cfg),
+                           controller_session=None)
         with pytest.raises(WaitTimeout, match=r"batch 3 from the controller at tcp://127\.0\.0\.1:\d+"):
             Trainer.next_batch(fake)
     finally:
@@ -169,7 +170,8 @@ def test_trainer_notices_a_dead_controller_within_its_bound_and_says_how_to_resu
     (cfg.run_dir() / "checkpoints" / "step_2").mkdir(parents=True)  # what the message names as kept
     ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
     to_ctrl, batches = connect_trainer(ctx, cfg.net)
-    fake = SimpleNamespace(cfg=cfg, batches=batches, to_ctrl=to_ctrl, version=0, pulse=controller_pulse(cfg))
+    fake = SimpleNamespace(cfg=cfg, batches=batches, to_ctrl=to_ctrl, version=0, pulse=controller_pulse(cfg),
+                           controller_session=None)
     alive, errors = threading.Event(), []
     alive.set()
 

@@ -232,6 +232,7 @@ def test_dead_server_work_is_redispatched_and_never_counted_twice(cfg, ctx):
         send(a, P.Result(gid=first.gid, attempt=0, idx=0, output_ids=[2], logprobs=[-0.5], versions=[0],
                          finish_reason="stop"))
         b = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.rollout_port), bind=False, identity="b")
+        send(b, P.Hello(server_id="b", version=0))  # only a hello registers a server
         end = time.monotonic() + 3
         redispatched = {}
         while time.monotonic() < end:  # b keeps beating, a stays silent past the timeout
