@@ -65,6 +65,7 @@ def bare_trainer(group_size: int):
     from tiny_models import tiny_model
 
     from areal_py.config import load_config
+    from areal_py.telemetry.signal_watch import SignalWatch
     from trainer.distributed import Dist
     from trainer.learner import Learner
     from trainer.trainer import Trainer
@@ -78,6 +79,7 @@ def bare_trainer(group_size: int):
     t.version, t.trained_tokens_total, t.wall_offset, t.start_time = 0, 0, 0.0, time.monotonic()
     t.metrics, t.tb = Records(), None
     t.publish = lambda: None
+    t.signal = SignalWatch(t.cfg.trainer.warn_uninformative_steps)
     return t
 
 

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 from conftest import free_ports
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 from areal_py.telemetry import prom
 
@@ -78,13 +78,15 @@ def test_metrics_server_serves_values() -> None:
     assert prom.start_metrics_server(role_port, role="trainer") == role_port
     try:
         prom.ROLLOUT.generated_tokens.inc(17)
+        # an in-process rollout server of an earlier test may have counted version-3 tokens already
+        v3_before = REGISTRY.get_sample_value("areal_rollout_version_generated_tokens_total", {"version": "3"}) or 0.0
         prom.ROLLOUT.version_tokens.labels(version="3").inc(5)
         prom.CONTROLLER.server_policy_version.labels(server="rollout-0").set(4)
         prom.TRAINER.step_phase_seconds.labels(phase="publish").observe(0.02)
         prom.TRAINER.busy.set(0.75)
         text = scrape(port)
         assert re.search(r"^areal_rollout_generated_tokens_total [1-9]", text, re.MULTILINE)
-        assert 'areal_rollout_version_generated_tokens_total{version="3"} 5.0' in text
+        assert f'areal_rollout_version_generated_tokens_total{{version="3"}} {v3_before + 5.0}' in text
         assert 'areal_controller_server_policy_version{server="rollout-0"} 4.0' in text
         assert re.search(r'^areal_trainer_step_phase_duration_seconds_count\{phase="publish"\} [1-9]', text, re.MULTILINE)
         assert "areal_trainer_busy_ratio 0.75" in text
