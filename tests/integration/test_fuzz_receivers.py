@@ -209,8 +209,9 @@ def test_controller_survives_and_counts_hostile_messages_on_both_ports(cfg, n):
 @pytest.mark.parametrize("n", SIZES)
 def test_trainer_batch_receiver_counts_every_message(cfg, n):
     """Trainer.next_batch, the trainer's only receiver, on a fake self: each message is either the batch it
-    waits for (returned) or counted as rejected, exactly."""
-    from trainer.trainer import Trainer, controller_pulse
+    waits for (returned) or counted as rejected, exactly. A ping under a new session ends the wait with
+    ControllerRestarted, which the trainer's loop answers by rejoining (here: the session is taken on)."""
+    from trainer.trainer import ControllerRestarted, Trainer, controller_pulse
 
     ctx = zmq.Context.instance()
     router = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.batch_port, bind=True), bind=True)
@@ -219,6 +220,14 @@ def test_trainer_batch_receiver_counts_every_message(cfg, n):
                          controller_session=None)
     ledger = Ledger("trainer")
     accepted = 0
+
+    def next_batch() -> tuple[P.Batch, float]:
+        while True:
+            try:
+                return Trainer.next_batch(me)
+            except ControllerRestarted as e:
+                me.controller_session = e.session
+
     probe = P.Batch(version=0, state=P.ControllerState(), groups=[P.Group(
         gid=10**9, prompt_index=0, prompt_ids=[1], samples=[P.Sample(output_ids=[2], logprobs=[-1.0], versions=[0],
                                                                       finish_reason="stop", reward=0.0)])])
@@ -229,7 +238,7 @@ def test_trainer_batch_receiver_counts_every_message(cfg, n):
             assert time.monotonic() < deadline, "the batch link never came up"
             router.send_multipart([b"trainer-fz", *P.encode(probe)])
         while batches.poll(200):
-            Trainer.next_batch(me)
+            next_batch()
 
         @fuzz(n, ALL)
         def run(batch: list[list[bytes]]) -> None:
@@ -239,7 +248,7 @@ def test_trainer_batch_receiver_counts_every_message(cfg, n):
                 router.send_multipart([b"trainer-fz", *frames])
             router.send_multipart([b"trainer-fz", *P.encode(probe)])
             while True:
-                got, _ = Trainer.next_batch(me)
+                got, _ = next_batch()
                 if got.groups[0].gid == 10**9 and got == probe:
                     break
                 accepted += 1
