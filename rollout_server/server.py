@@ -184,6 +184,11 @@ class RolloutServer:
                    f"{self.cfg.controller.group_size}")
             return
         rids = [request_id(g.gid, g.attempt, idx) for idx in range(g.n)]
+        # a copy of a group it runs (a duplicated message) is refused alone: the engine would refuse it below,
+        # and the abort there would end the running copy's requests too, dropping a group being generated
+        if any(rid in self.held for rid in rids):
+            reject(ROLE, "duplicate_request", f"group {g.gid} attempt {g.attempt} is already running")
+            return
         try:
             self.engine.add_group(rids, list(g.prompt_ids), params)
             self.held.update(rids)
