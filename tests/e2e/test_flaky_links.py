@@ -81,8 +81,8 @@ def test_a_run_through_a_flaky_proxy_keeps_the_ledger(tmp_path, small_cfg, case)
     assert not hung, f"still running: {hung}\n" + "\n".join(f"--- {n}\n{t[-3000:]}" for n, t in text.items())
     faults = dict(proxy.counts)
     print(faults)
-    for link, kinds in [("rollout:up", ("duplicated", "held")), ("rollout:down", ("held",)),
-                        ("weights:down", ("duplicated", "held")), ("trainer:up", ("duplicated", "held"))]:
+    for link, kinds in [("rollout:up", ("duplicated", "held")), ("rollout:down", ("duplicated", "held")),
+                        ("trainer:up", ("duplicated", "held")), ("weights:down", ("seen",)), ("batch:down", ("seen",))]:
         assert all(faults.get((link, k), 0) > 0 for k in kinds), (link, faults)
     if case == "drops":
         assert faults.get(("rollout:up", "dropped"), 0) > 0, faults
