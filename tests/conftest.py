@@ -176,3 +176,16 @@ def kernel():
     if built.fn is None:
         pytest.skip(f"no decode attention kernel on this machine: {built.reason}")
     return built.fn
+
+
+def controller_rejected(port: int, reason: str) -> float:
+    """areal_rejected_messages_total{role="controller", reason} from the controller's /metrics (0 before it serves)."""
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("areal_rejected_messages_total{") and f'reason="{reason}"' in line
+               and 'role="controller"' in line)

@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import urllib.request
 
 import zmq
-from conftest import ROOT, free_ports, scaled, wait_for
+from conftest import ROOT, controller_rejected, free_ports, scaled, wait_for
 
 from areal_py.config import load_config
 from areal_py.telemetry.metrics import read_jsonl
 from areal_py.wire import protocol as P
 from areal_py.wire.transport import make_socket, send
-
-
-def _rejected(port: int, reason: str) -> float:
-    """areal_rejected_messages_total{role="controller", reason} from the controller's /metrics (0 before it serves)."""
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    except OSError:
-        return 0.0
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("areal_rejected_messages_total{") and f'reason="{reason}"' in line
-               and 'role="controller"' in line)
 
 
 def test_a_run_off_loopback_uses_its_keys_and_refuses_a_peer_without(tmp_path, small_cfg):
@@ -44,7 +32,7 @@ def test_a_run_off_loopback_uses_its_keys_and_refuses_a_peer_without(tmp_path, s
                  make_socket(ctx, zmq.DEALER, f"tcp://127.0.0.1:{net.trainer_port}", bind=False, identity="rogue-t")]
         send(rogue[0], P.Hello(server_id="rogue", version=0))
         send(rogue[1], P.TrainerDone(version=0))
-        wait_for(lambda: _rejected(metrics_port, "no_curve") > 0 or proc.poll() is not None, 180,
+        wait_for(lambda: controller_rejected(metrics_port, "no_curve") > 0 or proc.poll() is not None, 180,
                  "the controller to count the peer without keys")
         _, err = proc.communicate(timeout=scaled(300))
     finally:

@@ -10,26 +10,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import urllib.request
 
 import pytest
-from conftest import ROOT, free_ports, scaled, wait_for
+from conftest import ROOT, controller_rejected, free_ports, scaled, wait_for
 from rogue_peer import Rogue
 
 from areal_py.config import load_config
 from areal_py.telemetry.ledger import read_run_ledger
 from areal_py.telemetry.metrics import read_jsonl
-
-
-def rejected(port: int, reason: str) -> float:
-    """areal_rejected_messages_total{role="controller", reason} from the controller's /metrics (0 before it serves)."""
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    except OSError:
-        return 0.0
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("areal_rejected_messages_total{") and f'reason="{reason}"' in line
-               and 'role="controller"' in line)
 
 
 def run(tmp_path, small_cfg: list[str], steps: int, *, rogue: bool, name: str = "t", extra: tuple[str, ...] = ()) -> dict:
@@ -47,13 +35,13 @@ def run(tmp_path, small_cfg: list[str], steps: int, *, rogue: bool, name: str = 
             wait_for(lambda: bool(read_jsonl(run_dir / "metrics.jsonl")) or proc.poll() is not None, 300,
                      "the run's first step")
             assert proc.poll() is None, proc.communicate()
-            before = {r: rejected(metrics_port, r) for r in ("unknown_server", "not_trainer", "bad_version")}
+            before = {r: controller_rejected(metrics_port, r) for r in ("unknown_server", "not_trainer", "bad_version")}
             peer = Rogue(load_config(run_dir / "config.yaml"), tmp_path)
             version = read_jsonl(run_dir / "metrics.jsonl")[-1]["version"]
             out["sent"] = dict(peer.attack(version, seconds=3.0))
-            wait_for(lambda: rejected(metrics_port, "not_trainer") - before["not_trainer"] >= 4
+            wait_for(lambda: controller_rejected(metrics_port, "not_trainer") - before["not_trainer"] >= 4
                      or proc.poll() is not None, 60, "the controller to count the forged trainer messages")
-            out["counted"] = {r: rejected(metrics_port, r) - v for r, v in before.items()}
+            out["counted"] = {r: controller_rejected(metrics_port, r) - v for r, v in before.items()}
         _, err = proc.communicate(timeout=scaled(600))
         if peer is not None:
             out["stolen"] = peer.steal()
