@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -189,3 +190,16 @@ def controller_rejected(port: int, reason: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("areal_rejected_messages_total{") and f'reason="{reason}"' in line
                and 'role="controller"' in line)
+
+
+def on_thread(target, errors: list) -> threading.Thread:
+    """Run `target` on a daemon thread, started; whatever it raises is appended to `errors` for the test."""
+    def run() -> None:
+        try:
+            target()
+        except BaseException as e:  # noqa: BLE001 - the test reports it
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t

@@ -13,7 +13,7 @@ import time
 
 import torch
 import zmq
-from conftest import SMALL_RUN, net_overrides
+from conftest import SMALL_RUN, net_overrides, on_thread
 
 from areal_py.config import load_config
 from areal_py.telemetry.ledger import read_run_ledger
@@ -41,18 +41,6 @@ def new_controller(cfg) -> Controller:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
-
-
-def on_thread(target, errors: list) -> threading.Thread:
-    def run() -> None:
-        try:
-            target()
-        except BaseException as e:  # noqa: BLE001 - the test reports it
-            errors.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
 
 
 def steps_written(run_dir) -> list[int]:

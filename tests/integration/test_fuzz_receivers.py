@@ -8,14 +8,13 @@ suite sends about 1,000 messages per socket type; `-m slow` sends 10,000.
 """
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import zmq
-from conftest import net_overrides
+from conftest import net_overrides, on_thread
 from fuzz_messages import EXEMPLARS, expected, message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -93,15 +92,7 @@ def test_rollout_server_survives_and_counts_hostile_messages(cfg, n):
     weights = named_weights(tiny_model(1, vocab_size=48, max_positions=128))
     server = RolloutServer(cfg, "srv", engine=Engine(model, eos_token_id=47, max_running=8))
     crashed: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            server.serve()
-        except BaseException as e:  # noqa: BLE001 - what the test reports
-            crashed.append(e)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
+    t = on_thread(server.serve, crashed)
     types = tuple(x for x in ALL if x != "shutdown")  # the controller's own stop command
     ledger = Ledger("rollout")
     state = {"probe": 10**9, "version": 0}

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import zmq
-from conftest import net_overrides
+from conftest import net_overrides, on_thread
 from test_sockets import tiny_model
 
 from areal_py.config import load_config
@@ -90,15 +90,7 @@ def test_server_exits_when_the_controller_stays_silent(tmp_path, ctx):
     router = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.rollout_port, bind=True), bind=True)
     server = RolloutServer(cfg, "srv", engine=Engine(tiny_model(0), eos_token_id=47, max_running=8))
     errors: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            server.serve()
-        except BaseException as e:  # noqa: BLE001 - the test inspects it
-            errors.append(e)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
+    t = on_thread(server.serve, errors)
     try:
         recv(router, "test", timeout_s=10, waiting_for="hello", routed=True)  # then silence
         t.join(30)
