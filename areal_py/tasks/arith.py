@@ -52,6 +52,17 @@ class ArithTask:
     def reward(self, prompt: Prompt, response_text: str, stopped: bool) -> float:
         return 1.0 if stopped and response_text == prompt.answer else 0.0
 
+    def reference_response(self, index: int) -> str:
+        """The rewarded response to prompt `index` (EOS follows it): the sum."""
+        return self.prompt(index).answer
+
+    def wrong_response(self, index: int, rng: random.Random) -> str:
+        """A near miss for prompt `index`: the sum off by 1..9, down when that stays >= 0 and a coin says so,
+        else up; never the right sum (a preference pair's rejected response)."""
+        answer = int(self.prompt(index).answer)
+        delta = rng.randint(1, 9)
+        return str(answer - delta if rng.random() < 0.5 and answer - delta >= 0 else answer + delta)
+
     def sft_example(self, rng: random.Random, label_noise: float) -> tuple[str, str]:
         """Any index works: the task is synthetic, so SFT and RL prompts share a distribution.
 

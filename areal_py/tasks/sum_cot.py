@@ -125,6 +125,18 @@ class SumCotTask:
             return 0.0
         return 1.0 if response_text.rsplit(ANSWER_SEP, 1)[1] == prompt.answer else 0.0
 
+    def reference_response(self, index: int) -> str:
+        """The rewarded response to prompt `index`: every partial sum, then the answer."""
+        return response_for(self.terms(index))
+
+    def wrong_response(self, index: int, rng: random.Random) -> str:
+        """A consistent but wrong worked solution for prompt `index`: one term changed by 1..9 (mod 10), so the
+        partial sums from it on and the answer are wrong (the total moves by d or d - 10, never 0)."""
+        worked = self.terms(index)
+        i = rng.randrange(len(worked))
+        worked[i] = (worked[i] + rng.randint(1, 9)) % 10
+        return response_for(worked)
+
     def sft_example(self, rng: random.Random, label_noise: float) -> tuple[str, str]:
         """A (prompt, target) pair for the cold start, k drawn with (sft_max_terms, sft_alpha).
 
