@@ -19,6 +19,7 @@ from areal_py.model_dir import context_length, model_path, vocab_size
 from areal_py.models import load_tokenizer
 from areal_py.tasks.base import Task, build_task
 from areal_py.telemetry.dashboard import start_dashboard, stop_dashboard
+from areal_py.telemetry.http_auth import http_token
 from areal_py.telemetry.prom import CONTROLLER as M
 from areal_py.telemetry.report import write_report
 from areal_py.telemetry.skips import skipped_lines
@@ -412,8 +413,9 @@ class Controller:
         if not port:
             return None
         try:
-            dash, port = start_dashboard(self.cfg.run_dir(), port, host=self.cfg.net.bind_host)
-        except OSError as e:  # a busy port must not stop a training run
+            dash, port = start_dashboard(self.cfg.run_dir(), port, host=self.cfg.net.bind_host,
+                                         token=http_token(self.cfg.net))
+        except OSError as e:  # a busy port must not stop a training run (no token off loopback does: HttpAuthError)
             log.warning("live dashboard not started on port %d: %s", port, e)
             return None
         log.info("live dashboard on http://%s:%d/", self.cfg.net.bind_host, port)

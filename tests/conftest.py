@@ -179,12 +179,15 @@ def kernel():
     return built.fn
 
 
-def controller_rejected(port: int, reason: str) -> float:
-    """areal_rejected_messages_total{role="controller", reason} from the controller's /metrics (0 before it serves)."""
+def controller_rejected(port: int, reason: str, token: str | None = None) -> float:
+    """areal_rejected_messages_total{role="controller", reason} from the controller's /metrics (0 before it serves);
+    `token`: the run's http_token, which /metrics asks for when the controller binds off loopback."""
     import urllib.request
 
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=headers)
+        text = urllib.request.urlopen(req, timeout=5).read().decode()
     except OSError:
         return 0.0
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()

@@ -74,11 +74,11 @@ def serve(role: str, config: str | None, overrides: list[str], resume: bool) -> 
         if offset is None:  # rollout-<i>
             tail = cfg.rollout.server_id.rsplit("-", 1)[-1]
             offset = 2 + (int(tail) if tail.isdigit() else 0)
-        from areal_py.wire.netaddr import own_bind_address
+        from areal_py.app.keys import metrics_host
+        from areal_py.telemetry.http_auth import http_token
 
-        n = cfg.net  # net.bind_host is the controller's interface: a role on another host serves on its own
-        host = n.bind_host if role == "controller" else own_bind_address(n.bind_host, n.controller_host, n.trainer_port)
-        port = start_metrics_server(cfg.run.metrics_port + offset, host=host, role=role)
+        host = metrics_host(cfg, role)
+        port = start_metrics_server(cfg.run.metrics_port + offset, host=host, role=role, token=http_token(cfg.net))
         logging.getLogger(role).info("Prometheus metrics on http://%s:%d/metrics", host, port)
     torch.manual_seed(cfg.run.seed)
     if role == "controller":

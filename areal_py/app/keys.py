@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from areal_py.config import Config
+from areal_py.telemetry.http_auth import TOKEN_FILE, HttpAuthError, http_token, token_path, write_token
 from areal_py.wire.curve import CONTROLLER, TRAINER, Gatekeeper, KeyDir, client_curve, generate_keys
-from areal_py.wire.netaddr import is_local_host
+from areal_py.wire.netaddr import is_local_host, own_bind_address
 from areal_py.wire.transport import require_keys
 
 
@@ -27,7 +28,9 @@ def where_keys_go(directory: Path, names: list[str]) -> str:
                      "as rollout.server_id)")
     else:
         lines.append("    rollout servers: controller.key, rollout.key_secret")
-    lines += ["  then set net.keys_dir=<that directory> on every role; keep the .key_secret files mode 600.",
+    lines += [(f"  {TOKEN_FILE}: the token the dashboard and /metrics require off loopback, on every machine serving "
+               "them and for whoever reads them (Prometheus: authorization: {credentials_file: <it>})"),
+              "  then set net.keys_dir=<that directory> on every role; keep the .key_secret files mode 600.",
               "  On a filesystem every node shares, point every role at this one directory."]
     return "\n".join(lines)
 
@@ -51,13 +54,39 @@ def ensure_run_keys(cfg: Config) -> Path | None:
     d = cfg.run_dir() / "keys"
     if not (d / f"{CONTROLLER}.key_secret").exists():
         generate_keys(d)
+    write_token(d / TOKEN_FILE)  # no-op when there (generate_keys writes it; keys from before it had none)
     cfg.net.keys_dir = str(d)
     return d
 
 
+def metrics_host(cfg: Config, role: str) -> str:
+    """Where `role` serves /metrics: net.bind_host for the controller; for the others the same when this host
+    can bind it, else this host's address toward the controller (net.bind_host is the controller's interface)."""
+    n = cfg.net
+    return n.bind_host if role == "controller" else own_bind_address(n.bind_host, n.controller_host, n.trainer_port)
+
+
+def check_http_token(cfg: Config, role: str) -> None:
+    """Off loopback, a role serving HTTP (the controller's dashboard, any role's /metrics) has a readable token
+    (telemetry/http_auth.py); raises HttpAuthError naming what to do, before any model loads."""
+    serving = cfg.run.metrics_port or (role == "controller" and cfg.run.dashboard_port)
+    if not serving:
+        return
+    host = metrics_host(cfg, role)
+    if http_token(cfg.net) is None and not is_local_host(host):
+        where = token_path(cfg.net)
+        raise HttpAuthError(
+            f"{role}: the dashboard and /metrics on {host} (off loopback) need a token and "
+            f"{where or 'net.keys_dir/' + TOKEN_FILE} {'does not exist' if where else 'is not set'}: "
+            f"`areal-py keys DIR` writes DIR/{TOKEN_FILE} (or copy it from where it did), or set "
+            "net.http_token_file; or run.dashboard_port=0 run.metrics_port=0")
+
+
 def check_role_keys(cfg: Config, role: str) -> None:
-    """Before a role started by `areal-py serve` loads anything: off loopback it has keys, and with
-    net.keys_dir the files it will use are there and private (a KeyFileError/InsecureSocket names them)."""
+    """Before a role started by `areal-py serve` loads anything: off loopback it has keys (and a token for its HTTP
+    endpoints), and with net.keys_dir the files it will use are there and private (a KeyFileError/InsecureSocket/
+    HttpAuthError names them)."""
+    check_http_token(cfg, role)
     net = cfg.net
     if not net.keys_dir:
         if role == "controller":

@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from areal_py.app.check import check_config, enforce, load_task, refuse_bad_lines
-from areal_py.app.keys import ensure_run_keys
+from areal_py.app.keys import check_http_token, ensure_run_keys
 from areal_py.app.role_procs import (
     STOP_GRACE_S,
     RoleChild,
@@ -139,6 +139,7 @@ def prepare_run(config: str | None, overrides: list[str], resume: bool, data_che
     if ensure_run_keys(cfg) is not None:  # off loopback: CURVE with the run's own keys, in config.yaml for every role
         print(f"areal-py: sockets authenticated and encrypted (CURVE) with the run's keys in {cfg.net.keys_dir}",
               file=sys.stderr)
+    check_http_token(cfg, "controller")  # off loopback the dashboard and /metrics need a token, refused here first
     dump_config(cfg, cfg.run_dir() / "config.yaml")
     return cfg
 

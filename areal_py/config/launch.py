@@ -56,6 +56,10 @@ class NetConfig(Section):
                           "authenticated and encrypted and the controller accepts only the listed trainer and rollout "
                           "keys; empty, plain TCP, allowed on loopback only. `areal-py run`/`slurm` fill it with "
                           "<run dir>/keys when the controller binds off loopback (docs/operations.md).")
+    http_token_file: str = Field("", description="File holding the token the dashboard and /metrics require off "
+                                 "loopback (`Authorization: Bearer <token>`); empty = <net.keys_dir>/http_token, which "
+                                 "`areal-py keys` writes. Off loopback an HTTP endpoint without a token refuses to "
+                                 "start; on loopback it answers anyone.")
     controller_host: str = Field("127.0.0.1", description="Host the trainer and servers connect to.")
     rollout_port: int = Field(45501, ge=1, le=65535, description="Controller ROUTER for rollout servers.")
     weights_port: int = Field(45502, ge=1, le=65535, description="Controller PUB for weight-update broadcasts.")

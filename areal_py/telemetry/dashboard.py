@@ -13,6 +13,9 @@ Routes:
   ``/charts``       the page body alone (summary, charts, config): what the script swaps in.
   ``/metrics.json`` the step records as a JSON list (non-finite numbers as null), for scripts.
 
+Bound off loopback, the server needs a token and answers only requests carrying it (``http_auth``: a
+bearer header, or a browser's Basic login with the token as password); the rest get 401 and are counted.
+
 The charts are exactly the report's (``areal_py.telemetry.report.render_html`` over the same records), so the
 live page and ``report.html`` never disagree.
 """
@@ -31,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from areal_py.telemetry.http_auth import CHALLENGE, authorized, count_refusal, is_loopback_address, refuse_open_bind
 from areal_py.telemetry.report import config_mapping, load_config_rows, load_records, render_html
 from areal_py.telemetry.step_record import StepRecord
 
@@ -110,7 +114,12 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         run_dir = self.server.run_dir
         try:
-            if path in ("/", "/index.html"):
+            if self.server.token is not None and not authorized(self.headers.get("Authorization"), self.server.token):
+                count_refusal("controller", self.client_address[0], path)
+                self._send(401, "text/plain; charset=utf-8", b"401: this dashboard needs its token (net.keys_dir/"
+                           b"http_token): Authorization: Bearer <token>, or log in with it as the password\n",
+                           {"WWW-Authenticate": CHALLENGE})
+            elif path in ("/", "/index.html"):
                 self._send(200, "text/html; charset=utf-8", render_page(run_dir, self.server.refresh_s).encode())
             elif path == "/charts":
                 self._send(200, "text/html; charset=utf-8", render_fragment(run_dir).encode())
@@ -122,8 +131,10 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the browser went away mid-answer
 
-    def _send(self, code: int, ctype: str, body: bytes) -> None:
+    def _send(self, code: int, ctype: str, body: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(code)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
@@ -138,18 +149,26 @@ class _DashboardServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, addr: tuple[str, int], run_dir: Path, refresh_s: int) -> None:
+    def __init__(self, addr: tuple[str, int], run_dir: Path, refresh_s: int, token: str | None) -> None:
         self.run_dir, self.refresh_s = run_dir, refresh_s
         super().__init__(addr, _Handler)
+        bound = self.server_address[0]
+        self.token = None if is_loopback_address(bound) else token  # on loopback anyone may read, as before
+        try:
+            refuse_open_bind(bound, token, "the live dashboard")
+        except Exception:
+            self.server_close()
+            raise
 
 
-def start_dashboard(run_dir: Path, port: int, host: str = "127.0.0.1",
-                    refresh_s: int = REFRESH_S) -> tuple[ThreadingHTTPServer, int]:
+def start_dashboard(run_dir: Path, port: int, host: str = "127.0.0.1", refresh_s: int = REFRESH_S,
+                    token: str | None = None) -> tuple[ThreadingHTTPServer, int]:
     """Serve the live dashboard of ``run_dir`` on ``host:port`` in a daemon thread.
 
     ``port`` 0 picks a free port. Returns (server, bound port); stop with ``stop_dashboard``. The run
-    directory need not have a ``metrics.jsonl`` yet: the page says "no steps yet" until it does."""
-    server = _DashboardServer((host, int(port)), Path(run_dir), refresh_s)
+    directory need not have a ``metrics.jsonl`` yet: the page says "no steps yet" until it does.
+    Off loopback ``token`` is required (``HttpAuthError`` without it) and every request must carry it."""
+    server = _DashboardServer((host, int(port)), Path(run_dir), refresh_s, token)
     thread = threading.Thread(target=server.serve_forever, name="areal-dashboard", daemon=True)
     thread.start()
     server._thread = thread  # type: ignore[attr-defined]

@@ -12,15 +12,18 @@ it), ``_seconds`` for durations, ``_ratio`` for 0..1 fractions. Counts of prompt
 of the admission rule) end in ``_groups``.
 
     from areal_py.telemetry import prom
-    prom.start_metrics_server(cfg_port, role="rollout")   # 0 = disabled
+    prom.start_metrics_server(cfg_port, role="rollout")   # 0 = disabled; off loopback, token= is required
     prom.ROLLOUT.generated_tokens.inc(n)
     prom.TRAINER.step_phase_seconds.labels(phase="publish").observe(dt)
 """
 from __future__ import annotations
 
+import socket
 import threading
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -31,9 +34,10 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    start_http_server,
+    make_wsgi_app,
 )
 
+from areal_py.telemetry.http_auth import CHALLENGE, authorized, count_refusal, is_loopback_address, refuse_open_bind
 from areal_py.telemetry.metrics import REJECTED_MESSAGES, REWARD_ERRORS, REWARD_TIMEOUTS
 
 __all__ = [
@@ -95,6 +99,7 @@ class ControllerMetrics:
     skipped_prompts: Counter
     dropped_groups: Counter
     evicted_servers: Counter
+    redispatched_groups: Counter
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,11 @@ CONTROLLER = ControllerMetrics(
     evicted_servers=_define(Counter, "areal_controller_evicted_servers_total",
                             "Rollout servers evicted for not loading the newest weights within "
                             "controller.weight_sync_timeout_s (their work re-dispatched; they rejoin once they do)."),
+    redispatched_groups=_define(Counter, "areal_controller_redispatched_groups_total",
+                                "Group attempts generated again, by reason: server_dead (its server went silent), "
+                                "evicted (its server did not load the newest weights in time), invalid_result (a "
+                                "result failed a check), timeout (no result and not held by its server for "
+                                "controller.group_timeout_s: a Generate or Result lost on the way).", ("reason",)),
 )
 
 TRAINER = TrainerMetrics(
@@ -257,21 +267,55 @@ _servers: dict[int, Any] = {}
 _lock = threading.Lock()
 
 
-def start_metrics_server(port: int, host: str = "127.0.0.1", role: str | None = None) -> int:
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _guarded(app: Any, token: str, role: str) -> Any:
+    """``app`` behind the token (``http_auth``): a request without it gets 401, counted under ``role``."""
+    def guarded(environ: dict, start_response: Any) -> Any:
+        if authorized(environ.get("HTTP_AUTHORIZATION"), token):
+            return app(environ, start_response)
+        count_refusal(role, environ.get("REMOTE_ADDR", "?"), environ.get("PATH_INFO", ""))
+        body = b"401: /metrics needs its token (net.keys_dir/http_token): Authorization: Bearer <token>\n"
+        start_response("401 Unauthorized", [("WWW-Authenticate", CHALLENGE), ("Content-Type", "text/plain"),
+                                            ("Content-Length", str(len(body)))])
+        return [body]
+    return guarded
+
+
+def start_metrics_server(port: int, host: str = "127.0.0.1", role: str | None = None,
+                         token: str | None = None) -> int:
     """Serve ``/metrics`` on ``host:port`` in a daemon thread: ``role``'s metrics, or every metric
     when ``role`` is None. Returns the bound port, or 0 (serving nothing) when ``port`` is 0.
-    Starting again on a port this process already serves is a no-op."""
+    Starting again on a port this process already serves is a no-op. Off loopback ``token`` is
+    required (``HttpAuthError`` without it) and every scrape must carry it (``http_auth``)."""
     if not port:
         return 0
     registry = role_registry(role)
     with _lock:
         if port in _servers:
             return port
-        started = start_http_server(port, addr=host, registry=registry)
-        server = started[0] if isinstance(started, tuple) else None  # prometheus-client < 0.20 returns None
-        bound = server.server_port if server is not None else port
-        _servers[bound] = server
-        return bound
+        family, _, _, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+        class Server(ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+            address_family = family
+
+        app = make_wsgi_app(registry)
+        server = make_server(where[0], port, app, Server, handler_class=_Quiet)
+        bound = server.server_address[0]
+        try:
+            refuse_open_bind(bound, token, f"/metrics of {role or 'every role'}")
+        except Exception:
+            server.server_close()
+            raise
+        if token is not None and not is_loopback_address(bound):
+            server.set_app(_guarded(app, token, role or "metrics"))
+        threading.Thread(target=server.serve_forever, name="areal-metrics", daemon=True).start()
+        _servers[server.server_port] = server
+        return server.server_port
 
 
 def stop_metrics_server(port: int) -> None:

@@ -35,6 +35,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from areal_py.config import ConfigError
+from areal_py.telemetry.http_auth import TOKEN_FILE, write_token
 from areal_py.wire.transport import reject, summarize
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,8 @@ def key_names(servers: int = 0) -> list[str]:
 
 
 def generate_keys(directory: Path, servers: int = 0) -> list[str]:
-    """Write a fresh key pair per name of `key_names(servers)` into `directory` (created mode 700); returns
-    the names. Refuses when any of those files exists: replacing keys would lock out the roles using them."""
+    """Write a fresh key pair per name of `key_names(servers)` into `directory` (created mode 700), and the
+    HTTP endpoints' token `http_token` unless there; returns the names. Refuses when any of those files exists: replacing keys would lock out the roles using them."""
     directory = Path(directory)
     names = key_names(servers)
     existing = [p for n in names for p in (directory / f"{n}.key", directory / f"{n}.key_secret") if p.exists()]
@@ -90,6 +91,7 @@ def generate_keys(directory: Path, servers: int = 0) -> list[str]:
         public, secret = zmq.curve_keypair()
         _write_key(directory / f"{name}.key", name, public, None)
         _write_key(directory / f"{name}.key_secret", name, public, secret)
+    write_token(directory / TOKEN_FILE)  # the HTTP endpoints' token, kept if there (telemetry/http_auth.py)
     return names
 
 

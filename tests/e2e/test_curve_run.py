@@ -32,7 +32,9 @@ def test_a_run_off_loopback_uses_its_keys_and_refuses_a_peer_without(tmp_path, s
                  make_socket(ctx, zmq.DEALER, f"tcp://127.0.0.1:{net.trainer_port}", bind=False, identity="rogue-t")]
         send(rogue[0], P.Hello(server_id="rogue", version=0))
         send(rogue[1], P.TrainerDone(version=0))
-        wait_for(lambda: controller_rejected(metrics_port, "no_curve") > 0 or proc.poll() is not None, 180,
+        token = (run_dir / "keys" / "http_token").read_text()  # off loopback /metrics answers only with it
+        assert controller_rejected(metrics_port, "no_curve") == 0  # without it: 401, read as nothing counted
+        wait_for(lambda: controller_rejected(metrics_port, "no_curve", token) > 0 or proc.poll() is not None, 180,
                  "the controller to count the peer without keys")
         _, err = proc.communicate(timeout=scaled(300))
     finally:
