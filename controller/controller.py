@@ -149,6 +149,7 @@ class Controller:
                 log.info("server %s joined at version %d", server_id, body.version)
             if isinstance(body, P.Heartbeat):
                 self.activity.add(server_id, body, received=time.time())
+                self.rollouts.clocks.held(server_id, body.held, time.monotonic())  # controller/progress.py
             self.weights.catch_up(server, force=fresh)
         elif isinstance(body, P.Result):
             if not known:
@@ -197,7 +198,7 @@ class Controller:
                       len(s.inflight))
             M.evicted_servers.inc()
             self.registry.evict(s, w.version)
-            self.rollouts.move_work(s)
+            self.rollouts.move_work(s, "evicted")
 
     def ping(self) -> None:
         """Tell every server the controller lives, every `rollout.heartbeat_s`.
@@ -343,6 +344,7 @@ class Controller:
         self.ping()
         ro = self.rollouts
         ro.expire_servers()
+        ro.expire_attempts()
         self.check_servers_present()
         for s in self.registry.live():
             self.weights.catch_up(s)

@@ -13,6 +13,7 @@ their per-token versions, so `pick_batch` applies the staleness bound to them as
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,10 +21,12 @@ from dataclasses import dataclass, field
 from areal_py.config import Config
 from areal_py.tasks.base import Prompt, Task
 from areal_py.tasks.prompt_render import render_prompt
+from areal_py.telemetry.prom import CONTROLLER as M
 from areal_py.telemetry.signal_watch import SignalWatch
 from areal_py.wire import protocol as P
 from areal_py.wire.transport import RateLimitedLog, reject
 from controller.admission import AdmissionError, LengthGate
+from controller.progress import AttemptClocks
 from controller.reward_pool import RewardHandle, RewardPool
 from controller.run_state import RunCounters
 from controller.servers import ServerRegistry, ServerState
@@ -71,6 +74,7 @@ class Rollouts:
         self.undispatched: deque[int] = deque()
         self.scoring: list[tuple[InflightGroup, RewardHandle]] = []
         self.ready: deque[P.Group] = deque()
+        self.clocks = AttemptClocks(cfg.controller.group_timeout_s)  # a lost Generate or Result: generated again
 
     # --- the admission rule ------------------------------------------------------------------------
     @property
@@ -129,6 +133,7 @@ class Rollouts:
             server.inflight[g.gid] = len(g.slots)
             self.to_server(server, P.Generate(gid=g.gid, attempt=g.attempt, prompt_ids=g.prompt_ids, n=len(g.slots),
                                               sampling=sampling))
+            self.clocks.dispatched(g.gid, g.attempt, server.server_id, time.monotonic())
 
     # --- results -----------------------------------------------------------------------------------
     def on_result(self, server_id: str, r: P.Result) -> None:
@@ -138,6 +143,7 @@ class Rollouts:
             reject(ROLE, "stale_result", f"result {r.gid}:{r.attempt}:{r.idx} from {server_id} is not awaited")
             return
         g.results[g.slots[r.idx]] = r
+        self.clocks.result(g.gid, time.monotonic())
         c = self.counts
         c.add_generated(server_id, len(r.output_ids))
         server = self.registry.servers[server_id]
@@ -151,6 +157,7 @@ class Rollouts:
         """A group with all its samples: dropped (stale, refused) or sent for scoring."""
         c = self.counts
         del self.inflight[g.gid]
+        self.clocks.done(g.gid)
         if any(x.finish_reason == "stale" for x in g.results.values()):
             c.running -= 1  # aborted by the server as too stale for any batch to come
             c.drop("stale", [g.prompt.index])
@@ -228,19 +235,38 @@ class Rollouts:
         for server in self.registry.expire():
             log.error("server %s silent for %.0fs: declared dead, re-dispatching %d groups",
                       server.server_id, self.registry.timeout_s, len(server.inflight))
-            self.move_work(server)
+            self.move_work(server, "server_dead")
 
-    def move_work(self, server: ServerState) -> None:
+    def move_work(self, server: ServerState, reason: str) -> None:
         """Queue every group `server` holds for re-dispatch, first in line (they stay `running`)."""
         for gid in list(server.inflight):
-            self.redispatch(self.inflight[gid])
+            self.redispatch(self.inflight[gid], reason)
         server.inflight.clear()
 
-    def redispatch(self, g: InflightGroup) -> None:
-        """Generate `g` again under a new attempt number: late results of the old attempt are rejected as
-        stale, so nothing counts twice."""
+    def expire_attempts(self) -> None:
+        """Re-dispatch every attempt with no sign of life for controller.group_timeout_s (controller/progress.py),
+        to another server when one is live; the samples it did return are kept, only the missing are generated."""
+        for gid in self.clocks.overdue(time.monotonic()):
+            g = self.inflight[gid]
+            server = self.registry.servers.get(g.server or "")
+            log.warning("group %d attempt %d on %s: no result and not held by its server for %.0fs "
+                        "(controller.group_timeout_s; a message lost on the way?): re-dispatching its %d missing "
+                        "samples", gid, g.attempt, g.server, self.clocks.timeout_s, self.n - len(g.results))
+            if server is not None:
+                server.inflight.pop(gid, None)
+            g.avoid = g.server
+            self.redispatch(g, "timeout", keep_results=True)
+
+    def redispatch(self, g: InflightGroup, reason: str, keep_results: bool = False) -> None:
+        """Generate `g` again under a new attempt number (counted by `reason`): late results of the old attempt
+        are rejected as stale, so nothing counts twice. `keep_results`: the samples it has stay (they passed
+        every check), and only the missing ones are generated."""
+        M.redispatched_groups.labels(reason=reason).inc()
+        self.clocks.done(g.gid)
         g.attempt += 1
-        g.server, g.results = None, {}
+        g.server = None
+        if not keep_results:
+            g.results = {}
         self.undispatched.appendleft(g.gid)
 
     def on_invalid_result(self, server_id: str, r: P.Result) -> None:
@@ -254,7 +280,7 @@ class Rollouts:
         if server is not None:
             server.inflight.pop(g.gid, None)
         g.avoid = server_id
-        self.redispatch(g)
+        self.redispatch(g, "invalid_result")
 
     # --- lossless resume ---------------------------------------------------------------------------
     def snapshot(self) -> P.ControllerBuffer:

@@ -41,6 +41,12 @@ def parse_request_id(rid: str) -> tuple[int, int, int]:
     return gid, attempt, idx
 
 
+def held_attempts(rids: set[str]) -> list[tuple[int, int]]:
+    """The (gid, attempt) pairs of the held request ids, for the heartbeat: the controller re-dispatches an
+    attempt that neither shows up here nor sends results for controller.group_timeout_s (a lost Generate)."""
+    return sorted({parse_request_id(r)[:2] for r in rids})[:P.MAX_HELD_ATTEMPTS]
+
+
 def build_engine(cfg: Config, seed: int) -> Backend:
     """The generation backend the config asks for (`rollout.backend`)."""
     path = model_path(cfg)
@@ -288,7 +294,8 @@ class RolloutServer:
                                           running=self.engine.num_running, waiting=self.engine.num_waiting,
                                           generated_tokens=self.generated_tokens, busy_s=m.busy_s,
                                           slot_seconds=m.slot_seconds, max_running=self.engine.max_running,
-                                          started=m.started, at=m.last, spans=m.drain_spans(m.last)))
+                                          started=m.started, at=m.last, spans=m.drain_spans(m.last),
+                                          held=held_attempts(self.held)))
 
     def _slots_next_step(self) -> int:
         """Requests that will hold a slot during the coming step: the running ones plus the waiting ones

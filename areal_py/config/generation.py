@@ -58,6 +58,14 @@ class ControllerConfig(Section):
         "max_concurrent_rollouts: admission takes min(max_concurrent - running, the staleness bound's capacity). "
         "null = unbounded: the staleness bound alone decides.")
     server_timeout_s: float = Field(10.0, gt=0, description="A server silent this long is declared dead; its work is re-dispatched.")
+    group_timeout_s: float = Field(
+        120.0, gt=0, description="A dispatched group's attempt with no sign of life for this long is generated again "
+        "as a new attempt, on another server if one is live (its late results are rejected as stale_result; the "
+        "samples it did return are kept): its Generate or a Result was lost on the way. Signs of life: its results, "
+        "and every heartbeat (rollout.heartbeat_s) of its server that lists it as held, so a long generation or "
+        "queue never runs it out; the bound covers only missing evidence. 120 s is 240 heartbeats at the default "
+        "rate: far above a lost heartbeat or a message held up in a queue, and below the minutes a stalled "
+        "admission would cost. Lower it on lossy links.")
     weight_sync_timeout_s: float = Field(60.0, gt=0, description="Longest wait for a live server to load a new version "
                                          "once sent it; past it the server is evicted (its work re-dispatched) until it "
                                          "reports that version.")

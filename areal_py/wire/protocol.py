@@ -27,6 +27,7 @@ from pydantic import (
 
 SCHEMA_VERSION = 1
 MAX_COUNT = 2**62  # bound of every counter on the wire: far above any run, far below msgpack's int64
+MAX_HELD_ATTEMPTS = 2**16  # bound of Heartbeat.held: far above any server's groups in flight
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -87,6 +88,9 @@ class Heartbeat(_Body):
     started: float = Field(0.0, ge=0)
     at: float = Field(0.0, ge=0)
     spans: list[tuple[float, float]] = Field(default_factory=list, max_length=256)
+    # the attempts (gid, attempt) the server holds requests of: the controller's evidence that each is alive
+    # (controller/progress.py); None: not said (an older sender), so only results show an attempt's progress
+    held: list[tuple[Count, Count]] | None = Field(None, max_length=MAX_HELD_ATTEMPTS)
 
 
 Session = Annotated[str, StringConstraints(max_length=64)]
