@@ -1,8 +1,9 @@
 """Which finished groups go into the next batch, and which are too old for any batch to come.
 
 Batch ``b`` is trained at trainer version ``b``. A group's age for it is the staleness of its
-oldest token (`sample_staleness`); a group older than ``max_token_staleness`` can never be
-trained again (later batches only make it older), so it is dropped here.
+oldest model token (`sample_staleness`; the tool output of a multi-turn sample is not counted);
+a group older than ``max_token_staleness`` can never be trained again (later batches only make it
+older), so it is dropped here.
 
 Oldest first (earliest deadline first): a long response finishes late but old, and would miss its
 last admissible batch behind fresh short ones if batches were filled in completion order.
@@ -30,7 +31,7 @@ def pick_batch(ready: Sequence[P.Group], batch_version: int, batch_size: int, ma
 
     The sort is stable, so equally old groups keep their completion order.
     """
-    aged = [(sample_staleness(batch_version, [v for s in g.samples for v in s.versions]), g) for g in ready]
+    aged = [(sample_staleness(batch_version, [v for s in g.samples for v in s.model_versions()]), g) for g in ready]
     aged.sort(key=lambda x: -x[0])
     kept = [(age, g) for age, g in aged if age <= max_token_staleness]
     stale = [g for age, g in aged if age > max_token_staleness]

@@ -3,6 +3,12 @@
 Row i holds prompt + response of one sample, right-padded. Token-level arrays are aligned with
 the *predicted* token: position t describes token t+1 (what the logits at t score), so the
 response of a sample with prompt length p and response length r occupies positions p-1 .. p+r-2.
+
+A multi-turn sample's response holds tokens the model did not generate (tool output, template
+scaffolding; `Sample.loss_mask` 0): they are context only, so they get loss_mask 0, behaviour
+logprob 0 and version -1, exactly like the prompt. Every consumer (policy loss, proximal logprobs,
+KL, entropy, off-policy and staleness statistics) reads tokens through `loss_mask` or versions >= 0,
+so they drop out of all of them.
 """
 from __future__ import annotations
 
@@ -60,9 +66,10 @@ def collate(groups: list[P.Group], pad_id: int) -> RolloutBatch:
         input_ids[i, : p + r] = torch.tensor(prompt + s.output_ids, dtype=torch.long)
         attn[i, : p + r] = 1
         if r:
-            loss_mask[i, p - 1 : p - 1 + r] = 1.0
-            behav[i, p - 1 : p - 1 + r] = torch.tensor(s.logprobs)
-            versions[i, p - 1 : p - 1 + r] = torch.tensor(s.versions)
+            model = torch.ones(r) if s.loss_mask is None else torch.tensor(s.loss_mask, dtype=torch.float32)
+            loss_mask[i, p - 1 : p - 1 + r] = model
+            behav[i, p - 1 : p - 1 + r] = torch.tensor(s.logprobs) * model
+            versions[i, p - 1 : p - 1 + r] = torch.where(model.bool(), torch.tensor(s.versions), -1)
     return RolloutBatch(
         input_ids, attn, loss_mask, behav, versions,
         response_lengths=torch.tensor([len(s.output_ids) for _, s in seqs]),

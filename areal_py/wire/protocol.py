@@ -256,11 +256,39 @@ class TrainerDone(_Body):
 
 
 class Sample(_Body):
+    """One trained response. `loss_mask` (absent: every token is the model's, a single-turn response) marks
+    which tokens the model generated (1: trained, with its behaviour logprob and version) and which it only
+    saw (0: tool output and chat-template scaffolding of a multi-turn episode, areal_py/workflow: their
+    logprob is 0 and their version the nearest model token's, so min(versions) is still the oldest model
+    token's). Absent on the wire when None, so a single-turn batch is the bytes it always was."""
     output_ids: list[int]
     logprobs: list[float]
     versions: list[int]
     finish_reason: Literal["stop", "length", "abort"]
     reward: float
+    loss_mask: list[Annotated[int, Field(ge=0, le=1)]] | None = None
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> Sample:
+        n = len(self.output_ids)
+        if len(self.logprobs) != n or len(self.versions) != n or (self.loss_mask is not None and len(self.loss_mask) != n):
+            raise ValueError(f"sample: {n} output_ids, {len(self.logprobs)} logprobs, {len(self.versions)} versions"
+                             + ("" if self.loss_mask is None else f", {len(self.loss_mask)} loss_mask entries")
+                             + "; they must be equal")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_absent_mask(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        d = handler(self)
+        if d.get("loss_mask", 0) is None:
+            del d["loss_mask"]
+        return d
+
+    def model_versions(self) -> list[int]:
+        """The versions of the tokens the model generated (all of them without a loss mask)."""
+        if self.loss_mask is None:
+            return self.versions
+        return [v for v, m in zip(self.versions, self.loss_mask) if m]
 
 
 class Group(_Body):
