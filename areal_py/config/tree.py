@@ -10,6 +10,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from areal_py.config.generation import ControllerConfig, RolloutConfig, WeightsConfig
 from areal_py.config.launch import NetConfig, RunConfig, SlurmConfig
 from areal_py.config.model import ColdStartConfig, ModelConfig
+from areal_py.config.post_training import DpoConfig
 from areal_py.config.section import Section
 from areal_py.config.training import AlgoConfig, RewardConfig, TrainerConfig
 from areal_py.tasks.base import RunLimits, TaskConfig, UnknownTask, parse_task_config
@@ -30,6 +31,8 @@ class Config(Section):
     weights: WeightsConfig = Field(default_factory=WeightsConfig, description="Weight transfer trainer -> servers.")
     net: NetConfig = Field(default_factory=NetConfig, description="Socket addresses.")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="`areal-py slurm`: nodes, GPUs and sbatch options of the job.")
+    dpo: DpoConfig = Field(default_factory=DpoConfig, description="`areal-py dpo`: offline preference optimisation "
+                           "(DPO, IPO, conservative DPO) against a frozen reference (docs/post-training.md).")
 
     @field_validator("task", mode="plain")
     @classmethod

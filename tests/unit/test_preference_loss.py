@@ -125,9 +125,10 @@ def test_stats_hand_values():
     losses = dpo_loss(logratio_margin(pi_c, pi_r, ref_c, ref_r), 0.1)
     s = preference_stats(pi_c, pi_r, ref_c, ref_r, losses, beta=0.1)
     assert s.pairs == 2 and s.accuracy == 1.0
+    assert s.ranked == 2.0  # π_c > π_r in both: -1 > -3, -4 > -5
     m = s.means()
     assert m["reward_chosen"] == pytest.approx(0.05) and m["reward_rejected"] == pytest.approx(-0.025)
-    assert m["margin"] == pytest.approx(0.075) and m["accuracy"] == 0.5
+    assert m["margin"] == pytest.approx(0.075) and m["accuracy"] == 0.5 and m["ranked"] == 1.0
     assert m["loss"] == pytest.approx((nls(0.15) + math.log(2)) / 2)
     both = s + s
     assert both.pairs == 4 and both.means() == pytest.approx(m)

@@ -87,7 +87,8 @@ class PreferenceStats:
     """Sums over a set of pairs (so micro-batches and ranks add up); :meth:`means` divides by ``pairs``.
 
     ``accuracy`` counts pairs whose implicit reward margin β h is > 0 (a tie counts as wrong: the policy
-    has not yet preferred the chosen response)."""
+    has not yet preferred the chosen response; so it is 0 at the start, where the policy is the reference).
+    ``ranked`` counts pairs the policy itself ranks right, π_c > π_r, whatever the reference says."""
 
     pairs: int
     loss: float
@@ -95,27 +96,30 @@ class PreferenceStats:
     reward_rejected: float
     margin: float
     accuracy: float
+    ranked: float
 
     def __add__(self, other: PreferenceStats) -> PreferenceStats:
         return PreferenceStats(*(a + b for a, b in zip(self._values(), other._values())))
 
     def _values(self) -> tuple:
-        return (self.pairs, self.loss, self.reward_chosen, self.reward_rejected, self.margin, self.accuracy)
+        return (self.pairs, self.loss, self.reward_chosen, self.reward_rejected, self.margin, self.accuracy,
+                self.ranked)
 
     def means(self) -> dict[str, float]:
-        """``{loss, reward_chosen, reward_rejected, margin, accuracy}`` averaged over the pairs."""
+        """``{loss, reward_chosen, reward_rejected, margin, accuracy, ranked}`` averaged over the pairs."""
         n = max(1, self.pairs)
         return {"loss": self.loss / n, "reward_chosen": self.reward_chosen / n,
-                "reward_rejected": self.reward_rejected / n, "margin": self.margin / n, "accuracy": self.accuracy / n}
+                "reward_rejected": self.reward_rejected / n, "margin": self.margin / n, "accuracy": self.accuracy / n, "ranked": self.ranked / n}
 
 
-EMPTY_STATS = PreferenceStats(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+EMPTY_STATS = PreferenceStats(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 @torch.no_grad()
 def preference_stats(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
                      losses: torch.Tensor, beta: float) -> PreferenceStats:
-    """Summed implicit rewards ``r = β (π − ref)``, margins ``r_c − r_r``, accuracy ``[r_c > r_r]`` and losses."""
+    """Summed implicit rewards ``r = β (π − ref)``, margins ``r_c − r_r``, accuracy ``[r_c > r_r]``, the policy's own
+    ranking ``[π_c > π_r]`` and losses."""
     r_c, r_r = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
     return PreferenceStats(int(pi_c.numel()), float(losses.sum()), float(r_c.sum()), float(r_r.sum()),
-                           float((r_c - r_r).sum()), float((r_c > r_r).sum()))
+                           float((r_c - r_r).sum()), float((r_c > r_r).sum()), float((pi_c > pi_r).sum()))

@@ -1,0 +1,208 @@
+"""Offline preference optimisation (`areal-py dpo`): DPO, IPO or conservative DPO against a frozen reference.
+
+The reference is the start model (model.path or the embedded model). It never changes, so its sequence
+log-probabilities of every pair are computed once, before training (and again from the start model on
+``--resume``), and no second copy of the weights is held while training. Each optimiser step takes
+``dpo.batch_size`` pairs; a micro-batch runs the chosen and rejected rows of its pairs in one forward, and
+its mean loss is weighted by its share of the batch's pairs, so the step's gradient is that of the batch mean.
+
+Before training and after every epoch the held-out pairs are scored (loss, implicit reward margin, preference
+accuracy) and, with synthetic data, the policy's sampled accuracy on held-out prompts is measured with plain
+HF generate (trainer.cold_start.evaluate). The losses: trainer/algo/preference_loss.py.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from areal_py.config import Config
+from areal_py.models import eos_token_id, load_model_and_tokenizer
+from areal_py.tasks.base import Task, build_task
+from areal_py.tasks.preference_pairs import PreferencePair, read_pairs, synthetic_pairs, write_pairs
+from areal_py.tasks.prompt_render import render_prompt
+from trainer.algo.preference_loss import (
+    EMPTY_STATS,
+    PreferenceStats,
+    check_settings,
+    logratio_margin,
+    preference_loss,
+    preference_stats,
+)
+from trainer.cold_start import evaluate
+from trainer.offline import (
+    OfflineOptimizer,
+    OfflineRunFiles,
+    Progress,
+    Row,
+    batches,
+    epoch_order,
+    micro_batches,
+    response_logprobs,
+)
+
+log = logging.getLogger("trainer.dpo")
+
+
+def load_pairs(cfg: Config, task: Task | None, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(training, held-out) pairs as dpo.train_path / eval_path / the synthetic settings say (see DpoConfig)."""
+    c = cfg.dpo
+    if not c.train_path:
+        if task is None:
+            raise ValueError("dpo.train_path is empty and the task has no synthetic pairs: set dpo.train_path")
+        try:
+            train = synthetic_pairs(task, 0, c.synthetic_examples, seed)
+        except ValueError as e:
+            raise ValueError(f"{e} (dpo.train_path)") from None
+        held = read_pairs(c.eval_path) if c.eval_path else synthetic_pairs(task, c.synthetic_examples,
+                                                                            c.eval_examples, seed)
+        return train, held
+    pairs = read_pairs(c.train_path)
+    if c.eval_path:
+        return pairs, read_pairs(c.eval_path)
+    if c.eval_examples >= len(pairs):
+        raise ValueError(f"dpo.eval_examples={c.eval_examples} holds out every one of the {len(pairs)} pairs of "
+                         f"{c.train_path}: lower it, or give dpo.eval_path")
+    order = list(range(len(pairs)))
+    random.Random(f"dpo-split:{seed}").shuffle(order)
+    n_train = len(pairs) - c.eval_examples
+    return [pairs[i] for i in sorted(order[:n_train])], [pairs[i] for i in sorted(order[n_train:])]
+
+
+def tokenize_pairs(tokenizer, pairs: list[PreferencePair], cfg: Config, context: int | None,
+                   what: str) -> list[tuple[Row, Row]]:
+    """(chosen row, rejected row) per pair: the prompt rendered as the controller renders it (task.chat_template,
+    task.system_prompt), the response's tokens and EOS. A pair longer than the model's context is an error naming
+    how many and the first (nothing is dropped silently)."""
+    eos = eos_token_id(tokenizer)
+    out, too_long = [], []
+    for i, p in enumerate(pairs):
+        prompt = render_prompt(tokenizer, p.as_prompt(i), cfg.task.chat_template, cfg.task.system_prompt)
+        rows = tuple(Row(prompt + tokenizer(r, add_special_tokens=False).input_ids + [eos], len(prompt))
+                     for r in (p.chosen, p.rejected))
+        if context is not None and max(len(r.ids) for r in rows) > context:
+            too_long.append(i)
+        out.append(rows)
+    if too_long:
+        raise ValueError(f"{len(too_long)} {what} pair(s) are longer than the model's context of {context} tokens "
+                         f"(the first: pair {too_long[0]}, {pairs[too_long[0]].prompt[:60]!r}); shorten them or "
+                         "use a model with a longer context")
+    return out
+
+
+def _pair_rows(pairs: list[tuple[Row, Row]], idx: list[int]) -> list[Row]:
+    return [pairs[i][0] for i in idx] + [pairs[i][1] for i in idx]
+
+
+def _micro(pairs: list[tuple[Row, Row]], idx: list[int], max_tokens: int) -> list[list[int]]:
+    """Pair indices of `idx` in micro-batches whose chosen + rejected rows fit max_tokens (2 rows per pair)."""
+    lengths = [2 * max(len(pairs[i][0].ids), len(pairs[i][1].ids)) for i in idx]
+    return [[idx[j] for j in mb] for mb in micro_batches(lengths, max_tokens)]
+
+
+@torch.no_grad()
+def sequence_logprobs(model: torch.nn.Module, pairs: list[tuple[Row, Row]], pad: int,
+                      max_tokens: int) -> torch.Tensor:
+    """``[n, 2]``: log π(chosen | prompt), log π(rejected | prompt) of every pair under `model`, no graph."""
+    out = torch.empty((len(pairs), 2), dtype=torch.float32)
+    for mb in _micro(pairs, list(range(len(pairs))), max_tokens):
+        lp = response_logprobs(model, _pair_rows(pairs, mb), pad).float().cpu()
+        out[mb, 0], out[mb, 1] = lp[: len(mb)], lp[len(mb):]
+    return out
+
+
+def evaluate_pairs(model: torch.nn.Module, pairs: list[tuple[Row, Row]], ref: torch.Tensor, cfg: Config,
+                   pad: int) -> PreferenceStats:
+    """Loss, implicit rewards, margin and accuracy of the policy on `pairs` (``ref``: their reference logprobs)."""
+    c = cfg.dpo
+    if not pairs:
+        return EMPTY_STATS
+    pi = sequence_logprobs(model, pairs, pad, c.max_tokens_per_micro_batch)
+    h = logratio_margin(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1])
+    return preference_stats(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1],
+                            preference_loss(h, c.loss, c.beta, c.label_smoothing), c.beta)
+
+
+def train_dpo(cfg: Config, model_dir: Path, resume: bool = False, progress: Progress | None = None) -> dict:
+    """Train the policy in ``model_dir`` by ``cfg.dpo`` into ``cfg.run_dir()``; returns the summary (also the
+    ``done`` event): first and last held-out stats and sampled accuracy, steps, the final directory."""
+    c = cfg.dpo
+    check_settings(c.loss, c.beta, c.label_smoothing)
+    progress = progress or (lambda e: None)
+    seed = cfg.run.seed if c.seed is None else c.seed
+    run_dir = cfg.run_dir()
+    task = build_task(cfg, seed) if not c.train_path else None
+    train_pairs, held_pairs = load_pairs(cfg, task, seed)
+    if task is not None and not resume:  # what the run trained on, in the documented format
+        write_pairs(run_dir / "data" / "train.jsonl", train_pairs)
+        write_pairs(run_dir / "data" / "eval.jsonl", held_pairs)
+    model, tokenizer = load_model_and_tokenizer(model_dir, dtype=cfg.model.dtype)
+    context = getattr(model.config, "max_position_embeddings", None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id(tokenizer)
+    train = tokenize_pairs(tokenizer, train_pairs, cfg, context, "training")
+    held = tokenize_pairs(tokenizer, held_pairs, cfg, context, "held-out")
+    # the reference: the start model, before any update (or any checkpoint is loaded)
+    ref_train = sequence_logprobs(model, train, pad, c.max_tokens_per_micro_batch)
+    ref_held = sequence_logprobs(model, held, pad, c.max_tokens_per_micro_batch)
+    per_epoch = math.ceil(len(train) / c.batch_size)
+    total = per_epoch * c.epochs
+    opt = OfflineOptimizer(model, c, total)
+    files = OfflineRunFiles(run_dir, cfg.trainer.keep_checkpoints)
+    step, first_epoch = 0, 0
+    if resume:
+        state = files.resume(model, opt.optimizer)
+        step, first_epoch = state["version"], state["epoch"]
+        log.info("resumed at step %d (epoch %d done)", step, first_epoch)
+    sampled_start = len(train_pairs)  # held-out prompts of the synthetic task
+
+    def held_out(epoch: int) -> dict:
+        s = evaluate_pairs(model, held, ref_held, cfg, pad).means()
+        rec = {"kind": "eval", "step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in s.items()},
+               "wall_time_s": files.wall_time()}
+        if task is not None and c.eval_samples:
+            rec["sampled_accuracy"] = evaluate(model, tokenizer, task, n=c.eval_samples, temperature=c.eval_temperature,
+                                               seed=seed, max_new_tokens=cfg.rollout.max_new_tokens,
+                                               start_index=sampled_start, chat_template=cfg.task.chat_template,
+                                               system_prompt=cfg.task.system_prompt)
+        files.write(rec)
+        progress({"event": "eval", **rec})
+        return rec
+
+    progress({"event": "start", "steps": total, "step": step})
+    try:
+        first = held_out(0) if not resume else None
+        last = first
+        model.train()
+        for epoch in range(first_epoch, c.epochs):
+            for idx in batches(epoch_order(len(train), seed, epoch), c.batch_size):
+                stats = EMPTY_STATS
+                for mb in _micro(train, idx, c.max_tokens_per_micro_batch):
+                    lp = response_logprobs(model, _pair_rows(train, mb), pad)
+                    pi_c, pi_r = lp[: len(mb)], lp[len(mb):]
+                    ref = ref_train[mb].to(lp.device)
+                    losses = preference_loss(logratio_margin(pi_c, pi_r, ref[:, 0], ref[:, 1]), c.loss, c.beta,
+                                             c.label_smoothing)
+                    (losses.sum() / len(idx)).backward()  # the batch mean, accumulated over micro-batches
+                    stats = stats + preference_stats(pi_c.detach(), pi_r.detach(), ref[:, 0], ref[:, 1],
+                                                     losses.detach(), c.beta)
+                grad_norm, lr = opt.step(step)
+                step += 1
+                rec = {"kind": "train", "step": step, "epoch": epoch + 1, **stats.means(), "grad_norm": grad_norm,
+                       "lr": lr, "wall_time_s": files.wall_time()}  # epoch: the one being trained, from 1
+                files.write(rec)
+                progress({"event": "step", **rec})
+            model.eval()
+            last = held_out(epoch + 1)
+            model.train()
+            files.checkpoint(model, opt.optimizer, step, epoch + 1)
+        model.eval()
+        out = files.save_final(model, tokenizer)
+    finally:
+        files.close()
+    summary = {"steps": step, "train_pairs": len(train), "eval_pairs": len(held), "final": str(out),
+               "first_eval": first, "last_eval": last}
+    progress({"event": "done", **summary})
+    return summary

@@ -1,0 +1,150 @@
+"""What every offline post-training command shares (`areal-py dpo`; sft and rm are to use the same): epochs over a
+fixed data set in seeded order, the optimiser and its schedule, padded prompt+response rows and their response
+log-probabilities, checkpoints for `--resume`, metrics.jsonl and the final Hugging Face directory.
+
+Invariants:
+- The data order of epoch e is a pure function of (seed, e), and checkpoints are taken at epoch ends, so a
+  resumed run trains exactly the batches the uninterrupted one would have.
+- The learning rate of step s is a pure function of s (``trainer.cold_start.lr_factor``: linear warm-up, then
+  constant), set before every step, so nothing of the schedule needs saving.
+- Checkpoints are the RL trainer's (trainer/checkpoint.py: DCP, manifest, atomic rename; state.json's
+  ``version`` is the optimiser step); the final model is a plain HF directory `areal-py run model.path=` takes.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from areal_py.config import OfflineTrainConfig
+from areal_py.telemetry.metrics import JsonlWriter, truncate_after_step
+from trainer.algo.preference_loss import sequence_logprob
+from trainer.checkpoint import load_latest_checkpoint, save_checkpoint
+from trainer.cold_start import lr_factor
+from trainer.micro_batching import pack_by_padded_tokens
+from trainer.rollout_batch import token_logprobs
+
+Progress = Callable[[dict], None]
+"""Events for a progress display: ``start`` (steps, step), ``step`` (the step's metrics record), ``eval``
+(the held-out record), ``done`` (the summary)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One training sequence: ``ids`` = prompt ids + response ids (+ EOS); the first ``prompt_len`` are the prompt."""
+
+    ids: list[int]
+    prompt_len: int
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A permutation of range(n), the same for the same (seed, epoch) in every process and run."""
+    order = list(range(n))
+    random.Random(f"offline:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
+    """`order` cut into consecutive batches of `batch_size` (the last may be smaller)."""
+    return [list(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices into `lengths` grouped so rows x longest <= max_tokens (length-sorted runs), or all in one (0)."""
+    return pack_by_padded_tokens(lengths, max_tokens) if max_tokens else [list(range(len(lengths)))]
+
+
+def padded(rows: Sequence[Row], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids [n, w]`` and the response mask ``[n, w - 1]`` aligned with token_logprobs:
+    ``mask[i, t] = 1`` iff token t+1 of row i is a response token (``prompt_len <= t + 1 < len(ids)``)."""
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width - 1), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if not 0 < r.prompt_len < len(r.ids):
+            raise ValueError(f"row {i}: needs a non-empty prompt and response, got prompt_len={r.prompt_len} of "
+                             f"{len(r.ids)} tokens")
+        ids[i, : len(r.ids)] = torch.tensor(r.ids)
+        mask[i, r.prompt_len - 1 : len(r.ids) - 1] = 1
+    return ids, mask
+
+
+def response_logprobs(model: torch.nn.Module, rows: Sequence[Row], pad: int) -> torch.Tensor:
+    """``log π(response | prompt)`` per row under `model` (temperature 1), with the graph when grad is on."""
+    device = next(model.parameters()).device
+    ids, mask = padded(rows, pad)
+    ids, mask = ids.to(device), mask.to(device)
+    attention = (torch.arange(ids.shape[1], device=device)[None, :]
+                 < torch.tensor([len(r.ids) for r in rows], device=device)[:, None]).long()
+    logp, _ = token_logprobs(model, ids, attention, temperature=1.0)
+    return sequence_logprob(logp, mask)
+
+
+class OfflineOptimizer:
+    """AdamW with the step's learning rate set before each update (warm-up, then constant) and gradient clipping."""
+
+    def __init__(self, model: torch.nn.Module, c: OfflineTrainConfig, total_steps: int) -> None:
+        self.model, self.c, self.total_steps = model, c, total_steps
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+
+    def lr_at(self, step: int) -> float:
+        return self.c.lr * lr_factor(step, self.total_steps, self.c.warmup_steps, 1.0)
+
+    def step(self, step: int) -> tuple[float, float]:
+        """Clip, update at ``lr_at(step)``, zero the gradients; returns (grad norm before clipping, lr).
+        A non-finite gradient norm skips the update (the weights are never made NaN) and is returned as it is."""
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.c.grad_clip))
+        lr = self.lr_at(step)
+        if math.isfinite(norm):
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, lr
+
+
+class OfflineRunFiles:
+    """The run directory of an offline command: metrics.jsonl, checkpoints/, final/."""
+
+    def __init__(self, run_dir: Path, keep_checkpoints: int) -> None:
+        self.run_dir = run_dir
+        self.ckpt_root = run_dir / "checkpoints"
+        self.keep = keep_checkpoints
+        self.metrics: JsonlWriter | None = None
+        self.wall_offset = 0.0
+        self.t0 = time.monotonic()
+
+    def wall_time(self) -> float:
+        return self.wall_offset + time.monotonic() - self.t0
+
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Restore the newest usable checkpoint into model and optimiser; cut metrics.jsonl back to its step."""
+        _, state = load_latest_checkpoint(self.ckpt_root, {"model": model}, {"optimizer": optimizer})
+        self.wall_offset = state.get("wall_time_s", 0.0)
+        truncate_after_step(self.run_dir / "metrics.jsonl", state["version"])
+        return state
+
+    def write(self, record: dict) -> None:
+        if self.metrics is None:
+            self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl")
+        self.metrics.write(record)
+
+    def checkpoint(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, epoch: int) -> Path:
+        state = {"version": step, "epoch": epoch, "wall_time_s": self.wall_time()}
+        return save_checkpoint(self.ckpt_root, {"model": model}, {"optimizer": optimizer}, state, keep=self.keep)
+
+    def save_final(self, model: Any, tokenizer: Any) -> Path:
+        out = self.run_dir / "final"
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        return out
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
