@@ -30,6 +30,7 @@ from areal_py.wire.transport import WaitTimeout, make_socket, parse, recv, rejec
 from controller.activity import ActivityTracker
 from controller.admission import AdmissionError, LengthGate
 from controller.batching import pick_batch
+from controller.episodes import build_episode_runner
 from controller.result_check import Invalid, ResultLimits, check_result, check_version
 from controller.reward_pool import RewardPool
 from controller.rollouts import Rollouts
@@ -91,7 +92,10 @@ class Controller:
         self.session = secrets.token_hex(8)
 
         self.counts = RunCounters()  # restored from the trainer's checkpoint on resume (see start)
-        self.rollouts = Rollouts(cfg, task, tokenizer, gate, self.registry, self.rewards, self.counts, self._to_server)
+        # rollout.workflow: multi-turn episodes on threads, each turn a Generate (None: single_turn, native)
+        episodes = build_episode_runner(cfg, tokenizer, context_length(cfg), self.vocab_size)
+        self.rollouts = Rollouts(cfg, task, tokenizer, gate, self.registry, self.rewards, self.counts, self._to_server,
+                                 episodes=episodes)
         self.weights = WeightSync(self.pub, self.registry, self.counts, self._to_server,
                                   max_token_staleness=self.max_token_staleness,
                                   sync_timeout_s=cfg.controller.weight_sync_timeout_s, session=self.session)
@@ -439,6 +443,8 @@ class Controller:
         for s in self.registry.live():
             self._to_server(s, P.Shutdown(reason="run finished"))
         self.rewards.close()
+        if self.rollouts.episodes is not None:
+            self.rollouts.episodes.close()
         self.router.close(linger=1000)  # let the shutdown notices leave
         for sock in (self.pub, self.from_trainer, self.to_trainer):
             sock.close()

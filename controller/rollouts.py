@@ -25,7 +25,9 @@ from areal_py.telemetry.prom import CONTROLLER as M
 from areal_py.telemetry.signal_watch import SignalWatch
 from areal_py.wire import protocol as P
 from areal_py.wire.transport import RateLimitedLog, reject
+from areal_py.workflow.assembly import AssembledEpisode
 from controller.admission import AdmissionError, LengthGate
+from controller.episodes import EpisodeRunner, settle
 from controller.progress import AttemptClocks
 from controller.reward_pool import RewardHandle, RewardPool
 from controller.run_state import RunCounters
@@ -48,11 +50,14 @@ class InflightGroup:
     avoid: str | None = None  # a server whose result for it was rejected: the group goes elsewhere if it can
     results: dict[int, P.Result] = field(default_factory=dict)  # sample index in the group -> its result
     slots: list[int] = field(default_factory=list)  # the current attempt's Result.idx j is sample slots[j]
+    # a workflow group's finished episodes and the workflow's own rewards (None: scored by the reward functions)
+    episodes: list[tuple[AssembledEpisode, float | None]] | None = None
 
 
 class Rollouts:
     def __init__(self, cfg: Config, task: Task, tokenizer, length_gate: LengthGate, registry: ServerRegistry,
-                 rewards: RewardPool, counts: RunCounters, to_server: ToServer) -> None:
+                 rewards: RewardPool, counts: RunCounters, to_server: ToServer,
+                 episodes: EpisodeRunner | None = None) -> None:
         self.cfg = cfg
         self.task = task
         self.tokenizer = tokenizer
@@ -61,6 +66,7 @@ class Rollouts:
         self.rewards = rewards
         self.counts = counts
         self.to_server = to_server
+        self.episodes = episodes  # rollout.workflow's runner (controller/episodes.py); None: single_turn, native
         self.drop_log = RateLimitedLog(log)
         self.n = cfg.controller.group_size
         # dynamic sampling drops uniform groups before any step: a batch's worth of them in a row, N times over
@@ -122,6 +128,12 @@ class Rollouts:
         run's servers start from the base model: work sent before they load its weights would be stale)."""
         r = self.cfg.rollout
         sampling = P.SamplingBody(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
+        if self.episodes is not None:  # a workflow: a group's episodes start now, their turns go out as they come
+            while self.undispatched and self.version is not None:
+                g = self.inflight[self.undispatched.popleft()]
+                self.episodes.start(g.gid, g.prompt, g.prompt_ids)
+            self.episodes.dispatch(self.registry, self.to_server)
+            return
         while self.undispatched and self.version is not None:
             g = self.inflight[self.undispatched[0]]
             server = self.registry.least_loaded(avoid=g.avoid)
@@ -137,6 +149,10 @@ class Rollouts:
 
     # --- results -----------------------------------------------------------------------------------
     def on_result(self, server_id: str, r: P.Result) -> None:
+        if self.episodes is not None and self.episodes.owns(r.gid):  # one turn of an episode
+            if self.episodes.on_result(server_id, r, self.registry):
+                self.counts.add_generated(server_id, len(r.output_ids))
+            return
         g = self.inflight.get(r.gid)
         if (g is None or g.attempt != r.attempt or g.server != server_id or r.idx >= len(g.slots)
                 or g.slots[r.idx] in g.results):
@@ -192,7 +208,38 @@ class Rollouts:
         ids = [t for t in r.output_ids if t not in self.tokenizer.all_special_ids]
         return prompt, self.tokenizer.decode(ids, skip_special_tokens=True), r.finish_reason == "stop"
 
+    def collect_episodes(self) -> None:
+        """Workflow groups whose n episodes ended (controller/episodes.py `settle`): sent for scoring, or dropped
+        (a workflow error as workflow_error, a stale turn as stale, a refused one as aborted)."""
+        if self.episodes is None:
+            return
+        c = self.counts
+        for gid, outcomes, stale in self.episodes.finished():
+            g = self.inflight.pop(gid)
+            s = settle(outcomes, stale, self.tokenizer)
+            if s.kind == "ok":
+                c.aborted_in_a_row = 0
+                g.episodes = list(zip(s.episodes, s.rewards))
+                self.scoring.append((g, self.rewards.submit([(g.prompt, text, stopped) for text, stopped in s.texts])))
+                continue
+            c.running -= 1
+            if s.kind == "stale":
+                c.drop("stale", [g.prompt.index])
+            elif s.kind == "abort":
+                self.on_refused(g, "a turn's server")
+            else:
+                M.dropped_groups.labels(reason="workflow_error").inc()
+                c.note_dropped("workflow_error", [g.prompt.index])
+                self.drop_log.warning("workflow_error", "group %d (prompt %d) dropped: its workflow (%s) failed: %s",
+                                      g.gid, g.prompt.index, self.cfg.rollout.workflow, s.error)
+
     def _group(self, g: InflightGroup, rewards: list[float]) -> P.Group:
+        if g.episodes is not None:
+            samples = [P.Sample(output_ids=a.output_ids, logprobs=a.logprobs, versions=a.versions,
+                                finish_reason=a.finish_reason, reward=own if own is not None else reward,
+                                loss_mask=a.loss_mask)
+                       for (a, own), reward in zip(g.episodes, rewards)]
+            return P.Group(gid=g.gid, prompt_index=g.prompt.index, prompt_ids=g.prompt_ids, samples=samples)
         samples = [P.Sample(output_ids=r.output_ids, logprobs=r.logprobs, versions=r.versions,
                             finish_reason=r.finish_reason, reward=reward)
                    for r, reward in zip((g.results[i] for i in range(self.n)), rewards)]
@@ -200,6 +247,7 @@ class Rollouts:
 
     def harvest_rewards(self) -> None:
         """Collect scored groups; a verifier that hangs or raises scores 0 (counted by the pool), never stalls."""
+        self.collect_episodes()
         c = self.counts
         still = []
         for g, handle in self.scoring:
@@ -240,6 +288,9 @@ class Rollouts:
     def move_work(self, server: ServerState, reason: str) -> None:
         """Queue every group `server` holds for re-dispatch, first in line (they stay `running`)."""
         for gid in list(server.inflight):
+            if self.episodes is not None and self.episodes.owns(gid):
+                self.episodes.redispatch(gid)
+                continue
             self.redispatch(self.inflight[gid], reason)
         server.inflight.clear()
 
@@ -273,6 +324,9 @@ class Rollouts:
         """An awaited result that failed the semantic check (controller/result_check.py; rejected and counted
         already): the group's attempt on `server_id` is abandoned and the group generated again, on another
         server when one is live, so bad numbers never reach a batch and the group is not lost."""
+        if self.episodes is not None and self.episodes.owns(r.gid):
+            self.episodes.on_invalid(server_id, r, self.registry)
+            return
         g = self.inflight.get(r.gid)
         if g is None or g.attempt != r.attempt or g.server != server_id:
             return  # not awaited: the rejection was all

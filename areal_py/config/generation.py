@@ -41,6 +41,23 @@ class RolloutConfig(Section):
         "areal-py run/serve before the roles start); auto times both at start-up and keeps the faster (cached "
         "beside the linear kernel choice). The kernel is used only if it builds and agrees with SDPA; otherwise "
         "SDPA, with the reason logged.")
+    workflow: str = Field(
+        "single_turn", description="How one episode is produced (areal_py/workflow, docs/multi-turn.md): single_turn "
+        "(one response per sample, the native grouped dispatch), tool_loop (generate; on <tag>args</tag> from "
+        "tool_tags call the tool, append <result>output</result> and generate again, up to max_turns), or a class "
+        "of your own as 'package.module:Class' (built with the WorkflowSettings, run(prompt, prompt_ids, env) -> "
+        "Episode). Multi-turn episodes run on controller threads; each turn is one Generate to a server.")
+    max_turns: int = Field(4, ge=1, description="Workflows: most generations in one episode (tool_loop stops there "
+                           "and finishes the episode as length).")
+    tool_tags: dict[str, str] = Field(
+        default_factory=lambda: {"calc": "calculator"}, description="tool_loop: tag -> tool name; the model calls "
+        "tool T on <tag>args</tag>, and what it wrote after the closing tag is discarded.")
+    episode_threads: int = Field(32, ge=1, description="Workflows: episodes run at once on controller threads; "
+                                 "more wait their turn (a turn waiting for a server blocks only its thread).")
+    turn_timeout_s: float = Field(
+        300.0, gt=0, description="Workflows: longest wait for one turn's generation (queued, dispatched, "
+        "re-dispatched after a server death included); past it the episode fails with an error naming the turn "
+        "and its group is dropped as workflow_error.")
 
 
 class ControllerConfig(Section):
