@@ -12,6 +12,7 @@ from areal_py.config.launch import NetConfig, RunConfig, SlurmConfig
 from areal_py.config.model import ColdStartConfig, ModelConfig
 from areal_py.config.post_training import DpoConfig
 from areal_py.config.section import Section
+from areal_py.config.tools import ToolsConfig
 from areal_py.config.training import AlgoConfig, RewardConfig, TrainerConfig
 from areal_py.tasks.base import RunLimits, TaskConfig, UnknownTask, parse_task_config
 
@@ -28,6 +29,7 @@ class Config(Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Optimisation and checkpoints.")
     algo: AlgoConfig = Field(default_factory=AlgoConfig, description="Advantage estimator, policy loss, KL, entropy.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward functions and shaping.")
+    tools: ToolsConfig = Field(default_factory=ToolsConfig, description="The tool sandbox: workers and per-call limits.")
     weights: WeightsConfig = Field(default_factory=WeightsConfig, description="Weight transfer trainer -> servers.")
     net: NetConfig = Field(default_factory=NetConfig, description="Socket addresses.")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="`areal-py slurm`: nodes, GPUs and sbatch options of the job.")

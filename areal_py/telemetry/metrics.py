@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 REJECTED_MESSAGES = Counter(
     "areal_rejected_messages_total",
@@ -18,6 +18,14 @@ REJECTED_MESSAGES = Counter(
 REWARD_TIMEOUTS = Counter("areal_reward_timeouts_total", "Samples whose reward computation ran past its timeout (scored 0).")
 REWARD_ERRORS = Counter("areal_reward_errors_total", "Reward functions that raised or returned a value not finite in float32 "
                         "(that term scored 0), or reward workers that died mid-sample (sample scored 0).")
+
+TOOL_CALLS = Counter("areal_tool_calls_total", "Tool calls by tool (\"unknown\" for a name no tool has) and outcome "
+                     "(areal_py.tools.result.Reason: ok, output_truncated, error, bad_args, unknown_tool, refused, "
+                     "timeout, memory, cpu, crash, busy).", ["tool", "outcome"])
+TOOL_DURATION = Histogram("areal_tool_call_duration_seconds", "Wall time of a tool call as its caller saw it "
+                          "(queue wait included), by tool.", ["tool"],
+                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                                   60.0, float("inf")))
 
 
 def rejected_count(role: str, reason: str | None = None) -> float:
