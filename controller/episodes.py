@@ -272,5 +272,5 @@ def settle(outcomes: list[Episode | BaseException], stale: bool, tokenizer: Any)
         out.episodes.append(a)
         out.rewards.append(e.reward)
         out.texts.append((text, e.finish_reason == "stop"))
-        out.info.append(dict(e.info))
+        out.info.append({"turns": float(e.turns), **e.info})
     return out

@@ -27,7 +27,7 @@ from areal_py.wire import protocol as P
 from areal_py.wire.transport import RateLimitedLog, reject
 from areal_py.workflow.assembly import AssembledEpisode
 from controller.admission import AdmissionError, LengthGate
-from controller.episodes import EpisodeRunner, settle
+from controller.episodes import EpisodeRunner, Settled, settle
 from controller.progress import AttemptClocks
 from controller.reward_pool import RewardHandle, RewardPool
 from controller.run_state import RunCounters
@@ -219,6 +219,7 @@ class Rollouts:
             s = settle(outcomes, stale, self.tokenizer)
             if s.kind == "ok":
                 c.aborted_in_a_row = 0
+                self._episode_metrics(s)
                 g.episodes = list(zip(s.episodes, s.rewards))
                 self.scoring.append((g, self.rewards.submit([(g.prompt, text, stopped) for text, stopped in s.texts])))
                 continue
@@ -232,6 +233,16 @@ class Rollouts:
                 c.note_dropped("workflow_error", [g.prompt.index])
                 self.drop_log.warning("workflow_error", "group %d (prompt %d) dropped: its workflow (%s) failed: %s",
                                       g.gid, g.prompt.index, self.cfg.rollout.workflow, s.error)
+
+    @staticmethod
+    def _episode_metrics(s: Settled) -> None:
+        for info in s.info:
+            M.episode_turns.observe(info.get("turns", 1.0))
+            errors = info.get("tool_errors", 0.0)
+            M.episode_tool_calls.labels(outcome="error").inc(errors)
+            M.episode_tool_calls.labels(outcome="ok").inc(info.get("tool_calls", 0.0) - errors)
+        tokens = sum(len(a.loss_mask) for a in s.episodes)
+        M.episode_tool_token_share.set((tokens - sum(a.model_tokens for a in s.episodes)) / max(tokens, 1))
 
     def _group(self, g: InflightGroup, rewards: list[float]) -> P.Group:
         if g.episodes is not None:

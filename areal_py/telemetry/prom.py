@@ -100,6 +100,9 @@ class ControllerMetrics:
     dropped_groups: Counter
     evicted_servers: Counter
     redispatched_groups: Counter
+    episode_turns: Histogram
+    episode_tool_calls: Counter
+    episode_tool_token_share: Gauge
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,8 @@ CONTROLLER = ControllerMetrics(
     dropped_groups=_define(Counter, "areal_controller_dropped_groups_total",
                            "Generated groups dropped before any batch, by reason: uniform (dynamic sampling: every "
                            "reward equal), stale (too old for any batch to come), aborted (a rollout server refused "
-                           "it, finish_reason abort).", ("reason",)),
+                           "it, finish_reason abort), workflow_error (rollout.workflow raised or returned an episode "
+                           "that cannot be trained).", ("reason",)),
     evicted_servers=_define(Counter, "areal_controller_evicted_servers_total",
                             "Rollout servers evicted for not loading the newest weights within "
                             "controller.weight_sync_timeout_s (their work re-dispatched; they rejoin once they do)."),
@@ -177,6 +181,14 @@ CONTROLLER = ControllerMetrics(
                                 "evicted (its server did not load the newest weights in time), invalid_result (a "
                                 "result failed a check), timeout (no result and not held by its server for "
                                 "controller.group_timeout_s: a Generate or Result lost on the way).", ("reason",)),
+    episode_turns=_define(Histogram, "areal_controller_episode_turns", "Generations per finished episode "
+                          "(rollout.workflow other than single_turn).", buckets=(1, 2, 3, 4, 6, 8, 12, 16, float("inf"))),
+    episode_tool_calls=_define(Counter, "areal_controller_episode_tool_calls_total", "Tool calls of finished "
+                               "episodes, by outcome: ok, error (the tool failed, timed out or crashed: the model saw "
+                               "an error observation).", ("outcome",)),
+    episode_tool_token_share=_define(Gauge, "areal_controller_episode_tool_token_share", "Share (0..1) of the "
+                                     "response tokens of the last settled episode group that the model did not "
+                                     "generate (tool output, template scaffolding; masked out of the loss)."),
 )
 
 TRAINER = TrainerMetrics(
