@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from areal_py.config import Config
+from areal_py.config.tools import ToolsConfig
 from areal_py.tasks.base import Prompt
+from areal_py.tools.sandbox import ToolSandbox
 from areal_py.wire import protocol as P
 from areal_py.wire.transport import reject
 from areal_py.workflow.api import Episode, Turn, Workflow
@@ -59,6 +61,33 @@ class EpisodeGroup:
     stale: bool = False
 
 
+class LazyTools:
+    """The tool sandbox (areal_py/tools), started at the first call: a workflow that never calls a tool starts
+    no worker process. Thread-safe; `close` stops the workers."""
+
+    def __init__(self, cfg: ToolsConfig) -> None:
+        self.cfg = cfg
+        self._lock = threading.Lock()
+        self._box: ToolSandbox | None = None
+        self._closed = False
+
+    def call(self, name: str, args: Any) -> Any:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the controller stopped")
+            if self._box is None:
+                self._box = ToolSandbox(self.cfg)
+                log.info("tool sandbox started: %d workers, network isolation %s", self.cfg.workers, self._box.network)
+            box = self._box
+        return box.call(name, args)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed, box = True, self._box
+        if box is not None:
+            box.close()
+
+
 def build_episode_runner(cfg: Config, tokenizer: Any, context_len: int | None, vocab_size: int,
                          tools: Any = None) -> EpisodeRunner | None:
     """The runner of `rollout.workflow`, or None for single_turn: the native grouped dispatch is that workflow
@@ -71,7 +100,7 @@ def build_episode_runner(cfg: Config, tokenizer: Any, context_len: int | None, v
                          sampling=P.SamplingBody(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                                  top_p=r.top_p),
                          context_len=context_len or (1 << 30), vocab_size=vocab_size, threads=r.episode_threads,
-                         turn_timeout_s=r.turn_timeout_s, tools=tools)
+                         turn_timeout_s=r.turn_timeout_s, tools=tools if tools is not None else LazyTools(cfg.tools))
 
 
 class ControllerEnv:
@@ -231,6 +260,8 @@ class EpisodeRunner:
                 break
             req.future.set_exception(RuntimeError("the controller stopped"))
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.tools is not None and callable(getattr(self.tools, "close", None)):
+            self.tools.close()
 
 
 @dataclass

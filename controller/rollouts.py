@@ -237,7 +237,8 @@ class Rollouts:
     @staticmethod
     def _episode_metrics(s: Settled) -> None:
         for info in s.info:
-            M.episode_turns.observe(info.get("turns", 1.0))
+            M.episodes.inc()
+            M.episode_turns.inc(info.get("turns", 1.0))
             errors = info.get("tool_errors", 0.0)
             M.episode_tool_calls.labels(outcome="error").inc(errors)
             M.episode_tool_calls.labels(outcome="ok").inc(info.get("tool_calls", 0.0) - errors)

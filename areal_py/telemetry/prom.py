@@ -100,7 +100,8 @@ class ControllerMetrics:
     dropped_groups: Counter
     evicted_servers: Counter
     redispatched_groups: Counter
-    episode_turns: Histogram
+    episodes: Counter
+    episode_turns: Counter
     episode_tool_calls: Counter
     episode_tool_token_share: Gauge
 
@@ -181,8 +182,10 @@ CONTROLLER = ControllerMetrics(
                                 "evicted (its server did not load the newest weights in time), invalid_result (a "
                                 "result failed a check), timeout (no result and not held by its server for "
                                 "controller.group_timeout_s: a Generate or Result lost on the way).", ("reason",)),
-    episode_turns=_define(Histogram, "areal_controller_episode_turns", "Generations per finished episode "
-                          "(rollout.workflow other than single_turn).", buckets=(1, 2, 3, 4, 6, 8, 12, 16, float("inf"))),
+    episodes=_define(Counter, "areal_controller_episodes_total", "Episodes of rollout.workflow (other than "
+                     "single_turn) finished and sent for scoring."),
+    episode_turns=_define(Counter, "areal_controller_episode_turns_total", "Generations of those episodes (turns per "
+                          "episode = its rate over areal_controller_episodes_total's)."),
     episode_tool_calls=_define(Counter, "areal_controller_episode_tool_calls_total", "Tool calls of finished "
                                "episodes, by outcome: ok, error (the tool failed, timed out or crashed: the model saw "
                                "an error observation).", ("outcome",)),

@@ -103,3 +103,32 @@ def test_settle_rule() -> None:
     assert no_model.kind == "error" and "no model token" in no_model.error
     ok = settle([good, Episode([Segment(ids("7"), True, [-1.0], [0])], reward=0.25)], False, TOK)
     assert ok.kind == "ok" and ok.rewards == [None, 0.25] and ok.info[0] == {"turns": 1.0}
+
+
+def test_tool_loop_with_the_real_sandbox() -> None:
+    """tool_loop's calls go to the sandbox's calculator out of process; a failing call is an error observation."""
+    from areal_py.config.tools import ToolsConfig
+    from areal_py.workflow.api import Turn
+    from areal_py.workflow.assembly import assemble
+    from controller.episodes import LazyTools
+
+    tools = LazyTools(ToolsConfig(workers=1, timeout_s=5))
+    script = ["<calc>12*34</calc>", "<calc>1/0</calc>", "408"]
+
+    class Env:
+        tokenizer = TOK
+
+        def generate(self, context_ids, max_new_tokens=None):
+            out = ids(script.pop(0))
+            return Turn(out, [-0.1] * len(out), [0] * len(out), "stop")
+
+        def call_tool(self, name, args):
+            return tools.call(name, args)
+
+    try:
+        ep = ToolLoop(WorkflowSettings(max_turns=3)).run(PROMPT, ids("q"), Env())
+    finally:
+        tools.close()
+    text = TOK.decode(assemble(ep).output_ids)
+    assert text.startswith("<calc>12*34</calc><result>408</result><calc>1/0</calc><result>error: ")
+    assert text.endswith("</result>408") and ep.info["tool_errors"] == 1.0 and ep.info["tool_calls"] == 2.0
