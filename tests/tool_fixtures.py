@@ -2,6 +2,8 @@
 import ctypes
 import os
 import socket
+import stat
+import struct
 import subprocess
 import time
 
@@ -69,3 +71,16 @@ def interfaces() -> list:
     namespace sysfs was mounted in)."""
     with open("/proc/self/net/dev") as f:
         return sorted(line.split(":")[0].strip() for line in f.readlines()[2:])
+
+
+def partial_message() -> str:
+    """Writes a length header promising 100 bytes on every socket it has (the pool's pipe among them),
+    then hangs: the pool is left reading a message that never ends."""
+    for fd in range(3, 64):
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                os.write(fd, struct.pack("!i", 100))
+        except OSError:
+            pass
+    time.sleep(60)
+    return "never"

@@ -132,6 +132,7 @@ def _restricted_builtins(allowed_modules: Iterable[str]) -> dict[str, Any]:
 
     table = {n: getattr(builtins, n) for n in SAFE_BUILTINS}
     table["__import__"] = restricted_import
+    table["__build_class__"] = builtins.__build_class__  # `class` statements
     return table
 
 

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 MAX_ARGS_CHARS = 100_000  # JSON text of one call's arguments
 KILL_GRACE_S = 5.0  # past timeout_s, for the slot to kill the worker and report
+_LOGGED = frozenset({"timeout", "memory", "cpu", "crash", "busy"})  # the sandbox's failures, not the model's
 
 
 class ToolWorkerStartError(RuntimeError):
@@ -213,6 +214,8 @@ class ToolSandbox:
         TOOL_CALLS.labels(tool=label, outcome=reason).inc()
         TOOL_DURATION.labels(tool=label).observe(latency)
         ok = reason in SUCCESS_REASONS
+        if reason in _LOGGED:
+            log.warning("tool call %s: %s (%.2f s)", reason, error, latency)
         return ToolResult(ok=ok, output=output if ok else "", error=None if ok else (error or reason),
                           reason=reason, latency_s=latency)  # type: ignore[arg-type]
 
@@ -287,21 +290,31 @@ class ToolSandbox:
         except OSError:
             job.finish(*self._death(w, job.name))
             return False
+        deadline = time.monotonic() + self.cfg.timeout_s
         if not w.conn.poll(self.cfg.timeout_s):
             w.proc.kill()
             job.finish("timeout", error=f"tool {job.name!r} ran past tools.timeout_s={self.cfg.timeout_s:g} s "
                        "and was stopped")
             return False
+        # a worker that sent part of a message and stopped would hold recv_bytes forever: kill it then
+        stuck = threading.Timer(max(0.0, deadline - time.monotonic()) + 0.5, w.proc.kill)
+        stuck.daemon = True
+        stuck.start()
         try:
             data = w.conn.recv_bytes(self._max_message)
         except (EOFError, OSError):  # the worker died, or sent more than any result can be
             w.proc.join(2.0)
-            if w.proc.exitcode is None:
+            if stuck.finished.is_set():
+                job.finish("timeout", error=f"tool {job.name!r} sent part of its result and stopped; stopped at "
+                           f"tools.timeout_s={self.cfg.timeout_s:g} s")
+            elif w.proc.exitcode is None:
                 job.finish("crash", error=f"tool {job.name!r}: its worker sent a message over "
                            f"{self._max_message} bytes")
             else:
                 job.finish(*self._death(w, job.name))
             return False
+        finally:
+            stuck.cancel()
         try:
             checked = _check_result(json.loads(data), self.cfg.max_output_chars)
         except ValueError:  # not JSON

@@ -21,7 +21,8 @@ def test_prints_and_the_last_expression() -> None:
     assert run("x = 3\nx * 2") == "6\n"
     assert run("from fractions import Fraction\nFraction(1, 3) + Fraction(1, 6)") == "Fraction(1, 2)\n"
     assert run("import math\nmath.isqrt(10**6)") == "1000\n"
-    assert run("x = None\nx") == ""  # a None value prints nothing, as in a notebook
+    assert run("x = None\nx") == ""
+    assert run("class P:\n    def __init__(self, x):\n        self.x = x\nP(4).x + 1") == "5\n"  # a None value prints nothing, as in a notebook
     assert run("def f(n):\n    return n if n < 2 else f(n - 1) + f(n - 2)\nprint([f(i) for i in range(8)])") \
         == "[0, 1, 1, 2, 3, 5, 8, 13]\n"
 

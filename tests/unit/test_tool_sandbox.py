@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,7 +16,7 @@ from areal_py.tools.sandbox import ToolSandbox, ToolWorkerStartError
 
 FIXTURES = {name: f"tests.tool_fixtures:{name}" for name in (
     "echo", "add", "hang", "spin", "segfault", "hard_exit", "fails", "memory_bomb", "connect", "resolve",
-    "run_process", "shell", "huge_output", "interfaces")}
+    "run_process", "shell", "huge_output", "interfaces", "partial_message")}
 
 
 def calls(tool: str, outcome: str) -> float:
@@ -56,6 +58,12 @@ def test_hung_tool_times_out_is_counted_and_the_next_call_works(sandbox: ToolSan
     assert sandbox.call("add", {"a": 2, "b": 3}).output == "5"  # served at once by the other worker
     wait_for(lambda: len(sandbox.worker_pids()) == 2)  # the replacement started
     assert len(set(sandbox.worker_pids()) - pids) == 1  # one worker replaced, the other kept
+
+
+def test_a_half_sent_result_does_not_hold_the_pool(sandbox: ToolSandbox) -> None:
+    r = sandbox.call("partial_message")
+    assert (r.ok, r.reason) == (False, "timeout") and "sent part of its result" in r.error
+    assert sandbox.call("echo", "next").output == "next"
 
 
 def test_crashing_tools_are_counted_and_replaced(sandbox: ToolSandbox) -> None:
@@ -195,3 +203,30 @@ def test_resolve_tools_checks_names_and_paths() -> None:
         resolve_tools({"mine": "pkg.mod"})
     with pytest.raises(ValueError, match="tool name"):
         resolve_tools({"bad name": "pkg.mod:fn"})
+
+
+def test_workers_die_with_the_pool_process(tmp_path) -> None:
+    """Both workers busy in a hung tool (so not waiting to read EOF) when the pool's process is SIGKILLed."""
+    script = tmp_path / "pool.py"
+    script.write_text(
+        "import threading, time\n"
+        "from areal_py.config.tools import ToolsConfig\n"
+        "from areal_py.tools.sandbox import ToolSandbox\n"
+        "if __name__ == '__main__':\n"
+        "    sb = ToolSandbox(ToolsConfig(workers=2, timeout_s=100, custom={'hang': 'tests.tool_fixtures:hang'}))\n"
+        "    for _ in range(2):\n"
+        "        threading.Thread(target=sb.call, args=('hang',), daemon=True).start()\n"
+        "    while sb._jobs.unfinished_tasks < 2 or not sb._jobs.empty():\n"
+        "        time.sleep(0.01)\n"
+        "    print(*sb.worker_pids(), flush=True)\n"
+        "    time.sleep(120)\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=root, env=env)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+    finally:
+        proc.kill()  # SIGKILL: no atexit, no close(); only the kernel's PDEATHSIG can stop the workers
+        proc.wait()
+    wait_for(lambda: not any(_alive(p) for p in pids))
