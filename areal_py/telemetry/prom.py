@@ -38,7 +38,7 @@ from prometheus_client import (
 )
 
 from areal_py.telemetry.http_auth import CHALLENGE, authorized, count_refusal, is_loopback_address, refuse_open_bind
-from areal_py.telemetry.metrics import REJECTED_MESSAGES, REWARD_ERRORS, REWARD_TIMEOUTS
+from areal_py.telemetry.metrics import REJECTED_MESSAGES, REWARD_ERRORS, REWARD_TIMEOUTS, TOOL_CALLS, TOOL_DURATION
 
 __all__ = [
     "ALL_METRIC_NAMES",
@@ -252,14 +252,15 @@ def _sample_names(metric: Any) -> set[str]:
 ROLES = {"rollout": ROLLOUT, "controller": CONTROLLER, "trainer": TRAINER}
 _METRICS = [m for group in ROLES.values() for m in vars(group).values()]
 ALL_METRIC_NAMES: frozenset[str] = frozenset().union(*(_sample_names(m) for m in _METRICS + [REJECTED_MESSAGES, REWARD_TIMEOUTS,
-                                                                                         REWARD_ERRORS]))
+                                                                                         REWARD_ERRORS, TOOL_CALLS,
+                                                                                         TOOL_DURATION]))
 
 
 def _build_role_registry(group: Any) -> CollectorRegistry:
     reg = CollectorRegistry()
     shared = [REJECTED_MESSAGES, PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR]
-    if group is CONTROLLER:  # the controller owns the reward pool
-        shared += [REWARD_TIMEOUTS, REWARD_ERRORS]
+    if group is CONTROLLER:  # the controller owns the reward pool and the episode runner's tool sandbox
+        shared += [REWARD_TIMEOUTS, REWARD_ERRORS, TOOL_CALLS, TOOL_DURATION]
     for c in [*vars(group).values(), *shared]:
         reg.register(c)
     return reg
