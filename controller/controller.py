@@ -36,6 +36,7 @@ from controller.reward_pool import RewardPool
 from controller.rollouts import Rollouts
 from controller.run_state import RunCounters
 from controller.servers import ServerRegistry, ServerState
+from controller.trainer_watch import TrainerLost, TrainerWatch, link_up
 from controller.weight_sync import WeightSync
 
 __all__ = ["AdmissionError", "Controller"]
@@ -102,6 +103,7 @@ class Controller:
         self.activity = ActivityTracker()  # servers' generation spans and slot use since the last batch
         self.trainer_done = False
         self.last_ping = 0.0
+        self.trainer_watch = TrainerWatch(cfg.controller.trainer_timeout_s, probe_s=cfg.rollout.heartbeat_s)
 
     def _to_server(self, server: ServerState, body, tensors: dict | None = None) -> None:
         if "session" in type(body).model_fields:
@@ -292,7 +294,9 @@ class Controller:
         body = msg.body
         if sender != self.trainer_id:
             reject(ROLE, "not_trainer", f"{msg.type} from {sender!r}, not the trainer ({self.trainer_id!r})")
-        elif isinstance(body, P.Ping):  # the waiting trainer's probe: answered on the batch link, never blocking
+            return
+        self.trainer_watch.heard(time.monotonic())
+        if isinstance(body, P.Ping):  # the waiting trainer's probe: answered on the batch link, never blocking
             try_send(self.to_trainer, P.Ping(session=self.session), to=self.trainer_id)
         elif isinstance(body, P.WeightsReady):
             self.weights.publish(body, msg.tensors)
@@ -322,6 +326,7 @@ class Controller:
             sender, msg = recv(self.from_trainer, ROLE, timeout_s=self.cfg.controller.startup_timeout_s,
                                tick=self.ping, routed=True, waiting_for="the trainer's hello")
         self.trainer_id = sender
+        self.trainer_watch.heard(time.monotonic())
         hello: P.TrainerHello = msg.body
         self.resume(hello)
         c = self.counts
@@ -430,17 +435,39 @@ class Controller:
     def _serve(self) -> None:
         self.start()
         deadline = time.monotonic() + self.cfg.controller.startup_timeout_s
+        keep_servers = False  # the trainer lost: servers stay up to rejoin a controller restarted with --resume
         try:
             while not self.trainer_done:
                 self.step()
                 if not self.registry.servers and time.monotonic() > deadline:
                     raise WaitTimeout(f"controller: timed out after {self.cfg.controller.startup_timeout_s:.0f}s "
                                       f"waiting for a rollout server to connect")
+                self.check_trainer()
+        except TrainerLost:
+            keep_servers = True
+            raise
         finally:
-            self.close()
+            self.close(shutdown_servers=not keep_servers)
 
-    def close(self) -> None:
-        for s in self.registry.live():
+    def check_trainer(self) -> None:
+        """Stop with TrainerLost once the trainer has been silent past controller.trainer_timeout_s and its
+        link is down (controller/trainer_watch.py): under `serve` no launcher would notice, and the controller
+        would wait for ever. Nothing is saved here: the trainer's checkpoints hold the state a resume needs."""
+        w = self.trainer_watch
+        if not w.lost(time.monotonic(), lambda: link_up(self.to_trainer, self.trainer_id, P.Ping(session=self.session))):
+            return
+        silent = time.monotonic() - w.last_heard
+        raise TrainerLost(
+            f"controller: TrainerLost: no message from the trainer for {silent:.0f} s and its link is down "
+            f"(controller.trainer_timeout_s={w.timeout_s:g}; it died or cannot be reached). The state a resume needs "
+            f"is in the trainer's latest checkpoint under {self.cfg.run_dir() / 'checkpoints'} (weights, counters and "
+            "the groups in flight at that step); what this controller held since is generated again from it. The "
+            "rollout servers are left running to rejoin: start the controller again with `areal-py serve controller "
+            "<config> --resume` and the trainer with `areal-py serve trainer <config> --resume` (with the launcher: "
+            f"`areal-py run --resume run.name={self.cfg.run.name}`)")
+
+    def close(self, shutdown_servers: bool = True) -> None:
+        for s in self.registry.live() if shutdown_servers else ():
             self._to_server(s, P.Shutdown(reason="run finished"))
         self.rewards.close()
         if self.rollouts.episodes is not None:

@@ -87,6 +87,13 @@ class ControllerConfig(Section):
                                          "once sent it; past it the server is evicted (its work re-dispatched) until it "
                                          "reports that version.")
     startup_timeout_s: float = Field(120.0, gt=0, description="Longest wait for the trainer and the first server to connect.")
+    trainer_timeout_s: float = Field(
+        120.0, gt=0, description="Once the trainer has said hello: the controller stops with TrainerLost when the "
+        "trainer has sent nothing for this long and its link is down (its process died: a kill -9 under `areal-py "
+        "serve`, which no launcher watches). A trainer training a long step is silent but connected and is waited "
+        "for. The controller exits rather than waits: on a cluster a failed job is seen and restarted, and the "
+        "state a resume needs is in the trainer's checkpoints; the rollout servers are not shut down, so they "
+        "rejoin a controller restarted with --resume. Same default as trainer.controller_timeout_s.")
     no_server_timeout_s: float = Field(
         120.0, gt=0, description="Once a server has connected: longest time with no live rollout server (counted "
         "from the last word of any) before the controller stops with an error; a server that comes back in time "
