@@ -29,7 +29,7 @@ from areal_py.telemetry.step_record import StepRecord
 from areal_py.telemetry.tensorboard import TensorBoardLog
 from areal_py.wire import protocol as P
 from areal_py.wire.dist_weights import DistWeightsError, WeightGroup, layout_for
-from areal_py.wire.trainer_link import Pulse, connect_trainer
+from areal_py.wire.trainer_link import Pulse, await_controller, connect_trainer
 from areal_py.wire.transport import ControllerLost, WaitTimeout, parse, reject, send, try_send
 from areal_py.wire.weight_files import sha256_file
 from areal_py.wire.weights import named_weights, save_weights
@@ -52,7 +52,7 @@ def controller_pulse(cfg: Config) -> Pulse:
                  grace_s=cfg.controller.startup_timeout_s)
 
 
-def lost_controller(cfg: Config, version: int, silent_s: float) -> str:
+def lost_controller(cfg: Config, version: int, silent_s: float, doing: str = "") -> str:
     """ControllerLost's message for a trainer at `version`: the bound, what is kept, what is lost, how to resume.
     The trainer writes no checkpoint then: one without the controller's buffer would lose the groups in flight,
     while the latest checkpoint holds them."""
@@ -62,7 +62,7 @@ def lost_controller(cfg: Config, version: int, silent_s: float) -> str:
             "both trained again from it on resume, nothing admitted is skipped" if ckpts else
             "no checkpoint was written yet, so nothing is kept: start the run again (without --resume)")
     return (f"{ROLE}: lost the controller at {cfg.net.addr(cfg.net.trainer_port)}: nothing from it for "
-            f"{silent_s:.0f}s while waiting for batch {version} (trainer.controller_timeout_s="
+            f"{silent_s:.0f}s {doing or f'while waiting for batch {version}'} (trainer.controller_timeout_s="
             f"{cfg.trainer.controller_timeout_s:g}; it died, hangs or cannot be reached); {kept}. Resume with "
             f"`areal-py run --resume run.name={cfg.run.name}`, or, roles started by hand, start the controller and "
             "servers again and the trainer with `areal-py serve trainer <config> --resume`")
@@ -104,6 +104,9 @@ class Trainer:
         self.to_ctrl, self.batches = connect_trainer(ctx, net)  # DEALERs under one random routing id
         self.pulse = controller_pulse(cfg)
         self.controller_session: str | None = None  # from its answers to probes; another one: it restarted
+        # batches that overtook an earlier one on the link, by version (see `next_batch`)
+        self.ahead: dict[int, P.Batch] = {}
+        self.hello_version = -1  # the version of its last hello (`rejoin`)
 
     def _resume(self) -> None:
         """Restore the newest usable checkpoint, and cut metrics.jsonl back to its step: the steps after it
@@ -183,8 +186,17 @@ class Trainer:
         """The batch for this version. While waiting, the controller is probed (a Ping on the trainer link every
         rollout.heartbeat_s, answered on the batch link; areal_py/wire/trainer_link.py): silence past
         trainer.controller_timeout_s ends the wait with ControllerLost, and trainer.batch_timeout_s bounds it
-        whatever the controller says."""
+        whatever the controller says.
+
+        A batch for a later version that arrives first (it overtook the one before it: a reordering link, a
+        reconnect) is kept for its turn, not thrown away: the controller sends each batch once. The controller
+        forms batches at most max_staleness versions past the trainer's (the admission bound), so at most that
+        many are kept; anything further, or older, is rejected."""
         t0 = time.perf_counter()
+        for v in [v for v in self.ahead if v < self.version]:
+            del self.ahead[v]
+        if self.version in self.ahead:
+            return self.ahead.pop(self.version), time.perf_counter() - t0
         start = time.monotonic()
         self.pulse.restart(start)
         deadline = start + self.cfg.trainer.batch_timeout_s
@@ -211,6 +223,10 @@ class Trainer:
                 continue
             if isinstance(msg.body, P.Batch) and msg.body.version == self.version:
                 return msg.body, time.perf_counter() - t0
+            if (isinstance(msg.body, P.Batch) and msg.body.version not in self.ahead
+                    and 0 < msg.body.version - self.version <= self.cfg.effective_max_staleness):
+                self.ahead[msg.body.version] = msg.body
+                continue
             detail = f"batch for version {msg.body.version}" if isinstance(msg.body, P.Batch) else msg.type
             reject(ROLE, "unexpected_type", f"{detail} while waiting for batch {self.version}")
 
@@ -242,7 +258,14 @@ class Trainer:
 
     def hello(self) -> None:
         """Tell the controller where the run stands: the version, and on resume the checkpoint's counters
-        and buffer; then the resumed weights, since servers start from the base model."""
+        and buffer; then the resumed weights, since servers start from the base model.
+
+        First the controller must answer a probe (`await_controller`): its session is the one this hello goes
+        to, so an answer under another one later is a restart, however soon after the hello it came."""
+        self.controller_session = await_controller(
+            self.to_ctrl, self.batches, self.pulse, ROLE,
+            lambda silent: ControllerLost(lost_controller(self.cfg, self.version, silent, "before its hello")))
+        self.hello_version = self.version
         send(self.to_ctrl, P.TrainerHello(version=self.version, resume_state=self.resume_state,
                                           resume_buffer=self.resume_buffer))
         if self.version > 0:
@@ -253,7 +276,15 @@ class Trainer:
         the latest checkpoint holds it as of that step, so roll back to that checkpoint in this process
         and say the hello of `--resume`, as a restarted trainer would: the steps since are trained again
         and the ledger stays exact. World size 1 only (the other ranks would have to roll back with it),
-        and only with a checkpoint to go back to; otherwise stop with ControllerLost, as before."""
+        and only with a checkpoint to go back to; otherwise stop with ControllerLost, as before. With no step
+        trained since its hello (the controller died right after it), nothing needs rolling back: the same
+        hello is said again."""
+        if self.version == self.hello_version:
+            log.warning("the controller restarted (session %s, was %s) before any step since this trainer's hello "
+                        "at version %d: saying it again", session, self.controller_session, self.version)
+            self.ahead.clear()
+            self.hello()
+            return
         ckpts = checkpoint_dirs(self.ckpt_root)
         if self.dist.distributed or not ckpts:
             why = ("trainer.world_size > 1, whose ranks cannot roll back in process" if self.dist.distributed else
@@ -268,6 +299,7 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
         self._resume()
+        self.ahead.clear()  # the dead controller's batches: the restarted one sends its own
         self.metrics = JsonlWriter(self.cfg.run_dir() / "metrics.jsonl")
         if self.tb is not None:
             self.tb = TensorBoardLog(self.cfg.run_dir() / "tensorboard", resume_step=self.version)

@@ -17,6 +17,11 @@ probes: a `Ping` on the trainer link every `rollout.heartbeat_s`, which the cont
 (`Pulse.restart`: a long step of its own is not the controller's silence), and past
 `trainer.controller_timeout_s` the wait ends with `ControllerLost`.
 
+Before its hello the trainer probes until the controller answers (`await_controller`), so it knows the
+session it says hello to and has heard the controller once: a controller that dies right after the
+hello is then noticed within `trainer.controller_timeout_s` (no start-up grace), and one restarted in
+that window answers under another session, which the trainer takes as a restart (it says its hello again).
+
 The id is 64 random bits: another process cannot guess it to claim the trainer's name first (a ROUTER
 refuses a second connection under an id already connected). Across machines the sockets are also
 authenticated (CURVE); this is what holds on loopback, where anyone local may connect.
@@ -25,13 +30,16 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
 
 from areal_py.config.launch import NetConfig
+from areal_py.wire import protocol as P
 from areal_py.wire.curve import TRAINER, Gatekeeper, client_curve
-from areal_py.wire.transport import make_socket
+from areal_py.wire.transport import make_socket, parse, reject, try_send
 
 TRAINER_ID_PREFIX = "trainer-"
 
@@ -109,3 +117,26 @@ class Pulse:
             return False
         self.last_probe = now
         return True
+
+
+def await_controller(to_ctrl: zmq.Socket, batches: zmq.Socket, pulse: Pulse, role: str,
+                     lost: Callable[[float], Exception]) -> str | None:
+    """Probe the controller (a Ping on `to_ctrl` every `pulse.probe_s`) until it answers on `batches`; return
+    the session of its answer. Silence past `pulse.limit()` raises `lost(seconds silent)`. Anything else
+    arriving before the hello (a batch of a controller this trainer never said hello to) is rejected."""
+    pulse.restart(time.monotonic())
+    while True:
+        now = time.monotonic()
+        if pulse.lost(now):
+            raise lost(now - pulse.last_heard)
+        if pulse.probe_due(now):
+            try_send(to_ctrl, P.Ping())
+        if not batches.poll(int(pulse.probe_s * 1000) + 1):
+            continue
+        _, msg = parse(batches.recv_multipart(copy=False), role)
+        if msg is None:  # counted by parse
+            continue
+        if isinstance(msg.body, P.Ping):
+            pulse.heard(time.monotonic())
+            return msg.body.session
+        reject(role, "unexpected_type", f"{msg.type} before the trainer's hello")

@@ -4,11 +4,12 @@ reorders their messages. The run finishes, or a role stops with a named error, n
 is trained exactly once or dropped with a reason (the ledger), the staleness bound holds, nothing is orphaned.
 
 Two cases. `reorder`: duplicates, delays and reorders on every link; the run must finish with the ledger exact.
-`drops`: the rollout link and the weight notices also lose messages. Nothing re-sends a lost Generate or Result
-(the group then waits on its server for ever, and admission under the staleness bound stalls once enough are
-lost), so the run either finishes or the trainer stops with a named error (trainer.batch_timeout_s), and the
-test stops the others as the launcher would; it must never hang. The trainer link never drops: the trainer and
-the controller send each other one message per step and neither re-sends."""
+`drops`: the rollout link and the weight notices also lose messages. A group whose Generate or Result was lost
+is generated again once its attempt shows no sign of life for controller.group_timeout_s (controller/progress.py),
+weights a server missed are sent again, and a lost heartbeat is followed by the next: the run must finish with
+the ledger exact, as in `reorder`. The trainer link never drops: the trainer and the controller send each other
+one message per step and neither re-sends. Should a role fail, the test stops the others as the launcher would,
+so a failure is reported, never a hang."""
 from __future__ import annotations
 
 import subprocess
@@ -40,7 +41,7 @@ def start(role: str, args: list[str], log) -> subprocess.Popen:
 def test_a_run_through_a_flaky_proxy_keeps_the_ledger(tmp_path, small_cfg, case):
     common = [*small_cfg, f"trainer.total_steps={STEPS}", f"controller.max_staleness={STALENESS}",
               "run.torch_threads=1", "controller.server_timeout_s=5", "rollout.controller_timeout_s=20",
-              "trainer.controller_timeout_s=60", "trainer.batch_timeout_s=60"]
+              "trainer.controller_timeout_s=60", "trainer.batch_timeout_s=60", "controller.group_timeout_s=5"]
     real = {k: _port(common, k) for k in ("rollout", "weights", "trainer", "batch")}
     px = dict(zip(real, free_ports(4), strict=True))
     loop = "tcp://127.0.0.1:{}".format
@@ -86,9 +87,6 @@ def test_a_run_through_a_flaky_proxy_keeps_the_ledger(tmp_path, small_cfg, case)
         assert all(faults.get((link, k), 0) > 0 for k in kinds), (link, faults)
     if case == "drops":
         assert faults.get(("rollout:up", "dropped"), 0) > 0, faults
-        if roles["trainer"].returncode != 0:  # a named error, the others stopped: no hang, nothing orphaned
-            assert "WaitTimeout" in text["trainer"] or "ControllerLost" in text["trainer"], text["trainer"][-3000:]
-            return
     assert roles["controller"].returncode == 0 and roles["trainer"].returncode == 0, text
     # the server stops on the controller's Shutdown, or (that message dropped) on the named silence
     assert roles["rollout"].returncode == 0 or "ControllerLost" in text["rollout"], text["rollout"][-3000:]

@@ -208,7 +208,7 @@ def test_trainer_batch_receiver_counts_every_message(cfg, n):
     router = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.batch_port, bind=True), bind=True)
     to_ctrl, batches = connect_trainer(ctx, cfg.net, identity="trainer-fz")  # to_ctrl: its probes, unanswered
     me = SimpleNamespace(batches=batches, to_ctrl=to_ctrl, version=0, cfg=cfg, pulse=controller_pulse(cfg),
-                         controller_session=None)
+                         controller_session=None, ahead={})
     ledger = Ledger("trainer")
     accepted = 0
 
@@ -248,7 +248,8 @@ def test_trainer_batch_receiver_counts_every_message(cfg, n):
         sent = sum(ledger.sent.values())
         assert ledger.decode_rejections() == ledger.expected_decode_rejections()
         pings = ledger.decoded(("ping",))  # the controller's answer to the trainer's probe: taken as its word
-        assert ledger.rejected() + accepted + pings == sent  # nothing vanished uncounted
+        # nothing vanished uncounted; a batch for a later version is kept for its turn (Trainer.next_batch)
+        assert ledger.rejected() + accepted + pings + len(me.ahead) == sent
         assert accepted <= ledger.decoded(("batch",))
     finally:
         router.close()

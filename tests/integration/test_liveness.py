@@ -143,7 +143,7 @@ def test_trainer_batch_wait_is_bounded_and_named(tmp_path, ctx):
     probe = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.trainer_port), bind=False)
     try:
         fake = SimpleNamespace(cfg=cfg, batches=pull, to_ctrl=probe, version=3, pulse=controller_pulse(cfg),
-                           controller_session=None)
+                           controller_session=None, ahead={})
         with pytest.raises(WaitTimeout, match=r"batch 3 from the controller at tcp://127\.0\.0\.1:\d+"):
             Trainer.next_batch(fake)
     finally:
@@ -163,7 +163,7 @@ def test_trainer_notices_a_dead_controller_within_its_bound_and_says_how_to_resu
     ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
     to_ctrl, batches = connect_trainer(ctx, cfg.net)
     fake = SimpleNamespace(cfg=cfg, batches=batches, to_ctrl=to_ctrl, version=0, pulse=controller_pulse(cfg),
-                           controller_session=None)
+                           controller_session=None, ahead={})
     alive, errors = threading.Event(), []
     alive.set()
 

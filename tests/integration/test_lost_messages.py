@@ -4,6 +4,7 @@ trained once. Fake servers and a fake trainer speak the wire protocol to a real 
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import zmq
@@ -15,8 +16,8 @@ from areal_py.models import build_char_tokenizer
 from areal_py.tasks.arith import ArithTask
 from areal_py.telemetry.metrics import rejected_count
 from areal_py.wire import protocol as P
-from areal_py.wire.trainer_link import connect_trainer
-from areal_py.wire.transport import make_socket, parse, send
+from areal_py.wire.trainer_link import bind_trainer, connect_trainer
+from areal_py.wire.transport import make_socket, parse, send, try_send
 from controller.controller import Controller
 
 
@@ -105,4 +106,38 @@ def test_a_swallowed_generate_is_redispatched_after_the_timeout_and_trained_once
     finally:
         ctrl.close()
         for s in (to_ctrl, batches, *servers.values()):
+            s.close()
+
+
+def test_a_batch_that_overtakes_the_one_before_it_is_kept_for_its_turn(tmp_path, ctx):
+    """The controller sends each batch once, so a reordering link must not cost the trainer one: a batch for a
+    later version within max_staleness waits for its turn; a copy of it, or one further ahead, is rejected."""
+    from trainer.trainer import Trainer, controller_pulse
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=s", *net_overrides(), "controller.max_staleness=2",
+                             "rollout.heartbeat_s=0.1"])
+    from_trainer, to_trainer = bind_trainer(ctx, cfg.net, send_timeout_s=5)
+    to_ctrl, batches = connect_trainer(ctx, cfg.net, identity="trainer-x")
+    me = SimpleNamespace(cfg=cfg, to_ctrl=to_ctrl, batches=batches, version=0, pulse=controller_pulse(cfg),
+                         controller_session=None, ahead={})
+
+    def batch(v: int, gid: int) -> P.Batch:
+        return P.Batch(version=v, state=P.ControllerState(), groups=[P.Group(
+            gid=gid, prompt_index=gid, prompt_ids=[1], samples=[P.Sample(
+                output_ids=[2], logprobs=[-1.0], versions=[0], finish_reason="stop", reward=0.0)])])
+
+    try:
+        end = time.monotonic() + 10
+        while not try_send(to_trainer, P.Ping(session="s"), to=b"trainer-x"):  # the batch link is up
+            assert time.monotonic() < end, "the batch link never came up"
+            time.sleep(0.05)
+        rejected = rejected_count("trainer", "unexpected_type")
+        for b in (batch(1, 11), batch(1, 99), batch(3, 33), batch(0, 10)):  # 1 overtook 0; its copy; 3 too far
+            send(to_trainer, b, to=b"trainer-x")
+        assert Trainer.next_batch(me)[0] == batch(0, 10)
+        me.version = 1
+        assert Trainer.next_batch(me)[0] == batch(1, 11)  # kept, the first copy
+        assert rejected_count("trainer", "unexpected_type") - rejected == 2 and me.ahead == {}
+    finally:
+        for s in (from_trainer, to_trainer, to_ctrl, batches):
             s.close()

@@ -18,7 +18,7 @@ from areal_py.models import build_char_tokenizer
 from areal_py.tasks.arith import ArithTask
 from areal_py.telemetry.metrics import rejected_count
 from areal_py.wire import protocol as P
-from areal_py.wire.transport import make_socket, recv, send
+from areal_py.wire.transport import make_socket, recv, send, try_send
 from areal_py.wire.weights import named_weights
 from controller.controller import Controller
 from rollout_server.server import RolloutServer
@@ -190,7 +190,11 @@ def test_trainer_rejects_garbage_and_trains(tmp_path, model_cache, ctx):
     t = threading.Thread(target=trainer.serve, daemon=True)
     t.start()
     try:
-        trainer_id, hello = recv(pull, "test", timeout_s=30, waiting_for="trainer hello", routed=True)
+        while True:  # the trainer probes until the controller answers, then says hello
+            trainer_id, hello = recv(pull, "test", timeout_s=30, waiting_for="trainer hello", routed=True)
+            if hello.type != "ping":
+                break
+            try_send(push, P.Ping(session="fake"), to=trainer_id)
         assert hello.body == P.TrainerHello(version=0, resume_state=None)
         assert trainer_id.startswith(b"trainer-")  # its batch link has the same routing id
         before = rejected_count("trainer")
