@@ -142,6 +142,12 @@ def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProces
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def serve_role(role: str, cfg_file: Path, log, *extra: str) -> subprocess.Popen:
+    """`areal-py serve ROLE CFG_FILE EXTRA...` in the background, its output to the open file `log`."""
+    return subprocess.Popen([sys.executable, "-m", "areal_py.app.cli", "serve", role, str(cfg_file), *extra],
+                            cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
+
+
 def _kill_group(proc: subprocess.Popen) -> tuple[str, str]:
     """SIGTERM the process group of `proc` (its own session), 10 s to exit cleanly, then SIGKILL
     whatever is left of the group; returns the output read meanwhile."""

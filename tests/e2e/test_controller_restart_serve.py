@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 
-from conftest import ROOT, scaled, wait_for
+from conftest import scaled, serve_role, wait_for
 
 from areal_py.config import dump_config, load_config
 from areal_py.telemetry.ledger import read_run_ledger
@@ -22,11 +20,6 @@ from areal_py.telemetry.metrics import read_jsonl
 STEPS = 16
 
 
-def serve(role: str, cfg_file, log, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "areal_py.app.cli", "serve", role, str(cfg_file), *extra],
-                            cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
-
-
 def test_kill_9_of_the_controller_then_serve_controller_resume_finishes_the_run(tmp_path, small_cfg):
     cfg = load_config(None, [*small_cfg, "trainer.checkpoint_every=2", f"trainer.total_steps={STEPS}",
                              "rollout.heartbeat_s=0.2", "weights.transfer=stream"])
@@ -34,9 +27,9 @@ def test_kill_9_of_the_controller_then_serve_controller_resume_finishes_the_run(
     dump_config(cfg, cfg_file)
     run_dir = cfg.run_dir()
     logs = {name: (tmp_path / f"{name}.log").open("w") for name in ("controller", "trainer", "rollout", "controller2")}
-    procs = {"controller": serve("controller", cfg_file, logs["controller"]),
-             "trainer": serve("trainer", cfg_file, logs["trainer"]),
-             "rollout": serve("rollout", cfg_file, logs["rollout"])}
+    procs = {"controller": serve_role("controller", cfg_file, logs["controller"]),
+             "trainer": serve_role("trainer", cfg_file, logs["trainer"]),
+             "rollout": serve_role("rollout", cfg_file, logs["rollout"])}
 
     def steps() -> list[int]:
         path = run_dir / "metrics.jsonl"
@@ -53,7 +46,7 @@ def test_kill_9_of_the_controller_then_serve_controller_resume_finishes_the_run(
         procs["controller"].wait(10)
         reached = max(steps())
         assert reached < STEPS and procs["trainer"].poll() is None, "the run finished before the controller died"
-        procs["controller2"] = serve("controller", cfg_file, logs["controller2"], "--resume")
+        procs["controller2"] = serve_role("controller", cfg_file, logs["controller2"], "--resume")
         for name in ("trainer", "rollout", "controller2"):
             rc = procs[name].wait(scaled(300))
             assert rc == 0, f"{name} exited {rc}:\n{tail(name)}"
