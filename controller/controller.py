@@ -244,7 +244,8 @@ class Controller:
             stats = P.BatchStats(servers_live=len(live), gen_busy_s=activity.gen_busy_s,
                                  rollout_slot_occupancy=activity.rollout_slot_occupancy,
                                  scored_reward_mean=c.take_scored_reward_mean(), gen_tokens=dict(c.gen_tokens_by_server),
-                                 generic_engine_servers=generic_engine_servers(live))
+                                 generic_engine_servers=generic_engine_servers(live),
+                                 **(ro.episodes.tally.take() if ro.episodes is not None else {}))
             self.send_batch(P.Batch(version=b, groups=groups, state=state, stats=stats, gen_spans=activity.spans,
                                     **self.ledger_fields(b)))
             c.next_batch_version += 1

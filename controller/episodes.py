@@ -34,6 +34,7 @@ from areal_py.workflow.api import Episode, Turn, Workflow
 from areal_py.workflow.assembly import AssembledEpisode, assemble
 from areal_py.workflow.builtin import WorkflowSettings
 from areal_py.workflow.loading import load_workflow
+from controller.episode_tally import EpisodeTally
 from controller.servers import ServerRegistry, ServerState
 
 log = logging.getLogger("controller")
@@ -138,7 +139,9 @@ class ControllerEnv:
         tools = self.runner.tools
         if tools is None:
             raise RuntimeError(f"the workflow called tool {name!r} but this run has no tool sandbox")
-        return tools.call(name, args)
+        result = tools.call(name, args)
+        self.runner.tally.tool_call(result)
+        return result
 
 
 class EpisodeRunner:
@@ -157,6 +160,7 @@ class EpisodeRunner:
         self.turns: dict[int, _TurnRequest] = {}  # poll loop only: turns queued or on a server
         self.queued: deque[int] = deque()
         self.groups: dict[int, EpisodeGroup] = {}
+        self.tally = EpisodeTally()  # multi-turn counts since the previous batch (controller/episode_tally.py)
 
     # --- episode threads -----------------------------------------------------------------------------
     def submit(self, context: list[int], max_new_tokens: int) -> _TurnRequest:

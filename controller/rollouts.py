@@ -52,6 +52,7 @@ class InflightGroup:
     slots: list[int] = field(default_factory=list)  # the current attempt's Result.idx j is sample slots[j]
     # a workflow group's finished episodes and the workflow's own rewards (None: scored by the reward functions)
     episodes: list[tuple[AssembledEpisode, float | None]] | None = None
+    episode_info: list[dict[str, float]] = field(default_factory=list)  # each episode's info (turns, tool calls...)
 
 
 class Rollouts:
@@ -220,7 +221,8 @@ class Rollouts:
             if s.kind == "ok":
                 c.aborted_in_a_row = 0
                 self._episode_metrics(s)
-                g.episodes = list(zip(s.episodes, s.rewards))
+                self.episodes.tally.settled(s.episodes, s.info)
+                g.episodes, g.episode_info = list(zip(s.episodes, s.rewards)), s.info
                 self.scoring.append((g, self.rewards.submit([(g.prompt, text, stopped) for text, stopped in s.texts])))
                 continue
             c.running -= 1
@@ -269,6 +271,8 @@ class Rollouts:
             c.running -= 1
             group = self._group(g, handle.result())
             c.add_scored([s.reward for s in group.samples])
+            if g.episodes is not None and self.episodes is not None:
+                self.episodes.tally.scored([s.reward for s in group.samples], g.episode_info)
             if self.cfg.controller.dynamic_sampling:
                 uniform = len({s.reward for s in group.samples}) == 1
                 self._watch_uniform(uniform, group.samples[0].reward)

@@ -31,7 +31,7 @@ from areal_py.models import (
     load_model_and_tokenizer,
 )
 from areal_py.tasks.arith import ArithTask
-from areal_py.tasks.base import Prompt, SftTask, Task
+from areal_py.tasks.base import Prompt, SegmentedSftTask, SftTask, Task
 from areal_py.tasks.prompt_render import prompt_format, render_prompt
 from areal_py.threads import auto_threads
 from trainer.micro_batching import pack_by_padded_tokens
@@ -47,14 +47,26 @@ def _sft_rows(
     chat_template: str = "false", system_prompt: str | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """`prompt + target + eos` token ids with labels only on the target and EOS; the prompt rendered as the
-    controller renders it (render_prompt under task.chat_template and task.system_prompt)."""
+    controller renders it (render_prompt under task.chat_template and task.system_prompt).
+
+    A task with `sft_segments` (SegmentedSftTask: a tool-using target) gives its target as (text, trained)
+    segments, each tokenised on its own as a workflow appends them (tool output as `text_ids` does); an
+    untrained segment (the tool's output) is in the row's context with label -100, as RL masks it."""
     eos = eos_token_id(tokenizer)
     rows: list[tuple[list[int], list[int]]] = []
     for _ in range(batch_size):
-        prompt, target = task.sft_example(rng, label_noise)
+        if isinstance(task, SegmentedSftTask):
+            prompt, segments = task.sft_segments(rng, label_noise)
+        else:
+            prompt, target = task.sft_example(rng, label_noise)
+            segments = [(target, True)]
         prompt_ids = render_prompt(tokenizer, Prompt(0, prompt, ""), chat_template, system_prompt)
-        target_ids = tokenizer(target, add_special_tokens=False).input_ids + [eos]
-        rows.append((prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids))
+        ids, labels = list(prompt_ids), [-100] * len(prompt_ids)
+        for text, trained in segments:
+            seg = tokenizer(text, add_special_tokens=False).input_ids
+            ids += seg
+            labels += seg if trained else [-100] * len(seg)
+        rows.append((ids + [eos], labels + [eos]))
     return rows
 
 

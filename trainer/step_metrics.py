@@ -74,6 +74,7 @@ def build_step_record(*, trained_version: int, batch: RolloutBatch, dropped: Map
         rollout_slot_occupancy=None if ws.rollout_slot_occupancy is None else round(ws.rollout_slot_occupancy, 4),
         gen_busy_s=round(ws.gen_busy_s, 4),
         generic_engine_servers=ws.generic_engine_servers,
+        **multi_turn_fields(ws),
         **{k: round(v, 6) for k, v in stats.items()},
         controller=ControllerCounters.model_validate(wire.state.model_dump()),
         **ledger_fields(wire, dropped),
@@ -83,6 +84,24 @@ def build_step_record(*, trained_version: int, batch: RolloutBatch, dropped: Map
             "rank_tokens_max": max(rank_load[1]), "rank_tokens_min": min(rank_load[1])}),
         **({} if offpolicy is None else offpolicy_fields(offpolicy)),
     )
+
+
+MULTI_TURN_COUNTS = ("episodes", "episode_turns", "tool_calls", "tool_errors", "tool_timeouts", "tool_crashes",
+                     "episodes_succeeded", "episodes_succeeded_with_tool")
+
+
+def multi_turn_fields(ws: P.BatchStats) -> dict:
+    """The step record's multi-turn fields from the batch's stats (none for a single-turn run, whose stats carry
+    none): the counts as sent, the two means rounded, and turns_per_episode = episode_turns / episodes."""
+    if ws.episodes is None:
+        return {}
+    out: dict = {k: getattr(ws, k) for k in MULTI_TURN_COUNTS}
+    for k in ("tool_latency_mean_s", "tool_token_share"):
+        if getattr(ws, k) is not None:
+            out[k] = round(getattr(ws, k), 6)
+    if ws.episodes:
+        out["turns_per_episode"] = round((ws.episode_turns or 0) / ws.episodes, 4)
+    return out
 
 
 def ledger_fields(wire: P.Batch, dropped: Mapping[str, list[int]]) -> dict:

@@ -81,6 +81,16 @@ class SftTask(Task, Protocol):
         ...
 
 
+@runtime_checkable
+class SegmentedSftTask(SftTask, Protocol):
+    """A synthetic task whose cold-start targets hold text the model does not write (a tool's output): the
+    cold start keeps such segments in the context and out of the loss, as RL's loss mask does."""
+
+    def sft_segments(self, rng: random.Random, label_noise: float) -> tuple[str, list[tuple[str, bool]]]:
+        """A (prompt text, [(target segment text, trained)]) pair; the segments joined are the target."""
+        ...
+
+
 @dataclass(frozen=True)
 class RunLimits:
     """What a task's config check may know of the rest of the config (tasks never import the config)."""

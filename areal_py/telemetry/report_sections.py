@@ -144,6 +144,48 @@ def offpolicy_sections(records: Sequence[StepRecord]) -> list[Section]:
                        y_label="fraction", y_min=0.0, y_max=1.0))]
 
 
+def _ratio(num: int | None, den: int | None) -> float | None:
+    return num / den if num is not None and den else None
+
+
+def multi_turn_sections(records: Sequence[StepRecord]) -> list[Section]:
+    """Episodes and tool calls over steps, for multi-turn runs (the ``episodes``/``tool_*`` fields; none for a
+    single-turn run, whose records have no such field)."""
+    if not any(r.episodes is not None for r in records):
+        return []
+    per_episode = [Series("turns / episode", step_series(records, lambda r: r.turns_per_episode), PALETTE[0]),
+                   Series("tool calls / episode", step_series(records, lambda r: _ratio(r.tool_calls, r.episodes)),
+                          PALETTE[2])]
+    shares = [Series("tool output share of response tokens", step_series(records, lambda r: r.tool_token_share),
+                     PALETTE[1]),
+              Series("successful episodes that called a tool", step_series(
+                  records, lambda r: _ratio(r.episodes_succeeded_with_tool, r.episodes_succeeded)), PALETTE[2]),
+              Series("tool calls that failed", step_series(records, lambda r: _ratio(r.tool_errors, r.tool_calls)),
+                     PALETTE[3], dash="5 3")]
+    faults = [Series("errors", step_series(records, lambda r: r.tool_errors), PALETTE[3]),
+              Series("timeouts", step_series(records, lambda r: r.tool_timeouts), PALETTE[1]),
+              Series("crashes", step_series(records, lambda r: r.tool_crashes), PALETTE[4])]
+    latency = step_series(records, lambda r: r.tool_latency_mean_s)
+    return [Section("episode_turns", "Multi-turn: turns and tool calls per episode", (
+        "Episodes settled since the previous step: generations (turns) and tool calls per episode."),
+        line_chart(per_episode, chart_id="episode_turns", title="per episode", x_label="step", y_label="count",
+                   y_min=0.0)),
+        Section("tool_shares", "Multi-turn: tool use", (
+            "Share of the episodes' response tokens that are tool output or scaffolding (in the context, out of "
+            "the loss); share of the successful episodes (reward > 0) that called a tool; share of the tool calls "
+            "that failed (dashed)."),
+            line_chart(shares, chart_id="tool_shares", title="shares", x_label="step", y_label="fraction",
+                       y_min=0.0, y_max=1.0)),
+        Section("tool_faults", "Multi-turn: failed tool calls", (
+            "Tool calls since the previous step that failed (the model saw an error observation), and among them "
+            "those past tools.timeout_s and those whose worker died (tool_timeouts, tool_crashes)."),
+            line_chart(faults, chart_id="tool_faults", title="failed calls", x_label="step", y_label="calls",
+                       y_min=0.0)),
+        Section("tool_latency", "Multi-turn: tool latency", "Mean seconds of a tool call, queue wait included.",
+                line_chart([Series("mean latency", latency, PALETTE[0])], chart_id="tool_latency",
+                           title="tool call latency", x_label="step", y_label="seconds", y_min=0.0))]
+
+
 def chart_sections(records: Sequence[StepRecord], config: Mapping[str, Any] | None = None) -> list[Section]:
     """Every chart of the report, drawn from step records (also usable by a live dashboard).
 
@@ -201,6 +243,7 @@ def chart_sections(records: Sequence[StepRecord], config: Mapping[str, Any] | No
                         "equal to reward_mean when no group is dropped).",
                         line_chart(rewards, chart_id="reward", title="reward mean", x_label="step",
                                    y_label="reward")))
+    secs += multi_turn_sections(records)
     for key, label, value in TRAIN_STATS:
         pts = step_series(records, value)
         why = not_computed(key, config)

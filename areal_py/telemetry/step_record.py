@@ -137,6 +137,20 @@ class StepRecord(BaseModel):
                                                "Face forward instead of the engine's fast path (why: kernels/<server>"
                                                ".json, areal_rollout_kernel_info{op=\"runner\"}); 0: all fast or "
                                                "SGLang")
+    # multi-turn runs (rollout.workflow other than single_turn; absent otherwise): what the controller saw since
+    # the previous step's batch left (controller/episode_tally.py), not the trained batch's own episodes
+    episodes: int | None = Field(None, description="episodes settled (finished and assembled) since the previous step")
+    episode_turns: int | None = Field(None, description="generations (turns) of those episodes")
+    turns_per_episode: float | None = Field(None, description="episode_turns / episodes")
+    tool_calls: int | None = Field(None, description="tool calls returned since the previous step")
+    tool_errors: int | None = Field(None, description="of them, calls that failed (the model saw an error observation)")
+    tool_timeouts: int | None = Field(None, description="of the failed, calls past tools.timeout_s (worker killed)")
+    tool_crashes: int | None = Field(None, description="of the failed, calls whose worker died (segfault, exit)")
+    tool_latency_mean_s: float | None = Field(None, description="mean seconds of a tool call, queue wait included")
+    tool_token_share: float | None = Field(None, description="share of the settled episodes' response tokens that are "
+                                           "not the model's (tool output, scaffolding; out of the loss)")
+    episodes_succeeded: int | None = Field(None, description="episodes scored with reward > 0 since the previous step")
+    episodes_succeeded_with_tool: int | None = Field(None, description="of them, episodes that called a tool")
     # learner stats (trainer/learner.py): means over the step's applied optimizer updates
     loss: float | None = Field(None, description="policy loss (plus the value loss with a critic)")
     clip_fraction: float | None = Field(None, description="fraction of response tokens whose ratio was clipped")

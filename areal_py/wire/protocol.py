@@ -318,6 +318,20 @@ class BatchStats(_Body):
     # said which path it runs)
     generic_engine_servers: Count | None = None
     gen_tokens: dict[ServerId, Count] = Field(default_factory=dict, max_length=MAX_SERVERS)
+    # multi-turn runs (rollout.workflow other than single_turn; None otherwise), since the previous batch
+    # (controller/episode_tally.py): episodes settled and their turns, tool calls and how many failed, timed
+    # out or crashed, the mean call latency, the share of the settled episodes' response tokens that are not
+    # the model's, and the episodes rewarded > 0, and those of them that called a tool
+    episodes: Count | None = None
+    episode_turns: Count | None = None
+    tool_calls: Count | None = None
+    tool_errors: Count | None = None
+    tool_timeouts: Count | None = None
+    tool_crashes: Count | None = None
+    tool_latency_mean_s: float | None = Field(None, ge=0, allow_inf_nan=False)
+    tool_token_share: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    episodes_succeeded: Count | None = None
+    episodes_succeeded_with_tool: Count | None = None
 
     @model_validator(mode="before")
     @classmethod
