@@ -96,7 +96,10 @@ def build_episode_runner(cfg: Config, tokenizer: Any, context_len: int | None, v
     r = cfg.rollout
     if r.workflow == "single_turn":
         return None
-    workflow = load_workflow(r.workflow, WorkflowSettings(max_turns=r.max_turns, tool_tags=dict(r.tool_tags)))
+    workflow = load_workflow(r.workflow, WorkflowSettings(
+        max_turns=r.max_turns, tool_tags=dict(r.tool_tags), agent=r.agent, chat_template=cfg.task.chat_template,
+        system_prompt=cfg.task.system_prompt, temperature=r.temperature, top_p=r.top_p,
+        max_new_tokens=r.max_new_tokens, turn_timeout_s=r.turn_timeout_s, openai=r.openai))
     return EpisodeRunner(workflow, tokenizer, n=cfg.controller.group_size,
                          sampling=P.SamplingBody(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                                  top_p=r.top_p),
@@ -264,6 +267,8 @@ class EpisodeRunner:
                 break
             req.future.set_exception(RuntimeError("the controller stopped"))
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if callable(getattr(self.workflow, "close", None)):  # a workflow that serves something (openai_agent)
+            self.workflow.close()
         if self.tools is not None and callable(getattr(self.tools, "close", None)):
             self.tools.close()
 

@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from areal_py.config.agent_endpoint import OpenAIEndpointConfig
 from areal_py.config.section import Section
 
 
@@ -44,8 +45,9 @@ class RolloutConfig(Section):
     workflow: str = Field(
         "single_turn", description="How one episode is produced (areal_py/workflow, docs/multi-turn.md): single_turn "
         "(one response per sample, the native grouped dispatch), tool_loop (generate; on <tag>args</tag> from "
-        "tool_tags call the tool, append <result>output</result> and generate again, up to max_turns), or a class "
-        "of your own as 'package.module:Class' (built with the WorkflowSettings, run(prompt, prompt_ids, env) -> "
+        "tool_tags call the tool, append <result>output</result> and generate again, up to max_turns), openai_agent (an agent "
+        "function written against the openai client, rollout.agent), or a class of your own as "
+        "'package.module:Class' (built with the WorkflowSettings, run(prompt, prompt_ids, env) -> "
         "Episode). Multi-turn episodes run on controller threads; each turn is one Generate to a server.")
     max_turns: int = Field(4, ge=1, description="Workflows: most generations in one episode (tool_loop stops there "
                            "and finishes the episode as length).")
@@ -58,6 +60,12 @@ class RolloutConfig(Section):
         300.0, gt=0, description="Workflows: longest wait for one turn's generation (queued, dispatched, "
         "re-dispatched after a server death included); past it the episode fails with an error naming the turn "
         "and its group is dropped as workflow_error.")
+    agent: str = Field(
+        "", description="workflow openai_agent: your agent as 'package.module:function', called as "
+        "agent(client, prompt) -> float | None with an openai.OpenAI client whose calls are this episode's turns "
+        "(docs/multi-turn.md, OpenAI-compatible endpoint); None: the reward functions score the episode.")
+    openai: OpenAIEndpointConfig = Field(default_factory=OpenAIEndpointConfig,
+                                         description="workflow openai_agent: the endpoint the agents call.")
 
 
 class ControllerConfig(Section):

@@ -26,6 +26,13 @@ TOOL_DURATION = Histogram("areal_tool_call_duration_seconds", "Wall time of a to
                           "(queue wait included), by tool.", ["tool"],
                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                                    60.0, float("inf")))
+OPENAI_REQUESTS = Counter("areal_openai_requests_total", "Requests to the OpenAI-compatible agent endpoint "
+                          "(workflow openai_agent), by endpoint (chat, completions, models, other) and outcome (ok, "
+                          "or the error code answered: bad_json, too_large, invalid_api_key, episode_ended, "
+                          "model_not_found, history_not_extended, ...).", ["endpoint", "outcome"])
+OPENAI_EPISODES = Counter("areal_openai_agent_episodes_total", "Agent episodes (workflow openai_agent) by outcome: "
+                          "ok, broken (a call did not continue the trajectory), failed (a generation or the agent "
+                          "raised), aborted (a turn refused by its server), empty (no call).", ["outcome"])
 
 
 def rejected_count(role: str, reason: str | None = None) -> float:

@@ -38,7 +38,15 @@ from prometheus_client import (
 )
 
 from areal_py.telemetry.http_auth import CHALLENGE, authorized, count_refusal, is_loopback_address, refuse_open_bind
-from areal_py.telemetry.metrics import REJECTED_MESSAGES, REWARD_ERRORS, REWARD_TIMEOUTS, TOOL_CALLS, TOOL_DURATION
+from areal_py.telemetry.metrics import (
+    OPENAI_EPISODES,
+    OPENAI_REQUESTS,
+    REJECTED_MESSAGES,
+    REWARD_ERRORS,
+    REWARD_TIMEOUTS,
+    TOOL_CALLS,
+    TOOL_DURATION,
+)
 
 __all__ = [
     "ALL_METRIC_NAMES",
@@ -253,14 +261,15 @@ ROLES = {"rollout": ROLLOUT, "controller": CONTROLLER, "trainer": TRAINER}
 _METRICS = [m for group in ROLES.values() for m in vars(group).values()]
 ALL_METRIC_NAMES: frozenset[str] = frozenset().union(*(_sample_names(m) for m in _METRICS + [REJECTED_MESSAGES, REWARD_TIMEOUTS,
                                                                                          REWARD_ERRORS, TOOL_CALLS,
-                                                                                         TOOL_DURATION]))
+                                                                                         TOOL_DURATION, OPENAI_REQUESTS,
+                                                                                         OPENAI_EPISODES]))
 
 
 def _build_role_registry(group: Any) -> CollectorRegistry:
     reg = CollectorRegistry()
     shared = [REJECTED_MESSAGES, PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR]
     if group is CONTROLLER:  # the controller owns the reward pool and the episode runner's tool sandbox
-        shared += [REWARD_TIMEOUTS, REWARD_ERRORS, TOOL_CALLS, TOOL_DURATION]
+        shared += [REWARD_TIMEOUTS, REWARD_ERRORS, TOOL_CALLS, TOOL_DURATION, OPENAI_REQUESTS, OPENAI_EPISODES]
     for c in [*vars(group).values(), *shared]:
         reg.register(c)
     return reg

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from areal_py.config.agent_endpoint import OpenAIEndpointConfig
 from areal_py.tasks.base import Prompt
 from areal_py.workflow.api import Episode, EpisodeEnv, Segment, Turn
 from areal_py.workflow.template import text_ids
@@ -23,6 +24,15 @@ class WorkflowSettings:
     tool_tags: dict[str, str] = field(default_factory=lambda: {"calc": "calculator"})
     result_open: str = "<result>"
     result_close: str = "</result>"
+    # openai_agent (areal_py/workflow/openai_agent.py): the agent, how prompts are rendered, the run's sampling
+    agent: str = ""
+    chat_template: str = "auto"
+    system_prompt: str | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 5
+    turn_timeout_s: float = 300.0
+    openai: OpenAIEndpointConfig = field(default_factory=OpenAIEndpointConfig)
 
 
 class SingleTurn:

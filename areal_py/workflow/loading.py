@@ -5,12 +5,14 @@ import importlib
 
 from areal_py.workflow.api import Workflow
 from areal_py.workflow.builtin import SingleTurn, ToolLoop, WorkflowSettings
+from areal_py.workflow.openai_agent import OpenAIAgentWorkflow
 
-BUILTIN_WORKFLOWS: dict[str, type] = {"single_turn": SingleTurn, "tool_loop": ToolLoop}
+BUILTIN_WORKFLOWS: dict[str, type] = {"single_turn": SingleTurn, "tool_loop": ToolLoop,
+                                      "openai_agent": OpenAIAgentWorkflow}
 
 
 def workflow_class(spec: str) -> type:
-    """The class `spec` names: a built-in (single_turn, tool_loop) or ``package.module:Class``.
+    """The class `spec` names: a built-in (single_turn, tool_loop, openai_agent) or ``package.module:Class``.
 
     Raises ValueError naming rollout.workflow and what to change."""
     if spec in BUILTIN_WORKFLOWS:
