@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from pathlib import Path
 
 import torch
@@ -38,10 +37,10 @@ from trainer.offline import (
     OfflineRunFiles,
     Progress,
     Row,
-    batches,
-    epoch_order,
+    load_split,
     micro_batches,
     response_logprobs,
+    train_epochs,
 )
 
 log = logging.getLogger("trainer.dpo")
@@ -49,27 +48,7 @@ log = logging.getLogger("trainer.dpo")
 
 def load_pairs(cfg: Config, task: Task | None, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(training, held-out) pairs as dpo.train_path / eval_path / the synthetic settings say (see DpoConfig)."""
-    c = cfg.dpo
-    if not c.train_path:
-        if task is None:
-            raise ValueError("dpo.train_path is empty and the task has no synthetic pairs: set dpo.train_path")
-        try:
-            train = synthetic_pairs(task, 0, c.synthetic_examples, seed)
-        except ValueError as e:
-            raise ValueError(f"{e} (dpo.train_path)") from None
-        held = read_pairs(c.eval_path) if c.eval_path else synthetic_pairs(task, c.synthetic_examples,
-                                                                            c.eval_examples, seed)
-        return train, held
-    pairs = read_pairs(c.train_path)
-    if c.eval_path:
-        return pairs, read_pairs(c.eval_path)
-    if c.eval_examples >= len(pairs):
-        raise ValueError(f"dpo.eval_examples={c.eval_examples} holds out every one of the {len(pairs)} pairs of "
-                         f"{c.train_path}: lower it, or give dpo.eval_path")
-    order = list(range(len(pairs)))
-    random.Random(f"dpo-split:{seed}").shuffle(order)
-    n_train = len(pairs) - c.eval_examples
-    return [pairs[i] for i in sorted(order[:n_train])], [pairs[i] for i in sorted(order[n_train:])]
+    return load_split(cfg.dpo, "dpo", task, seed, lambda t, start, n: synthetic_pairs(t, start, n, seed), read_pairs)
 
 
 def tokenize_pairs(tokenizer, pairs: list[PreferencePair], cfg: Config, context: int | None,
@@ -148,61 +127,42 @@ def train_dpo(cfg: Config, model_dir: Path, resume: bool = False, progress: Prog
     ref_train = sequence_logprobs(model, train, pad, c.max_tokens_per_micro_batch)
     ref_held = sequence_logprobs(model, held, pad, c.max_tokens_per_micro_batch)
     per_epoch = math.ceil(len(train) / c.batch_size)
-    total = per_epoch * c.epochs
-    opt = OfflineOptimizer(model, c, total)
+    opt = OfflineOptimizer(model, c, per_epoch * c.epochs)
     files = OfflineRunFiles(run_dir, cfg.trainer.keep_checkpoints)
-    step, first_epoch = 0, 0
-    if resume:
-        state = files.resume(model, opt.optimizer)
-        step, first_epoch = state["version"], state["epoch"]
-        log.info("resumed at step %d (epoch %d done)", step, first_epoch)
     sampled_start = len(train_pairs)  # held-out prompts of the synthetic task
 
-    def held_out(epoch: int) -> dict:
-        s = evaluate_pairs(model, held, ref_held, cfg, pad).means()
-        rec = {"kind": "eval", "step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in s.items()},
-               "wall_time_s": files.wall_time()}
+    def held_out() -> dict:
+        rec = {f"eval_{k}": v for k, v in evaluate_pairs(model, held, ref_held, cfg, pad).means().items()}
         if task is not None and c.eval_samples:
             rec["sampled_accuracy"] = evaluate(model, tokenizer, task, n=c.eval_samples, temperature=c.eval_temperature,
                                                seed=seed, max_new_tokens=cfg.rollout.max_new_tokens,
                                                start_index=sampled_start, chat_template=cfg.task.chat_template,
                                                system_prompt=cfg.task.system_prompt)
-        files.write(rec)
-        progress({"event": "eval", **rec})
         return rec
 
-    progress({"event": "start", "steps": total, "step": step})
+    def train_step(idx: list[int]) -> dict:
+        stats, tokens = EMPTY_STATS, 0
+        for mb in _micro(train, idx, c.max_tokens_per_micro_batch):
+            rows = _pair_rows(train, mb)
+            lp = response_logprobs(model, rows, pad)
+            pi_c, pi_r = lp[: len(mb)], lp[len(mb):]
+            ref = ref_train[mb].to(lp.device)
+            losses = preference_loss(logratio_margin(pi_c, pi_r, ref[:, 0], ref[:, 1]), c.loss, c.beta,
+                                     c.label_smoothing)
+            (losses.sum() / len(idx)).backward()  # the batch mean, accumulated over micro-batches
+            stats = stats + preference_stats(pi_c.detach(), pi_r.detach(), ref[:, 0], ref[:, 1], losses.detach(),
+                                             c.beta)
+            tokens += sum(len(r.ids) for r in rows)
+        return {**stats.means(), "tokens": tokens}
+
     try:
-        first = held_out(0) if not resume else None
-        last = first
-        model.train()
-        for epoch in range(first_epoch, c.epochs):
-            for idx in batches(epoch_order(len(train), seed, epoch), c.batch_size):
-                stats = EMPTY_STATS
-                for mb in _micro(train, idx, c.max_tokens_per_micro_batch):
-                    lp = response_logprobs(model, _pair_rows(train, mb), pad)
-                    pi_c, pi_r = lp[: len(mb)], lp[len(mb):]
-                    ref = ref_train[mb].to(lp.device)
-                    losses = preference_loss(logratio_margin(pi_c, pi_r, ref[:, 0], ref[:, 1]), c.loss, c.beta,
-                                             c.label_smoothing)
-                    (losses.sum() / len(idx)).backward()  # the batch mean, accumulated over micro-batches
-                    stats = stats + preference_stats(pi_c.detach(), pi_r.detach(), ref[:, 0], ref[:, 1],
-                                                     losses.detach(), c.beta)
-                grad_norm, lr = opt.step(step)
-                step += 1
-                rec = {"kind": "train", "step": step, "epoch": epoch + 1, **stats.means(), "grad_norm": grad_norm,
-                       "lr": lr, "wall_time_s": files.wall_time()}  # epoch: the one being trained, from 1
-                files.write(rec)
-                progress({"event": "step", **rec})
-            model.eval()
-            last = held_out(epoch + 1)
-            model.train()
-            files.checkpoint(model, opt.optimizer, step, epoch + 1)
-        model.eval()
+        result = train_epochs(model, opt, files, c, len(train), seed, train_step, held_out, progress, resume)
         out = files.save_final(model, tokenizer)
     finally:
         files.close()
-    summary = {"steps": step, "train_pairs": len(train), "eval_pairs": len(held), "final": str(out),
-               "first_eval": first, "last_eval": last}
+    if resume:
+        log.info("resumed: %d steps in all", result.steps)
+    summary = {"steps": result.steps, "train_pairs": len(train), "eval_pairs": len(held), "final": str(out),
+               "first_eval": result.first_eval, "last_eval": result.last_eval}
     progress({"event": "done", **summary})
     return summary

@@ -1,6 +1,7 @@
-"""What every offline post-training command shares (`areal-py dpo`; sft and rm are to use the same): epochs over a
-fixed data set in seeded order, the optimiser and its schedule, padded prompt+response rows and their response
-log-probabilities, checkpoints for `--resume`, metrics.jsonl and the final Hugging Face directory.
+"""What every offline post-training command shares (`areal-py sft`, `rm`, `dpo`): the epoch loop over a fixed data
+set in seeded order (`train_epochs`), the optimiser and its schedule, padded prompt+response rows and their
+response log-probabilities, checkpoints for `--resume`, metrics.jsonl, the trainer's Prometheus metrics and the
+final Hugging Face directory.
 
 Invariants:
 - The data order of epoch e is a pure function of (seed, e), and checkpoints are taken at epoch ends, so a
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from areal_py.config import OfflineTrainConfig
+from areal_py.telemetry import prom
 from areal_py.telemetry.metrics import JsonlWriter, truncate_after_step
 from trainer.algo.preference_loss import sequence_logprob
 from trainer.checkpoint import load_latest_checkpoint, save_checkpoint
@@ -41,6 +43,33 @@ class Row:
 
     ids: list[int]
     prompt_len: int
+
+
+def load_split(c: OfflineTrainConfig, key: str, task: Any, seed: int, synthetic: Callable[[Any, int, int], list],
+               read: Callable[[str], list]) -> tuple[list, list]:
+    """(training, held-out) records of section `key` (its config `c`): without ``train_path`` the task's
+    synthetic records ``synthetic(task, start, n)``, prompts 0.. for training and the next ``eval_examples`` held
+    out (or ``eval_path``); with it, ``eval_path`` or a seeded random ``eval_examples`` of the file held out (the
+    rest in file order). `read(path)` parses a file; a split holding out everything is an error naming the keys."""
+    if not c.train_path:
+        if task is None:
+            raise ValueError(f"{key}.train_path is empty and the task has no synthetic data: set {key}.train_path")
+        try:
+            train = synthetic(task, 0, c.synthetic_examples)
+        except ValueError as e:
+            raise ValueError(f"{e} ({key}.train_path)") from None
+        held = read(c.eval_path) if c.eval_path else synthetic(task, c.synthetic_examples, c.eval_examples)
+        return train, held
+    records = read(c.train_path)
+    if c.eval_path:
+        return records, read(c.eval_path)
+    if c.eval_examples >= len(records):
+        raise ValueError(f"{key}.eval_examples={c.eval_examples} holds out every one of the {len(records)} records of "
+                         f"{c.train_path}: lower it, or give {key}.eval_path")
+    order = list(range(len(records)))
+    random.Random(f"{key}-split:{seed}").shuffle(order)
+    n_train = len(records) - c.eval_examples
+    return [records[i] for i in sorted(order[:n_train])], [records[i] for i in sorted(order[n_train:])]
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -148,3 +177,75 @@ class OfflineRunFiles:
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
+
+
+@dataclass(frozen=True)
+class EpochsResult:
+    """What `train_epochs` ends with: the optimiser steps taken in all (a resumed run counts the earlier ones),
+    the held-out record before training (None on resume) and after the last epoch."""
+
+    steps: int
+    first_eval: dict | None
+    last_eval: dict
+
+
+def train_epochs(model: torch.nn.Module, opt: OfflineOptimizer, files: OfflineRunFiles, c: OfflineTrainConfig,
+                 n_train: int, seed: int, train_step: Callable[[list[int]], dict], evaluate: Callable[[], dict],
+                 progress: Progress, resume: bool = False) -> EpochsResult:
+    """The epoch loop of every offline command: on resume the newest checkpoint first; a held-out evaluation
+    before training (``kind: eval``, step 0, epoch 0), then per epoch its batches in ``epoch_order`` and after
+    them an evaluation and a checkpoint.
+
+    ``train_step(indices)`` runs the forward and backward passes of one batch (the gradient of the batch mean,
+    accumulated over its micro-batches) and returns the step's statistics; a ``tokens`` entry (tokens trained) also
+    feeds ``areal_trainer_trained_tokens_total``. ``evaluate()`` returns the held-out statistics (model in eval
+    mode). Each step writes a ``kind: train`` record (the statistics, ``grad_norm``, ``lr``, ``wall_time_s``;
+    ``epoch`` is the one being trained, from 1) and sets the trainer's Prometheus metrics (steps, loss,
+    grad_norm, policy_version = the step)."""
+    step, first_epoch = 0, 0
+    if resume:
+        state = files.resume(model, opt.optimizer)
+        step, first_epoch = state["version"], state["epoch"]
+
+    def held_out(epoch: int) -> dict:
+        model.eval()
+        rec = {"kind": "eval", "step": step, "epoch": epoch, **evaluate(), "wall_time_s": files.wall_time()}
+        model.train()
+        files.write(rec)
+        progress({"event": "eval", **rec})
+        return rec
+
+    prom.TRAINER.policy_version.set(step)
+    progress({"event": "start", "steps": opt.total_steps, "step": step})
+    first = None if resume else held_out(0)
+    last = first
+    model.train()
+    for epoch in range(first_epoch, c.epochs):
+        for idx in batches(epoch_order(n_train, seed, epoch), c.batch_size):
+            stats = train_step(idx)
+            grad_norm, lr = opt.step(step)
+            step += 1
+            rec = {"kind": "train", "step": step, "epoch": epoch + 1, **stats, "grad_norm": grad_norm, "lr": lr,
+                   "wall_time_s": files.wall_time()}
+            files.write(rec)
+            _publish(rec)
+            progress({"event": "step", **rec})
+        last = held_out(epoch + 1)
+        files.checkpoint(model, opt.optimizer, step, epoch + 1)
+    model.eval()
+    if last is None:  # resumed after the last epoch's checkpoint: nothing left to train, evaluate once
+        last = held_out(c.epochs)
+    return EpochsResult(step, first, last)
+
+
+def _publish(rec: dict) -> None:
+    """One step's record as the trainer role's Prometheus metrics (served when run.metrics_port is set)."""
+    t = prom.TRAINER
+    t.steps.inc()
+    t.policy_version.set(rec["step"])
+    if math.isfinite(rec["grad_norm"]):
+        t.grad_norm.set(rec["grad_norm"])
+    if isinstance(rec.get("loss"), float) and math.isfinite(rec["loss"]):
+        t.loss.set(rec["loss"])
+    if rec.get("tokens"):
+        t.trained_tokens.inc(rec["tokens"])

@@ -1,5 +1,6 @@
-"""Command line: `areal-py run [config.yaml] [key.sub=value ...] [--resume]`, `areal-py dpo [config.yaml]
-[key.sub=value ...] [--resume]` (offline preference optimisation), `areal-py check [config.yaml]
+"""Command line: `areal-py run [config.yaml] [key.sub=value ...] [--resume]`, `areal-py sft|rm|dpo [config.yaml]
+[key.sub=value ...] [--resume]` (supervised fine-tuning, reward-model training, offline preference
+optimisation: docs/post-training.md), `areal-py check [config.yaml]
 [key.sub=value ...]` (the run's data check alone: exit 0 may start, 1 refused, 2 bad config), `areal-py serve ROLE ...`,
 `areal-py sweep KEY=v1,v2,... [config.yaml] [key.sub=value ...]`, `areal-py slurm [config.yaml]
 [key.sub=value ...] [--submit] [--out FILE]` and `areal-py keys DIR [--servers N]` (CURVE keys, net.keys_dir).
@@ -109,11 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("args", nargs="*", help="[config.yaml] [key.sub=value ...]")
     p_run.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")
     p_run.add_argument("--quiet", action="store_true", help="no progress bar")
-    p_dpo = sub.add_parser("dpo", help="offline preference optimisation (DPO, IPO, conservative DPO) against a frozen "
-                           "reference: dpo.* keys (docs/post-training.md)")
-    p_dpo.add_argument("args", nargs="*", help="[config.yaml] [key.sub=value ...]")
-    p_dpo.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint (an epoch end)")
-    p_dpo.add_argument("--quiet", action="store_true", help="no progress bar")
+    offline_help = {
+        "sft": "supervised fine-tuning on prompt/response or chat JSONL: sft.* keys (docs/post-training.md)",
+        "rm": "Bradley-Terry reward model on preference JSONL, for reward.functions={reward_model: 1.0}: rm.* keys",
+        "dpo": "offline preference optimisation (DPO, IPO, conservative DPO) against a frozen reference: dpo.* keys",
+    }
+    for name, text in offline_help.items():
+        p_off = sub.add_parser(name, help=text)
+        p_off.add_argument("args", nargs="*", help="[config.yaml] [key.sub=value ...]")
+        p_off.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint (an epoch end)")
+        p_off.add_argument("--quiet", action="store_true", help="no progress bar")
     p_check = sub.add_parser("check", help="check the data and model of a run before starting it (exit 1: refused)")
     p_check.add_argument("args", nargs="*", help="[config.yaml] [key.sub=value ...]")
     p_serve = sub.add_parser("serve", help="start one role on its own")
@@ -164,10 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             except SubmitError as e:
                 print(f"areal-py: {e}", file=sys.stderr)
                 return 1
-        if ns.command == "dpo":
-            from areal_py.app.post_training import dpo_command
+        if ns.command in offline_help:
+            from areal_py.app.post_training import offline_command
 
-            return dpo_command(config, overrides, resume=ns.resume, quiet=ns.quiet)
+            return offline_command(ns.command, config, overrides, resume=ns.resume, quiet=ns.quiet)
         if ns.command == "check":
             from areal_py.app.check import check_command
 

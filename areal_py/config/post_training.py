@@ -1,4 +1,4 @@
-"""Offline post-training commands (`areal-py dpo`; sft and rm share OfflineTrainConfig): data, epochs, optimiser."""
+"""Offline post-training commands (`areal-py sft`, `rm`, `dpo`; all share OfflineTrainConfig): data, epochs, optimiser."""
 from __future__ import annotations
 
 from typing import Literal
@@ -27,14 +27,19 @@ class OfflineTrainConfig(Section):
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up, in optimiser steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    seed: int | None = Field(None, description="Seed of the data order, held-out split and sampling; null = run.seed.")
+
+
+class PolicyTrainConfig(OfflineTrainConfig):
+    """An offline command that trains a policy (sft, dpo): its sampled accuracy on the task is measured too."""
+
     eval_samples: int = Field(256, ge=0, description="With synthetic data: the policy's sampled accuracy (the task's "
                               "reward, plain HF generate) on this many held-out prompts before training and after "
                               "each epoch; 0 = off. Not measured for a data file (no reward is known for it).")
     eval_temperature: float = Field(1.0, ge=0, description="Sampling temperature of that measurement (0 = greedy).")
-    seed: int | None = Field(None, description="Seed of the data order, held-out split and sampling; null = run.seed.")
 
 
-class DpoConfig(OfflineTrainConfig):
+class DpoConfig(PolicyTrainConfig):
     """`areal-py dpo`: the policy (model.path or the embedded model) against a frozen copy of itself."""
 
     loss: Literal["dpo", "ipo"] = Field("dpo", description="dpo: -log σ(β h); ipo: (h - 1/(2β))², with h the "
@@ -51,3 +56,19 @@ class DpoConfig(OfflineTrainConfig):
         if self.loss == "ipo" and self.label_smoothing:
             raise ValueError("dpo.label_smoothing applies to dpo.loss=dpo (conservative DPO), not to ipo: set it to 0")
         return self
+
+
+class SftConfig(PolicyTrainConfig):
+    """`areal-py sft`: supervised fine-tuning of model.path (or the embedded model) on prompt/response records;
+    the loss is the mean negative log-likelihood over the response tokens (and EOS) of each batch."""
+
+
+class RewardModelTrainConfig(OfflineTrainConfig):
+    """`areal-py rm`: a Bradley-Terry reward model (model.path or the embedded model with a one-output score head)
+    on preference pairs; the result is the `reward_model` of reward.functions (reward.reward_model_path)."""
+
+    epochs: int = Field(4, ge=1, description="Passes over the training data; a checkpoint after each.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (after warm-up; constant). Sized for the embedded "
+                      "model (a fresh score head on a 2M-parameter model); lower it for a pretrained one.")
+    max_length: int = Field(512, ge=2, description="Tokens a scored text (prompt + response) keeps, from its end: "
+                            "the same cut as the reward function's scorer (areal_py/rewards/reward_model.py).")

@@ -10,7 +10,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from areal_py.config.generation import ControllerConfig, RolloutConfig, WeightsConfig
 from areal_py.config.launch import NetConfig, RunConfig, SlurmConfig
 from areal_py.config.model import ColdStartConfig, ModelConfig
-from areal_py.config.post_training import DpoConfig
+from areal_py.config.post_training import DpoConfig, RewardModelTrainConfig, SftConfig
 from areal_py.config.section import Section
 from areal_py.config.tools import ToolsConfig
 from areal_py.config.training import AlgoConfig, RewardConfig, TrainerConfig
@@ -33,6 +33,10 @@ class Config(Section):
     weights: WeightsConfig = Field(default_factory=WeightsConfig, description="Weight transfer trainer -> servers.")
     net: NetConfig = Field(default_factory=NetConfig, description="Socket addresses.")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="`areal-py slurm`: nodes, GPUs and sbatch options of the job.")
+    sft: SftConfig = Field(default_factory=SftConfig, description="`areal-py sft`: supervised fine-tuning on "
+                           "prompt/response or chat records (docs/post-training.md).")
+    rm: RewardModelTrainConfig = Field(default_factory=RewardModelTrainConfig, description="`areal-py rm`: "
+                                       "Bradley-Terry reward-model training on preference pairs (docs/post-training.md).")
     dpo: DpoConfig = Field(default_factory=DpoConfig, description="`areal-py dpo`: offline preference optimisation "
                            "(DPO, IPO, conservative DPO) against a frozen reference (docs/post-training.md).")
 

@@ -19,7 +19,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from areal_py.tasks.base import Prompt
 
 
-def _load(path: str | Path, device: str) -> tuple[torch.nn.Module, object]:
+def load_reward_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, object]:
+    """A one-output sequence-classification model and its tokenizer from a local directory, as the reward
+    function loads it: a causal LM directory gets a fresh score head (seeded by torch's global RNG); a tokenizer
+    without a pad token pads with EOS (the model scores the last non-pad token); long texts are cut from the left."""
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, local_files_only=True)
     if tokenizer.pad_token is None:  # decoder-only backbones: pad with EOS, the model finds the last real token
@@ -48,16 +51,15 @@ class RewardModelScorer:
         self.device = device
         self.max_length = max_length
         self.batch_size = batch_size
-        self.model, self.tokenizer = _load(path, device)
+        self.model, self.tokenizer = load_reward_model(path, device)
         self.model.eval()
 
     @torch.inference_mode()
     def score(self, texts: Sequence[str]) -> list[float]:
         out: list[float] = []
         for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt").to(self.device)
-            out.extend(self.model(**batch).logits[:, 0].float().tolist())
+            out.extend(score_texts(self.model, self.tokenizer, texts[start:start + self.batch_size],
+                                   self.max_length).tolist())
         return out
 
     def score_pairs(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
@@ -76,6 +78,15 @@ class RewardModelReward:
 
     def batch(self, prompts: Sequence[Prompt], responses: Sequence[str], stopped: Sequence[bool]) -> list[float]:
         return self.scorer.score_pairs([p.text for p in prompts], responses)
+
+
+def score_texts(model: torch.nn.Module, tokenizer, texts: Sequence[str], max_length: int) -> torch.Tensor:
+    """The model's single logit per text, float32 (with the graph when grad is on): the texts padded together,
+    each cut to its last `max_length` tokens. Training and scoring both go through here, so what a reward model
+    was trained on is exactly what it scores."""
+    device = next(model.parameters()).device
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return model(**batch.to(device)).logits[:, 0].float()
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -104,7 +115,7 @@ def train_reward_model(base_path: str | Path, pairs: Sequence[tuple[str, str, st
     if not pairs:
         raise ValueError("no preference pairs")
     torch.manual_seed(seed)
-    model, tokenizer = _load(base_path, device)
+    model, tokenizer = load_reward_model(base_path, device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     rng = random.Random(seed)
@@ -118,8 +129,7 @@ def train_reward_model(base_path: str | Path, pairs: Sequence[tuple[str, str, st
                 rng.shuffle(order)
             batch_idx.append(order.pop())
         texts = [pairs[i][0] + pairs[i][1] for i in batch_idx] + [pairs[i][0] + pairs[i][2] for i in batch_idx]
-        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
-        rewards = model(**enc).logits[:, 0].float()
+        rewards = score_texts(model, tokenizer, texts, max_length)
         n = len(batch_idx)
         loss = bradley_terry_loss(rewards[:n], rewards[n:])
         optimizer.zero_grad(set_to_none=True)

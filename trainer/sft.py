@@ -1,0 +1,135 @@
+"""Supervised fine-tuning (`areal-py sft`): next-token likelihood of the response after its prompt.
+
+With ``n_b`` the response tokens (EOS included) of the records of batch ``b``, the loss of a step is the token
+mean
+
+    L = -(1 / n_b) * sum over the batch's records r of sum over r's response tokens t of log π(y_t | x, y_<t)
+
+and the prompt tokens are never trained. A batch is cut into length-sorted micro-batches of at most
+``sft.max_tokens_per_micro_batch`` padded tokens (trainer.micro_batching.pack_by_padded_tokens), each adding its
+summed log-likelihood divided by the whole batch's ``n_b``, so the accumulated gradient is that of L whatever the
+packing. The held-out loss is the same token mean over all held-out records.
+
+The embedded model's cold start (trainer/cold_start.py) is a different loop on purpose: it draws fresh noisy
+examples each step and its result is cached under a hash of its settings, which the benchmarks rest on; this
+command trains a fixed data set in epochs with checkpoints. Both pack with the same micro-batcher and score with
+the same rendering of prompts.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from areal_py.config import Config
+from areal_py.models import eos_token_id, load_model_and_tokenizer
+from areal_py.tasks.base import Task, build_task
+from areal_py.tasks.prompt_render import render_prompt
+from areal_py.tasks.sft_records import SftExample, read_examples, synthetic_examples, write_examples
+from trainer.cold_start import evaluate
+from trainer.offline import (
+    OfflineOptimizer,
+    OfflineRunFiles,
+    Progress,
+    Row,
+    load_split,
+    micro_batches,
+    response_logprobs,
+    train_epochs,
+)
+
+log = logging.getLogger("trainer.sft")
+
+
+def load_examples(cfg: Config, task: Task | None, seed: int) -> tuple[list[SftExample], list[SftExample]]:
+    """(training, held-out) examples as sft.train_path / eval_path / the synthetic settings say (see SftConfig)."""
+    return load_split(cfg.sft, "sft", task, seed, synthetic_examples, read_examples)
+
+
+def tokenize_examples(tokenizer, examples: list[SftExample], cfg: Config, context: int | None,
+                      what: str) -> list[Row]:
+    """A row per example: the prompt rendered as the controller renders it (task.chat_template,
+    task.system_prompt), then the response's tokens and EOS. One longer than the model's context is an error
+    naming how many and the first (nothing is cut or dropped silently)."""
+    eos = eos_token_id(tokenizer)
+    rows, too_long = [], []
+    for i, e in enumerate(examples):
+        prompt = render_prompt(tokenizer, e.as_prompt(i), cfg.task.chat_template, cfg.task.system_prompt)
+        row = Row(prompt + tokenizer(e.response, add_special_tokens=False).input_ids + [eos], len(prompt))
+        if context is not None and len(row.ids) > context:
+            too_long.append(i)
+        rows.append(row)
+    if too_long:
+        raise ValueError(f"{len(too_long)} {what} record(s) are longer than the model's context of {context} tokens "
+                         f"(the first: record {too_long[0]}, {examples[too_long[0]].prompt[:60]!r}); shorten them or "
+                         "use a model with a longer context")
+    return rows
+
+
+def response_tokens(rows: list[Row]) -> int:
+    """``n``: the response tokens (EOS included) of `rows`, the loss's normaliser."""
+    return sum(len(r.ids) - r.prompt_len for r in rows)
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, rows: list[Row], pad: int, max_tokens: int) -> float:
+    """The token-mean negative log-likelihood of the responses of `rows` (NaN for none)."""
+    if not rows:
+        return math.nan
+    total = 0.0
+    for mb in micro_batches([len(r.ids) for r in rows], max_tokens):
+        total -= float(response_logprobs(model, [rows[i] for i in mb], pad).double().sum())
+    return total / response_tokens(rows)
+
+
+def train_sft(cfg: Config, model_dir: Path, resume: bool = False, progress: Progress | None = None) -> dict:
+    """Fine-tune the model in ``model_dir`` by ``cfg.sft`` into ``cfg.run_dir()``; returns the summary (also the
+    ``done`` event): first and last held-out records, steps, the final directory."""
+    c = cfg.sft
+    progress = progress or (lambda e: None)
+    seed = cfg.run.seed if c.seed is None else c.seed
+    run_dir = cfg.run_dir()
+    task = build_task(cfg, seed) if not c.train_path else None
+    train_ex, held_ex = load_examples(cfg, task, seed)
+    if task is not None and not resume:  # what the run trained on, in the documented format
+        write_examples(run_dir / "data" / "train.jsonl", train_ex)
+        write_examples(run_dir / "data" / "eval.jsonl", held_ex)
+    model, tokenizer = load_model_and_tokenizer(model_dir, dtype=cfg.model.dtype)
+    context = getattr(model.config, "max_position_embeddings", None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id(tokenizer)
+    train = tokenize_examples(tokenizer, train_ex, cfg, context, "training")
+    held = tokenize_examples(tokenizer, held_ex, cfg, context, "held-out")
+    opt = OfflineOptimizer(model, c, math.ceil(len(train) / c.batch_size) * c.epochs)
+    files = OfflineRunFiles(run_dir, cfg.trainer.keep_checkpoints)
+    sampled_start = len(train_ex)  # the synthetic task's held-out prompts follow the training ones
+
+    def held_out() -> dict:
+        rec = {"eval_loss": heldout_loss(model, held, pad, c.max_tokens_per_micro_batch)}
+        if task is not None and c.eval_samples:
+            rec["sampled_accuracy"] = evaluate(model, tokenizer, task, n=c.eval_samples, temperature=c.eval_temperature,
+                                               seed=seed, max_new_tokens=cfg.rollout.max_new_tokens,
+                                               start_index=sampled_start, chat_template=cfg.task.chat_template,
+                                               system_prompt=cfg.task.system_prompt)
+        return rec
+
+    def train_step(idx: list[int]) -> dict:
+        rows = [train[i] for i in idx]
+        n = response_tokens(rows)
+        nll = 0.0
+        for mb in micro_batches([len(r.ids) for r in rows], c.max_tokens_per_micro_batch):
+            part = -response_logprobs(model, [rows[i] for i in mb], pad).sum() / n  # its share of the batch mean
+            part.backward()
+            nll += float(part.detach())
+        return {"loss": nll, "response_tokens": n, "tokens": sum(len(r.ids) for r in rows)}
+
+    try:
+        result = train_epochs(model, opt, files, c, len(train), seed, train_step, held_out, progress, resume)
+        out = files.save_final(model, tokenizer)
+    finally:
+        files.close()
+    summary = {"steps": result.steps, "train_records": len(train), "eval_records": len(held), "final": str(out),
+               "first_eval": result.first_eval, "last_eval": result.last_eval}
+    progress({"event": "done", **summary})
+    return summary
