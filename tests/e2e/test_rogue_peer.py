@@ -94,5 +94,9 @@ def test_a_rogue_peer_leaves_learning_as_undisturbed(tmp_path, small_cfg, seed):
         check_invariants(res, steps)
     g_free, g_rogue = gain(free["records"]), gain(attacked["records"])
     print(f"seed {seed}: reward gain undisturbed {g_free:+.3f}, with the rogue peer {g_rogue:+.3f}")
-    # an asynchronous run is not deterministic: a gain within 0.25 of the undisturbed run's, both positive
-    assert g_rogue > 0 and abs(g_rogue - g_free) < 0.25, (g_free, g_rogue)
+    # an asynchronous run is not deterministic: the attacked run's gain is within 0.25 of the undisturbed run's
+    # (the "within noise"), and where the undisturbed run clearly learned, the attacked one learned too.
+    # A seed whose undisturbed run does not learn in 30 steps (seen under heavy load) still checks the first.
+    assert abs(g_rogue - g_free) < 0.25, (g_free, g_rogue)
+    if g_free > 0.1:
+        assert g_rogue > 0, (g_free, g_rogue)
