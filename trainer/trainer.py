@@ -8,6 +8,9 @@ Ranks (`trainer.world_size`): rank 0 alone talks to the controller, splits each 
 token-balanced shares (trainer/rank_step.py) and publishes the full weights gathered from the FSDP2
 shards; the other ranks follow its commands. The loss carries the global normaliser, so FSDP sums
 the ranks' gradients rather than averaging them.
+
+Rank 0's link to the controller (the batch intake, the probes, a restarted controller noticed) is
+trainer/controller_link.py; this module is the step loop around it: hello, train, publish, checkpoint, rejoin.
 """
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ import math
 import time
 from pathlib import Path
 
-import zmq
 from pydantic import ValidationError
 
 from areal_py.config import Config
@@ -29,11 +31,11 @@ from areal_py.telemetry.step_record import StepRecord
 from areal_py.telemetry.tensorboard import TensorBoardLog
 from areal_py.wire import protocol as P
 from areal_py.wire.dist_weights import DistWeightsError, WeightGroup, layout_for
-from areal_py.wire.trainer_link import Pulse, await_controller, connect_trainer
-from areal_py.wire.transport import ControllerLost, WaitTimeout, parse, reject, send, try_send
+from areal_py.wire.transport import ControllerLost, send
 from areal_py.wire.weight_files import sha256_file
 from areal_py.wire.weights import named_weights, save_weights
 from trainer.checkpoint import CheckpointError, checkpoint_dirs, load_latest_checkpoint, save_checkpoint
+from trainer.controller_link import ROLE, ControllerLink, ControllerRestarted
 from trainer.distributed import DistError, close_dist, init_dist
 from trainer.learner import Learner
 from trainer.rank_step import SKIP, TRAIN, receive_command, send_command
@@ -42,38 +44,6 @@ from trainer.sharding import full_weights
 from trainer.step_metrics import StepTiming, build_step_record, computed_stats, export_offpolicy
 
 log = logging.getLogger("trainer")
-ROLE = "trainer"
-
-
-def controller_pulse(cfg: Config) -> Pulse:
-    """The trainer's watch on the controller: probed every rollout.heartbeat_s, lost after
-    trainer.controller_timeout_s of silence (controller.startup_timeout_s more before its first word)."""
-    return Pulse(probe_s=cfg.rollout.heartbeat_s, silence_s=cfg.trainer.controller_timeout_s,
-                 grace_s=cfg.controller.startup_timeout_s)
-
-
-def lost_controller(cfg: Config, version: int, silent_s: float, doing: str = "") -> str:
-    """ControllerLost's message for a trainer at `version`: the bound, what is kept, what is lost, how to resume.
-    The trainer writes no checkpoint then: one without the controller's buffer would lose the groups in flight,
-    while the latest checkpoint holds them."""
-    ckpts = checkpoint_dirs(cfg.run_dir() / "checkpoints")
-    kept = (f"kept: {ckpts[0]}, the latest checkpoint (weights, optimizer, data position and the controller's "
-            "groups in flight at that step); lost: the steps trained since it and what the controller held since, "
-            "both trained again from it on resume, nothing admitted is skipped" if ckpts else
-            "no checkpoint was written yet, so nothing is kept: start the run again (without --resume)")
-    return (f"{ROLE}: lost the controller at {cfg.net.addr(cfg.net.trainer_port)}: nothing from it for "
-            f"{silent_s:.0f}s {doing or f'while waiting for batch {version}'} (trainer.controller_timeout_s="
-            f"{cfg.trainer.controller_timeout_s:g}; it died, hangs or cannot be reached); {kept}. Resume with "
-            f"`areal-py run --resume run.name={cfg.run.name}`, or, roles started by hand, start the controller and "
-            "servers again and the trainer with `areal-py serve trainer <config> --resume`")
-
-
-class ControllerRestarted(Exception):
-    """The controller answered a probe under a session other than the one this trainer said hello to."""
-
-    def __init__(self, session: str) -> None:
-        super().__init__(f"the controller restarted (session {session})")
-        self.session = session
 
 
 class Trainer:
@@ -100,12 +70,7 @@ class Trainer:
         self.metrics = JsonlWriter(cfg.run_dir() / "metrics.jsonl")
         self.tb = (TensorBoardLog(cfg.run_dir() / "tensorboard", resume_step=self.version if resume else None)
                    if cfg.run.tensorboard else None)
-        net, ctx = cfg.net, zmq.Context.instance()
-        self.to_ctrl, self.batches = connect_trainer(ctx, net)  # DEALERs under one random routing id
-        self.pulse = controller_pulse(cfg)
-        self.controller_session: str | None = None  # from its answers to probes; another one: it restarted
-        # batches that overtook an earlier one on the link, by version (see `next_batch`)
-        self.ahead: dict[int, P.Batch] = {}
+        self.link = ControllerLink.connect(cfg)
         self.hello_version = -1  # the version of its last hello (`rejoin`)
 
     def _resume(self) -> None:
@@ -157,7 +122,7 @@ class Trainer:
         if g is None or g.broken:
             return False
         layout = layout_for(weights, max(1, int(self.cfg.weights.dist_bucket_mb * 2**20)))
-        send(self.to_ctrl, P.WeightsReady(version=self.version, path=None, dist=layout))
+        send(self.link.to_ctrl, P.WeightsReady(version=self.version, path=None, dist=layout))
         try:
             g.send(weights, self.version, layout)
         except DistWeightsError as e:
@@ -178,57 +143,9 @@ class Trainer:
             return
         if self.cfg.weights.transfer == "disk":
             path = save_weights(weights, self.cfg.weights_dir(), self.version, keep=self.cfg.weights.keep)
-            send(self.to_ctrl, P.WeightsReady(version=self.version, path=str(path.resolve()), sha256=sha256_file(path)))
+            send(self.link.to_ctrl, P.WeightsReady(version=self.version, path=str(path.resolve()), sha256=sha256_file(path)))
         else:
-            send(self.to_ctrl, P.WeightsReady(version=self.version, path=None), weights)
-
-    def next_batch(self) -> tuple[P.Batch, float]:
-        """The batch for this version. While waiting, the controller is probed (a Ping on the trainer link every
-        rollout.heartbeat_s, answered on the batch link; areal_py/wire/trainer_link.py): silence past
-        trainer.controller_timeout_s ends the wait with ControllerLost, and trainer.batch_timeout_s bounds it
-        whatever the controller says.
-
-        A batch for a later version that arrives first (it overtook the one before it: a reordering link, a
-        reconnect) is kept for its turn, not thrown away: the controller sends each batch once. The controller
-        forms batches at most max_staleness versions past the trainer's (the admission bound), so at most that
-        many are kept; anything further, or older, is rejected."""
-        t0 = time.perf_counter()
-        for v in [v for v in self.ahead if v < self.version]:
-            del self.ahead[v]
-        if self.version in self.ahead:
-            return self.ahead.pop(self.version), time.perf_counter() - t0
-        start = time.monotonic()
-        self.pulse.restart(start)
-        deadline = start + self.cfg.trainer.batch_timeout_s
-        while True:
-            now = time.monotonic()
-            if self.pulse.lost(now):
-                raise ControllerLost(lost_controller(self.cfg, self.version, now - self.pulse.last_heard))
-            if now >= deadline:
-                raise WaitTimeout(f"{ROLE}: timed out after {self.cfg.trainer.batch_timeout_s:.0f}s waiting for batch "
-                                  f"{self.version} from the controller at {self.cfg.net.addr(self.cfg.net.batch_port)}")
-            if self.pulse.probe_due(now):
-                try_send(self.to_ctrl, P.Ping())
-            if not self.batches.poll(int(min(self.pulse.probe_s, deadline - now) * 1000) + 1):
-                continue
-            _, msg = parse(self.batches.recv_multipart(copy=False), ROLE)
-            if msg is None:  # counted by parse
-                continue
-            self.pulse.heard(time.monotonic())
-            if isinstance(msg.body, P.Ping):  # the controller's answer to a probe
-                session = msg.body.session
-                if session is not None and self.controller_session not in (None, session):
-                    raise ControllerRestarted(session)
-                self.controller_session = session or self.controller_session
-                continue
-            if isinstance(msg.body, P.Batch) and msg.body.version == self.version:
-                return msg.body, time.perf_counter() - t0
-            if (isinstance(msg.body, P.Batch) and msg.body.version not in self.ahead
-                    and 0 < msg.body.version - self.version <= self.cfg.effective_max_staleness):
-                self.ahead[msg.body.version] = msg.body
-                continue
-            detail = f"batch for version {msg.body.version}" if isinstance(msg.body, P.Batch) else msg.type
-            reject(ROLE, "unexpected_type", f"{detail} while waiting for batch {self.version}")
+            send(self.link.to_ctrl, P.WeightsReady(version=self.version, path=None), weights)
 
     def serve(self) -> None:
         if not self.dist.is_main:
@@ -241,7 +158,7 @@ class Trainer:
         try:
             while self.version < t.total_steps:
                 try:
-                    wire, wait_s = self.next_batch()
+                    wire, wait_s = self.link.next_batch(self.version)
                 except ControllerRestarted as e:
                     self.rejoin(e.session)
                     last_state, last_buffer = self.resume_state, self.resume_buffer
@@ -252,7 +169,7 @@ class Trainer:
                     self.checkpoint(last_state, last_buffer)
             self.checkpoint(last_state, last_buffer)
             self.save_final()
-            send(self.to_ctrl, P.TrainerDone(version=self.version))
+            send(self.link.to_ctrl, P.TrainerDone(version=self.version))
         finally:
             self.close()
 
@@ -260,13 +177,11 @@ class Trainer:
         """Tell the controller where the run stands: the version, and on resume the checkpoint's counters
         and buffer; then the resumed weights, since servers start from the base model.
 
-        First the controller must answer a probe (`await_controller`): its session is the one this hello goes
-        to, so an answer under another one later is a restart, however soon after the hello it came."""
-        self.controller_session = await_controller(
-            self.to_ctrl, self.batches, self.pulse, ROLE,
-            lambda silent: ControllerLost(lost_controller(self.cfg, self.version, silent, "before its hello")))
+        First the controller must answer a probe (`ControllerLink.await_controller`): its session is the one this
+        hello goes to, so an answer under another one later is a restart, however soon after the hello it came."""
+        self.link.await_controller(self.version)
         self.hello_version = self.version
-        send(self.to_ctrl, P.TrainerHello(version=self.version, resume_state=self.resume_state,
+        send(self.link.to_ctrl, P.TrainerHello(version=self.version, resume_state=self.resume_state,
                                           resume_buffer=self.resume_buffer))
         if self.version > 0:
             self.publish()
@@ -281,8 +196,8 @@ class Trainer:
         hello is said again."""
         if self.version == self.hello_version:
             log.warning("the controller restarted (session %s, was %s) before any step since this trainer's hello "
-                        "at version %d: saying it again", session, self.controller_session, self.version)
-            self.ahead.clear()
+                        "at version %d: saying it again", session, self.link.controller_session, self.version)
+            self.link.ahead.clear()
             self.hello()
             return
         ckpts = checkpoint_dirs(self.ckpt_root)
@@ -294,18 +209,18 @@ class Trainer:
                                  f"`areal-py run --resume run.name={self.cfg.run.name}` (or, without a checkpoint, "
                                  "without --resume)")
         log.warning("the controller restarted (session %s, was %s) while this trainer waited for batch %d: rolling "
-                    "back to %s and rejoining", session, self.controller_session, self.version, ckpts[0])
+                    "back to %s and rejoining", session, self.link.controller_session, self.version, ckpts[0])
         self.metrics.close()  # _resume rewrites metrics.jsonl without the rows past the checkpoint
         if self.tb is not None:
             self.tb.close()
         self._resume()
-        self.ahead.clear()  # the dead controller's batches: the restarted one sends its own
+        self.link.ahead.clear()  # the dead controller's batches: the restarted one sends its own
         self.metrics = JsonlWriter(self.cfg.run_dir() / "metrics.jsonl")
         if self.tb is not None:
             self.tb = TensorBoardLog(self.cfg.run_dir() / "tensorboard", resume_step=self.version)
         self.signal = SignalWatch(self.cfg.trainer.warn_uninformative_steps)
         self.start_time = time.monotonic()  # wall time goes on from the checkpoint's, as on --resume
-        self.controller_session = session
+        self.link.controller_session = session
         self.hello()
 
     def follow(self) -> None:
@@ -454,6 +369,5 @@ class Trainer:
         self.metrics.close()
         if self.tb is not None:
             self.tb.close()
-        self.to_ctrl.close(linger=2000)  # let the last messages leave
-        self.batches.close()
+        self.link.close()
         close_dist()

@@ -83,7 +83,7 @@ def test_trainer_and_server_rejoin_a_restarted_controller_and_the_ledger_holds(t
     assert not any(t.is_alive() for t in loops)
 
     # the trainer rolled back to its latest checkpoint, at or before the step it had reached, and rejoined
-    assert trainer.controller_session == second.session != first.session
+    assert trainer.link.controller_session == second.session != first.session
     resumed = second.counts.base_version
     assert resumed % 2 == 0 and resumed >= 2
     set_aside = [r["step"] for f in run_dir.glob("metrics.jsonl.dropped-*") for r in read_jsonl(f)]

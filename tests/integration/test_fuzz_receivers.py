@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
 import zmq
@@ -199,23 +198,22 @@ def test_controller_survives_and_counts_hostile_messages_on_both_ports(cfg, n):
 
 @pytest.mark.parametrize("n", SIZES)
 def test_trainer_batch_receiver_counts_every_message(cfg, n):
-    """Trainer.next_batch, the trainer's only receiver, on a fake self: each message is either the batch it
+    """ControllerLink.next_batch, the trainer's only receiver, on a fake self: each message is either the batch it
     waits for (returned) or counted as rejected, exactly. A ping under a new session ends the wait with
     ControllerRestarted, which the trainer's loop answers by rejoining (here: the session is taken on)."""
-    from trainer.trainer import ControllerRestarted, Trainer, controller_pulse
+    from trainer.controller_link import ControllerLink, ControllerRestarted
 
     ctx = zmq.Context.instance()
     router = make_socket(ctx, zmq.ROUTER, cfg.net.addr(cfg.net.batch_port, bind=True), bind=True)
     to_ctrl, batches = connect_trainer(ctx, cfg.net, identity="trainer-fz")  # to_ctrl: its probes, unanswered
-    me = SimpleNamespace(batches=batches, to_ctrl=to_ctrl, version=0, cfg=cfg, pulse=controller_pulse(cfg),
-                         controller_session=None, ahead={})
+    me = ControllerLink(cfg, to_ctrl, batches)
     ledger = Ledger("trainer")
     accepted = 0
 
     def next_batch() -> tuple[P.Batch, float]:
         while True:
             try:
-                return Trainer.next_batch(me)
+                return me.next_batch(0)
             except ControllerRestarted as e:
                 me.controller_session = e.session
 
@@ -248,7 +246,7 @@ def test_trainer_batch_receiver_counts_every_message(cfg, n):
         sent = sum(ledger.sent.values())
         assert ledger.decode_rejections() == ledger.expected_decode_rejections()
         pings = ledger.decoded(("ping",))  # the controller's answer to the trainer's probe: taken as its word
-        # nothing vanished uncounted; a batch for a later version is kept for its turn (Trainer.next_batch)
+        # nothing vanished uncounted; a batch for a later version is kept for its turn (ControllerLink.next_batch)
         assert ledger.rejected() + accepted + pings + len(me.ahead) == sent
         assert accepted <= ledger.decoded(("batch",))
     finally:

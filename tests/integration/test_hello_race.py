@@ -39,13 +39,14 @@ class FakeController:
 
 
 def fake_trainer(tmp_path, *overrides: str):
-    from trainer.trainer import Trainer, controller_pulse
+    from trainer.controller_link import ControllerLink
+    from trainer.trainer import Trainer
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=s", *net_overrides(), "rollout.heartbeat_s=0.1",
                              "trainer.controller_timeout_s=1", "controller.startup_timeout_s=120", *overrides])
     to_ctrl, batches = connect_trainer(zmq.Context.instance(), cfg.net)
-    me = SimpleNamespace(cfg=cfg, to_ctrl=to_ctrl, batches=batches, version=0, pulse=controller_pulse(cfg),
-                         controller_session=None, ahead={}, hello_version=-1, resume_state=None, resume_buffer=None)
+    me = SimpleNamespace(cfg=cfg, link=ControllerLink(cfg, to_ctrl, batches), version=0, hello_version=-1,
+                         resume_state=None, resume_buffer=None)
     me.hello = lambda: Trainer.hello(me)  # what rejoin calls
     return cfg, me
 
@@ -59,24 +60,25 @@ def test_a_controller_dying_right_after_the_hello_is_noticed_within_the_bound(tm
 
     def trainer() -> None:
         Trainer.hello(me)
-        Trainer.next_batch(me)
+        me.link.next_batch(me.version)
 
     try:
         t = on_thread(trainer, errors)
         _, hello = ctrl.until_hello()
-        assert hello.version == 0 and me.controller_session == "a"
+        assert hello.version == 0 and me.link.controller_session == "a"
         ctrl.close()  # dies before answering anything after the hello
         t.join(30)  # the start-up grace (120 s) would still be running
         assert not t.is_alive(), "the trainer still waits for a controller that died after its hello"
         assert len(errors) == 1 and isinstance(errors[0], ControllerLost), errors
         assert "trainer.controller_timeout_s=1" in str(errors[0]) and "waiting for batch 0" in str(errors[0])
     finally:
-        me.to_ctrl.close()
-        me.batches.close()
+        me.link.to_ctrl.close()
+        me.link.batches.close()
 
 
 def test_a_controller_restarted_right_after_the_hello_gets_the_hello_again(tmp_path):
-    from trainer.trainer import ControllerRestarted, Trainer
+    from trainer.controller_link import ControllerRestarted
+    from trainer.trainer import Trainer
 
     cfg, me = fake_trainer(tmp_path, "trainer.controller_timeout_s=30")
     first = FakeController(cfg, "a")
@@ -87,7 +89,7 @@ def test_a_controller_restarted_right_after_the_hello_gets_the_hello_again(tmp_p
         Trainer.hello(me)
         while True:
             try:
-                got.append(Trainer.next_batch(me)[0])
+                got.append(me.link.next_batch(me.version)[0])
                 return
             except ControllerRestarted as e:
                 Trainer.rejoin(me, e.session)
@@ -99,7 +101,7 @@ def test_a_controller_restarted_right_after_the_hello_gets_the_hello_again(tmp_p
         first.close()  # the hello went to a controller that died at once
         second = FakeController(cfg, "b")
         trainer_id, hello = second.until_hello()  # answered a probe under "b": a restart, so the hello again
-        assert hello == P.TrainerHello(version=0) and me.controller_session == "b"
+        assert hello == P.TrainerHello(version=0) and me.link.controller_session == "b"
         send(second.to_trainer, BATCH, to=trainer_id)
         t.join(30)
         assert not t.is_alive() and not errors, errors
@@ -107,5 +109,5 @@ def test_a_controller_restarted_right_after_the_hello_gets_the_hello_again(tmp_p
     finally:
         if second is not None:
             second.close()
-        me.to_ctrl.close()
-        me.batches.close()
+        me.link.to_ctrl.close()
+        me.link.batches.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 import zmq
@@ -136,16 +135,15 @@ def test_any_message_from_the_controller_keeps_the_server_going(tmp_path, ctx):
 
 
 def test_trainer_batch_wait_is_bounded_and_named(tmp_path, ctx):
-    from trainer.trainer import Trainer, controller_pulse
+    from trainer.controller_link import ControllerLink
 
     cfg = config(tmp_path, "trainer.batch_timeout_s=0.5")
     pull = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.batch_port), bind=False)
     probe = make_socket(ctx, zmq.DEALER, cfg.net.addr(cfg.net.trainer_port), bind=False)
     try:
-        fake = SimpleNamespace(cfg=cfg, batches=pull, to_ctrl=probe, version=3, pulse=controller_pulse(cfg),
-                           controller_session=None, ahead={})
+        link = ControllerLink(cfg, probe, pull)
         with pytest.raises(WaitTimeout, match=r"batch 3 from the controller at tcp://127\.0\.0\.1:\d+"):
-            Trainer.next_batch(fake)
+            link.next_batch(3)
     finally:
         pull.close()
         probe.close()
@@ -155,15 +153,14 @@ def test_trainer_notices_a_dead_controller_within_its_bound_and_says_how_to_resu
     """A real controller answers the waiting trainer's probes, so a wait longer than trainer.controller_timeout_s
     goes on while it lives; once it is gone (its sockets closed, as a kill -9 leaves them) the wait ends with
     ControllerLost naming the bound, the latest checkpoint and the resume command."""
-    from trainer.trainer import Trainer, controller_pulse
+    from trainer.controller_link import ControllerLink
 
     cfg = config(tmp_path, "trainer.controller_timeout_s=2", "controller.startup_timeout_s=1",
                  "rollout.heartbeat_s=0.1", "trainer.batch_timeout_s=120")
     (cfg.run_dir() / "checkpoints" / "step_2").mkdir(parents=True)  # what the message names as kept
     ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
     to_ctrl, batches = connect_trainer(ctx, cfg.net)
-    fake = SimpleNamespace(cfg=cfg, batches=batches, to_ctrl=to_ctrl, version=0, pulse=controller_pulse(cfg),
-                           controller_session=None, ahead={})
+    link = ControllerLink(cfg, to_ctrl, batches)
     alive, errors = threading.Event(), []
     alive.set()
 
@@ -173,7 +170,7 @@ def test_trainer_notices_a_dead_controller_within_its_bound_and_says_how_to_resu
 
     def trainer() -> None:
         try:
-            Trainer.next_batch(fake)
+            link.next_batch(0)
         except BaseException as e:  # noqa: BLE001 - the test inspects it
             errors.append(e)
 
@@ -184,9 +181,9 @@ def test_trainer_notices_a_dead_controller_within_its_bound_and_says_how_to_resu
     waiting.start()
     try:
         deadline = time.monotonic() + 30
-        while not fake.pulse.heard_once and time.monotonic() < deadline:
+        while not link.pulse.heard_once and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert fake.pulse.heard_once, "the controller never answered the trainer's probe"
+        assert link.pulse.heard_once, "the controller never answered the trainer's probe"
         waiting.join(3)  # longer than the bound: a live controller's answers keep the trainer waiting
         assert waiting.is_alive() and not errors, errors
     finally:

@@ -4,7 +4,6 @@ trained once. Fake servers and a fake trainer speak the wire protocol to a real 
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import pytest
 import zmq
@@ -112,14 +111,13 @@ def test_a_swallowed_generate_is_redispatched_after_the_timeout_and_trained_once
 def test_a_batch_that_overtakes_the_one_before_it_is_kept_for_its_turn(tmp_path, ctx):
     """The controller sends each batch once, so a reordering link must not cost the trainer one: a batch for a
     later version within max_staleness waits for its turn; a copy of it, or one further ahead, is rejected."""
-    from trainer.trainer import Trainer, controller_pulse
+    from trainer.controller_link import ControllerLink
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=s", *net_overrides(), "controller.max_staleness=2",
                              "rollout.heartbeat_s=0.1"])
     from_trainer, to_trainer = bind_trainer(ctx, cfg.net, send_timeout_s=5)
     to_ctrl, batches = connect_trainer(ctx, cfg.net, identity="trainer-x")
-    me = SimpleNamespace(cfg=cfg, to_ctrl=to_ctrl, batches=batches, version=0, pulse=controller_pulse(cfg),
-                         controller_session=None, ahead={})
+    me = ControllerLink(cfg, to_ctrl, batches)
 
     def batch(v: int, gid: int) -> P.Batch:
         return P.Batch(version=v, state=P.ControllerState(), groups=[P.Group(
@@ -134,9 +132,8 @@ def test_a_batch_that_overtakes_the_one_before_it_is_kept_for_its_turn(tmp_path,
         rejected = rejected_count("trainer", "unexpected_type")
         for b in (batch(1, 11), batch(1, 99), batch(3, 33), batch(0, 10)):  # 1 overtook 0; its copy; 3 too far
             send(to_trainer, b, to=b"trainer-x")
-        assert Trainer.next_batch(me)[0] == batch(0, 10)
-        me.version = 1
-        assert Trainer.next_batch(me)[0] == batch(1, 11)  # kept, the first copy
+        assert me.next_batch(0)[0] == batch(0, 10)
+        assert me.next_batch(1)[0] == batch(1, 11)  # kept, the first copy
         assert rejected_count("trainer", "unexpected_type") - rejected == 2 and me.ahead == {}
     finally:
         for s in (from_trainer, to_trainer, to_ctrl, batches):

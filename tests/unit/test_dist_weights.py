@@ -195,7 +195,7 @@ def test_trainer_after_a_failed_broadcast_falls_back_or_stops(on_failure):
     b.connect(f"inproc://trainer-dist-{on_failure}")
     cfg = load_config(None, ["weights.transfer=dist", "weights.dist_bucket_mb=1",
                              f"weights.dist_on_failure={on_failure}"])
-    fake = type("T", (), {"cfg": cfg, "version": 4, "to_ctrl": a, "weight_group": _FailingGroup()})()
+    fake = type("T", (), {"cfg": cfg, "version": 4, "link": type("L", (), {"to_ctrl": a})(), "weight_group": _FailingGroup()})()
     try:
         if on_failure == "stream":
             assert Trainer.publish_dist(fake, _weights()) is False
