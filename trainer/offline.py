@@ -7,7 +7,7 @@ Invariants:
 - The data order of epoch e is a pure function of (seed, e), and checkpoints are taken at epoch ends, so a
   resumed run trains exactly the batches the uninterrupted one would have.
 - The learning rate of step s is a pure function of s (``trainer.cold_start.lr_factor``: linear warm-up, then
-  constant), set before every step, so nothing of the schedule needs saving.
+  constant or a cosine down to ``final_lr_ratio``), set before every step, so nothing of the schedule needs saving.
 - Checkpoints are the RL trainer's (trainer/checkpoint.py: DCP, manifest, atomic rename; state.json's
   ``version`` is the optimiser step); the final model is a plain HF directory `areal-py run model.path=` takes.
 """
@@ -116,14 +116,15 @@ def response_logprobs(model: torch.nn.Module, rows: Sequence[Row], pad: int) -> 
 
 
 class OfflineOptimizer:
-    """AdamW with the step's learning rate set before each update (warm-up, then constant) and gradient clipping."""
+    """AdamW with the step's learning rate set before each update (warm-up, then constant or a cosine decay) and
+    gradient clipping."""
 
     def __init__(self, model: torch.nn.Module, c: OfflineTrainConfig, total_steps: int) -> None:
         self.model, self.c, self.total_steps = model, c, total_steps
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
 
     def lr_at(self, step: int) -> float:
-        return self.c.lr * lr_factor(step, self.total_steps, self.c.warmup_steps, 1.0)
+        return self.c.lr * lr_factor(step, self.total_steps, self.c.warmup_steps, self.c.final_lr_ratio)
 
     def step(self, step: int) -> tuple[float, float]:
         """Clip, update at ``lr_at(step)``, zero the gradients; returns (grad norm before clipping, lr).

@@ -23,7 +23,9 @@ class OfflineTrainConfig(Section):
     max_tokens_per_micro_batch: int = Field(0, ge=0, description="Split each batch into length-sorted micro-batches "
                                             "of at most this many padded tokens (rows x longest row; gradients "
                                             "accumulate); 0 = the whole batch in one forward.")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (after warm-up; constant).")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (after warm-up).")
+    final_lr_ratio: float = Field(1.0, ge=0, le=1, description="After warm-up the lr follows a cosine from lr to "
+                                  "lr x this at the last step (trainer.cold_start.lr_factor); 1 = constant.")
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up, in optimiser steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
@@ -68,7 +70,10 @@ class RewardModelTrainConfig(OfflineTrainConfig):
     on preference pairs; the result is the `reward_model` of reward.functions (reward.reward_model_path)."""
 
     epochs: int = Field(4, ge=1, description="Passes over the training data; a checkpoint after each.")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (after warm-up; constant). Sized for the embedded "
-                      "model (a fresh score head on a 2M-parameter model); lower it for a pretrained one.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (after warm-up). Sized for the embedded model "
+                      "(a fresh score head on a 2M-parameter model); lower it for a pretrained one.")
+    final_lr_ratio: float = Field(0.1, ge=0, le=1, description="After warm-up the lr follows a cosine from lr to "
+                                  "lr x this at the last step; 1 = constant. Decaying settles the ranking, which "
+                                  "at a constant lr still swings by a few points of accuracy between epochs.")
     max_length: int = Field(512, ge=2, description="Tokens a scored text (prompt + response) keeps, from its end: "
                             "the same cut as the reward function's scorer (areal_py/rewards/reward_model.py).")
