@@ -21,7 +21,7 @@ VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=
                       max_leaves=12)
 
 SAMPLING = P.SamplingBody(max_new_tokens=4, temperature=1.0, top_p=1.0)
-EXEMPLARS: dict[str, P._Body] = {
+EXEMPLARS: dict[str, P.Body] = {
     "hello": P.Hello(server_id="fz", version=0, engine_path="fast"),
     "heartbeat": P.Heartbeat(server_id="fz", version=0, running=0, waiting=0, generated_tokens=0),
     "generate": P.Generate(gid=1, attempt=0, prompt_ids=[1, 2, 3], n=2, sampling=SAMPLING),

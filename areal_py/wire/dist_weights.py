@@ -8,7 +8,7 @@ every member present; a server started after that (a restart) finds the store's 
 stays out (`join_member` returns None): it gets weights over the controller's catch-up path.
 
 What travels where: the layout (names, dtypes, shapes, offsets, bucket by bucket) and the version ride
-the ZeroMQ `UpdateWeights.dist` (areal_py/wire/protocol.py); the group carries only bytes: first a
+the ZeroMQ `UpdateWeights.dist` (areal_py/wire/protocol/); the group carries only bytes: first a
 header `[MAGIC, version, buckets, total bytes]`, then each bucket as one flat uint8 tensor.
 
 Invariants:
@@ -42,7 +42,7 @@ ALIGN = 64  # bytes: a multiple of every dtype's size, so each tensor's bytes ca
 MAGIC = 0x41524541  # first word of every broadcast header: the bytes on the group are a weight broadcast
 FORMED_KEY = "areal/weights/formed"
 _PREFIX = "areal/weights/group"
-_DTYPE_NAMES = {v: k for k, v in P._DTYPES.items()}
+_DTYPE_NAMES = {v: k for k, v in P.DTYPES.items()}
 
 Spec = tuple[torch.dtype, tuple[int, ...]]  # what a receiver's model holds under one name
 
@@ -83,7 +83,7 @@ def plan_layout(specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], bucke
     end = 0
     for name, dtype, shape in specs:
         if dtype not in _DTYPE_NAMES:
-            raise ValueError(f"tensor {name}: dtype {dtype} cannot be broadcast; allowed {sorted(P._DTYPES)}")
+            raise ValueError(f"tensor {name}: dtype {dtype} cannot be broadcast; allowed {sorted(P.DTYPES)}")
         n = tensor_nbytes(dtype, shape)
         offset = _align(end) if cur else 0
         if cur and offset + n > bucket_bytes:
@@ -128,7 +128,7 @@ def unpack_bucket(buf: torch.Tensor, bucket: P.DistBucket) -> dict[str, torch.Te
         raise ValueError(f"bucket buffer is {buf.dtype} {tuple(buf.shape)}, expected uint8 ({bucket.nbytes},)")
     out = {}
     for t in bucket.tensors:
-        dtype = P._DTYPES[t.dtype]
+        dtype = P.DTYPES[t.dtype]
         n = tensor_nbytes(dtype, t.shape)
         out[t.name] = buf[t.offset:t.offset + n].view(dtype).reshape(t.shape)
     return out
@@ -148,7 +148,7 @@ def check_layout(layout: P.DistLayout, expected: Mapping[str, Spec]) -> None:
     for b in layout.buckets:
         for t in b.tensors:
             dtype, shape = expected[t.name]
-            if P._DTYPES[t.dtype] != dtype:
+            if P.DTYPES[t.dtype] != dtype:
                 raise DistRejected("dtype", f"{t.name}: {t.dtype}, model has {_DTYPE_NAMES.get(dtype, dtype)}")
             if tuple(t.shape) != shape:
                 raise DistRejected("shape", f"{t.name}: {tuple(t.shape)}, model has {shape}")
