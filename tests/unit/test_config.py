@@ -115,7 +115,7 @@ def test_task_section_round_trips_and_names_unknown_tasks(tmp_path):
     for cfg in (load_config(None), load_config(ROOT / "configs" / "sum_cot.yaml")):
         dump_config(cfg, tmp_path / "config.yaml")
         assert load_config(tmp_path / "config.yaml") == cfg
-    with pytest.raises(ConfigError, match=r"task.name: unknown task 'sums'; allowed: \['arith', 'jsonl', 'sum_cot'\]"):
+    with pytest.raises(ConfigError, match=r"task.name: unknown task 'sums'; allowed: \['arith', 'calc_tool', 'jsonl', 'sum_cot'\]"):
         load_config(None, ["task.name=sums"])
     with pytest.raises(ConfigError, match=r"task: a mapping"):
         load_config(None, ["task=3"])
