@@ -81,3 +81,18 @@ def test_tool_loop_run_counts_a_hung_and_a_crashing_tool(tmp_path, calc_cache, m
         assert r.episodes_succeeded_with_tool <= r.episodes_succeeded
     html = (tmp_path / "runs" / "t" / "report.html").read_text()
     assert 'id="sec-episode_turns"' in html and 'id="sec-tool_faults"' in html
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_calc_tool_learns(tmp_path):
+    """configs/calc_tool.yaml learns: first-10 -> last-10 training reward +0.2 or more, and most rewarded
+    episodes of the last 10 steps called the tool (docs/multi-turn.md, "The agentic task")."""
+    res = run_cli(["run", "configs/calc_tool.yaml", "--quiet", f"run.output_dir={tmp_path / 'runs'}", "run.name=t",
+                   f"model.cache_dir={tmp_path / 'cache'}", "run.dashboard_port=0", *net_overrides()], timeout=1500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = read_step_records(tmp_path / "runs" / "t" / "metrics.jsonl")
+    first, last = rows[:10], rows[-10:]
+    gain = sum(r.reward_mean for r in last) / 10 - sum(r.reward_mean for r in first) / 10
+    assert gain >= 0.2, [r.reward_mean for r in rows]
+    assert sum(r.episodes_succeeded_with_tool for r in last) >= 0.8 * sum(r.episodes_succeeded for r in last)
