@@ -6,80 +6,28 @@ poll loop. A verifier that runs past ``timeout_s`` gives 0.0 and is counted; its
 killed and replaced so later samples are not held up. A verifier that raises, or returns a value
 that is not finite in float32 (the trainer's dtype), gives 0.0 for its own term, is logged with the
 sample and counted in ``errors``. The functions themselves are in
-:mod:`areal_py.rewards.functions`.
+:mod:`areal_py.rewards.functions`; what runs in a worker process, and the pipe it answers on, in
+:mod:`controller.reward_worker`.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import multiprocessing
 import multiprocessing.connection
-import os
-import signal
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from areal_py.rewards.functions import (
-    build_reward_fn,
-    short_traceback,
-    task_from_recipe,
-    task_recipe,
-    validate_spec,
-)
+from areal_py.rewards.functions import build_reward_fn, task_from_recipe, task_recipe, validate_spec
 from areal_py.tasks.answer_extraction import DEFAULT_EXTRACTION, AnswerExtraction
 from areal_py.tasks.base import Prompt, Task, TaskRecipe
 from areal_py.telemetry.metrics import REWARD_ERRORS, REWARD_TIMEOUTS
+from controller.reward_worker import start_worker
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# Worker process
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: the kernel kills this worker when the thread that started it exits (PR_SET_PDEATHSIG),
-    so a worker stuck in a verifier is not orphaned if the pool's process is killed."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _worker_main(conn: multiprocessing.connection.Connection, parent_pid: int, spec: dict[str, float],
-                 task: TaskRecipe | None, reward_model: dict[str, Any] | None, answer: AnswerExtraction) -> None:
-    """Build the reward function once, then score chunks until told to stop (None) or EOF.
-
-    In:  None | list of (prompt index, prompt text, answer, response text, stopped).
-    Out: ("ready",) | ("init_error", traceback) | ("batched",) | ("item", value, errors).
-    """
-    _die_with_parent(parent_pid)
-    try:
-        reward = build_reward_fn(spec, task_from_recipe(task), reward_model, answer)
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(("init_error", short_traceback()))
-        return
-    conn.send(("ready",))
-    while True:
-        try:
-            chunk = conn.recv()
-        except (EOFError, OSError):  # the parent went away
-            return
-        if chunk is None:
-            return
-        prompts = [Prompt(index=i, text=t, answer=a) for i, t, a, _, _ in chunk]
-        for kind, payload in reward.score(prompts, [c[3] for c in chunk], [c[4] for c in chunk]):
-            conn.send(("batched",) if kind == "batched" else ("item", *payload))
-
-
-# ---------------------------------------------------------------------------------------------
-# Pool
 
 
 class RewardHandle:
@@ -278,13 +226,7 @@ class RewardPool:
     # -- internals ------------------------------------------------------------------------------
 
     def _start_worker(self) -> _Worker:
-        parent_conn, child_conn = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker_main, name="reward-worker", daemon=True,
-                                 args=(child_conn, os.getpid(), self.spec, self._task_recipe, self.reward_model,
-                                       self.answer))
-        proc.start()
-        child_conn.close()
-        return _Worker(proc, parent_conn)
+        return _Worker(*start_worker(self._ctx, self.spec, self._task_recipe, self.reward_model, self.answer))
 
     def _score_locally(self, handle: RewardHandle, data: list[tuple[int, str, str, str, bool]]) -> None:
         prompts = [Prompt(index=i, text=t, answer=a) for i, t, a, _, _ in data]
