@@ -17,6 +17,7 @@ from areal_py.telemetry.metrics import rejected_count
 from areal_py.telemetry.prom import CONTROLLER as M
 from areal_py.wire import protocol as P
 from areal_py.wire.transport import RateLimitedLog
+from controller import trainer_side
 from controller.controller import AdmissionError, Controller
 
 CONTEXT = 64  # model.embedded.max_position_embeddings by default
@@ -60,7 +61,8 @@ def ready_controller(cfg, task, monkeypatch) -> tuple[Controller, list]:
     """A controller with one live server at version 0 whose outgoing messages are recorded."""
     ctrl = Controller(cfg, task=task, tokenizer=build_char_tokenizer())
     sent: list = []
-    monkeypatch.setattr(ctrl_mod, "send", lambda sock, body, *a, **k: sent.append(body))
+    for mod in (ctrl_mod, trainer_side):  # the rollout side sends from one, the batches go from the other
+        monkeypatch.setattr(mod, "send", lambda sock, body, *a, **k: sent.append(body))
     ctrl.registry.seen("a", 0)
     return ctrl, sent
 

@@ -18,6 +18,7 @@ from areal_py.tasks.arith import ArithTask
 from areal_py.telemetry.ledger import ledger_from_records
 from areal_py.telemetry.step_record import StepRecord
 from areal_py.wire import protocol as P
+from controller import trainer_side
 from controller.controller import Controller
 
 TOK = build_char_tokenizer()
@@ -41,7 +42,8 @@ class Sim:
 
     def __init__(self, cfg, monkeypatch, version: int = 0, hello: P.TrainerHello | None = None) -> None:
         self.sent: list = []
-        monkeypatch.setattr(ctrl_mod, "send", lambda sock, body, *a, **k: self.sent.append(body))
+        for mod in (ctrl_mod, trainer_side):  # the rollout side sends from one, the batches go from the other
+            monkeypatch.setattr(mod, "send", lambda sock, body, *a, **k: self.sent.append(body))
         self.ctrl = Controller(cfg, task=TASK, tokenizer=build_char_tokenizer())
         self.ctrl.resume(hello or P.TrainerHello(version=version))
         self.version = version

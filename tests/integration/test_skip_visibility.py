@@ -20,6 +20,7 @@ from areal_py.telemetry import prom
 from areal_py.telemetry.skips import skip_counts
 from areal_py.telemetry.step_record import ControllerCounters, StepRecord
 from areal_py.wire import protocol as P
+from controller import trainer_side
 from controller.controller import Controller
 
 TOK = build_char_tokenizer()
@@ -70,7 +71,8 @@ def ctrl(tmp_path, monkeypatch):
     before = controller_text()  # bad lines are counted when the controller loads its task
     c = Controller(cfg, task=Scripted(), tokenizer=TOK)
     c.prom_before, c.sent = before, []
-    monkeypatch.setattr(ctrl_mod, "send", lambda sock, body, *a, **k: c.sent.append(body))
+    for mod in (ctrl_mod, trainer_side):  # the rollout side sends from one, the batches go from the other
+        monkeypatch.setattr(mod, "send", lambda sock, body, *a, **k: c.sent.append(body))
     c.on_rollout(b"a", P.Message(type="hello", body=P.Hello(server_id="a", version=0, engine_path="generic")))
     yield c
     c.close()

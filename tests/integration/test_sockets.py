@@ -343,10 +343,12 @@ def test_batches_take_the_oldest_groups_first(cfg, monkeypatch):
     """A long response finishes late but old: it must get the next batch before fresh short ones, or it
     would miss its last admissible batch (max_staleness 2 here) and be wasted."""
     import controller.controller as ctrl_mod
+    from controller import trainer_side
 
     ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
     sent = []
-    monkeypatch.setattr(ctrl_mod, "send", lambda sock, body, *a, **k: sent.append(body))
+    for mod in (ctrl_mod, trainer_side):  # the rollout side sends from one, the batches go from the other
+        monkeypatch.setattr(mod, "send", lambda sock, body, *a, **k: sent.append(body))
     try:
         def group(gid: int, version: int) -> P.Group:
             s = P.Sample(output_ids=[2], logprobs=[-0.1], versions=[version], finish_reason="stop", reward=1.0)
@@ -365,13 +367,15 @@ def test_batches_take_the_oldest_groups_first(cfg, monkeypatch):
 def test_a_raised_token_limit_keeps_long_responses_and_drops_only_past_it(tmp_path, monkeypatch):
     """max_staleness 1 admits; max_token_staleness 3 decides what is dropped at batching."""
     import controller.controller as ctrl_mod
+    from controller import trainer_side
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=s", *net_overrides(), "controller.batch_size=2",
                              "controller.group_size=2", "controller.max_staleness=1",
                              "controller.max_token_staleness=3"])
     ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
     sent = []
-    monkeypatch.setattr(ctrl_mod, "send", lambda sock, body, *a, **k: sent.append(body))
+    for mod in (ctrl_mod, trainer_side):  # the rollout side sends from one, the batches go from the other
+        monkeypatch.setattr(mod, "send", lambda sock, body, *a, **k: sent.append(body))
     try:
         def group(gid: int, versions: list[int]) -> P.Group:
             s = P.Sample(output_ids=[2] * len(versions), logprobs=[-0.1] * len(versions), versions=versions,
@@ -395,13 +399,15 @@ def test_scored_reward_counts_what_dynamic_sampling_drops(tmp_path, monkeypatch)
     """DAPO trains only mixed groups, so the batch reward is biased toward 0.5; the batch also carries the
     mean reward of everything scored since the previous batch: here groups [1, 1] (dropped) and [0, 1]."""
     import controller.controller as ctrl_mod
+    from controller import trainer_side
     from controller.rollouts import InflightGroup
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=s", *net_overrides(), "controller.batch_size=1",
                              "controller.group_size=2", "controller.dynamic_sampling=true"])
     ctrl = Controller(cfg, task=ArithTask(), tokenizer=build_char_tokenizer())
     sent = []
-    monkeypatch.setattr(ctrl_mod, "send", lambda sock, body, *a, **k: sent.append(body))
+    for mod in (ctrl_mod, trainer_side):  # the rollout side sends from one, the batches go from the other
+        monkeypatch.setattr(mod, "send", lambda sock, body, *a, **k: sent.append(body))
 
     class Done:
         def __init__(self, rewards: list[float]) -> None:
