@@ -4,6 +4,7 @@ trainer.controller_timeout_s, without the start-up grace; and a controller resta
 restart: the trainer, with no step trained since, says its hello again to the new one and trains its batch."""
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import zmq
@@ -24,7 +25,17 @@ class FakeController:
 
     def __init__(self, cfg, session: str) -> None:
         self.session = session
-        self.from_trainer, self.to_trainer = bind_trainer(zmq.Context.instance(), cfg.net, send_timeout_s=5)
+        # a restarted one binds the ports its predecessor closed a moment ago: ZeroMQ releases a closed
+        # listener asynchronously, so the first binds may find the port still taken (EADDRINUSE)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.from_trainer, self.to_trainer = bind_trainer(zmq.Context.instance(), cfg.net, send_timeout_s=5)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def until_hello(self) -> tuple[bytes, P.TrainerHello]:
         while True:
