@@ -4,7 +4,7 @@ The controller binds a ROUTER on `net.trainer_port` (hello, weights, done: train
 a ROUTER on `net.batch_port` (batches: controller -> trainer). The trainer connects a DEALER to each,
 both under one routing id drawn at random per trainer process (`new_trainer_id`).
 
-Invariants the controller keeps with them (controller/controller.py):
+Invariants the controller keeps with them (controller/trainer_side.py):
 - the routing id of the first `TrainerHello` is the trainer's; any other sender's message on the
   trainer port (a `TrainerDone`, a `WeightsReady`, a second hello) is rejected and counted
   (`not_trainer`), so no other process can stop the run or choose the servers' weights;
