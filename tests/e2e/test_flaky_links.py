@@ -83,8 +83,11 @@ def test_a_run_through_a_flaky_proxy_keeps_the_ledger(tmp_path, small_cfg, case)
     faults = dict(proxy.counts)
     print(faults)
     for link, kinds in [("rollout:up", ("duplicated", "held")), ("rollout:down", ("duplicated", "held")),
-                        ("trainer:up", ("duplicated", "held")), ("weights:down", ("seen",)), ("batch:down", ("seen",))]:
+                        ("weights:down", ("seen",)), ("batch:down", ("seen",))]:
         assert all(faults.get((link, k), 0) > 0 for k in kinds), (link, faults)
+    # the trainer link carries few messages in a short run (~14: a reorder-free draw is ~4% likely), so it must
+    # see a fault of either kind (none of either: ~0.1%)
+    assert faults.get(("trainer:up", "duplicated"), 0) + faults.get(("trainer:up", "held"), 0) > 0, faults
     if case == "drops":
         assert faults.get(("rollout:up", "dropped"), 0) > 0, faults
     assert roles["controller"].returncode == 0 and roles["trainer"].returncode == 0, text
