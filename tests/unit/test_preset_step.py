@@ -37,4 +37,4 @@ def test_preset_takes_one_finite_update(tmp_path, preset):
 
 
 def test_every_preset_is_covered():
-    assert set(PRESETS) == {"dapo", "dr_grpo", "grpo", "ppo", "reinforce_pp", "rloo"}
+    assert set(PRESETS) == {"calc_tool", "dapo", "dr_grpo", "grpo", "ppo", "reinforce_pp", "rloo"}
