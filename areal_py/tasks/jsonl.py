@@ -3,6 +3,9 @@
 A `prompt` is a string or a list of chat messages (validated at load, errors as file:line).
 
 It has no SFT example: the embedded model cannot be cold-started on it, so it needs model.path.
+
+The JSONL reading (UTF-8, lines numbered as text mode splits them, every bad line reported as ``path:line``) is
+shared with the offline data files: ``read_records`` reads the SFT records and preference pairs.
 """
 
 from __future__ import annotations
@@ -12,15 +15,18 @@ import io
 import json
 import random
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import Field
 
 from areal_py.tasks.base import ChatMessage, Prompt, RunLimits, TaskConfig, TaskRecipe, register_task
 from areal_py.tasks.math_answer import grade_answer
 from areal_py.tasks.prompt_render import messages_text, parse_messages
+
+T = TypeVar("T")
 
 
 class MissingKey(ValueError):
@@ -42,6 +48,47 @@ def bad_lines_message(path: Path, bad: list[BadLine], good: int, shown: int = 20
     """``path: B bad line(s) of N non-empty:`` then each message, one a line (the first `shown`)."""
     listed = [b.message for b in bad[:shown]] + ([f"... and {len(bad) - shown} more"] if len(bad) > shown else [])
     return f"{path}: {len(bad)} bad line(s) of {len(bad) + good} non-empty:\n  " + "\n  ".join(listed)
+
+
+def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(number from 1, line) of every non-blank line of the UTF-8 file `path`. Lines are split as text-mode
+    reading splits them (universal newlines): a raw U+2028 inside a JSON string, as ``json.dumps(...,
+    ensure_ascii=False)`` writes it, ends no line, and the numbers match those of ``_read_utf8``'s errors."""
+    for lineno, line in enumerate(io.StringIO(_read_utf8(path), newline=None), start=1):
+        if line.strip():
+            yield lineno, line
+
+
+def load_json_line(line: str, where: str) -> object:
+    """The JSON value of one line; ``ValueError("where: invalid JSON: why")``."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON: {e.msg}") from e
+
+
+def read_records(path: str | Path, parse: Callable[[object, str], T], what: str) -> list[T]:
+    """``parse(value, "path:line")`` of every non-blank line of a JSONL file, in file order.
+
+    Strict: a line that is not JSON or that `parse` refuses (ValueError) is a bad line, and any bad line makes
+    the whole file a ValueError listing every one (``bad_lines_message``); so is a file of no records
+    (``path: no <what>``). A missing file is FileNotFoundError (``<what> file not found: path``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    out: list[T] = []
+    bad: list[BadLine] = []
+    for lineno, line in numbered_lines(path):
+        where = f"{path}:{lineno}"
+        try:
+            out.append(parse(load_json_line(line, where), where))
+        except ValueError as e:
+            bad.append(BadLine(lineno, "malformed", str(e)))
+    if bad:
+        raise ValueError(bad_lines_message(path, bad, len(out)))
+    if not out:
+        raise ValueError(f"{path}: no {what}")
+    return out
 
 
 class JsonlConfig(TaskConfig):
@@ -96,9 +143,7 @@ class JsonlTask:
         if not self.path.is_file():
             raise FileNotFoundError(f"JSONL task file not found: {self.path}")
         records: list[tuple[str, str, tuple[ChatMessage, ...] | None]] = []
-        for lineno, line in enumerate(io.StringIO(_read_utf8(self.path), newline=None), start=1):
-            if not line.strip():
-                continue
+        for lineno, line in numbered_lines(self.path):
             try:
                 records.append(self._parse_line(lineno, line))
             except ValueError as e:  # every bad line is kept, not only the first
@@ -115,10 +160,7 @@ class JsonlTask:
 
     def _parse_line(self, lineno: int, line: str) -> tuple[str, str, tuple[ChatMessage, ...] | None]:
         """One non-empty line as a record; ValueError ``path:line: why`` (MissingKey for a missing key)."""
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{self.path}:{lineno}: invalid JSON: {e.msg}") from e
+        obj = load_json_line(line, f"{self.path}:{lineno}")
         if not isinstance(obj, dict):
             raise ValueError(f"{self.path}:{lineno}: expected a JSON object")
         for key in (self.prompt_key, self.answer_key):

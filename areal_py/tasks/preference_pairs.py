@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from areal_py.tasks.base import ChatMessage, Prompt, Task
-from areal_py.tasks.jsonl import BadLine, _read_utf8, bad_lines_message
+from areal_py.tasks.jsonl import read_records
 from areal_py.tasks.prompt_render import messages_text, parse_messages
 
 KEYS = ("prompt", "chosen", "rejected")
@@ -99,28 +99,7 @@ def parse_pair(obj: object, where: str) -> PreferencePair:
 
 def read_pairs(path: str | Path) -> list[PreferencePair]:
     """Every pair of a JSONL file (blank lines skipped); ValueError listing every bad line, or for no pairs."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preference pairs file not found: {path}")
-    pairs: list[PreferencePair] = []
-    bad: list[BadLine] = []
-    for lineno, line in enumerate(_read_utf8(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON: {e.msg}") from e
-            pairs.append(parse_pair(obj, where))
-        except ValueError as e:
-            bad.append(BadLine(lineno, "malformed", str(e)))
-    if bad:
-        raise ValueError(bad_lines_message(path, bad, len(pairs)))
-    if not pairs:
-        raise ValueError(f"{path}: no preference pairs")
-    return pairs
+    return read_records(path, parse_pair, "preference pairs")
 
 
 def write_pairs(path: str | Path, pairs: Iterable[PreferencePair]) -> Path:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from areal_py.tasks.base import ChatMessage, Prompt, Task
-from areal_py.tasks.jsonl import BadLine, _read_utf8, bad_lines_message
+from areal_py.tasks.jsonl import read_records
 from areal_py.tasks.prompt_render import messages_text, parse_messages
 
 
@@ -93,28 +93,7 @@ def parse_example(obj: object, where: str) -> SftExample:
 
 def read_examples(path: str | Path) -> list[SftExample]:
     """Every example of a JSONL file (blank lines skipped); ValueError listing every bad line, or for none."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"supervised data file not found: {path}")
-    out: list[SftExample] = []
-    bad: list[BadLine] = []
-    for lineno, line in enumerate(_read_utf8(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON: {e.msg}") from e
-            out.append(parse_example(obj, where))
-        except ValueError as e:
-            bad.append(BadLine(lineno, "malformed", str(e)))
-    if bad:
-        raise ValueError(bad_lines_message(path, bad, len(out)))
-    if not out:
-        raise ValueError(f"{path}: no supervised examples")
-    return out
+    return read_records(path, parse_example, "supervised examples")
 
 
 def write_examples(path: str | Path, examples: Iterable[SftExample]) -> Path:

@@ -59,6 +59,14 @@ def test_write_read_round_trip_with_chat_prompt(tmp_path):
     assert read_pairs(path) == pairs
 
 
+def test_line_separator_inside_a_string_ends_no_line(tmp_path):
+    # write_pairs keeps U+2028 raw (ensure_ascii=False); str.splitlines would cut the record there
+    pairs = [PreferencePair("a\u2028b=", "1\x1c", "2\x85")]
+    path = write_pairs(tmp_path / "p.jsonl", pairs)
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    assert read_pairs(path) == pairs
+
+
 def test_bad_lines_are_all_named(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "a", "chosen": "1", "rejected": "2"}\n'
