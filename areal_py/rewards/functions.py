@@ -20,7 +20,6 @@ pool that runs them with a timeout is :mod:`controller.reward_pool`.
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 import re
 import struct
@@ -28,6 +27,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from areal_py.import_spec import load_callable
 from areal_py.tasks.answer_extraction import DEFAULT_EXTRACTION, AnswerExtraction
 from areal_py.tasks.base import Prompt, Task, TaskRecipe, build_task, recipe_of
 from areal_py.tasks.math_answer import grade_answer
@@ -103,17 +103,8 @@ def allowed_names() -> list[str]:
 
 
 def import_reward_fn(path: str) -> RewardFn:
-    """Import ``"package.module:function"``."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"custom reward {path!r}: expected 'package.module:function'")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"custom reward {path!r} cannot be imported: {e}") from e
-    if not callable(fn):
-        raise ValueError(f"custom reward {path!r} is not callable")
-    return fn
+    """Import ``"package.module:function"``; ValueError naming the path when it is not a callable."""
+    return load_callable(path, f"custom reward {path!r}")
 
 
 class WeightedReward:

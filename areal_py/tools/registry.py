@@ -16,12 +16,12 @@ with the Python tool's filter: a user tool is trusted code fed untrusted argumen
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from areal_py.import_spec import load_callable, split_spec
 from areal_py.tools.python_eval import run_python
 
 BUILTIN_TOOLS: dict[str, str] = {
@@ -45,25 +45,14 @@ def resolve_tools(custom: Mapping[str, str] | None = None) -> dict[str, str]:
         if name in BUILTIN_TOOLS:
             raise ValueError(f"tool name {name!r} is a built-in tool; pick another name for "
                              f"tools.custom.{name}")
-        module, _, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
-        if not module or not attr:
-            raise ValueError(f"tools.custom.{name}={spec!r}: expected 'package.module:function'")
+        split_spec(spec, f"tools.custom.{name}={spec!r}")
         tools[name] = spec
     return tools
 
 
 def import_tool(path: str) -> ToolFn:
     """Import ``"package.module:function"``; ValueError naming the path when it is not a callable."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"tool {path!r}: expected 'package.module:function'")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"tool {path!r} cannot be imported: {e}") from e
-    if not callable(fn):
-        raise ValueError(f"tool {path!r} is not callable")
-    return fn
+    return load_callable(path, f"tool {path!r}")
 
 
 def load_tools(specs: Mapping[str, str], python_modules: Sequence[str], max_output_chars: int) -> dict[str, ToolFn]:

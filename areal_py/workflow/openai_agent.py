@@ -15,7 +15,6 @@ which does not continue the trajectory and would break the episode.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import threading
@@ -23,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from areal_py.import_spec import load_callable
 from areal_py.tasks.base import Prompt
 from areal_py.tasks.prompt_render import uses_chat_template
 from areal_py.telemetry.metrics import OPENAI_EPISODES
@@ -51,16 +51,8 @@ class AgentPrompt:
 
 def agent_function(spec: str) -> Callable[..., Any]:
     """The function ``rollout.agent`` names (``package.module:function``); ValueError naming the key otherwise."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"rollout.agent={spec!r}: workflow openai_agent needs the agent as 'package.module:function'")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"rollout.agent={spec!r} cannot be imported: {e} (is its package on PYTHONPATH?)") from e
-    if not callable(fn):
-        raise ValueError(f"rollout.agent={spec!r} is not callable")
-    return fn
+    return load_callable(spec, f"rollout.agent={spec!r}",
+                         "'package.module:function' (workflow openai_agent's agent)")
 
 
 def agent_prompt(prompt: Prompt, tokenizer: Any, settings: WorkflowSettings) -> AgentPrompt:
