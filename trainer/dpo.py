@@ -13,14 +13,12 @@ HF generate (trainer.cold_start.evaluate). The losses: trainer/algo/preference_l
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
 
 from areal_py.config import Config
 from areal_py.models import eos_token_id, load_model_and_tokenizer
-from areal_py.tasks.base import Task, build_task
 from areal_py.tasks.preference_pairs import PreferencePair, read_pairs, synthetic_pairs, write_pairs
 from areal_py.tasks.prompt_render import render_prompt
 from trainer.algo.preference_loss import (
@@ -31,24 +29,18 @@ from trainer.algo.preference_loss import (
     preference_loss,
     preference_stats,
 )
-from trainer.cold_start import evaluate
 from trainer.offline import (
-    OfflineOptimizer,
-    OfflineRunFiles,
     Progress,
     Row,
-    load_split,
+    load_run_data,
     micro_batches,
+    pad_id,
     response_logprobs,
-    train_epochs,
+    sampled_accuracy,
+    train_to_final,
 )
 
 log = logging.getLogger("trainer.dpo")
-
-
-def load_pairs(cfg: Config, task: Task | None, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """(training, held-out) pairs as dpo.train_path / eval_path / the synthetic settings say (see DpoConfig)."""
-    return load_split(cfg.dpo, "dpo", task, seed, lambda t, start, n: synthetic_pairs(t, start, n, seed), read_pairs)
 
 
 def tokenize_pairs(tokenizer, pairs: list[PreferencePair], cfg: Config, context: int | None,
@@ -111,34 +103,19 @@ def train_dpo(cfg: Config, model_dir: Path, resume: bool = False, progress: Prog
     c = cfg.dpo
     check_settings(c.loss, c.beta, c.label_smoothing)
     progress = progress or (lambda e: None)
-    seed = cfg.run.seed if c.seed is None else c.seed
-    run_dir = cfg.run_dir()
-    task = build_task(cfg, seed) if not c.train_path else None
-    train_pairs, held_pairs = load_pairs(cfg, task, seed)
-    if task is not None and not resume:  # what the run trained on, in the documented format
-        write_pairs(run_dir / "data" / "train.jsonl", train_pairs)
-        write_pairs(run_dir / "data" / "eval.jsonl", held_pairs)
+    data = load_run_data(cfg, "dpo", synthetic_pairs, read_pairs, write_pairs, resume)
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=cfg.model.dtype)
     context = getattr(model.config, "max_position_embeddings", None)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id(tokenizer)
-    train = tokenize_pairs(tokenizer, train_pairs, cfg, context, "training")
-    held = tokenize_pairs(tokenizer, held_pairs, cfg, context, "held-out")
+    pad = pad_id(tokenizer)
+    train = tokenize_pairs(tokenizer, data.train, cfg, context, "training")
+    held = tokenize_pairs(tokenizer, data.held, cfg, context, "held-out")
     # the reference: the start model, before any update (or any checkpoint is loaded)
     ref_train = sequence_logprobs(model, train, pad, c.max_tokens_per_micro_batch)
     ref_held = sequence_logprobs(model, held, pad, c.max_tokens_per_micro_batch)
-    per_epoch = math.ceil(len(train) / c.batch_size)
-    opt = OfflineOptimizer(model, c, per_epoch * c.epochs)
-    files = OfflineRunFiles(run_dir, cfg.trainer.keep_checkpoints)
-    sampled_start = len(train_pairs)  # held-out prompts of the synthetic task
 
     def held_out() -> dict:
-        rec = {f"eval_{k}": v for k, v in evaluate_pairs(model, held, ref_held, cfg, pad).means().items()}
-        if task is not None and c.eval_samples:
-            rec["sampled_accuracy"] = evaluate(model, tokenizer, task, n=c.eval_samples, temperature=c.eval_temperature,
-                                               seed=seed, max_new_tokens=cfg.rollout.max_new_tokens,
-                                               start_index=sampled_start, chat_template=cfg.task.chat_template,
-                                               system_prompt=cfg.task.system_prompt)
-        return rec
+        return {**{f"eval_{k}": v for k, v in evaluate_pairs(model, held, ref_held, cfg, pad).means().items()},
+                **sampled_accuracy(model, tokenizer, cfg, c, data)}
 
     def train_step(idx: list[int]) -> dict:
         stats, tokens = EMPTY_STATS, 0
@@ -155,14 +132,8 @@ def train_dpo(cfg: Config, model_dir: Path, resume: bool = False, progress: Prog
             tokens += sum(len(r.ids) for r in rows)
         return {**stats.means(), "tokens": tokens}
 
-    try:
-        result = train_epochs(model, opt, files, c, len(train), seed, train_step, held_out, progress, resume)
-        out = files.save_final(model, tokenizer)
-    finally:
-        files.close()
+    summary = train_to_final(cfg, c, model, tokenizer, data, train_step, held_out, progress, resume,
+                             {"train_pairs": len(train), "eval_pairs": len(held)})
     if resume:
-        log.info("resumed: %d steps in all", result.steps)
-    summary = {"steps": result.steps, "train_pairs": len(train), "eval_pairs": len(held), "final": str(out),
-               "first_eval": result.first_eval, "last_eval": result.last_eval}
-    progress({"event": "done", **summary})
+        log.info("resumed: %d steps in all", summary["steps"])
     return summary

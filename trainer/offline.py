@@ -23,11 +23,15 @@ from typing import Any
 
 import torch
 
-from areal_py.config import OfflineTrainConfig
+from areal_py.config import Config, OfflineTrainConfig
+from areal_py.config.post_training import PolicyTrainConfig
+from areal_py.models import eos_token_id
+from areal_py.tasks.base import build_task
 from areal_py.telemetry import prom
 from areal_py.telemetry.metrics import JsonlWriter, truncate_after_step
 from trainer.algo.preference_loss import sequence_logprob
 from trainer.checkpoint import load_latest_checkpoint, save_checkpoint
+from trainer.cold_start import evaluate as sampled_evaluate
 from trainer.cold_start import lr_factor
 from trainer.micro_batching import pack_by_padded_tokens
 from trainer.rollout_batch import token_logprobs
@@ -70,6 +74,50 @@ def load_split(c: OfflineTrainConfig, key: str, task: Any, seed: int, synthetic:
     random.Random(f"{key}-split:{seed}").shuffle(order)
     n_train = len(records) - c.eval_examples
     return [records[i] for i in sorted(order[:n_train])], [records[i] for i in sorted(order[n_train:])]
+
+
+@dataclass(frozen=True)
+class OfflineData:
+    """An offline run's records: the seed of its data order, split and sampling (the section's ``seed``, else
+    ``run.seed``); the synthetic task (None when the section names a ``train_path``); training and held-out."""
+
+    seed: int
+    task: Any
+    train: list
+    held: list
+
+
+def load_run_data(cfg: Config, key: str, synthetic: Callable[[Any, int, int, int], list],
+                  read: Callable[[str], list], write: Callable[[Path, list], Any], resume: bool) -> OfflineData:
+    """The records of section `key` (``load_split``; ``synthetic(task, start, n, seed)`` makes synthetic ones). A
+    fresh run on synthetic data writes what it trains on, in the documented format, to ``data/train.jsonl`` and
+    ``data/eval.jsonl`` of the run directory (``write(path, records)``); a resumed one leaves them as they are."""
+    c = getattr(cfg, key)
+    seed = cfg.run.seed if c.seed is None else c.seed
+    task = build_task(cfg, seed) if not c.train_path else None
+    train, held = load_split(c, key, task, seed, lambda t, start, n: synthetic(t, start, n, seed), read)
+    if task is not None and not resume:
+        write(cfg.run_dir() / "data" / "train.jsonl", train)
+        write(cfg.run_dir() / "data" / "eval.jsonl", held)
+    return OfflineData(seed, task, train, held)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads rows: the tokenizer's pad token, or EOS when it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id(tokenizer)
+
+
+def sampled_accuracy(model: torch.nn.Module, tokenizer: Any, cfg: Config, c: PolicyTrainConfig,
+                     data: OfflineData) -> dict[str, float]:
+    """``{"sampled_accuracy": a}``: the policy's accuracy on ``c.eval_samples`` responses sampled (plain HF
+    generate, ``trainer.cold_start.evaluate``) for the synthetic task's held-out prompts, which follow the
+    training ones; ``{}`` on a data file or with ``eval_samples = 0``."""
+    if data.task is None or not c.eval_samples:
+        return {}
+    return {"sampled_accuracy": sampled_evaluate(
+        model, tokenizer, data.task, n=c.eval_samples, temperature=c.eval_temperature, seed=data.seed,
+        max_new_tokens=cfg.rollout.max_new_tokens, start_index=len(data.train), chat_template=cfg.task.chat_template,
+        system_prompt=cfg.task.system_prompt)}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -237,6 +285,26 @@ def train_epochs(model: torch.nn.Module, opt: OfflineOptimizer, files: OfflineRu
     if last is None:  # resumed after the last epoch's checkpoint: nothing left to train, evaluate once
         last = held_out(c.epochs)
     return EpochsResult(step, first, last)
+
+
+def train_to_final(cfg: Config, c: OfflineTrainConfig, model: Any, tokenizer: Any, data: OfflineData,
+                   train_step: Callable[[list[int]], dict], evaluate: Callable[[], dict], progress: Progress,
+                   resume: bool, sizes: dict[str, int]) -> dict:
+    """An offline command's training, from its prepared model and data: the optimiser for ``ceil(len(train) /
+    batch_size) * epochs`` steps, ``train_epochs`` in the run directory, then the final HF directory (metrics.jsonl
+    closed either way). Returns the summary, also sent as the ``done`` event: steps, `sizes` (the command's record
+    counts), ``final``, ``first_eval``, ``last_eval``."""
+    opt = OfflineOptimizer(model, c, math.ceil(len(data.train) / c.batch_size) * c.epochs)
+    files = OfflineRunFiles(cfg.run_dir(), cfg.trainer.keep_checkpoints)
+    try:
+        result = train_epochs(model, opt, files, c, len(data.train), data.seed, train_step, evaluate, progress, resume)
+        out = files.save_final(model, tokenizer)
+    finally:
+        files.close()
+    summary = {"steps": result.steps, **sizes, "final": str(out), "first_eval": result.first_eval,
+               "last_eval": result.last_eval}
+    progress({"event": "done", **summary})
+    return summary
 
 
 def _publish(rec: dict) -> None:

@@ -13,7 +13,6 @@ counts as wrong) and the mean margin ``r_c - r_r``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +21,8 @@ import torch.nn.functional as F
 
 from areal_py.config import Config
 from areal_py.rewards.reward_model import load_reward_model, score_texts
-from areal_py.tasks.base import build_task
 from areal_py.tasks.preference_pairs import PreferencePair, read_pairs, synthetic_pairs, write_pairs
-from trainer.offline import OfflineOptimizer, OfflineRunFiles, Progress, load_split, micro_batches, train_epochs
+from trainer.offline import Progress, load_run_data, micro_batches, train_to_final
 
 
 @dataclass(frozen=True)
@@ -85,25 +83,16 @@ def train_rm(cfg: Config, model_dir: Path, resume: bool = False, progress: Progr
     ``done`` event): first and last held-out records, steps, the final directory."""
     c = cfg.rm
     progress = progress or (lambda e: None)
-    seed = cfg.run.seed if c.seed is None else c.seed
-    run_dir = cfg.run_dir()
-    task = build_task(cfg, seed) if not c.train_path else None
-    train_pairs, held_pairs = load_split(c, "rm", task, seed, lambda t, start, n: synthetic_pairs(t, start, n, seed),
-                                         read_pairs)
-    if task is not None and not resume:
-        write_pairs(run_dir / "data" / "train.jsonl", train_pairs)
-        write_pairs(run_dir / "data" / "eval.jsonl", held_pairs)
-    torch.manual_seed(seed)  # the score head's initialisation
+    data = load_run_data(cfg, "rm", synthetic_pairs, read_pairs, write_pairs, resume)
+    torch.manual_seed(data.seed)  # the score head's initialisation
     model, tokenizer = load_reward_model(model_dir)
-    train, held = pair_texts(train_pairs), pair_texts(held_pairs)
+    train, held = pair_texts(data.train), pair_texts(data.held)
 
     def lengths(texts: list[tuple[str, str]]) -> list[tuple[int, int]]:
         enc = tokenizer([t for pair in texts for t in pair], truncation=True, max_length=c.max_length).input_ids
         return [(len(enc[2 * i]), len(enc[2 * i + 1])) for i in range(len(texts))]
 
     train_len, held_len = lengths(train), lengths(held)
-    opt = OfflineOptimizer(model, c, math.ceil(len(train) / c.batch_size) * c.epochs)
-    files = OfflineRunFiles(run_dir, cfg.trainer.keep_checkpoints)
 
     def held_out() -> dict:
         s = evaluate_pairs(model, tokenizer, held, held_len, c.max_length, c.max_tokens_per_micro_batch).means()
@@ -117,12 +106,5 @@ def train_rm(cfg: Config, model_dir: Path, resume: bool = False, progress: Progr
             stats = stats + PairStats.of(r_c, r_r)
         return {**stats.means(), "tokens": sum(sum(train_len[i]) for i in idx)}
 
-    try:
-        result = train_epochs(model, opt, files, c, len(train), seed, train_step, held_out, progress, resume)
-        out = files.save_final(model, tokenizer)
-    finally:
-        files.close()
-    summary = {"steps": result.steps, "train_pairs": len(train), "eval_pairs": len(held), "final": str(out),
-               "first_eval": result.first_eval, "last_eval": result.last_eval}
-    progress({"event": "done", **summary})
-    return summary
+    return train_to_final(cfg, c, model, tokenizer, data, train_step, held_out, progress, resume,
+                          {"train_pairs": len(train), "eval_pairs": len(held)})

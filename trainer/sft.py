@@ -25,27 +25,20 @@ import torch
 
 from areal_py.config import Config
 from areal_py.models import eos_token_id, load_model_and_tokenizer
-from areal_py.tasks.base import Task, build_task
 from areal_py.tasks.prompt_render import render_prompt
 from areal_py.tasks.sft_records import SftExample, read_examples, synthetic_examples, write_examples
-from trainer.cold_start import evaluate
 from trainer.offline import (
-    OfflineOptimizer,
-    OfflineRunFiles,
     Progress,
     Row,
-    load_split,
+    load_run_data,
     micro_batches,
+    pad_id,
     response_logprobs,
-    train_epochs,
+    sampled_accuracy,
+    train_to_final,
 )
 
 log = logging.getLogger("trainer.sft")
-
-
-def load_examples(cfg: Config, task: Task | None, seed: int) -> tuple[list[SftExample], list[SftExample]]:
-    """(training, held-out) examples as sft.train_path / eval_path / the synthetic settings say (see SftConfig)."""
-    return load_split(cfg.sft, "sft", task, seed, synthetic_examples, read_examples)
 
 
 def tokenize_examples(tokenizer, examples: list[SftExample], cfg: Config, context: int | None,
@@ -89,30 +82,17 @@ def train_sft(cfg: Config, model_dir: Path, resume: bool = False, progress: Prog
     ``done`` event): first and last held-out records, steps, the final directory."""
     c = cfg.sft
     progress = progress or (lambda e: None)
-    seed = cfg.run.seed if c.seed is None else c.seed
-    run_dir = cfg.run_dir()
-    task = build_task(cfg, seed) if not c.train_path else None
-    train_ex, held_ex = load_examples(cfg, task, seed)
-    if task is not None and not resume:  # what the run trained on, in the documented format
-        write_examples(run_dir / "data" / "train.jsonl", train_ex)
-        write_examples(run_dir / "data" / "eval.jsonl", held_ex)
+    data = load_run_data(cfg, "sft", lambda t, start, n, seed: synthetic_examples(t, start, n), read_examples,
+                         write_examples, resume)
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=cfg.model.dtype)
     context = getattr(model.config, "max_position_embeddings", None)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id(tokenizer)
-    train = tokenize_examples(tokenizer, train_ex, cfg, context, "training")
-    held = tokenize_examples(tokenizer, held_ex, cfg, context, "held-out")
-    opt = OfflineOptimizer(model, c, math.ceil(len(train) / c.batch_size) * c.epochs)
-    files = OfflineRunFiles(run_dir, cfg.trainer.keep_checkpoints)
-    sampled_start = len(train_ex)  # the synthetic task's held-out prompts follow the training ones
+    pad = pad_id(tokenizer)
+    train = tokenize_examples(tokenizer, data.train, cfg, context, "training")
+    held = tokenize_examples(tokenizer, data.held, cfg, context, "held-out")
 
     def held_out() -> dict:
-        rec = {"eval_loss": heldout_loss(model, held, pad, c.max_tokens_per_micro_batch)}
-        if task is not None and c.eval_samples:
-            rec["sampled_accuracy"] = evaluate(model, tokenizer, task, n=c.eval_samples, temperature=c.eval_temperature,
-                                               seed=seed, max_new_tokens=cfg.rollout.max_new_tokens,
-                                               start_index=sampled_start, chat_template=cfg.task.chat_template,
-                                               system_prompt=cfg.task.system_prompt)
-        return rec
+        return {"eval_loss": heldout_loss(model, held, pad, c.max_tokens_per_micro_batch),
+                **sampled_accuracy(model, tokenizer, cfg, c, data)}
 
     def train_step(idx: list[int]) -> dict:
         rows = [train[i] for i in idx]
@@ -124,12 +104,5 @@ def train_sft(cfg: Config, model_dir: Path, resume: bool = False, progress: Prog
             nll += float(part.detach())
         return {"loss": nll, "response_tokens": n, "tokens": sum(len(r.ids) for r in rows)}
 
-    try:
-        result = train_epochs(model, opt, files, c, len(train), seed, train_step, held_out, progress, resume)
-        out = files.save_final(model, tokenizer)
-    finally:
-        files.close()
-    summary = {"steps": result.steps, "train_records": len(train), "eval_records": len(held), "final": str(out),
-               "first_eval": result.first_eval, "last_eval": result.last_eval}
-    progress({"event": "done", **summary})
-    return summary
+    return train_to_final(cfg, c, model, tokenizer, data, train_step, held_out, progress, resume,
+                          {"train_records": len(train), "eval_records": len(held)})
