@@ -15,10 +15,10 @@ import io
 import json
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 
@@ -89,6 +89,17 @@ def read_records(path: str | Path, parse: Callable[[object, str], T], what: str)
     if not out:
         raise ValueError(f"{path}: no {what}")
     return out
+
+
+def write_records(path: str | Path, records: Iterable[Any]) -> Path:
+    """``record.to_json()`` of each record, one JSON object a line (UTF-8, non-ASCII kept as is, so a raw U+2028
+    may stand inside a string: ``numbered_lines`` does not split there); parent directories are made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    return path
 
 
 class JsonlConfig(TaskConfig):

@@ -15,7 +15,6 @@ Write a file of them: ``python -m areal_py.tasks.preference_pairs OUT.jsonl --ta
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from areal_py.tasks.base import ChatMessage, Prompt, Task
-from areal_py.tasks.jsonl import read_records
+from areal_py.tasks.jsonl import read_records, write_records
 from areal_py.tasks.prompt_render import messages_text, parse_messages
 
 KEYS = ("prompt", "chosen", "rejected")
@@ -104,12 +103,7 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
 
 def write_pairs(path: str | Path, pairs: Iterable[PreferencePair]) -> Path:
     """One JSON object per line (UTF-8, non-ASCII kept as is)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for p in pairs:
-            f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
-    return path
+    return write_records(path, pairs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

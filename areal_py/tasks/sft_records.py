@@ -12,13 +12,12 @@ for prompt ``i`` the response is ``task.reference_response(i)``, so ``task.rewar
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from areal_py.tasks.base import ChatMessage, Prompt, Task
-from areal_py.tasks.jsonl import read_records
+from areal_py.tasks.jsonl import read_records, write_records
 from areal_py.tasks.prompt_render import messages_text, parse_messages
 
 
@@ -98,9 +97,4 @@ def read_examples(path: str | Path) -> list[SftExample]:
 
 def write_examples(path: str | Path, examples: Iterable[SftExample]) -> Path:
     """One JSON object per line (UTF-8, non-ASCII kept as is)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for e in examples:
-            f.write(json.dumps(e.to_json(), ensure_ascii=False) + "\n")
-    return path
+    return write_records(path, examples)
