@@ -56,6 +56,7 @@ from benchmarks.ablation_summary import (
     weighted_mean,
     write_run,
 )
+from benchmarks.ablation_verdict import plot_realised, realised_fits, realised_table, verdict_table, verdicts
 from benchmarks.common import RESULTS_DIR, ROOT, command_line, run_areal
 
 # Objectives as recipes of overrides. `decoupled` is whatever algo.offpolicy defaults to (today min(w, 5)
@@ -294,15 +295,26 @@ def main(argv: list[str] | None = None) -> int:
     if start:
         md += "\n\nHeld-out reward of the start model: " + ", ".join(f"{v:.3f} ({k})" for k, v in start.items())
         print(md.rsplit("\n", 1)[1])
+    in_cells = [r for r in found if r.cell_key in set(keys.values())]
+    fits = realised_fits(in_cells)
+    vs = verdicts(summary)
+    readings = ([f"The target (benchmarks/ablation_verdict.py):\n\n{verdict_table(vs)}"] if vs else []) + (
+        [f"Held-out reward against realised staleness, least squares over runs:\n\n{realised_table(fits)}"] if fits else [])
+    for text in readings:
+        md += "\n\n" + text
+        print("\n" + text)
     if summary:
         report = {"command": command, "task": args.task, "grid": str(grid), "recipes": RECIPES,
                   "cells": [{"cell_key": keys[c], "overrides": overrides[c]} for c in cells],
                   "summary": [asdict(s) for s in summary], "table": md, "heldout_start": start,
+                  "verdicts": [asdict(v) for v in vs], "realised_fits": [asdict(f) for f in fits],
                   "runs_in_grid_dir": len(found), "written_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         (grid / "summary.json").write_text(json.dumps(report, indent=1))
         (grid / "summary.md").write_text(f"`{command}`\n\n{md}\n")
         if plot(grid / "summary.png", summary):
             print(f"wrote {grid / 'summary.png'}")
+        if plot_realised(grid / "summary_realised.png", in_cells, fits):
+            print(f"wrote {grid / 'summary_realised.png'}")
         print(f"wrote {grid / 'summary.json'}")
     return 0
 
