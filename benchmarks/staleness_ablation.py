@@ -38,7 +38,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -59,19 +59,29 @@ from benchmarks.ablation_summary import (
 from benchmarks.ablation_verdict import plot_realised, realised_fits, realised_table, verdict_table, verdicts
 from benchmarks.common import RESULTS_DIR, ROOT, command_line, run_areal
 
-# Objectives as recipes of overrides. `decoupled` is whatever algo.offpolicy defaults to (today min(w, 5)
-# per token); `filter_mask5` is AReaL's example filter (token ratio mask at 5); `tis` token TIS at C = 2;
-# `none` the decoupled loss with no behaviour weight (AReaL's default without a filter); `behav_trust` this
-# project's variant: the default weight plus the behaviour trust region at 0.2 (algo.offpolicy.behav_clip:
-# naive PPO's sign-aware stop around pi_behav, kept on top of the decoupled clip around pi_prox).
+# Objectives as recipes of overrides, each pinned so that it means the same under any default.
+# `decoupled` is min(w, 5) per token (the default before the grid chose behav_trust); `filter_mask5`
+# AReaL's example filter (token ratio mask at 5); `tis` token TIS at C = 2; `none` the decoupled loss with
+# no behaviour weight (AReaL's default without a filter); `behav_trust` this project's variant, min(w, 5)
+# plus the behaviour trust region at 0.2 (algo.offpolicy.behav_clip: naive PPO's sign-aware stop around
+# pi_behav, kept on top of the decoupled clip around pi_prox), the default since.
+UNPINNED_TRUST = "algo.offpolicy.behav_clip=null"
 RECIPES: dict[str, list[str]] = {
     "naive": ["algo.loss=ppo"],
-    "decoupled": ["algo.loss=decoupled"],
-    "filter_mask5": ["algo.loss=decoupled", "algo.offpolicy.action=mask", "algo.offpolicy.upper=5"],
-    "tis": ["algo.loss=decoupled", "algo.offpolicy.method=tis", "algo.offpolicy.upper=2"],
-    "none": ["algo.loss=decoupled", "algo.offpolicy.method=none"],
+    "decoupled": ["algo.loss=decoupled", UNPINNED_TRUST],
+    "filter_mask5": ["algo.loss=decoupled", "algo.offpolicy.action=mask", "algo.offpolicy.upper=5", UNPINNED_TRUST],
+    "tis": ["algo.loss=decoupled", "algo.offpolicy.method=tis", "algo.offpolicy.upper=2", UNPINNED_TRUST],
+    "none": ["algo.loss=decoupled", "algo.offpolicy.method=none", UNPINNED_TRUST],
     "behav_trust": ["algo.loss=decoupled", "algo.offpolicy.behav_clip=0.2"],
 }
+
+
+def legacy_key(overrides: list[str]) -> str | None:
+    """The cell key the same cell had before the default gained the trust region: runs from then spelled it
+    without the `behav_clip=null` pin, which was the default. None for a cell that never had the pin."""
+    return cell_key([o for o in overrides if o != UNPINNED_TRUST]) if UNPINNED_TRUST in overrides else None
+
+
 TASKS: dict[str, tuple[str | None, list[str], int]] = {
     # task: (config file, overrides every run of it gets, default steps)
     "arith": (None, [], 150),
@@ -266,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {c: cell_overrides(args.task, c[3], c[2], c[0], steps, c[1], q, args.overrides, heldout_n)
                  for c in cells}
     keys = {c: cell_key(o) for c, o in overrides.items()}
+    old_keys = {legacy_key(o): keys[c] for c, o in overrides.items() if legacy_key(o)}   # old key -> key
     ran = skipped = 0
     if args.start_model and not args.summary_only:
         pin_start_model(args.task, Path(args.start_model))
@@ -276,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                 for c in cells:
                     mb, lr, eta, obj = c
                     stem = run_stem(obj, mb, eta, seed, keys[c], lr)
-                    if (grid / f"{stem}.json").exists():
+                    old = legacy_key(overrides[c])
+                    if any((grid / f"{run_stem(obj, mb, eta, seed, k, lr)}.json").exists() for k in (keys[c], old) if k):
                         skipped += 1
                         continue
                     r = run_one(out, grid, stem, args.task, obj, eta, mb, lr, seed, [*overrides[c], f"run.seed={seed}"],
@@ -287,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{r.samples_per_s:.1f} samples/s, staleness max {r.staleness_max}, update KL "
                           f"{'-' if r.update_kl is None else format(r.update_kl, '.2e')} ({r.wall_s:.0f} s)", flush=True)
     print(f"ran {ran}, skipped {skipped} already in {grid}")
-    found = read_runs(grid) if grid.is_dir() else []
+    found = [replace(r, cell_key=old_keys.get(r.cell_key, r.cell_key)) for r in read_runs(grid)] if grid.is_dir() else []
     summary = pool(found, [keys[c] for c in cells])
     md = table(summary)
     start = start_rewards(grid, heldout_n) if grid.is_dir() else {}

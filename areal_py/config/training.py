@@ -22,8 +22,9 @@ _MOVED_BEHAV = (
 class OffPolicyConfig(Section):
     """The behaviour weight w = pi_prox/pi_behav of the decoupled loss (trainer/algo/offpolicy.py has the formulas).
 
-    The default (filter, token, clamp, ratio, upper 5) is min(w, 5) per token: the loss as it was before
-    this section existed. Only algo.loss=decoupled uses it; a setting that would have no effect is an error.
+    The default (filter, token, clamp, ratio, upper 5, behav_clip 0.2) is min(w, 5) per token plus the
+    behaviour trust region: the combination the staleness ablation on sum_cot chose (docs/benchmarks.md,
+    "The default objective"). Only algo.loss=decoupled uses it; a setting that would have no effect is an error.
     """
     method: Literal["filter", "tis", "icepop", "none"] = Field(
         "filter", description="filter: AReaL's rejection-sampling filter (level, action, metric, agg, upper, lower); "
@@ -48,10 +49,10 @@ class OffPolicyConfig(Section):
     lower: float | None = Field(
         None, allow_inf_nan=False, description="Lower bound (filter; icepop: default 1/upper); null = none.")
     behav_clip: float | None = Field(
-        None, gt=0, lt=1, description="The behaviour trust region (any method): a token whose probability moved "
+        0.2, gt=0, lt=1, description="The behaviour trust region (any method): a token whose probability moved "
         "more than this fraction away from the behaviour policy's, in the direction its advantage asks for "
         "(pi_theta/pi_behav > 1 + behav_clip with A > 0, < 1 - behav_clip with A < 0), gets no gradient: naive "
-        "PPO's sign-aware clip, centred on pi_behav, on top of the decoupled clip around pi_prox. null = off.")
+        "PPO's sign-aware clip, centred on pi_behav, on top of the decoupled clip around pi_prox (the default 0.2 is trainer.eps_clip's default). null = off.")
 
     @model_validator(mode="after")
     def _consistent(self) -> OffPolicyConfig:

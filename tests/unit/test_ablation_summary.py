@@ -155,9 +155,24 @@ def test_recipes_are_valid_configs():
         assert cfg.algo.loss == ("ppo" if name == "naive" else "decoupled"), name
         op = cfg.algo.offpolicy
         assert (op.method, op.action, op.upper, op.behav_clip) == {
-            "naive": ("filter", "clamp", 5.0, None), "decoupled": ("filter", "clamp", 5.0, None),
+            "naive": ("filter", "clamp", 5.0, 0.2),   # the defaults, which algo.loss=ppo does not use
+            "decoupled": ("filter", "clamp", 5.0, None),
             "filter_mask5": ("filter", "mask", 5.0, None), "tis": ("tis", "clamp", 2.0, None),
             "none": ("none", "clamp", 5.0, None), "behav_trust": ("filter", "clamp", 5.0, 0.2)}[name]
+
+
+def test_pinned_recipes_keep_the_cell_keys_of_their_runs_from_before_the_default_changed():
+    """The four recipes pinned to behav_clip=null map back to the key they had without the pin (their older
+    run files), and only those: naive and behav_trust never had the pin."""
+    from benchmarks.staleness_ablation import RECIPES, UNPINNED_TRUST, legacy_key
+
+    for name, overrides in RECIPES.items():
+        cell = ["#config=x", *overrides, "controller.max_staleness=4"]
+        if name in ("naive", "behav_trust"):
+            assert legacy_key(cell) is None, name
+        else:
+            old = [o for o in cell if o != UNPINNED_TRUST]
+            assert len(old) == len(cell) - 1 and legacy_key(cell) == cell_key(old) != cell_key(cell), name
 
 
 def test_plot_one_panel_per_minibatch_setting(tmp_path):

@@ -14,9 +14,13 @@ from trainer.learner import Learner
 from trainer.rollout_batch import token_logprobs
 
 
-def test_default_config_is_the_default_spec_and_the_old_default():
-    assert offpolicy_spec(OffPolicyConfig()) == OffPolicySpec()
-    assert OffPolicySpec() == OffPolicySpec(method="filter", level="token", action="clamp", metric="ratio", upper=5.0)
+def test_default_config_is_min_w_5_with_the_behaviour_trust_region():
+    """The config's default is the combination the sum_cot staleness ablation chose (docs/benchmarks.md);
+    the pure spec's own default stays "no trust region", so a caller of the loss gets only what it asks for."""
+    assert offpolicy_spec(OffPolicyConfig()) == OffPolicySpec(behav_clip=0.2)
+    assert OffPolicySpec() == OffPolicySpec(method="filter", level="token", action="clamp", metric="ratio", upper=5.0,
+                                            behav_clip=None)
+    assert offpolicy_spec(load_config(None, ["algo.offpolicy.behav_clip=null"]).algo.offpolicy) == OffPolicySpec()
 
 
 @pytest.mark.parametrize("key, new", [("trainer.behav_cap=2", "algo.offpolicy.upper"),
@@ -42,7 +46,8 @@ def test_moved_keys_name_their_replacement(key, new):
     (["algo.loss=gspo", "algo.offpolicy.upper=2"], "no effect with algo.loss=gspo"),
     (["algo.offpolicy.behav_clip=1"], "behav_clip"),
     (["algo.offpolicy.behav_clip=0"], "behav_clip"),
-    (["algo.loss=ppo", "algo.offpolicy.behav_clip=0.2"], "no effect with algo.loss=ppo"),
+    (["algo.loss=ppo", "algo.offpolicy.behav_clip=0.3"], "no effect with algo.loss=ppo"),
+    (["algo.loss=ppo", "algo.offpolicy.behav_clip=null"], "no effect with algo.loss=ppo"),
 ])
 def test_inconsistent_settings_are_errors_naming_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -58,8 +63,8 @@ def test_a_dumped_config_loads_back(overrides):
 
 OPTIONS = {
     "default": [],
-    "none": ["algo.offpolicy.method=none"],
-    "raw": ["algo.offpolicy.upper=null"],
+    "none": ["algo.offpolicy.method=none", "algo.offpolicy.behav_clip=null"],
+    "raw": ["algo.offpolicy.upper=null", "algo.offpolicy.behav_clip=null"],
     "filter_token_mask": ["algo.offpolicy.action=mask", "algo.offpolicy.upper=2", "algo.offpolicy.lower=0.2"],
     "filter_token_kl_k3": ["algo.offpolicy.action=mask", "algo.offpolicy.metric=kl_k3", "algo.offpolicy.upper=1"],
     "filter_seq_mask": ["algo.offpolicy.level=sequence", "algo.offpolicy.action=mask", "algo.offpolicy.upper=2",
