@@ -313,16 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     readings = ([f"The target (benchmarks/ablation_verdict.py):\n\n{verdict_table(vs)}"] if vs else []) + (
         [f"Held-out reward against realised staleness, least squares over runs:\n\n{realised_table(fits)}"] if fits else [])
     for text in readings:
-        md += "\n\n" + text
         print("\n" + text)
     if summary:
         report = {"command": command, "task": args.task, "grid": str(grid), "recipes": RECIPES,
                   "cells": [{"cell_key": keys[c], "overrides": overrides[c]} for c in cells],
-                  "summary": [asdict(s) for s in summary], "table": md, "heldout_start": start,
+                  "summary": [asdict(s) for s in summary], "table": md, "readings": readings, "heldout_start": start,
                   "verdicts": [asdict(v) for v in vs], "realised_fits": [asdict(f) for f in fits],
                   "runs_in_grid_dir": len(found), "written_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         (grid / "summary.json").write_text(json.dumps(report, indent=1))
-        (grid / "summary.md").write_text(f"`{command}`\n\n{md}\n")
+        (grid / "summary.md").write_text(f"`{command}`\n\n" + "\n\n".join([md, *readings]) + "\n")
         if plot(grid / "summary.png", summary):
             print(f"wrote {grid / 'summary.png'}")
         if plot_realised(grid / "summary_realised.png", in_cells, fits):

@@ -113,6 +113,8 @@ def test_staleness_ablation_quick(tmp_path):
         assert cell["seeds"] == [0] and cell["heldout_reward"] == {"mean": r.heldout_reward, "sem": None, "n": 1}
         assert cell["reward_final"]["mean"] == r.reward_final and cell["staleness_max"] == r.staleness_max
     assert len(summary()["table"].splitlines()) == 2 + 4 + 2  # header, rule, 4 cells, blank, start model
+    # the target check: one row per objective against naive (single seeds: the comparison is open)
+    assert any(t.startswith("The target") for t in summary()["readings"]) == ("naive" in QUICK_OBJECTIVES)
     (start,) = summary()["heldout_start"].values()  # one start model for every cell
     assert 0.0 <= start <= 1.0 and f"{start:.3f}" in summary()["table"]
 
