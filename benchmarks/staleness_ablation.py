@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {c: cell_overrides(args.task, c[3], c[2], c[0], steps, c[1], q, args.overrides, heldout_n)
                  for c in cells}
     keys = {c: cell_key(o) for c, o in overrides.items()}
-    old_keys = {legacy_key(o): keys[c] for c, o in overrides.items() if legacy_key(o)}   # old key -> key
+    legacy = {c: legacy_key(o) for c, o in overrides.items()}   # the key before the behav_clip pin, if any
+    old_keys = {k: keys[c] for c, k in legacy.items() if k}         # old key -> key
     ran = skipped = 0
     if args.start_model and not args.summary_only:
         pin_start_model(args.task, Path(args.start_model))
@@ -287,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                 for c in cells:
                     mb, lr, eta, obj = c
                     stem = run_stem(obj, mb, eta, seed, keys[c], lr)
-                    old = legacy_key(overrides[c])
-                    if any((grid / f"{run_stem(obj, mb, eta, seed, k, lr)}.json").exists() for k in (keys[c], old) if k):
+                    if any((grid / f"{run_stem(obj, mb, eta, seed, k, lr)}.json").exists() for k in (keys[c], legacy[c]) if k):
                         skipped += 1
                         continue
                     r = run_one(out, grid, stem, args.task, obj, eta, mb, lr, seed, [*overrides[c], f"run.seed={seed}"],
